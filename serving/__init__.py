@@ -1,0 +1,1 @@
+"""milroi serving package."""

@@ -1,0 +1,18 @@
+"""`milroi-serve`: score slides with an exported bundle, as a gRPC server or a batch job."""
+from __future__ import annotations
+
+from wsi.cli import dispatch
+
+COMMANDS = {
+    "serve": ("serving.server", "gRPC server streaming per-patch tumour scores"),
+    "score": ("serving.batch", "score every slide of a folder (in process or through a server)"),
+    "client": ("serving.client", "score one slide through a running server"),
+}
+
+
+def main(argv=None) -> int:
+    return dispatch("milroi-serve", __doc__.strip(), COMMANDS, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

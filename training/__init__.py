@@ -1,0 +1,1 @@
+"""milroi training package."""

@@ -1,0 +1,1 @@
+"""milroi wsi package."""
