@@ -27,3 +27,5 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) demo_out
+images: $(STAMP)
+	bash scripts/containers/build_images.sh
