@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m training.demo
+	bash scripts/demo.sh
 
 test: $(STAMP)
 	$(PY) -m pytest -q

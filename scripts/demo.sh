@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# milroi end to end on embedded defaults, as a user would run it step by step:
+# synthetic Camelyon16-like slides -> ResNet-50 features -> MIL training tracked in MLflow ->
+# evaluation on held-out slides -> ONNX export, registration, promotion -> gRPC server following
+# the champion alias -> the client scores the held-out slides -> result files.
+# Everything lands in demo_out/ (override with DEMO_OUT); rerunning reuses finished steps.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$PWD/.venv/bin:$PATH"
+
+OUT=${DEMO_OUT:-demo_out}
+SIZE=${DEMO_SIZE:-3072x3072}
+PORT=${DEMO_PORT:-50077}
+HEAD=${DEMO_HEAD:-chowder}
+MODEL=milroi-demo
+export MLFLOW_TRACKING_URI="sqlite:///$PWD/$OUT/mlflow.db"
+mkdir -p "$OUT"
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "1/7 synthetic slides (training set and held-out set, different seeds)"
+[ -f "$OUT/train/reference.csv" ] || milroi-train synth "$OUT/train" --tumor 8 --normal 8 --size "$SIZE" --seed 1
+[ -f "$OUT/heldout/reference.csv" ] || milroi-train synth "$OUT/heldout" --tumor 4 --normal 4 --size "$SIZE" --seed 2
+
+step "2/7 ResNet-50 features of every tissue tile (random-init backbone: no ImageNet download here)"
+milroi-train features "$OUT/train" --out "$OUT/features/train" --weights none
+milroi-train features "$OUT/heldout" --out "$OUT/features/heldout" --weights none
+
+step "3/7 MIL training on slide labels, tracked in MLflow ($MLFLOW_TRACKING_URI)"
+milroi-train fit "$OUT/features/train" --labels "$OUT/train/reference.csv" --head "$HEAD" \
+    --folds 4 --seed 0 --tracking-uri "$MLFLOW_TRACKING_URI" --experiment milroi-demo | tee "$OUT/fit.log"
+RUN_ID=$(sed -n 's/^run_id=//p' "$OUT/fit.log" | tail -n 1)
+
+step "4/7 evaluation on held-out slides (slide AUC, patch AUC against the XML, FROC)"
+milroi-train evaluate "$RUN_ID" --features "$OUT/features/heldout" --labels "$OUT/heldout/reference.csv" \
+    --annotations "$OUT/heldout" --tracking-uri "$MLFLOW_TRACKING_URI" | tee "$OUT/evaluate.log"
+
+step "5/7 ONNX export, registration as a model version, promotion to @champion"
+milroi-train export "$RUN_ID" --name "$MODEL" --tracking-uri "$MLFLOW_TRACKING_URI" | tee "$OUT/export.log"
+VERSION=$(sed -n 's/^version=//p' "$OUT/export.log" | tail -n 1)
+milroi-train promote "$MODEL" "$VERSION" --alias champion --tracking-uri "$MLFLOW_TRACKING_URI" --force
+
+step "6/7 gRPC server on 127.0.0.1:$PORT serving models:/$MODEL@champion"
+milroi-serve serve --model "models:/$MODEL@champion" --tracking-uri "$MLFLOW_TRACKING_URI" \
+    --slide-root "$OUT/heldout" --host 127.0.0.1 --port "$PORT" > "$OUT/server.log" 2>&1 &
+SERVER_PID=$!
+trap 'kill -TERM $SERVER_PID 2>/dev/null; wait $SERVER_PID 2>/dev/null || true' EXIT
+
+step "7/7 the client scores every held-out slide through the server"
+milroi-serve score "$OUT/heldout" --server "127.0.0.1:$PORT" --out "$OUT/scores" --wait 120
+column -s, -t < "$OUT/scores/summary.csv" || cat "$OUT/scores/summary.csv"
+printf '\nResults in %s/scores: per-slide patch CSV, QuPath GeoJSON, heatmap PNG, Spatiopath JSON.\n' "$OUT"
