@@ -157,7 +157,7 @@ class ChowderHead(MILHead):
 
     Config: `in_dim` D, `k` (extremes kept on each side, 5 as in the paper's default range),
     `patch_hidden` (optional hidden widths before the per-patch score, [] = the paper's 1x1 conv),
-    `mlp_hidden` (the paper uses [200, 100]), `dropout` (on the features and the MLP).
+    `mlp_hidden` (the paper uses [200, 100]), `dropout` (between hidden layers).
     """
 
     kind = "chowder"
@@ -169,8 +169,9 @@ class ChowderHead(MILHead):
         self.k = int(c["k"])
         if self.k < 1:
             raise WsiError("chowder head needs k >= 1")
-        self._patches = _ChowderPatches(nn.Sequential(
-            nn.Dropout(c["dropout"]), _mlp(c["in_dim"], list(c["patch_hidden"]), 1, c["dropout"])))
+        # no dropout on the features themselves: the paper regularises the 1x1 conv with L2
+        # (weight decay) and uses dropout in the MLP only
+        self._patches = _ChowderPatches(_mlp(c["in_dim"], list(c["patch_hidden"]), 1, c["dropout"]))
         self._aggregator = _Aggregator(_mlp(2 * self.k, list(c["mlp_hidden"]), 1, c["dropout"]))
 
     @property

@@ -24,7 +24,7 @@ def write_feature_h5(path: Path, features: np.ndarray, coords: np.ndarray, slide
                        slide=slide, min_tissue=0.25)
 
 
-def make_bag_dataset(root: Path, n_pos: int = 8, n_neg: int = 8, seed: int = 0,
+def make_bag_dataset(root: Path, n_pos: int = 10, n_neg: int = 10, seed: int = 0,
                      dim: int = FEATURE_DIM, grid: int = 6) -> tuple[Path, Path]:
     """A separable MIL problem: tumour slides hold a 2x2 block of tiles shifted along feature 0.
 
@@ -42,7 +42,7 @@ def make_bag_dataset(root: Path, n_pos: int = 8, n_neg: int = 8, seed: int = 0,
         feats = rng.normal(0, 1, (len(coords), dim))
         if tumour:
             block = (xs.ravel() // 2 == 1) & (ys.ravel() // 2 == 1)  # tiles (2..3, 2..3)
-            feats[block, 0] += 4.0
+            feats[block, 0] += 8.0
         write_feature_h5(features_dir / "h5_files" / f"{name}.h5", feats, coords, name,
                          grid * TILE, grid * TILE)
         rows.append((name, "Tumor" if tumour else "Normal"))

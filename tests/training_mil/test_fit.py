@@ -1,0 +1,127 @@
+"""fit: learns a separable bag problem, is reproducible, and logs a complete MLflow run."""
+from __future__ import annotations
+
+import csv
+import json
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from training.cli import main as train_main
+from training.fit import fit, load_run_head, read_labels
+from training.heads import build_head
+from wsi.errors import WsiError
+
+# early stopping on 3 validation slides is noise: patience = epochs keeps the best of all epochs
+FAST = dict(epochs=25, lr=3e-3, weight_decay=1e-4, patience=25, val_fraction=0.3)
+SMALL = {"chowder": {}, "abmil": {"hidden": [32], "attn_dim": 16}}
+
+
+def _uri(tmp_path):
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.mark.parametrize("head", ["chowder", "abmil"])
+def test_fit_separates_tumour_bags_and_logs_run(bag_dataset, tmp_path, head):
+    features_dir, labels = bag_dataset
+    result = fit(features_dir, labels, head=head, head_config=SMALL[head], folds=2, seed=0, tracking_uri=_uri(tmp_path),
+                 experiment="t", **FAST)
+    assert result.metrics["val_auc"] == 1.0
+    assert result.metrics["cv_auc_mean"] == 1.0
+    # out-of-fold predictions cover every slide once
+    assert sorted(r["slide"] for r in result.predictions) == sorted(read_labels(labels))
+
+    client = mlflow.MlflowClient(_uri(tmp_path))
+    run = client.get_run(result.run_id)
+    p = run.data.params
+    assert p["head"] == head and p["backbone_layer"] == "pool" and p["weights"] == "none"
+    assert p["tile_size"] == "224" and p["patch_level"] == "0" and p["min_tissue"] == "0.25"
+    assert p["weights_seed"] == "0" and p["folds"] == "2"
+    assert float(p["threshold"]) == pytest.approx(run.data.metrics["threshold"])
+    assert run.data.metrics["val_auc"] == 1.0
+    assert len(run.data.tags["data_fingerprint"]) == 64
+    epochs = client.get_metric_history(result.run_id, "fold0_train_loss")
+    assert len(epochs) >= 2 and [m.step for m in epochs] == list(range(1, len(epochs) + 1))
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"head", "predictions.csv", "roc_curve.png"} <= artifacts
+    assert {a.path for a in client.list_artifacts(result.run_id, "head")} == {
+        "head/head.pt", "head/head_config.json"}
+
+    # the logged head is the returned final model, and it localises the tumour block
+    loaded, _ = load_run_head(result.run_id, _uri(tmp_path))
+    assert loaded.config == result.head.config
+    from training.fit import load_bag
+    bag = load_bag(features_dir / "h5_files" / "tumor_000.h5")
+    with torch.no_grad():
+        scores = loaded(bag.features).patch_scores.numpy()
+    block = (bag.coords[:, 0] // 448 == 1) & (bag.coords[:, 1] // 448 == 1)
+    assert scores[block].mean() > scores[~block].mean()
+
+
+def test_fit_is_reproducible(bag_dataset, tmp_path):
+    features_dir, labels = bag_dataset
+    a = fit(features_dir, labels, head="chowder", head_config=SMALL["chowder"], folds=2, seed=7, tracking_uri=_uri(tmp_path),
+            experiment="r", **FAST)
+    b = fit(features_dir, labels, head="chowder", head_config=SMALL["chowder"], folds=2, seed=7, tracking_uri=_uri(tmp_path),
+            experiment="r", **FAST)
+    assert a.run_id != b.run_id
+    assert [r["score"] for r in a.predictions] == [r["score"] for r in b.predictions]
+    assert a.metrics == b.metrics
+    for k, v in a.head.state_dict().items():
+        assert torch.equal(v, b.head.state_dict()[k])
+    c = fit(features_dir, labels, head="chowder", head_config=SMALL["chowder"], folds=2, seed=8, tracking_uri=_uri(tmp_path),
+            experiment="r", **FAST)
+    assert [r["score"] for r in c.predictions] != [r["score"] for r in a.predictions]
+
+
+def test_cli_prints_run_id_last_and_holds_out_test_slides(bag_dataset, tmp_path, capsys):
+    features_dir, labels = bag_dataset
+    test_list = tmp_path / "test.txt"
+    test_list.write_text("tumor_000\nnormal_019\n")
+    rc = train_main(["fit", str(features_dir), "--labels", str(labels), "--head", "abmil",
+                     "--folds", "1", "--seed", "3", "--epochs", "10", "--lr", "5e-3",
+                     "--tracking-uri", _uri(tmp_path), "--experiment", "cli",
+                     "--test-slides", str(test_list), "--head-config", '{"hidden": [32]}'])
+    assert rc == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("run_id=")
+    run_id = lines[-1].split("=", 1)[1]
+    run = mlflow.MlflowClient(_uri(tmp_path)).get_run(run_id)
+    assert run.data.params["n_slides"] == "18" and run.data.params["n_test_slides"] == "2"
+    assert "test_auc" in run.data.metrics
+    assert json.loads(run.data.params["head_config"])["hidden"] == [32]
+    local = mlflow.MlflowClient(_uri(tmp_path)).download_artifacts(run_id, "predictions.csv",
+                                                                   str(tmp_path))
+    rows = list(csv.DictReader(open(local)))
+    assert {r["slide"] for r in rows if r["fold"] == "test"} == {"tumor_000", "normal_019"}
+
+
+def test_fingerprint_changes_with_labels_and_features(bag_dataset, tmp_path):
+    from training.fit import data_fingerprint, load_bags
+
+    features_dir, labels_path = bag_dataset
+    labels = read_labels(labels_path)
+    bags = load_bags(features_dir, sorted(labels))
+    base = data_fingerprint(bags, labels)
+    flipped = dict(labels, tumor_000=0)
+    assert data_fingerprint(bags, flipped) != base
+    bags[0].digest = "0" * 64
+    assert data_fingerprint(bags, labels) != base
+
+
+def test_bad_inputs_are_clear_errors(bag_dataset, tmp_path):
+    features_dir, labels = bag_dataset
+    bad = tmp_path / "bad.csv"
+    bad.write_text("tumor_000,Tumor\nnormal_001,Maybe\n")
+    with pytest.raises(WsiError, match=r"bad.csv, line 2"):
+        read_labels(bad)
+    missing = tmp_path / "missing.csv"
+    missing.write_text("ghost_slide,Tumor\n")
+    with pytest.raises(WsiError, match=r"ghost_slide.h5 does not exist"):
+        fit(features_dir, missing, tracking_uri=_uri(tmp_path))
+    corrupt = features_dir / "h5_files" / "normal_012.h5"
+    corrupt.write_bytes(b"not an h5 file")
+    with pytest.raises(WsiError, match="normal_012.h5 is not a readable features h5"):
+        fit(features_dir, labels, tracking_uri=_uri(tmp_path))
