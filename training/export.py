@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from dataclasses import dataclass
 import json
 import logging
 import os
@@ -247,3 +248,140 @@ def export_bundle(out_dir: str | os.PathLike, backbone: Backbone, head: nn.Modul
     log.info("bundle written to %s (parity %s)", out_dir,
              ", ".join(f"{k} {v:.2g}" for k, v in diffs.items()))
     return out_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# From an MLflow run to a registered model version
+
+
+def parity_tiles_from_slide(slide_path: str | os.PathLike, n: int = 8,
+                            min_tissue: float = 0.25) -> np.ndarray:
+    """n real tissue tiles (uint8 [n, 224, 224, 3]) spread over a slide's tile grid."""
+    from wsi.grid import tiles_for_slide
+    from wsi.slide import open_slide
+
+    with open_slide(slide_path) as slide:
+        _, grid = tiles_for_slide(slide, tile_size=TILE_SIZE, min_tissue=min_tissue)
+        if len(grid.coords) == 0:
+            raise WsiError(f"parity slide {slide_path} has no tissue tiles")
+        picks = grid.coords[np.linspace(0, len(grid.coords) - 1, n).astype(int)]
+        return np.stack([slide.read_region(int(x), int(y), TILE_SIZE, TILE_SIZE)
+                         for x, y in picks])
+
+
+def _load_run_head(client, run_id: str):
+    """The head a fit run logged under `head/` (head_config.json + head.pt state_dict)."""
+    from training.heads import build_head
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = Path(client.download_artifacts(run_id, "head", tmp))
+            config = json.loads((local / "head_config.json").read_text())
+            state = torch.load(local / "head.pt", map_location="cpu", weights_only=True)
+        except Exception as exc:  # MlflowException, OSError: the run has no usable head
+            raise WsiError(f"run {run_id} has no usable head/ artifact (head_config.json + "
+                           f"head.pt): {exc}") from None
+    head = build_head(config)
+    head.load_state_dict(state)
+    return head.eval()
+
+
+def _run_number(run, key: str) -> float | None:
+    """A value the fit run logged as a metric or a param (threshold is both)."""
+    if key in run.data.metrics:
+        return float(run.data.metrics[key])
+    if key in run.data.params:
+        return float(run.data.params[key])
+    return None
+
+
+@dataclass
+class Registered:
+    name: str
+    version: str
+    source: str
+    bundle_dir: Path
+    alias: str | None
+
+
+def export_run(run_id: str, name: str, *, alias: str | None = None,
+               tracking_uri: str | None = None, out_dir: str | os.PathLike | None = None,
+               opset: int = DEFAULT_OPSET, parity_slide: str | os.PathLike | None = None
+               ) -> Registered:
+    """Export a fit run to a bundle, log it to the run under `bundle/`, register one version."""
+    from mlflow.exceptions import MlflowException
+
+    from training.backbone import build_backbone
+    from training.registry import DEFAULT_TRACKING_URI, client as registry_client
+
+    tracking_uri = tracking_uri or DEFAULT_TRACKING_URI
+    client = registry_client(tracking_uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as exc:
+        raise WsiError(f"no MLflow run {run_id!r} at {tracking_uri}: {exc.message}") from None
+    params = run.data.params
+    missing = [k for k in ("backbone_layer", "weights", "weights_seed") if k not in params]
+    if missing:
+        raise WsiError(f"run {run_id} lacks the feature params {missing}: was it made by "
+                       f"milroi-train fit?")
+    head = _load_run_head(client, run_id)
+    backbone = build_backbone(params["weights"], layer=params["backbone_layer"],
+                              seed=int(params["weights_seed"]))
+    if parity_slide is not None:
+        tiles = parity_tiles_from_slide(parity_slide)
+    else:
+        log.warning("no --parity-slide: parity checked on synthetic H&E-like tiles only")
+        tiles = None
+    val_auc = _run_number(run, "val_auc")
+    threshold = _run_number(run, "threshold")
+    fingerprint = run.data.tags.get("data_fingerprint")
+    extra = {"name": name, "run_id": run_id, "fingerprint": fingerprint,
+             "metrics": dict(run.data.metrics),
+             "threshold": threshold if threshold is not None else 0.5,
+             "tile_size": int(params.get("tile_size", TILE_SIZE)),
+             "level": int(params.get("patch_level", 0)),
+             "min_tissue": float(params.get("min_tissue", 0.25))}
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = export_bundle(Path(out_dir) if out_dir else Path(tmp) / "bundle", backbone,
+                               head, extra, opset=opset, parity_tiles=tiles,
+                               overwrite=out_dir is not None)
+        client.log_artifacts(run_id, str(bundle), artifact_path=BUNDLE_ARTIFACT_PATH)
+    source = f"{run.info.artifact_uri.rstrip('/')}/{BUNDLE_ARTIFACT_PATH}"
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(
+            name, description="milroi tumour ROI model: ONNX bundle (docs/INTERFACES.md)")
+    tags = {"val_auc": "" if val_auc is None else repr(val_auc), "head": head.kind,
+            "fingerprint": fingerprint or ""}
+    mv = client.create_model_version(name, source=source, run_id=run_id, tags=tags)
+    if alias:
+        client.set_registered_model_alias(name, alias, mv.version)
+    log.info("registered %s version %s from run %s (%s)", name, mv.version, run_id, source)
+    return Registered(name, str(mv.version), source, bundle, alias)
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_id", help="MLflow run of `milroi-train fit`")
+    parser.add_argument("--name", required=True, help="registered model name")
+    parser.add_argument("--alias", default=None,
+                        help="alias to point at the new version (e.g. champion); unconditional, "
+                             "use `milroi-train promote` for the AUC-guarded move")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow tracking/registry URI (default sqlite:///mlflow.db)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="also keep the bundle folder here (replaced if present)")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                        help=f"ONNX opset (default {DEFAULT_OPSET})")
+    parser.add_argument("--parity-slide", type=Path, default=None,
+                        help="real slide whose tissue tiles the torch/ONNX parity check uses")
+
+
+def run(args: argparse.Namespace) -> int:
+    registered = export_run(args.run_id, args.name, alias=args.alias,
+                            tracking_uri=args.tracking_uri, out_dir=args.out, opset=args.opset,
+                            parity_slide=args.parity_slide)
+    alias = f" @{registered.alias}" if registered.alias else ""
+    print(f"{registered.name} version {registered.version}{alias} <- {registered.source}")
+    return 0

@@ -53,3 +53,86 @@ def chowder_bundle(tmp_path_factory, layer3_backbone, real_tiles):
                   manifest_extra={"name": "test-chowder", "threshold": 0.4},
                   parity_tiles=real_tiles)
     return out, head
+
+
+# ---------------------------------------------------------------------------------------------
+# MLflow: a real tracking server (subprocess) and runs in the layout `milroi-train fit` logs
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """`mlflow server` on a free loopback port, sqlite backend, proxied local artifacts."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = _free_port()
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts")],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_TRACKING_URI": ""})
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()}")
+        time.sleep(0.5)
+    yield uri
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def log_fit_run(tracking_uri: str, head, val_auc: float | None, threshold: float = 0.42,
+                layer: str = "layer3", experiment: str = "milroi-test") -> str:
+    """A run in the layout `milroi-train fit` logs (params, head/ artifact, val_auc, tag)."""
+    import json
+    import tempfile
+
+    import torch
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    run = client.create_run(exp_id)
+    rid = run.info.run_id
+    for key, value in {"backbone_layer": layer, "weights": "none", "weights_seed": "0",
+                       "tile_size": "224", "patch_level": "0", "min_tissue": "0.25",
+                       "head": head.kind, "threshold": str(threshold)}.items():
+        client.log_param(rid, key, value)
+    if val_auc is not None:
+        client.log_metric(rid, "val_auc", val_auc)
+    client.set_tag(rid, "data_fingerprint", "f" * 64)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "head"
+        folder.mkdir()
+        torch.save(head.state_dict(), folder / "head.pt")
+        (folder / "head_config.json").write_text(json.dumps(head.config))
+        client.log_artifacts(rid, str(folder), artifact_path="head")
+    client.set_terminated(rid)
+    return rid
