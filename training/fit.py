@@ -188,8 +188,9 @@ class TrainResult:
 
 def train_head(config: dict, train: Sequence[Bag], labels: dict[str, int], *, epochs: int,
                lr: float, weight_decay: float, seed: int, val: Sequence[Bag] = (),
-               patience: int = 10) -> TrainResult:
-    """Adam, one bag per step; keeps the epoch with the best validation AUC (val loss on ties).
+               patience: int = 10, monitor: str = "auc") -> TrainResult:
+    """Adam, one bag per step; keeps the epoch with the best validation AUC (val loss on ties),
+    or with `monitor="loss"` the lowest validation loss (better calibrated at a 0.5 threshold).
 
     Without validation bags it trains for exactly `epochs` epochs and keeps the last weights.
     """
@@ -220,7 +221,8 @@ def train_head(config: dict, train: Sequence[Bag], labels: dict[str, int], *, ep
             eps = 1e-7
             row["val_loss"] = float(-np.mean(y_val * np.log(p + eps) + (1 - y_val) * np.log(1 - p + eps)))
             row["val_auc"] = safe_auc(y_val, p)
-            key = (np.nan_to_num(row["val_auc"], nan=0.0), -row["val_loss"])
+            auc = np.nan_to_num(row["val_auc"], nan=0.0)
+            key = (auc, -row["val_loss"]) if monitor == "auc" else (-row["val_loss"], auc)
             if key > best_key:
                 best_key, stale = key, 0
                 best.state = {k: v.clone() for k, v in head.state_dict().items()}

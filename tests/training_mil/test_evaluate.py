@@ -1,0 +1,99 @@
+"""Evaluation metrics on constructed inputs with known answers."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from training.evaluate import (SlideHits, detections, evaluation_mask, froc, itc_labels,
+                               lesion_hits, patch_auc, patch_targets, slide_metrics)
+from wsi.errors import WsiError
+
+
+def test_slide_metrics_known_auc_and_intervals():
+    y = np.array([0] * 10 + [1] * 10)
+    p = np.r_[np.linspace(0.0, 0.45, 10), np.linspace(0.55, 1.0, 10)]
+    m = slide_metrics(y, p, threshold=0.5, n_bootstrap=200)
+    assert m["auc"] == 1.0 and m["accuracy"] == 1.0
+    assert m["auc_ci_low"] == m["auc_ci_high"] == 1.0  # perfect separation in every resample
+    # one tumour slide scored below every normal one: AUC 0.9 exactly
+    p2 = p.copy()
+    p2[10] = -1.0
+    m2 = slide_metrics(y, p2, 0.5, n_bootstrap=300)
+    assert m2["auc"] == pytest.approx(0.9) and m2["accuracy"] == pytest.approx(0.95)
+    assert m2["auc_ci_low"] < 0.9 <= m2["auc_ci_high"] <= 1.0
+    assert m2["accuracy_ci_low"] < 0.95 <= m2["accuracy_ci_high"]
+    with pytest.raises(WsiError, match="tumour and normal"):
+        slide_metrics([1, 1], [0.2, 0.3])
+
+
+def test_patch_targets_leave_out_ambiguous_and_excluded():
+    frac = np.array([0.0, 0.1, 0.5, 1.0, 0.0, 0.9])
+    excluded = np.array([False, False, False, False, True, False])
+    t = patch_targets(frac, excluded)
+    assert t.tolist() == [0, -1, 1, 1, -1, 1]
+    scores = np.array([0.1, 0.99, 0.8, 0.7, 0.99, 0.05])
+    # kept: normal 0.1 vs tumour 0.8, 0.7, 0.05 -> 2 of 3 pairs ordered
+    assert patch_auc(scores, t) == pytest.approx(2 / 3)
+
+
+def test_evaluation_mask_grows_lesions_and_flags_itc():
+    mask = np.zeros((200, 200), bool)
+    mask[20:60, 20:60] = True          # 40 px at 32x, 0.243 um: ~311 um wide -> counted
+    mask[100:102, 100:102] = True      # ~16 um -> isolated tumour cells
+    mask[103:105, 100:102] = True      # 1 px gap: merged by the 37.5 um growth (~4.8 px)
+    lesions = evaluation_mask(mask, mpp=0.243)
+    assert lesions.max() == 2
+    assert lesions[18, 40] == lesions[40, 40] != 0  # grown by a few pixels
+    assert lesions[101, 101] == lesions[104, 101]
+    assert itc_labels(lesions, 0.243) == {int(lesions[101, 101])}
+
+
+def test_detections_are_local_maxima_of_the_tile_map():
+    ys, xs = np.mgrid[0:6, 0:8]
+    coords = np.stack([xs.ravel(), ys.ravel()], 1) * 224 + 1000
+    scores = np.zeros(len(coords))
+    scores[(ys.ravel() == 1) & (xs.ravel() == 1)] = 0.9
+    scores[(ys.ravel() == 4) & (xs.ravel() == 6)] = 0.6
+    centres, probs = detections(coords, scores, 224)
+    order = np.argsort(-probs)
+    assert probs[order][:2].tolist() == [0.9, 0.6]
+    assert centres[order][0].tolist() == [1000 + 224 + 112, 1000 + 224 + 112]
+    assert centres[order][1].tolist() == [1000 + 6 * 224 + 112, 1000 + 4 * 224 + 112]
+
+
+def test_froc_known_curve():
+    # slide A: 2 lesions; lesion 1 hit at 0.9, lesion 2 at 0.4, one FP at 0.8, one on an ITC
+    lesions = np.zeros((100, 100), int)
+    lesions[10:30, 10:30] = 1
+    lesions[60:80, 60:80] = 2
+    lesions[90:92, 5:7] = 3
+    ds = 32
+    centres = np.array([[20, 20], [70, 70], [50, 50], [6, 91], [12, 12]], float) * ds
+    probs = np.array([0.9, 0.4, 0.8, 0.95, 0.3])
+    a = lesion_hits(centres, probs, lesions, itc={3}, downsample=ds)
+    assert a.n_lesions == 2 and sorted(a.tp_probs) == [0.4, 0.9]
+    assert a.fp_probs.tolist() == [0.8]
+    # slide B: normal, two FPs
+    b = lesion_hits(np.array([[5.0, 5.0], [9.0, 9.0]]), np.array([0.7, 0.2]), None)
+    assert b.n_lesions == 0 and b.fp_probs.tolist() == [0.7, 0.2]
+    f = froc([a, b])
+    # at 0.9 -> 0 FP, sens 0.5; at 0.8 -> 0.5 FP/slide; at 0.2 -> 1.5 FP/slide, sens 1.0
+    # at 0.7 -> 1 FP/slide; at 0.4 -> sens 1.0, 1 FP/slide
+    at = f["sensitivity_at"]
+    assert at[0.25] == pytest.approx(0.5) and at[0.5] == pytest.approx(0.5)
+    assert at[1.0] == pytest.approx(1.0) and at[8.0] == pytest.approx(1.0)
+    assert f["score"] == pytest.approx((0.5 + 0.5 + 1 + 1 + 1 + 1) / 6)
+    with pytest.raises(WsiError, match="at least one annotated lesion"):
+        froc([b])
+
+
+def test_froc_missed_lesions_lower_the_score():
+    lesions = np.zeros((50, 50), int)
+    lesions[5:15, 5:15] = 1
+    lesions[30:40, 30:40] = 2
+    hit_one = lesion_hits(np.array([[10.0, 10.0]]) * 32, np.array([0.9]), lesions)
+    assert froc([hit_one])["score"] == pytest.approx(0.5)
+    perfect = lesion_hits(np.array([[10.0, 10.0], [35.0, 35.0]]) * 32, np.array([0.9, 0.8]),
+                          lesions)
+    assert froc([perfect])["score"] == pytest.approx(1.0)
+    assert isinstance(perfect, SlideHits)

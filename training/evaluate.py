@@ -1,0 +1,304 @@
+"""`milroi-train evaluate`: slide AUC/accuracy, patch AUC and Camelyon16 lesion FROC of a fit run.
+
+The metric functions are pure (arrays in, numbers out) so they can be checked on constructed cases:
+
+- `slide_metrics`: ROC AUC and accuracy at the run's threshold, 95% percentile bootstrap intervals
+  (stratified resampling of slides, sklearn.utils.resample).
+- `patch_auc`: tile scores against tile tumour fractions from the XML annotations; a tile is
+  tumour when at least half of it lies in tumour (`_0`/`_1` minus `_2` regions), normal when none
+  of it does; ambiguous tiles (in between) and tiles touching a `_2` exclusion are left out.
+- FROC as the official Camelyon16 script (Evaluation_FROC.py, Bejnordi et al. 2017): evaluation
+  mask = annotated tumour at level 5 (32x) grown by 75 um / 2 (distance transform), holes filled,
+  8-connected lesions; lesions whose major axis is under 275 um are isolated tumour cells (a hit
+  there is neither TP nor FP); each lesion's TP probability is its best detection; a detection
+  outside every lesion is a FP; sensitivity is interpolated at 1/4, 1/2, 1, 2, 4, 8 FP per slide
+  and averaged. Detections are the local maxima of the tile score map (peak_local_max).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from scipy import ndimage
+from skimage.feature import peak_local_max
+from skimage.measure import label as label_components
+from skimage.measure import regionprops
+from sklearn.metrics import accuracy_score, roc_auc_score
+from sklearn.utils import resample
+
+from wsi.errors import WsiError
+
+log = logging.getLogger(__name__)
+
+FROC_FP_RATES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+EVAL_DOWNSAMPLE = 32        # Camelyon16 evaluation mask level 5
+LESION_MARGIN_UM = 75.0     # lesions grown by half of it
+ITC_MAX_UM = 275.0          # isolated tumour cells: major axis below this
+
+
+# ---------------------------------------------------------------------------------------------
+# Slide level
+
+
+def bootstrap_ci(y: np.ndarray, p: np.ndarray, metric: Callable[[np.ndarray, np.ndarray], float],
+                 n: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of `metric(y, p)`, resampling slides within each class."""
+    y, p = np.asarray(y), np.asarray(p)
+    rng = np.random.RandomState(seed)
+    stats = []
+    for _ in range(n):
+        yy, pp = resample(y, p, stratify=y, random_state=rng)
+        stats.append(metric(yy, pp))
+    lo, hi = np.percentile(stats, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def slide_metrics(y: Sequence[int], p: Sequence[float], threshold: float = 0.5,
+                  n_bootstrap: int = 1000, seed: int = 0) -> dict[str, float]:
+    """AUC and accuracy (at `threshold`) with 95% bootstrap intervals."""
+    y, p = np.asarray(y, int), np.asarray(p, float)
+    if len(np.unique(y)) < 2:
+        raise WsiError("slide AUC needs tumour and normal slides among the evaluated ones")
+
+    def accuracy(yy, pp):
+        return accuracy_score(yy, pp >= threshold)
+
+    auc_lo, auc_hi = bootstrap_ci(y, p, roc_auc_score, n_bootstrap, seed)
+    acc_lo, acc_hi = bootstrap_ci(y, p, accuracy, n_bootstrap, seed)
+    return {"auc": float(roc_auc_score(y, p)), "auc_ci_low": auc_lo, "auc_ci_high": auc_hi,
+            "accuracy": float(accuracy(y, p)), "accuracy_ci_low": acc_lo,
+            "accuracy_ci_high": acc_hi, "n_slides": int(len(y)), "n_tumor": int(y.sum())}
+
+
+# ---------------------------------------------------------------------------------------------
+# Patch level
+
+
+def patch_targets(tumor_fraction: np.ndarray, excluded: np.ndarray | None = None,
+                  min_fraction: float = 0.5) -> np.ndarray:
+    """1 tumour, 0 normal, -1 left out (ambiguous or touching an exclusion region)."""
+    f = np.asarray(tumor_fraction, float)
+    target = np.full(f.shape, -1, np.int8)
+    target[f >= min_fraction] = 1
+    target[f == 0] = 0
+    if excluded is not None:
+        target[np.asarray(excluded, bool)] = -1
+    return target
+
+
+def patch_auc(scores: np.ndarray, targets: np.ndarray) -> float:
+    """ROC AUC of tile scores over the tiles with a target of 0 or 1."""
+    keep = np.asarray(targets) >= 0
+    t = np.asarray(targets)[keep]
+    if len(np.unique(t)) < 2:
+        raise WsiError("patch AUC needs tumour and normal tiles")
+    return float(roc_auc_score(t, np.asarray(scores)[keep]))
+
+
+def annotation_targets(annotations, coords: np.ndarray, tile_size: int,
+                       min_fraction: float = 0.5) -> np.ndarray:
+    """`patch_targets` of a slide's tiles from its wsi.annotations.Annotations."""
+    import shapely
+    from wsi.annotations import tile_tumor_fraction
+
+    fraction = tile_tumor_fraction(annotations, coords, tile_size)
+    excluded = None
+    if annotations.exclusion is not None and not annotations.exclusion.is_empty:
+        boxes = shapely.box(coords[:, 0], coords[:, 1], coords[:, 0] + tile_size,
+                            coords[:, 1] + tile_size)
+        excluded = shapely.intersects(boxes, annotations.exclusion)
+    return patch_targets(fraction, excluded, min_fraction)
+
+
+# ---------------------------------------------------------------------------------------------
+# Lesion FROC
+
+
+def evaluation_mask(tumor_mask: np.ndarray, mpp: float,
+                    downsample: float = EVAL_DOWNSAMPLE) -> np.ndarray:
+    """Labelled lesions (int, 0 = background) from a tumour mask at `downsample` (official logic)."""
+    distance = ndimage.distance_transform_edt(~np.asarray(tumor_mask, bool))
+    grown = distance < LESION_MARGIN_UM / (mpp * downsample * 2)
+    return label_components(ndimage.binary_fill_holes(grown), connectivity=2)
+
+
+def itc_labels(lesions: np.ndarray, mpp: float, downsample: float = EVAL_DOWNSAMPLE) -> set[int]:
+    """Labels of isolated tumour cell regions (major axis < 275 um)."""
+    limit = ITC_MAX_UM / (mpp * downsample)
+    return {r.label for r in regionprops(lesions) if r.axis_major_length < limit}
+
+
+def detections(coords: np.ndarray, scores: np.ndarray, tile_size: int,
+               min_distance: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Local maxima of the tile score map: (level-0 centres [M, 2] as (x, y), probabilities [M])."""
+    coords = np.asarray(coords, np.int64)
+    if len(coords) == 0:
+        return np.zeros((0, 2)), np.zeros(0)
+    cells = (coords - coords.min(0)) // tile_size
+    grid = np.full(tuple(cells.max(0)[::-1] + 1), -np.inf)  # rows = y, cols = x
+    grid[cells[:, 1], cells[:, 0]] = scores
+    peaks = peak_local_max(np.where(np.isfinite(grid), grid, grid[np.isfinite(grid)].min() - 1),
+                           min_distance=min_distance, exclude_border=False)
+    peaks = peaks[np.isin(peaks[:, 0] * grid.shape[1] + peaks[:, 1],
+                          cells[:, 1] * grid.shape[1] + cells[:, 0])]
+    centres = peaks[:, ::-1] * tile_size + coords.min(0) + tile_size / 2
+    return centres.astype(float), grid[peaks[:, 0], peaks[:, 1]]
+
+
+@dataclass
+class SlideHits:
+    """One slide's contribution to the FROC (as compute_FP_TP_Probs of the official script)."""
+
+    fp_probs: np.ndarray   # probabilities of detections outside every lesion
+    tp_probs: np.ndarray   # best probability per counted lesion (0 = missed)
+    n_lesions: int         # lesions that count (ITCs excluded)
+
+
+def lesion_hits(centres: np.ndarray, probs: np.ndarray, lesions: np.ndarray | None,
+                itc: set[int] = frozenset(), downsample: float = EVAL_DOWNSAMPLE) -> SlideHits:
+    """Match detections (level-0 x, y) to labelled lesions; `lesions=None` for a normal slide."""
+    probs = np.asarray(probs, float)
+    if lesions is None or lesions.max() == 0:
+        return SlideHits(probs, np.zeros(0), 0)
+    rows = np.clip((centres[:, 1] / downsample).astype(int), 0, lesions.shape[0] - 1)
+    cols = np.clip((centres[:, 0] / downsample).astype(int), 0, lesions.shape[1] - 1)
+    hit = lesions[rows, cols]
+    counted = np.array([lab for lab in range(1, lesions.max() + 1) if lab not in itc], int)
+    best = np.zeros(lesions.max() + 1)
+    np.maximum.at(best, hit, probs)
+    return SlideHits(probs[hit == 0], best[counted], len(counted))
+
+
+def froc(slides: Sequence[SlideHits], fp_rates: Sequence[float] = FROC_FP_RATES) -> dict[str, Any]:
+    """FROC curve and the Camelyon16 score (mean sensitivity at the given FP per slide rates)."""
+    total = sum(s.n_lesions for s in slides)
+    if total == 0:
+        raise WsiError("lesion FROC needs at least one annotated lesion")
+    fps = np.concatenate([s.fp_probs for s in slides])
+    tps = np.concatenate([s.tp_probs for s in slides])
+    # every distinct positive probability; the official script skips its lowest value, which is
+    # the 0 of missed lesions (a 0 here means "not detected", never a detection threshold)
+    probs = np.concatenate([fps, tps])
+    thresholds = np.unique(probs[probs > 0])
+    fp_per_slide = np.append((fps[None, :] >= thresholds[:, None]).sum(1), 0) / len(slides)
+    sensitivity = np.append((tps[None, :] >= thresholds[:, None]).sum(1), 0) / total
+    at = np.interp(fp_rates, fp_per_slide[::-1], sensitivity[::-1])
+    return {"fp_per_slide": fp_per_slide, "sensitivity": sensitivity,
+            "sensitivity_at": dict(zip(map(float, fp_rates), map(float, at))),
+            "score": float(np.mean(at)), "n_lesions": int(total)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Run evaluation
+
+
+def evaluate_run(run_id: str, features_dir: str | Path, labels_path: str | Path,
+                 annotations_dir: str | Path | None = None, tracking_uri: str | None = None,
+                 n_bootstrap: int = 1000, log_to_run: bool = True) -> dict[str, Any]:
+    """Score every labelled slide with the run's head; slide, patch and lesion metrics."""
+    import torch
+
+    from training.fit import DEFAULT_TRACKING_URI, load_bag, feature_path, load_run_head, read_labels
+
+    tracking_uri = tracking_uri or DEFAULT_TRACKING_URI
+    head, run = load_run_head(run_id, tracking_uri)
+    threshold = float(run.data.params.get("threshold", 0.5))
+    labels = read_labels(labels_path)
+    names = sorted(labels)
+    y, p = [], []
+    patch_scores, patch_tgts, hits = [], [], []
+    for name in names:
+        bag = load_bag(feature_path(features_dir, name))
+        with torch.no_grad():
+            out = head(bag.features)
+        y.append(labels[name])
+        p.append(torch.sigmoid(out.slide_logit).item())
+        if annotations_dir is None:
+            continue
+        scores = out.patch_scores.numpy()
+        tile = int(bag.attrs.get("patch_size", 224))
+        mpp = float(bag.attrs.get("mpp", 0.243))
+        xml = Path(annotations_dir) / f"{name}.xml"
+        if xml.is_file():
+            from wsi.annotations import rasterize, read_asap_xml
+
+            ann = read_asap_xml(xml)
+            tgt = annotation_targets(ann, bag.coords, tile)
+            shape = (int(np.ceil(bag.attrs["level0_height"] / EVAL_DOWNSAMPLE)),
+                     int(np.ceil(bag.attrs["level0_width"] / EVAL_DOWNSAMPLE)))
+            lesions = evaluation_mask(rasterize(ann.tumor, shape, EVAL_DOWNSAMPLE), mpp)
+            itc = itc_labels(lesions, mpp)
+        else:
+            if labels[name]:
+                log.warning("tumour slide %s has no annotation %s: left out of patch AUC and FROC",
+                            name, xml)
+                continue
+            tgt, lesions, itc = np.zeros(len(scores), np.int8), None, set()
+        patch_scores.append(scores)
+        patch_tgts.append(tgt)
+        hits.append(lesion_hits(*detections(bag.coords, scores, tile), lesions, itc))
+    result: dict[str, Any] = {"run_id": run_id, "threshold": threshold,
+                              "slide": slide_metrics(y, p, threshold, n_bootstrap),
+                              "predictions": [{"slide": n, "label": int(t), "score": float(s)}
+                                              for n, t, s in zip(names, y, p)]}
+    if patch_scores:
+        result["patch_auc"] = patch_auc(np.concatenate(patch_scores), np.concatenate(patch_tgts))
+        f = froc(hits)
+        result["froc"] = {"score": f["score"], "sensitivity_at": f["sensitivity_at"],
+                          "n_lesions": f["n_lesions"]}
+    if log_to_run:
+        _log_evaluation(run_id, tracking_uri, result)
+    return result
+
+
+def _log_evaluation(run_id: str, tracking_uri: str, result: dict[str, Any]) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    metrics = {f"test_{k}": v for k, v in result["slide"].items()}
+    if "patch_auc" in result:
+        metrics["test_patch_auc"] = result["patch_auc"]
+        metrics["test_froc"] = result["froc"]["score"]
+    for k, v in metrics.items():
+        client.log_metric(run_id, k, float(v))
+    client.log_dict(run_id, result, "evaluation/evaluation.json")
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    from training.fit import add_tracking_args
+
+    parser.add_argument("run_id", help="MLflow run id printed by `milroi-train fit`")
+    parser.add_argument("--features", required=True, help="features folder of the test slides")
+    parser.add_argument("--labels", required=True, help="reference CSV of the test slides")
+    parser.add_argument("--annotations", default=None,
+                        help="folder of <slide>.xml lesion annotations (patch AUC and FROC)")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    parser.add_argument("--no-log", action="store_true", help="do not log metrics to the run")
+    add_tracking_args(parser)
+
+
+def format_result(result: dict[str, Any]) -> str:
+    s = result["slide"]
+    lines = [f"slide AUC      {s['auc']:.3f} (95% CI {s['auc_ci_low']:.3f}-{s['auc_ci_high']:.3f})",
+             f"slide accuracy {s['accuracy']:.3f} (95% CI {s['accuracy_ci_low']:.3f}-"
+             f"{s['accuracy_ci_high']:.3f}) at threshold {result['threshold']:.3f}, "
+             f"{s['n_slides']} slides"]
+    if "patch_auc" in result:
+        lines.append(f"patch AUC      {result['patch_auc']:.3f}")
+        at = ", ".join(f"{k:g}: {v:.3f}" for k, v in result["froc"]["sensitivity_at"].items())
+        lines.append(f"lesion FROC    {result['froc']['score']:.3f} "
+                     f"({result['froc']['n_lesions']} lesions; sensitivity at FP/slide {at})")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    result = evaluate_run(args.run_id, args.features, args.labels, args.annotations,
+                          args.tracking_uri, args.bootstrap, log_to_run=not args.no_log)
+    print(format_result(result))
+    print(json.dumps({k: v for k, v in result.items() if k != "predictions"}))
+    return 0
