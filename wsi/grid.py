@@ -1,0 +1,227 @@
+"""The grid of tissue tiles of a slide, and the `milroi-train tiles` command.
+
+Tiles are `tile_size` px squares at pyramid `level`, laid out from the level-0 origin every
+`stride` px (at that level), kept whole inside the slide, and kept when the tissue mask covers at
+least `min_tissue` of them. Coordinates are always level-0 top-left corners (int64), in row-major
+order (y, then x): the order of the patch CSV, of the h5 feature files and of the scores streamed
+by the server.
+
+The tissue fraction of every tile comes from a summed-area table (integral image) of the mask:
+four lookups per tile, all tiles at once, so a Camelyon16 slide (~400k grid positions) costs a
+few milliseconds and no Python loop.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from wsi.errors import WsiError
+from wsi.tissue import TissueMask, TissueParams, compute_tissue_mask
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TileGrid:
+    coords: np.ndarray            # int64 [N, 2] level-0 (x, y) top-left, row-major order
+    tissue_fraction: np.ndarray   # float32 [N] share of the tile covered by the tissue mask
+    tile_size: int                # px at `level`
+    stride: int                   # px at `level`
+    level: int
+    slide_dimensions: tuple[int, int]
+    level_downsample: float = 1.0
+
+    def __len__(self) -> int:
+        return len(self.coords)
+
+    @property
+    def tile_size_level0(self) -> int:
+        """Side of a tile in level-0 px."""
+        return int(round(self.tile_size * self.level_downsample))
+
+
+def integral_image(mask: np.ndarray) -> np.ndarray:
+    """Summed-area table with a zero first row and column: sum of mask[r0:r1, c0:c1] is
+    S[r1, c1] - S[r0, c1] - S[r1, c0] + S[r0, c0]."""
+    # int32 holds any mask up to 2**31 px (a 46k x 46k mask), far above a 3k x 6k one.
+    dtype = np.int32 if mask.size < 2**31 else np.int64
+    table = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=dtype)
+    np.cumsum(mask, axis=0, dtype=dtype, out=table[1:, 1:])
+    np.cumsum(table[1:, 1:], axis=1, out=table[1:, 1:])
+    return table
+
+
+def make_tile_grid(tissue: TissueMask, slide_dimensions, tile_size: int = 224,
+                   stride: int | None = None, level: int = 0, level_downsample: float = 1.0,
+                   min_tissue: float = 0.25) -> TileGrid:
+    """Every tile of the level-0 grid whose tissue fraction is >= `min_tissue`.
+
+    `stride` defaults to `tile_size` (no overlap); both are in px at `level`, whose downsample
+    from level 0 is `level_downsample`.
+    """
+    stride = tile_size if stride is None else stride
+    if tile_size <= 0 or stride <= 0:
+        raise WsiError(f"tile size and stride must be positive, got {tile_size} and {stride}")
+    if not 0.0 <= min_tissue <= 1.0:
+        raise WsiError(f"min_tissue must be in [0, 1], got {min_tissue}")
+    width, height = (int(v) for v in slide_dimensions)
+    footprint = tile_size * level_downsample     # tile side in level-0 px
+    step = stride * level_downsample             # grid step in level-0 px
+    n_cols = int((width - footprint) // step) + 1 if width >= footprint else 0
+    n_rows = int((height - footprint) // step) + 1 if height >= footprint else 0
+    xs = np.round(np.arange(n_cols) * step).astype(np.int64)
+    ys = np.round(np.arange(n_rows) * step).astype(np.int64)
+
+    # Tile edges in mask px, rounded to the nearest mask pixel boundary; a tile always spans at
+    # least one mask pixel (tiles smaller than a mask pixel take the pixel they start in).
+    mask = tissue.mask
+    ds = tissue.downsample
+    def mask_span(starts, limit):
+        lo = np.clip(np.floor(starts / ds + 0.5), 0, limit - 1).astype(np.int64)
+        hi = np.clip(np.floor((starts + footprint) / ds + 0.5), 0, limit).astype(np.int64)
+        return lo, np.maximum(hi, lo + 1)
+    c0, c1 = mask_span(xs, mask.shape[1])
+    r0, r1 = mask_span(ys, mask.shape[0])
+    table = integral_image(mask)
+    # Broadcast rows (column vector) against columns (row vector): one sum per grid cell.
+    sums = (table[r1[:, None], c1[None, :]] - table[r0[:, None], c1[None, :]]
+            - table[r1[:, None], c0[None, :]] + table[r0[:, None], c0[None, :]])
+    areas = (r1 - r0)[:, None] * (c1 - c0)[None, :]
+    fraction = (sums / areas).astype(np.float32)
+    keep_r, keep_c = np.nonzero(fraction >= min_tissue)   # row-major: y first, then x
+    coords = np.stack([xs[keep_c], ys[keep_r]], axis=1).astype(np.int64).reshape(-1, 2)
+    return TileGrid(coords=coords, tissue_fraction=fraction[keep_r, keep_c],
+                    tile_size=int(tile_size), stride=int(stride), level=int(level),
+                    slide_dimensions=(width, height), level_downsample=float(level_downsample))
+
+
+def tiles_for_slide(slide, tile_size: int = 224, min_tissue: float = 0.25,
+                    params: TissueParams | None = None, stride: int | None = None,
+                    level: int = 0) -> tuple[TissueMask, TileGrid]:
+    """Tissue mask and tile grid of an open slide (the first step of features and scoring)."""
+    if not 0 <= level < slide.level_count:
+        raise WsiError(f"{slide.path}: level {level} does not exist "
+                       f"(the slide has levels 0..{slide.level_count - 1})")
+    tissue = compute_tissue_mask(slide, params or TissueParams())
+    grid = make_tile_grid(tissue, slide.dimensions, tile_size=tile_size, stride=stride,
+                          level=level, level_downsample=slide.level_downsamples[level],
+                          min_tissue=min_tissue)
+    return tissue, grid
+
+
+def _replace_atomically(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename: never a half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_grid_csv(path, grid: TileGrid) -> None:
+    """CSV with header x,y,size,level,tissue_fraction; x, y level-0 top-left, size px at level."""
+    n = len(grid)
+    table = np.column_stack([grid.coords.astype(np.float64), np.full(n, grid.tile_size),
+                             np.full(n, grid.level), grid.tissue_fraction])
+    def write(tmp):
+        # float64 holds every level-0 coordinate exactly (< 2**53), so %d prints it unchanged.
+        np.savetxt(tmp, table.reshape(-1, 5), fmt="%d,%d,%d,%d,%.4f", comments="",
+                   header="x,y,size,level,tissue_fraction")
+    _replace_atomically(Path(path), write)
+
+
+def write_mask_png(path, tissue: TissueMask) -> None:
+    """The tissue mask as a black-and-white PNG (white = tissue), one px per mask px."""
+    image = Image.fromarray(tissue.mask.astype(np.uint8) * 255)
+    _replace_atomically(Path(path), lambda tmp: image.save(tmp, format="PNG"))
+
+
+def grid_overlay(thumb: np.ndarray, grid: TileGrid) -> np.ndarray:
+    """The thumbnail with kept tiles tinted green and outlined (vectorised, no loop per tile).
+
+    Every thumbnail pixel is mapped to the grid cell it falls in; a pixel is on an outline when
+    its cell is a kept tile and the next pixel right or below falls in another cell.
+    """
+    height, width = thumb.shape[:2]
+    scale_x = grid.slide_dimensions[0] / width
+    scale_y = grid.slide_dimensions[1] / height
+    step = grid.stride * grid.level_downsample
+    footprint = grid.tile_size * grid.level_downsample
+    n_cols = int(grid.slide_dimensions[0] // step) + 1
+    n_rows = int(grid.slide_dimensions[1] // step) + 1
+    kept = np.zeros((n_rows, n_cols), dtype=bool)
+    kept[np.round(grid.coords[:, 1] / step).astype(np.int64),
+         np.round(grid.coords[:, 0] / step).astype(np.int64)] = True
+    # Level-0 centre of every thumbnail column/row, its grid cell, and whether it lies inside
+    # that cell's tile (with stride > tile size there are gaps between tiles).
+    x0 = (np.arange(width) + 0.5) * scale_x
+    y0 = (np.arange(height) + 0.5) * scale_y
+    col = np.minimum((x0 // step).astype(np.int64), n_cols - 1)
+    row = np.minimum((y0 // step).astype(np.int64), n_rows - 1)
+    in_x = (x0 - col * step) < footprint
+    in_y = (y0 - row * step) < footprint
+    inside = kept[row[:, None], col[None, :]] & in_y[:, None] & in_x[None, :]
+    edge_x = np.append(col[1:] != col[:-1], True) | np.append(True, col[1:] != col[:-1])[:width]
+    edge_y = np.append(row[1:] != row[:-1], True) | np.append(True, row[1:] != row[:-1])[:height]
+    outline = inside & (edge_y[:, None] | edge_x[None, :])
+    out = thumb.astype(np.float32)
+    out[inside] = 0.7 * out[inside] + 0.3 * np.array([0, 200, 0], np.float32)
+    out[outline] = (0, 120, 0)
+    return out.astype(np.uint8)
+
+
+def write_grid_png(path, slide, tissue: TissueMask, grid: TileGrid, max_size: int = 2048) -> None:
+    """Thumbnail of the slide with the kept tiles outlined: the look before a long run."""
+    # At least ~3 thumbnail px per tile so outlines do not merge, within max_size.
+    tile_px = grid.tile_size_level0
+    size = min(max_size, max(512, int(3 * max(slide.dimensions) / max(tile_px, 1))))
+    image = Image.fromarray(grid_overlay(slide.thumbnail(size), grid))
+    _replace_atomically(Path(path), lambda tmp: image.save(tmp, format="PNG"))
+
+
+# -- milroi-train tiles ------------------------------------------------------------------------
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("slide", type=Path, help="slide file (anything OpenSlide reads)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--tile-size", type=int, default=224, help="tile side in px at --level")
+    parser.add_argument("--stride", type=int, default=None, help="grid step in px (default: tile size)")
+    parser.add_argument("--level", type=int, default=0, help="pyramid level of the tiles (default 0)")
+    parser.add_argument("--min-tissue", type=float, default=0.25,
+                        help="keep tiles whose tissue fraction is at least this (default 0.25)")
+    parser.add_argument("--target-downsample", type=float, default=TissueParams.target_downsample,
+                        help="level-0 px per tissue-mask px (default 32)")
+    parser.add_argument("--fallback-mpp", type=float, default=None,
+                        help="pixel size (um) to assume when the slide has none (default 0.243)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from wsi.slide import open_slide
+
+    started = time.perf_counter()
+    params = TissueParams(target_downsample=args.target_downsample)
+    with open_slide(args.slide, fallback_mpp=args.fallback_mpp) as slide:
+        tissue, grid = tiles_for_slide(slide, tile_size=args.tile_size, min_tissue=args.min_tissue,
+                                       params=params, stride=args.stride, level=args.level)
+        paths = {kind: args.out / f"{slide.name}_{kind}" for kind in ("tiles.csv", "mask.png", "grid.png")}
+        write_grid_csv(paths["tiles.csv"], grid)
+        write_mask_png(paths["mask.png"], tissue)
+        write_grid_png(paths["grid.png"], slide, tissue, grid)
+        print(f"{slide.name}: {slide.dimensions[0]}x{slide.dimensions[1]} px, "
+              f"{slide.mpp:.3f} um/px ({slide.mpp_source}), tissue {100 * tissue.tissue_fraction:.1f}% "
+              f"of a {tissue.mask.shape[1]}x{tissue.mask.shape[0]} mask, {len(grid)} tiles of "
+              f"{grid.tile_size} px at level {grid.level}, {time.perf_counter() - started:.2f} s")
+        for path in paths.values():
+            print(f"  {path}")
+    return 0

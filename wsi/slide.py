@@ -1,0 +1,189 @@
+"""Open a whole-slide image and read RGB regions from it.
+
+One thin layer over OpenSlide (generic tiled TIFF as in Camelyon16, Aperio SVS with JPEG or
+JPEG 2000 tiles, and every other format OpenSlide reads) that adds what the rest of milroi needs:
+
+- every failure (missing file, directory, empty file, not a slide, truncated or corrupt tile
+  data, at open time or later at read time) becomes one `SlideError` naming the file and the
+  cause, never a crash, a hang or a bare OpenSlide exception;
+- the pixel size in microns, from the OpenSlide properties, else from the TIFF resolution tags
+  when they carry a physical unit, else a documented fallback (Camelyon16's 0.243 um/px at 40x)
+  with a logged warning, so a slide without metadata is still usable but never silently;
+- regions as RGB uint8 numpy arrays with transparent areas composited on white (what the tissue
+  mask and the model expect: no alpha, no premultiplication).
+
+Reads are thread-safe: the OpenSlide C library serialises what must be serialised, and the ctypes
+call releases the GIL, so tile-reading threads (wsi.tiles) really run in parallel.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import openslide
+from PIL import Image
+
+from wsi.errors import SlideError, WsiError
+
+log = logging.getLogger(__name__)
+
+# Camelyon16 slides are scanned at 40x, 0.243 um/px at level 0 (Litjens et al. 2018).
+DEFAULT_FALLBACK_MPP = 0.243
+
+# Micrometres per TIFF ResolutionUnit: 2 = inch, 3 = centimetre (1 = no unit: meaningless).
+_UM_PER_RESOLUTION_UNIT = {"inch": 25_400.0, "centimeter": 10_000.0}
+# A pixel size outside this range (um/px) is a placeholder written by a scanner, not a measure.
+_PLAUSIBLE_MPP = (0.05, 100.0)
+
+# OpenSlide raises these for files it cannot use; OSError covers I/O errors under it.
+_OPENSLIDE_ERRORS = (openslide.OpenSlideError, openslide.OpenSlideUnsupportedFormatError, OSError)
+
+
+def _mpp_from_properties(props) -> float | None:
+    """Microns per pixel from OpenSlide's own MPP properties, else from the TIFF resolution tags."""
+    try:
+        mpp_x, mpp_y = float(props["openslide.mpp-x"]), float(props["openslide.mpp-y"])
+        if mpp_x > 0 and mpp_y > 0:
+            return (mpp_x + mpp_y) / 2
+    except (KeyError, ValueError):
+        pass
+    unit = props.get("tiff.ResolutionUnit", "").lower()
+    try:
+        res_x, res_y = float(props["tiff.XResolution"]), float(props["tiff.YResolution"])
+    except (KeyError, ValueError):
+        return None
+    if unit not in _UM_PER_RESOLUTION_UNIT or res_x <= 0 or res_y <= 0:
+        return None
+    mpp = _UM_PER_RESOLUTION_UNIT[unit] * (1 / res_x + 1 / res_y) / 2
+    return mpp if _PLAUSIBLE_MPP[0] <= mpp <= _PLAUSIBLE_MPP[1] else None
+
+
+def rgba_to_rgb_on_white(rgba: np.ndarray) -> np.ndarray:
+    """Composite straight (non-premultiplied) RGBA on white; opaque images take the fast path."""
+    rgb = rgba[..., :3]
+    alpha = rgba[..., 3]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgb)
+    a = alpha[..., None].astype(np.uint32)  # 255 * 255 * 2 overflows uint16
+    return ((rgb * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
+
+
+class Slide:
+    """An open whole-slide image. Use `open_slide()`; close it (or use `with`) when done."""
+
+    def __init__(self, path: str | os.PathLike, fallback_mpp: float | None = None):
+        self.path = Path(path)
+        self.name = self.path.stem
+        _check_is_readable_file(self.path)
+        try:
+            self._osr = openslide.OpenSlide(str(self.path))
+        except _OPENSLIDE_ERRORS as exc:
+            raise SlideError(self.path, _describe_open_error(exc)) from exc
+        try:
+            self.dimensions: tuple[int, int] = tuple(self._osr.dimensions)
+            self.level_count: int = self._osr.level_count
+            self.level_dimensions: tuple[tuple[int, int], ...] = tuple(
+                tuple(d) for d in self._osr.level_dimensions)
+            self.level_downsamples: tuple[float, ...] = tuple(self._osr.level_downsamples)
+            props = dict(self._osr.properties)
+        except _OPENSLIDE_ERRORS as exc:
+            self._osr.close()
+            raise SlideError(self.path, f"unreadable slide metadata: {exc}") from exc
+        if min(self.dimensions) <= 0:
+            self._osr.close()
+            raise SlideError(self.path, f"empty image, level-0 size {self.dimensions}")
+        self.properties = props
+        self.vendor: str = props.get("openslide.vendor", "unknown")
+        mpp = _mpp_from_properties(props)
+        if mpp is not None:
+            self.mpp, self.mpp_source = mpp, "metadata"
+        else:
+            self.mpp = float(fallback_mpp if fallback_mpp is not None else DEFAULT_FALLBACK_MPP)
+            if self.mpp <= 0:
+                self._osr.close()
+                raise WsiError(f"fallback_mpp must be > 0, got {fallback_mpp}")
+            self.mpp_source = "fallback"
+            log.warning("%s: no pixel size in its metadata; assuming %.3f um/px (fallback)",
+                        self.path, self.mpp)
+
+    # -- context manager -------------------------------------------------------------------
+    def __enter__(self) -> "Slide":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._osr.close()
+
+    def __repr__(self) -> str:
+        return (f"Slide({str(self.path)!r}, dimensions={self.dimensions}, levels={self.level_count}, "
+                f"mpp={self.mpp:.3f} ({self.mpp_source}), vendor={self.vendor!r})")
+
+    # -- reads -----------------------------------------------------------------------------
+    def _check_level(self, level: int) -> None:
+        if not 0 <= level < self.level_count:
+            raise WsiError(f"{self.path}: level {level} does not exist "
+                           f"(the slide has levels 0..{self.level_count - 1})")
+
+    def read_region(self, x: int, y: int, w: int, h: int, level: int = 0) -> np.ndarray:
+        """RGB uint8 array [h, w, 3] of the region whose top-left is (x, y) in level-0 pixels,
+        w x h pixels at `level`. Areas outside the slide or transparent are white."""
+        self._check_level(level)
+        if w <= 0 or h <= 0:
+            raise WsiError(f"{self.path}: region size must be positive, got {w}x{h}")
+        try:
+            image = self._osr.read_region((int(x), int(y)), level, (int(w), int(h)))
+        except _OPENSLIDE_ERRORS as exc:
+            raise SlideError(self.path, f"read of {w}x{h} px at ({x}, {y}) level {level} "
+                                        f"failed (corrupt or truncated tile data?): {exc}") from exc
+        return rgba_to_rgb_on_white(np.asarray(image))
+
+    def read_level(self, level: int) -> np.ndarray:
+        """The whole of one pyramid level as RGB uint8 [h, w, 3]."""
+        self._check_level(level)
+        w, h = self.level_dimensions[level]
+        return self.read_region(0, 0, w, h, level)
+
+    def get_best_level_for_downsample(self, downsample: float) -> int:
+        """The finest level whose downsample is <= `downsample` (level 0 when none is)."""
+        return int(self._osr.get_best_level_for_downsample(float(downsample)))
+
+    def thumbnail(self, max_size: int) -> np.ndarray:
+        """RGB uint8 image of the whole slide whose longer side is at most `max_size` px."""
+        scale = max(self.dimensions) / float(max_size)
+        level = self.get_best_level_for_downsample(max(scale, 1.0))
+        image = Image.fromarray(self.read_level(level))
+        image.thumbnail((max_size, max_size), Image.Resampling.BOX)
+        return np.asarray(image)
+
+
+def _check_is_readable_file(path: Path) -> None:
+    """The causes OpenSlide reports badly (or not at all), checked up front for a clear message."""
+    if not path.exists():
+        raise SlideError(path, "no such file")
+    if path.is_dir():
+        raise SlideError(path, "is a directory, not a slide file")
+    if not path.is_file():
+        raise SlideError(path, "not a regular file")
+    if path.stat().st_size == 0:
+        raise SlideError(path, "empty file (0 bytes)")
+    if not os.access(path, os.R_OK):
+        raise SlideError(path, "permission denied")
+
+
+def _describe_open_error(exc: Exception) -> str:
+    if isinstance(exc, openslide.OpenSlideUnsupportedFormatError):
+        return "not a slide format OpenSlide reads (unsupported, corrupt or truncated file)"
+    return f"OpenSlide cannot open it (corrupt or truncated file?): {exc}"
+
+
+def open_slide(path: str | os.PathLike, fallback_mpp: float | None = None) -> Slide:
+    """Open `path` as a slide; raises SlideError naming the file and the cause if it cannot.
+
+    `fallback_mpp` is the pixel size assumed when the slide carries none (default
+    DEFAULT_FALLBACK_MPP, Camelyon16 at 40x); `Slide.mpp_source` then says "fallback".
+    """
+    return Slide(path, fallback_mpp)

@@ -1,0 +1,167 @@
+"""Tissue mask of a slide, computed on a low-resolution level.
+
+The method (HSV saturation, as in CLAM and most Camelyon pipelines, with the artefacts of real
+lymph-node slides removed):
+
+1. saturation S and value V of every pixel;
+2. Otsu threshold on S over the whole image: the foreground (stained tissue, but also ink);
+3. ink removed from it: black marker and dark debris (V <= black_value_max) and blue/green pen
+   (hue between 60 and 240 degrees, i.e. green >= red, with enough saturation: eosin and
+   haematoxylin are both redder than they are green, so H&E never falls in that band);
+4. a second Otsu on S of the pixels left after removing the ink: pen strokes are the most
+   saturated thing on a slide, and on a slide with heavy ink the first threshold falls between
+   ink and everything else and loses pale tissue; without the ink the second threshold separates
+   tissue from glass again. It never goes below `min_saturation`, so an empty slide (glass only,
+   where Otsu would split noise) gives an empty mask;
+5. clean-up with scikit-image: small objects (dust, specks) removed, small holes (nuclei-free
+   lumen, fat) filled, ink removed once more (hole filling must not bring a pen dot back).
+
+Grey scanner-stitching background (flat grey tiles, R = G = B) has no saturation and so never
+passes step 2 or 4, however dark it is.
+
+Speed: a Camelyon16 slide gives a ~3k x 6k mask (18 M pixels). S and V are computed in uint8
+integer arithmetic from max/min of R, G, B (2 bytes per pixel for the intermediate), and Otsu runs
+on a 256-bin histogram (np.bincount) instead of the float64 image: skimage's rgb2hsv would
+allocate 8 x 3 x 18 M bytes and compute a hue we only need as "green >= red". See
+benchmarks/bench_wsi.py for the measured time.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+from skimage import morphology
+from skimage.filters import threshold_otsu
+
+from wsi.errors import WsiError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TissueParams:
+    """Parameters of the tissue mask; saved in the model bundle manifest (`asdict`)."""
+
+    target_downsample: float = 32.0   # level-0 px per mask px (32 ~ 1.25x for a 40x slide)
+    min_mask_side: int = 512           # small slides: use a finer mask so it has this many px
+    black_value_max: int = 50          # V (0..255) at or below this is black ink / debris
+    pen_min_saturation: int = 40       # S (0..255) from which green >= red means pen ink
+    pen_green_minus_red: int = 0       # G - R at or above this (with enough S) is blue/green ink
+    min_saturation: int = 20           # floor of the Otsu thresholds (empty slides stay empty)
+    min_object_um2: float = 20_000.0   # objects smaller than this are dropped (~ 140 um square)
+    min_hole_um2: float = 20_000.0     # holes smaller than this are filled
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TissueParams":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise WsiError(f"unknown tissue parameters: {sorted(unknown)}")
+        return cls(**values)
+
+
+@dataclass
+class TissueMask:
+    """Boolean tissue mask; mask pixel (r, c) covers level-0 px [c*ds, (c+1)*ds) x [r*ds, ...)."""
+
+    mask: np.ndarray      # bool [h, w]
+    downsample: float     # level-0 px per mask px
+    level: int            # pyramid level that was read to compute it
+
+    @property
+    def tissue_fraction(self) -> float:
+        return float(self.mask.mean()) if self.mask.size else 0.0
+
+
+def saturation_value(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """HSV saturation and value as uint8 (0..255), without floating point.
+
+    S = (max - min) / max, scaled to 0..255 and rounded down; V = max. Equal to skimage's
+    rgb2hsv(...)[..., 1:] * 255 within one grey level.
+    """
+    value = rgb.max(axis=-1)
+    chroma = value - rgb.min(axis=-1)          # uint8, no overflow: max >= min
+    sat = np.zeros_like(value)
+    nonzero = value > 0
+    sat[nonzero] = (chroma[nonzero].astype(np.uint16) * 255 // value[nonzero]).astype(np.uint8)
+    return sat, value
+
+
+def otsu_uint8(values: np.ndarray, floor: int = 0) -> int:
+    """Otsu threshold of uint8 values via a 256-bin histogram, at least `floor`.
+
+    Pixels strictly above the threshold are foreground (skimage's convention).
+    """
+    if values.size == 0:
+        return 255
+    hist = np.bincount(values.ravel(), minlength=256)
+    if np.count_nonzero(hist) < 2:      # one grey level: nothing to separate
+        return max(int(values.flat[0]), floor)
+    return max(int(threshold_otsu(hist=(hist, np.arange(256)))), floor)
+
+
+def ink_mask(rgb: np.ndarray, sat: np.ndarray, value: np.ndarray, params: TissueParams) -> np.ndarray:
+    """Black marker / debris and blue-green pen: pixels that are coloured but are not H&E."""
+    black = value <= params.black_value_max
+    green_minus_red = rgb[..., 1].astype(np.int16) - rgb[..., 0]
+    pen = (green_minus_red >= params.pen_green_minus_red) & (sat >= params.pen_min_saturation)
+    return black | pen
+
+
+def tissue_mask_from_rgb(rgb: np.ndarray, params: TissueParams = TissueParams(),
+                         um_per_px: float | None = None) -> np.ndarray:
+    """Boolean tissue mask of an RGB uint8 image (steps 1-5 of the module docstring).
+
+    `um_per_px` is the size of one pixel of `rgb` in microns, used to turn the clean-up areas
+    (um^2) into pixels; without it the image is taken to be at 32 x 0.243 um/px.
+    """
+    if rgb.ndim != 3 or rgb.shape[-1] != 3 or rgb.dtype != np.uint8:
+        raise WsiError(f"tissue mask needs an RGB uint8 image [h, w, 3], got {rgb.dtype} {rgb.shape}")
+    sat, value = saturation_value(rgb)
+    foreground = sat > otsu_uint8(sat, params.min_saturation)
+    ink = ink_mask(rgb, sat, value, params) & foreground
+    # Second Otsu on what is left once the ink is gone (see step 4).
+    threshold = otsu_uint8(sat[~ink], params.min_saturation)
+    tissue = (sat > threshold) & ~ink
+    px_area = (um_per_px if um_per_px else 32 * 0.243) ** 2
+    min_object = max(int(params.min_object_um2 / px_area), 1)
+    min_hole = max(int(params.min_hole_um2 / px_area), 1)
+    # remove_small_objects/holes take `max_size` (remove sizes <= max_size) since skimage 0.26.
+    morphology.remove_small_objects(tissue, max_size=min_object, out=tissue)
+    morphology.remove_small_holes(tissue, max_size=min_hole, out=tissue)
+    tissue &= ~ink
+    return tissue
+
+
+def mask_level_and_size(slide, params: TissueParams) -> tuple[int, tuple[int, int]]:
+    """Which level to read and the mask size (w, h) for `params.target_downsample`.
+
+    The downsample is lowered for small slides so that the shorter side of the mask has
+    `min_mask_side` px; the level read is the coarsest one still at least that fine, resized
+    down to the mask size when the pyramid has no exact match.
+    """
+    width, height = slide.dimensions
+    downsample = max(1.0, min(params.target_downsample, min(width, height) / params.min_mask_side))
+    level = slide.get_best_level_for_downsample(downsample + 1e-6)
+    size = (max(1, round(width / downsample)), max(1, round(height / downsample)))
+    return level, size
+
+
+def compute_tissue_mask(slide, params: TissueParams = TissueParams()) -> TissueMask:
+    """Tissue mask of an open `wsi.slide.Slide`, on a low-resolution level (see module doc)."""
+    level, (mask_w, mask_h) = mask_level_and_size(slide, params)
+    rgb = slide.read_level(level)
+    if (rgb.shape[1], rgb.shape[0]) != (mask_w, mask_h):
+        # BOX = area average: the colour of a mask pixel is the mean of what it covers.
+        rgb = np.asarray(Image.fromarray(rgb).resize((mask_w, mask_h), Image.Resampling.BOX))
+    downsample = slide.dimensions[0] / mask_w
+    mask = tissue_mask_from_rgb(rgb, params, um_per_px=slide.mpp * downsample)
+    log.debug("%s: tissue mask %dx%d from level %d, downsample %.2f, %.1f%% tissue",
+              slide.name, mask_w, mask_h, level, downsample, 100 * mask.mean())
+    return TissueMask(mask=mask, downsample=downsample, level=level)
