@@ -163,12 +163,10 @@ def _package_version(name: str) -> str | None:
         return None
 
 
-def _tissue_params() -> dict[str, Any] | None:
+def _tissue_params() -> dict[str, Any]:
     """The tissue-mask parameters the server must reproduce (wsi.tissue defaults)."""
-    try:
-        from wsi.tissue import TissueParams
-    except ImportError:  # TODO(H3): drop once wsi.tissue has landed in the tree
-        return None
+    from wsi.tissue import TissueParams
+
     return dataclasses.asdict(TissueParams())
 
 

@@ -136,3 +136,35 @@ def log_fit_run(tracking_uri: str, head, val_auc: float | None, threshold: float
         client.log_artifacts(rid, str(folder), artifact_path="head")
     client.set_terminated(rid)
     return rid
+
+
+# ---------------------------------------------------------------------------------------------
+# A small synthetic pyramidal slide (JPEG-tiled generic TIFF, as Camelyon16 ships them)
+
+
+def write_tissue_tiff(path: Path, width: int = 1792, height: int = 1344, seed: int = 0) -> Path:
+    """White glass with an elliptical H&E-coloured tissue piece; 3 levels, 0.243 um/px."""
+    import tifffile
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    inside = ((xx - width / 2) / (0.38 * width)) ** 2 + ((yy - height / 2) / (0.35 * height)) ** 2 < 1
+    pink = np.array([225, 160, 195], np.float32)
+    rgb = np.full((height, width, 3), 242, np.float32)
+    rgb[inside] = pink + rng.normal(0, 18, (int(inside.sum()), 3))
+    image = np.clip(rgb, 0, 255).astype(np.uint8)
+    res = 1e4 / 0.243  # pixels per cm
+    with tifffile.TiffWriter(path) as tif:
+        level = image
+        for _ in range(3):
+            tif.write(level, tile=(256, 256), compression="jpeg", photometric="rgb",
+                      subfiletype=0 if level is image else 1,
+                      resolution=(res, res), resolutionunit="CENTIMETER")
+            level = level[::2, ::2]
+            res /= 2
+    return path
+
+
+@pytest.fixture(scope="session")
+def synthetic_slide(tmp_path_factory) -> Path:
+    return write_tissue_tiff(tmp_path_factory.mktemp("slides") / "synth_001.tif")

@@ -1,0 +1,129 @@
+"""Feature extraction throughput on this machine: `python -m benchmarks.bench_features`.
+
+Three numbers in tiles/s, same tiles, same batch size, same process, median of `--repeats`:
+
+- milroi end to end: `training.features.extract_features` on a synthetic slide (open, tissue
+  mask, grid, background tile reading, ResNet-50 in torch, h5 write);
+- the bare backbone in onnxruntime (the exported backbone.onnx, CPU provider);
+- the bare backbone in torch eager (inference_mode).
+
+Prints a markdown table and writes benchmarks/results/features.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results" / "features.json"
+
+
+def _median_rate(n_tiles: int, repeats: int, fn) -> tuple[float, list[float]]:
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        seconds.append(time.perf_counter() - start)
+    return n_tiles / statistics.median(seconds), seconds
+
+
+def _batches(tiles: np.ndarray, batch_size: int):
+    for i in range(0, len(tiles), batch_size):
+        yield tiles[i:i + batch_size]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiles", type=int, default=64, help="tiles per measurement (64)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--layer", default="pool", choices=["pool", "layer3"])
+    parser.add_argument("--workers", type=int, default=2, help="tile reader threads (2)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    import onnxruntime as ort
+
+    from training.backbone import build_backbone
+    from training.export import export_bundle
+    from training.features import extract_features
+    from training.heads import build_head
+    from wsi.grid import tiles_for_slide
+    from wsi.slide import open_slide
+    from wsi.synth import write_synthetic_slide
+
+    backbone = build_backbone("none", layer=args.layer, seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        slide_path = tmp / "bench_slide.tif"
+        write_synthetic_slide(slide_path, 4096, 4096, seed=0, tumor=True)
+        with open_slide(slide_path) as slide:
+            _, grid = tiles_for_slide(slide, tile_size=224)
+            coords = grid.coords[:args.tiles]
+            tiles = np.stack([slide.read_region(int(x), int(y), 224, 224) for x, y in coords])
+        n = len(tiles)
+        if n < args.tiles:
+            print(f"note: the synthetic slide has only {n} tissue tiles")
+
+        def end_to_end():
+            out = tmp / "h5_files" / "bench_slide.h5"
+            out.unlink(missing_ok=True)
+            extract_features(slide_path, out, backbone, batch_size=args.batch_size,
+                             workers=args.workers, limit_tiles=n, progress=False)
+
+        bundle = export_bundle(tmp / "bundle", backbone,
+                               build_head({"kind": "chowder", "in_dim": backbone.feature_dim}),
+                               parity_tiles=tiles[:4])
+        session = ort.InferenceSession(str(bundle / "backbone.onnx"),
+                                       providers=["CPUExecutionProvider"])
+
+        def onnxruntime_backbone():
+            for batch in _batches(tiles, args.batch_size):
+                session.run(["features"], {"tiles": batch})
+
+        def torch_backbone():
+            with torch.inference_mode():
+                for batch in _batches(tiles, args.batch_size):
+                    backbone(torch.from_numpy(batch))
+
+        # one warm-up pass each (allocators, oneDNN primitive caches), not timed
+        torch_backbone()
+        onnxruntime_backbone()
+        rows = {}
+        for name, fn in (("milroi extract_features (end to end)", end_to_end),
+                         ("backbone, onnxruntime CPU", onnxruntime_backbone),
+                         ("backbone, torch eager", torch_backbone)):
+            rate, seconds = _median_rate(n, args.repeats, fn)
+            rows[name] = {"tiles_per_s": round(rate, 2),
+                          "seconds": [round(s, 3) for s in seconds]}
+
+    result = {
+        "benchmark": "features", "tiles": n, "batch_size": args.batch_size,
+        "repeats": args.repeats, "layer": args.layer, "weights": "none",
+        "tile_reader_workers": args.workers, "results": rows,
+        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "processor": platform.processor() or platform.machine(),
+                    "python": platform.python_version()},
+        "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"\nResNet-50 ({args.layer}) features, {n} tiles of 224 px, batch {args.batch_size}, "
+          f"median of {args.repeats}, {os.cpu_count()} CPUs\n")
+    print("| path | tiles/s |\n|---|---:|")
+    for name, row in rows.items():
+        print(f"| {name} | {row['tiles_per_s']:.1f} |")
+    print(f"\nJSON: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
