@@ -247,7 +247,12 @@ def evaluate_run(run_id: str, features_dir: str | Path, labels_path: str | Path,
                               "predictions": [{"slide": n, "label": int(t), "score": float(s)}
                                               for n, t, s in zip(names, y, p)]}
     if patch_scores:
-        result["patch_auc"] = patch_auc(np.concatenate(patch_scores), np.concatenate(patch_tgts))
+        targets = np.concatenate(patch_tgts)
+        if {0, 1} <= set(np.unique(targets).tolist()):
+            result["patch_auc"] = patch_auc(np.concatenate(patch_scores), targets)
+        else:
+            log.warning("patch AUC left out: the scored tiles are not both tumour and normal")
+    if sum(h.n_lesions for h in hits):
         f = froc(hits)
         result["froc"] = {"score": f["score"], "sensitivity_at": f["sensitivity_at"],
                           "n_lesions": f["n_lesions"]}
@@ -263,6 +268,7 @@ def _log_evaluation(run_id: str, tracking_uri: str, result: dict[str, Any]) -> N
     metrics = {f"test_{k}": v for k, v in result["slide"].items()}
     if "patch_auc" in result:
         metrics["test_patch_auc"] = result["patch_auc"]
+    if "froc" in result:
         metrics["test_froc"] = result["froc"]["score"]
     for k, v in metrics.items():
         client.log_metric(run_id, k, float(v))
@@ -290,6 +296,7 @@ def format_result(result: dict[str, Any]) -> str:
              f"{s['n_slides']} slides"]
     if "patch_auc" in result:
         lines.append(f"patch AUC      {result['patch_auc']:.3f}")
+    if "froc" in result:
         at = ", ".join(f"{k:g}: {v:.3f}" for k, v in result["froc"]["sensitivity_at"].items())
         lines.append(f"lesion FROC    {result['froc']['score']:.3f} "
                      f"({result['froc']['n_lesions']} lesions; sensitivity at FP/slide {at})")

@@ -97,3 +97,26 @@ def test_froc_missed_lesions_lower_the_score():
                           lesions)
     assert froc([perfect])["score"] == pytest.approx(1.0)
     assert isinstance(perfect, SlideHits)
+
+
+def test_evaluate_command_scores_a_fit_run(bag_dataset, tmp_path, capsys):
+    import mlflow
+
+    from training.cli import main as train_main
+
+    features_dir, labels = bag_dataset
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert train_main(["fit", str(features_dir), "--labels", str(labels), "--head", "abmil",
+                       "--folds", "1", "--epochs", "8", "--lr", "3e-3", "--tracking-uri", uri,
+                       "--head-config", '{"hidden": [32], "attn_dim": 16}']) == 0
+    run_id = capsys.readouterr().out.strip().splitlines()[-1].split("=", 1)[1]
+    assert train_main(["evaluate", run_id, "--features", str(features_dir), "--labels",
+                       str(labels), "--tracking-uri", uri, "--bootstrap", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "slide AUC" in out and "20 slides" in out
+    metrics = mlflow.MlflowClient(uri).get_run(run_id).data.metrics
+    assert metrics["test_n_slides"] == 20 and metrics["test_auc"] > 0.9
+    assert metrics["test_auc_ci_low"] <= metrics["test_auc"] <= metrics["test_auc_ci_high"]
+    assert train_main(["evaluate", "0123456789abcdef", "--features", str(features_dir),
+                       "--labels", str(labels), "--tracking-uri", uri]) == 1
+    assert "no MLflow run" in capsys.readouterr().err
