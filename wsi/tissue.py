@@ -13,8 +13,9 @@ lymph-node slides removed):
    ink and everything else and loses pale tissue; without the ink the second threshold separates
    tissue from glass again. It never goes below `min_saturation`, so an empty slide (glass only,
    where Otsu would split noise) gives an empty mask;
-5. clean-up with scikit-image: small objects (dust, specks) removed, small holes (nuclei-free
-   lumen, fat) filled, ink removed once more (hole filling must not bring a pen dot back).
+5. clean-up with scikit-image: small objects (dust, specks) removed, small holes (lumen, fat)
+   filled, with the ink counted as tissue meanwhile (a pen stroke across tissue must not cut it
+   into small pieces) and cut out again at the end.
 
 Grey scanner-stitching background (flat grey tiles, R = G = B) has no saturation and so never
 passes step 2 or 4, however dark it is.
@@ -51,8 +52,8 @@ class TissueParams:
     pen_min_saturation: int = 40       # S (0..255) from which green >= red means pen ink
     pen_green_minus_red: int = 0       # G - R at or above this (with enough S) is blue/green ink
     min_saturation: int = 20           # floor of the Otsu thresholds (empty slides stay empty)
-    min_object_um2: float = 20_000.0   # objects smaller than this are dropped (~ 140 um square)
-    min_hole_um2: float = 20_000.0     # holes smaller than this are filled
+    min_object_um2: float = 10_000.0   # objects smaller than this are dropped (~ 100 um square)
+    min_hole_um2: float = 10_000.0     # holes smaller than this are filled
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -132,11 +133,14 @@ def tissue_mask_from_rgb(rgb: np.ndarray, params: TissueParams = TissueParams(),
     px_area = (um_per_px if um_per_px else 32 * 0.243) ** 2
     min_object = max(int(params.min_object_um2 / px_area), 1)
     min_hole = max(int(params.min_hole_um2 / px_area), 1)
+    # Ink counts as tissue during the clean-up, then is cut out again: a pen stroke across a
+    # tissue piece must neither split it into "small objects" nor leave a "hole" to fill.
     # remove_small_objects/holes take `max_size` (remove sizes <= max_size) since skimage 0.26.
-    morphology.remove_small_objects(tissue, max_size=min_object, out=tissue)
-    morphology.remove_small_holes(tissue, max_size=min_hole, out=tissue)
-    tissue &= ~ink
-    return tissue
+    cleaned = tissue | ink
+    morphology.remove_small_objects(cleaned, max_size=min_object, out=cleaned)
+    morphology.remove_small_holes(cleaned, max_size=min_hole, out=cleaned)
+    cleaned &= ~ink
+    return cleaned
 
 
 def mask_level_and_size(slide, params: TissueParams) -> tuple[int, tuple[int, int]]:
