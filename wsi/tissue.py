@@ -5,9 +5,9 @@ lymph-node slides removed):
 
 1. saturation S and value V of every pixel;
 2. Otsu threshold on S over the whole image: the foreground (stained tissue, but also ink);
-3. ink removed from it: black marker and dark debris (V <= black_value_max) and blue/green pen
-   (hue between 60 and 240 degrees, i.e. green >= red, with enough saturation: eosin and
-   haematoxylin are both redder than they are green, so H&E never falls in that band);
+3. ink removed from it: black marker and dark debris (V <= black_value_max, anywhere) and
+   blue/green pen in the foreground (hue between 60 and 240 degrees, i.e. green >= red, with
+   enough saturation: eosin and haematoxylin are both redder than green, so H&E never is);
 4. a second Otsu on S of the pixels left after removing the ink: pen strokes are the most
    saturated thing on a slide, and on a slide with heavy ink the first threshold falls between
    ink and everything else and loses pale tissue; without the ink the second threshold separates
@@ -107,12 +107,14 @@ def otsu_uint8(values: np.ndarray, floor: int = 0) -> int:
     return max(int(threshold_otsu(hist=(hist, np.arange(256)))), floor)
 
 
-def ink_mask(rgb: np.ndarray, sat: np.ndarray, value: np.ndarray, params: TissueParams) -> np.ndarray:
-    """Black marker / debris and blue-green pen: pixels that are coloured but are not H&E."""
+def ink_mask(rgb: np.ndarray, sat: np.ndarray, value: np.ndarray, foreground: np.ndarray,
+             params: TissueParams) -> np.ndarray:
+    """Black marker / debris (anywhere: dark pixels can have any saturation) and blue-green pen
+    (searched in the first-pass foreground only: ink is saturated, glass noise is not)."""
     black = value <= params.black_value_max
     green_minus_red = rgb[..., 1].astype(np.int16) - rgb[..., 0]
     pen = (green_minus_red >= params.pen_green_minus_red) & (sat >= params.pen_min_saturation)
-    return black | pen
+    return black | (pen & foreground)
 
 
 def tissue_mask_from_rgb(rgb: np.ndarray, params: TissueParams = TissueParams(),
@@ -126,7 +128,7 @@ def tissue_mask_from_rgb(rgb: np.ndarray, params: TissueParams = TissueParams(),
         raise WsiError(f"tissue mask needs an RGB uint8 image [h, w, 3], got {rgb.dtype} {rgb.shape}")
     sat, value = saturation_value(rgb)
     foreground = sat > otsu_uint8(sat, params.min_saturation)
-    ink = ink_mask(rgb, sat, value, params) & foreground
+    ink = ink_mask(rgb, sat, value, foreground, params)
     # Second Otsu on what is left once the ink is gone (see step 4).
     threshold = otsu_uint8(sat[~ink], params.min_saturation)
     tissue = (sat > threshold) & ~ink
