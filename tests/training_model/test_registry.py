@@ -16,7 +16,7 @@ from training.heads import build_head
 from training.registry import resolve_model_uri, validation_auc
 from wsi.errors import WsiError
 
-from .conftest import log_fit_run
+from .conftest import CMU_SMALL, log_fit_run
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def exported(mlflow_server, trained_head, real_tiles, tmp_path_factory):
     rid = log_fit_run(mlflow_server, trained_head, val_auc=0.80)
     out = tmp_path_factory.mktemp("export") / "bundle"
     registered = export_run(rid, "milroi-test", alias="champion", tracking_uri=mlflow_server,
-                            out_dir=out)
+                            out_dir=out, parity_slide=CMU_SMALL)  # parity on real tissue tiles
     return rid, registered
 
 
@@ -57,6 +57,7 @@ def test_registered_bundle_downloads_and_runs(exported, mlflow_server, real_tile
     assert manifest["threshold"] == pytest.approx(0.42)  # from the run, not the 0.5 default
     assert manifest["metrics"]["val_auc"] == pytest.approx(0.80)
     assert manifest["fingerprint"] == "f" * 64
+    assert manifest["parity"]["features"] <= 1e-4 and manifest["parity"]["patch_scores"] <= 1e-5
     bb = ort.InferenceSession(str(local / "backbone.onnx"), providers=["CPUExecutionProvider"])
     head = ort.InferenceSession(str(local / "head.onnx"), providers=["CPUExecutionProvider"])
     scores = head.run(["patch_scores"], {"features": bb.run(None, {"tiles": real_tiles[:2]})[0]})[0]
