@@ -1,0 +1,605 @@
+"""Python client of the milroi scoring service (`milroi.v1.SlideScoring`) and `milroi-serve client`.
+
+`ScoringClient` wraps one synchronous gRPC channel:
+
+- `score_slide(path)` streams one slide: the returned `SlideScoringStream` already holds the
+  `header`, iterates over `ScoreChunk`s (numpy x, y, score) as the server computes them, and has
+  the `summary` (slide score, label, ROI polygons as shapely Polygons, mpp) once exhausted;
+  `score_slide_all(path)` collects all of it into one `SlideResult`;
+- `score_tiles(tiles)` scores uint8 [N, 224, 224, 3] tiles the caller read itself;
+- `get_model()` describes the served model; `wait_until_serving()` polls grpc.health.v1.
+
+Every call has a deadline (`timeout`, seconds, for the whole call including retries), carries the
+bearer token when one is given, and retries with exponential backoff on UNAVAILABLE only, and
+only until the first response has arrived: a stream that broke after it delivered scores is
+never replayed, so a caller never sees a patch twice. Every failure is a `ScoringError` with the
+gRPC code and the server's message.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence, TypeVar
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from shapely.geometry import Polygon
+
+from milroi.v1 import scoring_pb2, scoring_pb2_grpc
+from wsi.errors import WsiError
+
+log = logging.getLogger(__name__)
+
+# Summaries with many ROI polygons and manifests can exceed gRPC's 4 MiB receive default.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# Tiles per ScoreTiles request: 16 x 224 x 224 x 3 bytes = 2.4 MB, under the servers' 4 MiB default.
+DEFAULT_TILE_BATCH = 16
+_BACKOFF_INITIAL_S = 0.5
+_BACKOFF_MAX_S = 8.0
+
+T = TypeVar("T")
+
+
+class ScoringError(WsiError):
+    """A failed call to the scoring service: the gRPC status code and the server's message."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, *, target: str = "", method: str = "",
+                 attempts: int = 1):
+        self.code = code
+        self.message = message
+        self.target = target
+        self.method = method
+        self.attempts = attempts  # calls made, retries included
+        where = f"{method} on {target}" if target else method
+        super().__init__(f"{where} failed: {code.name}: {message}")
+
+    @classmethod
+    def from_rpc(cls, exc: grpc.RpcError, target: str, method: str, attempts: int) -> "ScoringError":
+        code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        return cls(code or grpc.StatusCode.UNKNOWN, details or "", target=target, method=method,
+                   attempts=attempts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain results (no protobuf types leak out of this module)
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    version: str
+    alias: str = ""
+    run_id: str = ""
+
+    @classmethod
+    def from_proto(cls, ref: scoring_pb2.ModelRef) -> "ModelRef":
+        return cls(ref.name, ref.version, ref.alias, ref.run_id)
+
+
+@dataclass(frozen=True)
+class SlideHeader:
+    slide_path: str
+    width: int
+    height: int
+    level_count: int
+    mpp: float
+    mpp_source: str
+    tile_size: int
+    tile_level: int
+    tile_count: int
+    model: ModelRef
+
+    @classmethod
+    def from_proto(cls, h: scoring_pb2.SlideHeader) -> "SlideHeader":
+        return cls(h.slide_path, h.width, h.height, h.level_count, h.mpp, h.mpp_source,
+                   h.tile_size, h.tile_level, h.tile_count, ModelRef.from_proto(h.model))
+
+
+@dataclass(frozen=True)
+class ScoreChunk:
+    """Scores of consecutive patches in grid order, starting at patch index `offset`."""
+    offset: int
+    x: np.ndarray      # int64 [n], level-0 top-left corners
+    y: np.ndarray      # int64 [n]
+    score: np.ndarray  # float32 [n], tumour probability
+
+    @property
+    def coords(self) -> np.ndarray:
+        return np.column_stack([self.x, self.y])
+
+    def __len__(self) -> int:
+        return len(self.score)
+
+
+@dataclass(frozen=True)
+class Roi:
+    """A tumour region: a polygon in level-0 pixels with its area and patch-score statistics."""
+    polygon: Polygon
+    area_um2: float
+    max_score: float
+    mean_score: float
+
+
+@dataclass(frozen=True)
+class SlideSummary:
+    slide_score: float
+    label: str
+    threshold: float
+    tile_count: int
+    rois: list[Roi]
+    mpp: float            # pixel size of the ROI coordinates, um/px
+    roi_threshold: float
+    timings: dict[str, float]
+    model: ModelRef
+
+    @property
+    def polygons(self) -> list[Polygon]:
+        return [roi.polygon for roi in self.rois]
+
+    @classmethod
+    def from_proto(cls, s: scoring_pb2.SlideSummary) -> "SlideSummary":
+        rois = [Roi(_polygon_from_proto(p), p.area_um2, p.max_score, p.mean_score) for p in s.rois]
+        timings = {f.name: getattr(s.timings, f.name) for f in s.timings.DESCRIPTOR.fields}
+        return cls(s.slide_score, s.label, s.threshold, s.tile_count, rois, s.mpp,
+                   s.roi_threshold, timings, ModelRef.from_proto(s.model))
+
+    def to_dict(self) -> dict:
+        """JSON-ready: polygons as GeoJSON-like coordinate lists (level-0 px)."""
+        out = asdict(self)
+        out["rois"] = [{"exterior": [list(c) for c in roi.polygon.exterior.coords],
+                        "holes": [[list(c) for c in ring.coords] for ring in roi.polygon.interiors],
+                        "area_um2": roi.area_um2, "max_score": roi.max_score,
+                        "mean_score": roi.mean_score} for roi in self.rois]
+        return out
+
+
+@dataclass(frozen=True)
+class SlideResult:
+    """Everything the server sent for one slide, the patches concatenated in grid order."""
+    header: SlideHeader
+    coords: np.ndarray  # int64 [N, 2] level-0 (x, y)
+    scores: np.ndarray  # float32 [N]
+    summary: SlideSummary
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    model: ModelRef
+    head: str
+    tile_size: int
+    tile_level: int
+    feature_dim: int
+    threshold: float
+    roi_threshold: float
+    provider: str
+    providers: list[str]
+    manifest: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_proto(cls, m: scoring_pb2.ModelInfo) -> "ServedModel":
+        manifest = json.loads(m.manifest_json) if m.manifest_json else {}
+        return cls(ModelRef.from_proto(m.model), m.head, m.tile_size, m.tile_level,
+                   m.feature_dim, m.threshold, m.roi_threshold, m.provider, list(m.providers),
+                   manifest)
+
+
+def _polygon_from_proto(p: scoring_pb2.Polygon) -> Polygon:
+    def ring(r: scoring_pb2.Ring) -> np.ndarray:
+        return np.column_stack([np.asarray(r.x, np.float64), np.asarray(r.y, np.float64)])
+
+    return Polygon(ring(p.exterior), [ring(h) for h in p.holes])
+
+
+# ---------------------------------------------------------------------------------------------
+# The streaming result of one slide
+
+
+class SlideScoringStream:
+    """One ScoreSlide call in progress: `.header` now, chunks by iteration, `.summary` at the end.
+
+    Use it as a context manager (or call `cancel()`) when you may stop early: that cancels the
+    call, and the server stops reading and scoring the slide.
+    """
+
+    def __init__(self, call, first: scoring_pb2.ScoreSlideResponse, error: Callable):
+        self._call = call
+        self._error = error  # grpc.RpcError -> ScoringError
+        if first.WhichOneof("kind") != "header":
+            call.cancel()
+            raise error(None, f"stream began with {first.WhichOneof('kind')!r}, not a header")
+        self.header = SlideHeader.from_proto(first.header)
+        self._summary: SlideSummary | None = None
+        self._received = 0
+
+    @property
+    def summary(self) -> SlideSummary:
+        if self._summary is None:
+            raise RuntimeError("the summary arrives after the last chunk: exhaust the stream first")
+        return self._summary
+
+    @property
+    def received(self) -> int:
+        """Patches received so far."""
+        return self._received
+
+    def __iter__(self) -> Iterator[ScoreChunk]:
+        try:
+            for response in self._call:
+                kind = response.WhichOneof("kind")
+                if kind == "patches":
+                    yield self._chunk(response.patches)
+                elif kind == "summary":
+                    self._summary = SlideSummary.from_proto(response.summary)
+                else:
+                    raise self._error(None, f"unexpected {kind!r} message in the stream")
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+        if self._summary is None:
+            raise self._error(None, "stream ended without a summary")
+        if self._summary.tile_count != self._received:
+            raise self._error(None, f"summary counts {self._summary.tile_count} tiles but "
+                                    f"{self._received} scores arrived")
+
+    def _chunk(self, p: scoring_pb2.PatchScores) -> ScoreChunk:
+        n = len(p.score)
+        if p.offset != self._received or len(p.x) != n or len(p.y) != n:
+            raise self._error(None, f"malformed chunk at offset {p.offset} (expected offset "
+                                    f"{self._received}, {n} scores, {len(p.x)} x, {len(p.y)} y)")
+        self._received += n
+        return ScoreChunk(p.offset, np.asarray(p.x, np.int64), np.asarray(p.y, np.int64),
+                          np.asarray(p.score, np.float32))
+
+    def collect(self, progress: Callable[[int], None] | None = None) -> SlideResult:
+        """Read the rest of the stream into one `SlideResult`; `progress(n)` after each chunk."""
+        xs, ys, scores = [], [], []
+        for chunk in self:
+            xs.append(chunk.x), ys.append(chunk.y), scores.append(chunk.score)
+            if progress is not None:
+                progress(len(chunk))
+        coords = np.column_stack([np.concatenate(xs), np.concatenate(ys)]) if xs \
+            else np.zeros((0, 2), np.int64)
+        return SlideResult(self.header, coords,
+                           np.concatenate(scores) if scores else np.zeros(0, np.float32),
+                           self.summary)
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+    def __enter__(self) -> "SlideScoringStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._summary is None:
+            self.cancel()
+
+
+# ---------------------------------------------------------------------------------------------
+# The client
+
+
+class ScoringClient:
+    """A synchronous client of one milroi server. Thread-safe; use as a context manager.
+
+    target   "host:port"
+    token    bearer token sent as `authorization` metadata on every call
+    tls_ca   PEM file of the CA that signed the server certificate (TLS); `tls=True` without it
+             uses the system roots; neither: plaintext
+    timeout  default deadline of a call in seconds (None: no deadline), retries included
+    retries  extra attempts after UNAVAILABLE, with exponential backoff (0.5 s, 1 s, 2 s, ...)
+    """
+
+    def __init__(self, target: str, *, token: str | None = None, tls_ca: str | Path | None = None,
+                 tls: bool = False, timeout: float | None = None, retries: int = 3):
+        self.target = target
+        self.timeout = timeout
+        self.retries = retries
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+        if tls_ca is not None or tls:
+            try:
+                roots = Path(tls_ca).read_bytes() if tls_ca is not None else None
+            except OSError as exc:
+                raise WsiError(f"cannot read TLS CA file {tls_ca}: {exc.strerror or exc}") from None
+            creds = grpc.ssl_channel_credentials(root_certificates=roots)
+            self._channel = grpc.secure_channel(target, creds, options=options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=options)
+        self._stub = scoring_pb2_grpc.SlideScoringStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    # -- lifecycle
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "ScoringClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- retry and deadline machinery
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        timeout = self.timeout if timeout is None else timeout
+        return None if timeout is None else time.monotonic() + timeout
+
+    @staticmethod
+    def _remaining(deadline: float | None) -> float | None:
+        return None if deadline is None else max(deadline - time.monotonic(), 0.0)
+
+    def _with_retries(self, method: str, attempt: Callable[[float | None], T],
+                      deadline: float | None) -> tuple[T, int]:
+        """Run `attempt(timeout)` until it returns, retrying UNAVAILABLE with backoff.
+
+        `attempt` must return once the first response has arrived, so that a retry can never
+        replay results the caller has already seen. Returns (result, attempts made).
+        """
+        backoff = _BACKOFF_INITIAL_S
+        for attempt_no in range(1, self.retries + 2):
+            try:
+                return attempt(self._remaining(deadline)), attempt_no
+            except grpc.RpcError as exc:
+                code = exc.code() if hasattr(exc, "code") else None
+                last_try = attempt_no > self.retries
+                # Jitter keeps many clients of a restarting server from retrying in lockstep.
+                pause = backoff * random.uniform(0.8, 1.2)
+                remaining = self._remaining(deadline)
+                if code != grpc.StatusCode.UNAVAILABLE or last_try or \
+                        (remaining is not None and remaining <= pause):
+                    raise ScoringError.from_rpc(exc, self.target, method, attempt_no) from None
+                log.warning("%s on %s: UNAVAILABLE (%s); retry %d/%d in %.1f s", method,
+                            self.target, exc.details(), attempt_no, self.retries, pause)
+                time.sleep(pause)
+                backoff = min(backoff * 2, _BACKOFF_MAX_S)
+        raise AssertionError("unreachable")
+
+    def _error_factory(self, method: str, attempts: int) -> Callable:
+        def make(exc: grpc.RpcError | None, message: str = "") -> ScoringError:
+            if exc is not None:
+                return ScoringError.from_rpc(exc, self.target, method, attempts)
+            return ScoringError(grpc.StatusCode.INTERNAL, f"protocol error: {message}",
+                                target=self.target, method=method, attempts=attempts)
+        return make
+
+    # -- RPCs
+
+    def get_model(self, *, timeout: float | None = None) -> ServedModel:
+        """The model the server is serving now."""
+        info, _ = self._with_retries(
+            "GetModel", lambda t: self._stub.GetModel(scoring_pb2.GetModelRequest(), timeout=t,
+                                                      metadata=self._metadata),
+            self._deadline(timeout))
+        return ServedModel.from_proto(info)
+
+    def score_slide(self, slide_path: str, *, chunk_size: int = 0, min_tissue: float | None = None,
+                    roi_threshold: float | None = None,
+                    timeout: float | None = None) -> SlideScoringStream:
+        """Start scoring a slide (path relative to the server's slide root); returns once the
+        header has arrived. The deadline covers the whole stream."""
+        request = scoring_pb2.ScoreSlideRequest(slide_path=str(slide_path), chunk_size=chunk_size)
+        if min_tissue is not None:
+            request.min_tissue = min_tissue
+        if roi_threshold is not None:
+            request.roi_threshold = roi_threshold
+
+        def attempt(t):
+            call = self._stub.ScoreSlide(request, timeout=t, metadata=self._metadata)
+            try:
+                return call, next(call)
+            except StopIteration:
+                raise ScoringError(grpc.StatusCode.INTERNAL, "protocol error: empty stream",
+                                   target=self.target, method="ScoreSlide") from None
+
+        (call, first), attempts = self._with_retries("ScoreSlide", attempt,
+                                                     self._deadline(timeout))
+        return SlideScoringStream(call, first, self._error_factory("ScoreSlide", attempts))
+
+    def score_slide_all(self, slide_path: str, **kwargs) -> SlideResult:
+        """Score a slide and return every patch score, the header and the summary."""
+        with self.score_slide(slide_path, **kwargs) as stream:
+            return stream.collect()
+
+    def score_tiles(self, tiles: np.ndarray, coords: np.ndarray | None = None, *,
+                    batch_size: int = DEFAULT_TILE_BATCH,
+                    timeout: float | None = None) -> np.ndarray:
+        """Tumour probability (float32 [N]) of uint8 RGB tiles [N, size, size, 3]."""
+        tiles = np.ascontiguousarray(tiles)
+        if tiles.dtype != np.uint8 or tiles.ndim != 4 or tiles.shape[3] != 3 \
+                or tiles.shape[1] != tiles.shape[2]:
+            raise WsiError(f"tiles must be uint8 [N, size, size, 3], got {tiles.dtype} "
+                           f"{list(tiles.shape)}")
+        if coords is not None:
+            coords = np.asarray(coords, np.int64).reshape(len(tiles), 2)
+        n, size = len(tiles), tiles.shape[1]
+        if n == 0:
+            return np.zeros(0, np.float32)
+        starts = range(0, n, batch_size)
+
+        def requests():
+            for start in starts:
+                block = slice(start, start + batch_size)
+                request = scoring_pb2.ScoreTilesRequest(
+                    tiles=tiles[block].tobytes(), count=len(tiles[block]), tile_size=size)
+                if coords is not None:
+                    request.x.extend(coords[block, 0].tolist())
+                    request.y.extend(coords[block, 1].tolist())
+                yield request
+
+        def attempt(t):
+            call = self._stub.ScoreTiles(requests(), timeout=t, metadata=self._metadata)
+            return call, next(call)
+
+        (call, first), attempts = self._with_retries("ScoreTiles", attempt,
+                                                     self._deadline(timeout))
+        error = self._error_factory("ScoreTiles", attempts)
+        scores = np.empty(n, np.float32)
+        try:
+            for batch_index, response in enumerate(_chain(first, call)):
+                start = batch_index * batch_size
+                expected = min(batch_size, n - start)
+                if response.batch_index != batch_index or len(response.score) != expected:
+                    call.cancel()
+                    raise error(None, f"response {response.batch_index} with "
+                                      f"{len(response.score)} scores, expected batch {batch_index} "
+                                      f"of {expected}")
+                scores[start:start + expected] = response.score
+        except grpc.RpcError as exc:
+            raise error(exc) from None
+        if batch_index != len(starts) - 1:
+            raise error(None, f"{batch_index + 1} responses for {len(starts)} batches")
+        return scores
+
+    def wait_until_serving(self, timeout: float = 30.0, service: str = "") -> None:
+        """Block until the server's health service reports SERVING for `service` ("" = the
+        server as a whole); raises ScoringError(DEADLINE_EXCEEDED) after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        request = health_pb2.HealthCheckRequest(service=service)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ScoringError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                   f"not serving after {timeout:g} s (last: {last})",
+                                   target=self.target, method="Health.Check")
+            try:
+                # wait_for_ready: wait for the connection instead of failing while it is down.
+                reply = self._health.Check(request, timeout=min(remaining, 5.0),
+                                           wait_for_ready=True, metadata=self._metadata)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                last = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            except grpc.RpcError as exc:
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE,
+                                      grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise ScoringError.from_rpc(exc, self.target, "Health.Check", 1) from None
+                last = f"{exc.code().name}: {exc.details()}"
+            time.sleep(min(0.2, max(deadline - time.monotonic(), 0)))
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+# ---------------------------------------------------------------------------------------------
+# `milroi-serve client score SLIDE` / `milroi-serve client model`
+
+
+def add_connection_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """--server, --token-file, --tls-ca, --timeout, --retries (shared with `milroi-serve score`)."""
+    parser.add_argument("--server", required=required, metavar="HOST:PORT",
+                        help="address of a running `milroi-serve serve`")
+    parser.add_argument("--token-file", type=Path,
+                        help="file holding the bearer token the server expects")
+    parser.add_argument("--tls-ca", type=Path, help="CA certificate (PEM) of a TLS server")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="deadline of one call in seconds (default: none)")
+    parser.add_argument("--retries", type=int, default=3,
+                        help="retries while the server is UNAVAILABLE (default 3)")
+
+
+def client_from_args(args: argparse.Namespace) -> ScoringClient:
+    token = None
+    if args.token_file is not None:
+        try:
+            token = args.token_file.read_text().strip()
+        except OSError as exc:
+            raise WsiError(f"cannot read token file {args.token_file}: "
+                           f"{exc.strerror or exc}") from None
+        if not token:
+            raise WsiError(f"token file {args.token_file} is empty")
+    return ScoringClient(args.server, token=token, tls_ca=args.tls_ca, timeout=args.timeout,
+                         retries=args.retries)
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    score = actions.add_parser("score", help="score one slide through a running server")
+    score.add_argument("slide", help="slide path relative to the server's slide root")
+    add_connection_arguments(score)
+    score.add_argument("--chunk-size", type=int, default=0,
+                       help="patches per streamed message (default: the server's)")
+    score.add_argument("--min-tissue", type=float, default=None,
+                       help="minimum tissue fraction of a tile (default: the model's)")
+    score.add_argument("--roi-threshold", type=float, default=None,
+                       help="patch score that makes a tile part of a tumour ROI "
+                            "(default: the model's)")
+    score.add_argument("--out", type=Path,
+                       help="write the per-slide outputs (patch CSV, GeoJSON, heatmap, "
+                            "Spatiopath JSON) to this folder; needs the slide file locally")
+    score.add_argument("--local-slide", type=Path,
+                       help="local copy of the slide for --out (default: SLIDE as a local path)")
+    score.add_argument("--json", action="store_true",
+                       help="print the header and summary as JSON on stdout")
+    model = actions.add_parser("model", help="print the model the server is serving")
+    add_connection_arguments(model)
+    model.add_argument("--json", action="store_true", help="print as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    with client_from_args(args) as client:
+        if args.action == "model":
+            return _run_model(client, args)
+        return _run_score(client, args)
+
+
+def _run_model(client: ScoringClient, args) -> int:
+    model = client.get_model()
+    if args.json:
+        print(json.dumps(asdict(model), indent=2))
+        return 0
+    m = model.model
+    print(f"model      {m.name} version {m.version}" + (f" (@{m.alias})" if m.alias else ""))
+    print(f"run        {m.run_id or '-'}")
+    print(f"head       {model.head}, {model.feature_dim}-d features, tile {model.tile_size} px "
+          f"at level {model.tile_level}")
+    print(f"thresholds slide {model.threshold:g}, ROI {model.roi_threshold:g}")
+    print(f"provider   {model.provider} (of {', '.join(model.providers)})")
+    return 0
+
+
+def _run_score(client: ScoringClient, args) -> int:
+    from tqdm import tqdm
+
+    local_slide = None
+    if args.out is not None:
+        local_slide = args.local_slide or Path(args.slide)
+        if not local_slide.is_file():  # fail before the server spends time on the slide
+            raise WsiError(f"--out needs the slide locally: {local_slide} is not a file "
+                           "(give --local-slide)")
+    with client.score_slide(args.slide, chunk_size=args.chunk_size, min_tissue=args.min_tissue,
+                            roi_threshold=args.roi_threshold) as stream:
+        h = stream.header
+        log.info("%s: %d x %d px, %.3f um/px (%s), %d tiles, model %s v%s", h.slide_path,
+                 h.width, h.height, h.mpp, h.mpp_source, h.tile_count, h.model.name,
+                 h.model.version)
+        with tqdm(total=h.tile_count, unit="tile", desc=Path(h.slide_path).name,
+                  file=sys.stderr, disable=None) as bar:
+            result = stream.collect(progress=bar.update)
+    if args.out is not None:
+        from wsi.outputs import write_slide_outputs
+        from wsi.slide import open_slide
+
+        with open_slide(local_slide) as slide:
+            paths = write_slide_outputs(args.out, slide, result.coords, result.scores,
+                                        h.tile_size, result.summary.roi_threshold)
+        log.info("outputs: %s", ", ".join(str(p) for p in paths.values()))
+    s = result.summary
+    if args.json:
+        print(json.dumps({"header": asdict(h), "summary": s.to_dict()}, indent=2))
+    else:
+        print(f"{h.slide_path}: {s.label} (score {s.slide_score:.4f}, threshold {s.threshold:g}), "
+              f"{s.tile_count} tiles, {len(s.rois)} ROI(s) at patch score >= "
+              f"{s.roi_threshold:g}, {s.timings.get('total_s', 0):.1f} s, "
+              f"model {s.model.name} v{s.model.version}")
+    return 0
