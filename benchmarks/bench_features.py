@@ -47,6 +47,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--layer", default="pool", choices=["pool", "layer3"])
     parser.add_argument("--workers", type=int, default=2, help="tile reader threads (2)")
+    parser.add_argument("--slide", type=Path, default=None,
+                        help="measure on this slide instead of a wsi.synth synthetic one")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
@@ -58,13 +60,17 @@ def main(argv=None) -> int:
     from training.heads import build_head
     from wsi.grid import tiles_for_slide
     from wsi.slide import open_slide
-    from wsi.synth import write_synthetic_slide
 
     backbone = build_backbone("none", layer=args.layer, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        slide_path = tmp / "bench_slide.tif"
-        write_synthetic_slide(slide_path, 4096, 4096, seed=0, tumor=True)
+        if args.slide is None:
+            from wsi.synth import write_synthetic_slide
+
+            slide_path = tmp / "bench_slide.tif"
+            write_synthetic_slide(slide_path, 4096, 4096, seed=0, tumor=True)
+        else:
+            slide_path = args.slide
         with open_slide(slide_path) as slide:
             _, grid = tiles_for_slide(slide, tile_size=224)
             coords = grid.coords[:args.tiles]
@@ -106,7 +112,7 @@ def main(argv=None) -> int:
                           "seconds": [round(s, 3) for s in seconds]}
 
     result = {
-        "benchmark": "features", "tiles": n, "batch_size": args.batch_size,
+        "benchmark": "features", "slide": str(args.slide or "wsi.synth 4096 x 4096"), "tiles": n, "batch_size": args.batch_size,
         "repeats": args.repeats, "layer": args.layer, "weights": "none",
         "tile_reader_workers": args.workers, "results": rows,
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
