@@ -1,0 +1,151 @@
+"""Slide-core benchmark: tissue mask + tile grid of a Camelyon16-size slide, and tile-read rate.
+
+    python -m benchmarks.bench_wsi [--slide PATH] [--repeats 5] [--tiles 512]
+
+Without --slide it writes a Camelyon16-size synthetic slide (98304 x 196608 px at level 0,
+0.243 um/px, JPEG tiles, pyramid down to 1/64) into a cache folder, once: with wsi.synth's
+`write_camelyon_size_slide` when that module is present, else with the small writer below
+(pre-encoded tiles: glass tiles everywhere, H&E-like tiles where the tissue is).
+Prints a markdown table and writes benchmarks/results/wsi.json.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from wsi.grid import tiles_for_slide
+from wsi.slide import open_slide
+from wsi.tiles import TileReader
+
+RESULTS = Path(__file__).resolve().parent / "results" / "wsi.json"
+CACHE = Path(os.environ.get("MILROI_BENCH_CACHE", Path(tempfile.gettempdir()) / "milroi-bench"))
+CAMELYON_SIZE = (98_304, 196_608)
+
+
+def _jpeg(tile: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(tile).save(buffer, format="JPEG", quality=85)
+    return buffer.getvalue()
+
+
+def _write_camelyon_geometry_slide(path: Path, seed: int = 0) -> Path:
+    """A Camelyon16-size generic TIFF from a handful of pre-encoded 256 px JPEG tiles.
+
+    Tissue: two ellipses covering ~10% of the slide, as in a typical Camelyon16 lymph node.
+    Only used when wsi.synth is not available.
+    """
+    import tifffile
+
+    rng = np.random.default_rng(seed)
+    glass = _jpeg(np.full((256, 256, 3), 242, np.uint8))
+    stain = [_jpeg(np.clip(rng.normal((205, 120, 175), 25, (256, 256, 3)), 0, 255).astype(np.uint8))
+             for _ in range(8)]
+    width, height = CAMELYON_SIZE
+    with tifffile.TiffWriter(path, bigtiff=True) as tw:
+        for level in range(7):
+            ds = 2**level
+            cols, rows = -(-width // ds // 256), -(-height // ds // 256)
+            yy, xx = np.mgrid[0:rows, 0:cols].astype(np.float32) * 256 * ds
+            tissue = (((xx - 0.45 * width) / (0.25 * width)) ** 2
+                      + ((yy - 0.3 * height) / (0.12 * height)) ** 2 <= 1)
+            tissue |= (((xx - 0.55 * width) / (0.2 * width)) ** 2
+                       + ((yy - 0.7 * height) / (0.1 * height)) ** 2 <= 1)
+            choice = rng.integers(0, len(stain), tissue.shape)
+            tiles = (stain[c] if t else glass for t, c in zip(tissue.ravel(), choice.ravel()))
+            px_per_cm = 1e4 / (0.243 * ds)
+            tw.write(tiles, shape=(height // ds, width // ds, 3), dtype=np.uint8, tile=(256, 256),
+                     compression="jpeg", photometric="rgb", subfiletype=0 if level == 0 else 1,
+                     resolution=(px_per_cm, px_per_cm), resolutionunit="CENTIMETER")
+    return path
+
+
+def camelyon_size_slide() -> Path:
+    CACHE.mkdir(parents=True, exist_ok=True)
+    path = CACHE / "camelyon_size.tif"
+    if path.exists():
+        return path
+    partial = path.with_suffix(".partial.tif")
+    started = time.perf_counter()
+    try:
+        from wsi.synth import write_camelyon_size_slide
+    except ImportError:
+        _write_camelyon_geometry_slide(partial)
+    else:
+        write_camelyon_size_slide(partial, width=CAMELYON_SIZE[0], height=CAMELYON_SIZE[1], seed=0)
+    os.replace(partial, path)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - started:.0f} s")
+    return path
+
+
+def bench_mask_and_grid(path: Path, repeats: int) -> dict:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        with open_slide(path) as slide:   # open included: what `milroi-train tiles` pays
+            tissue, grid = tiles_for_slide(slide)
+        times.append(time.perf_counter() - started)
+    return {"slide": str(path), "dimensions": list(slide.dimensions),
+            "mask_shape": list(tissue.mask.shape), "mask_level": tissue.level,
+            "tissue_fraction": round(tissue.tissue_fraction, 4), "tiles": len(grid),
+            "seconds_median": round(statistics.median(times), 3),
+            "seconds_all": [round(t, 3) for t in times]}
+
+
+def bench_tile_reads(path: Path, n_tiles: int, thread_counts=(1, 2, 4)) -> list[dict]:
+    with open_slide(path) as slide:
+        _, grid = tiles_for_slide(slide)
+        # Spread the tiles over the slide: a contiguous run would hit the decoder's tile cache.
+        pick = np.linspace(0, len(grid) - 1, min(n_tiles, len(grid))).astype(np.int64)
+        coords = grid.coords[pick]
+        rows = []
+        for workers in thread_counts:
+            # Every run gets a fresh slide handle: OpenSlide caches decoded tiles per handle.
+            with open_slide(path) as fresh:
+                started = time.perf_counter()
+                n = sum(len(b.index) for b in TileReader(fresh, coords, workers=workers, batch_size=64))
+                elapsed = time.perf_counter() - started
+            rows.append({"threads": workers, "tiles": n, "tiles_per_s": round(n / elapsed, 1)})
+    base = rows[0]["tiles_per_s"]
+    for row in rows:
+        row["speedup"] = round(row["tiles_per_s"] / base, 2)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slide", type=Path, help="slide to time (default: Camelyon-size synthetic)")
+    parser.add_argument("--repeats", type=int, default=5, help="runs of mask + grid (median)")
+    parser.add_argument("--tiles", type=int, default=512, help="tiles read per thread count")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="JSON results file")
+    args = parser.parse_args(argv)
+    path = args.slide or camelyon_size_slide()
+    mask = bench_mask_and_grid(path, args.repeats)
+    reads = bench_tile_reads(path, args.tiles)
+    result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+              "mask_and_grid": mask, "tile_reads": reads}
+    print(f"\nslide {path.name}: {mask['dimensions'][0]} x {mask['dimensions'][1]} px, mask "
+          f"{mask['mask_shape'][1]} x {mask['mask_shape'][0]} (level {mask['mask_level']}), "
+          f"{mask['tiles']} tiles, {os.cpu_count()} CPUs\n")
+    print("| measure | value |\n|---|---|")
+    print(f"| open + tissue mask + tile grid (median of {args.repeats}) | {mask['seconds_median']:.2f} s |")
+    for row in reads:
+        print(f"| tile reads, {row['threads']} thread(s) | {row['tiles_per_s']:.0f} tiles/s "
+              f"(x{row['speedup']:.2f}) |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
