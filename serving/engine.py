@@ -1,0 +1,418 @@
+"""onnxruntime inference for a model bundle, with dynamic batching across concurrent requests.
+
+`Engine(bundle_dir)` opens the three graphs of a bundle (docs/INTERFACES.md):
+
+- execution providers: `provider="auto"` tries TensorRT, CUDA, CPU in that order and keeps the
+  first that really initialises. onnxruntime-gpu lists CUDA and TensorRT as *available* even on
+  a machine without their libraries and then silently falls back to CPU, so the active provider
+  is read back from `session.get_providers()` after creation; an explicit `cuda`/`tensorrt` that
+  does not initialise is an error, not a silent CPU run;
+- CPU: graph optimisation ALL, intra-op threads = the cores this process may use, one inter-op
+  thread, no spin-waiting (the tile-decoding threads need those cores between runs);
+- GPU: IO binding (tiles copied to the device once, features stay there between the backbone and
+  the head) and optionally an fp16 backbone (`precision="fp16"`, converted at load time with
+  onnxruntime.transformers.float16, inputs and outputs kept uint8/float32; TensorRT uses its own
+  fp16 mode).
+
+Dynamic batching: `submit(tiles)` queues a request and returns a Future. One runner thread takes
+queued requests in arrival order and packs them into one run of up to `batch_size` tiles; when
+the queue holds less than a full batch it waits at most `max_wait_s` for more. So four clients
+scoring at once share full batches instead of each running its own small ones, and one client
+alone never waits (a full request runs at once). Requests larger than `batch_size` are split.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from wsi.errors import WsiError
+
+log = logging.getLogger(__name__)
+
+BUNDLE_FORMAT = "milroi-bundle/1"
+TRT, CUDA, CPU = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
+PROVIDER_CHOICES = {"auto": (TRT, CUDA, CPU), "tensorrt": (TRT,), "cuda": (CUDA,), "cpu": (CPU,)}
+PROVIDER_NAMES = {TRT: "tensorrt", CUDA: "cuda", CPU: "cpu"}
+REQUIRED_MANIFEST_KEYS = ("format", "name", "tile_size", "level", "feature_dim", "pooling",
+                          "threshold", "files")
+
+
+class BundleError(WsiError):
+    """A model bundle that cannot be used: missing files, bad manifest, graph that will not load."""
+
+    def __init__(self, path, cause: str):
+        self.path, self.cause = str(path), cause
+        super().__init__(f"cannot load model bundle {path}: {cause}")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Which model computed a score: registry name + version (or the bundle's content digest)."""
+
+    name: str
+    version: str
+    alias: str = ""
+    run_id: str = ""
+
+
+def read_manifest(bundle_dir: str | os.PathLike) -> dict:
+    """manifest.json of a bundle folder, checked for the keys and files the server relies on."""
+    bundle_dir = Path(bundle_dir)
+    path = bundle_dir / "manifest.json"
+    if not bundle_dir.is_dir():
+        raise BundleError(bundle_dir, "not a folder")
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BundleError(bundle_dir, "no manifest.json") from None
+    except (OSError, ValueError) as exc:
+        raise BundleError(bundle_dir, f"unreadable manifest.json: {exc}") from None
+    missing = [k for k in REQUIRED_MANIFEST_KEYS if k not in manifest]
+    if missing:
+        raise BundleError(bundle_dir, f"manifest.json lacks {missing}")
+    if manifest["format"] != BUNDLE_FORMAT:
+        raise BundleError(bundle_dir, f"format {manifest['format']!r}, expected {BUNDLE_FORMAT!r}")
+    for role in ("backbone", "head", "aggregator"):
+        name = manifest["files"].get(role)
+        if not name or not (bundle_dir / name).is_file():
+            raise BundleError(bundle_dir, f"{role} graph {name!r} is missing")
+    if manifest["pooling"].get("kind") not in ("extremes", "attention"):
+        raise BundleError(bundle_dir, f"unknown pooling {manifest['pooling']!r}")
+    return manifest
+
+
+def bundle_digest(bundle_dir: str | os.PathLike, length: int = 12) -> str:
+    """Short sha256 of the manifest and the graphs: the version of an unregistered bundle."""
+    bundle_dir = Path(bundle_dir)
+    manifest = read_manifest(bundle_dir)
+    digest = hashlib.sha256()
+    for name in ["manifest.json", *sorted(manifest["files"].values())]:
+        digest.update(name.encode())
+        with open(bundle_dir / name, "rb") as f:
+            while block := f.read(1 << 22):
+                digest.update(block)
+    return digest.hexdigest()[:length]
+
+
+def _tensorrt_loadable() -> bool:
+    """Whether the TensorRT runtime library can be loaded (what onnxruntime's TRT provider needs)."""
+    import ctypes
+
+    for name in ("libnvinfer.so.10", "libnvinfer.so.8", "libnvinfer.so", "nvinfer_10.dll"):
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def available_cores() -> int:
+    """Cores this process may run on (respects taskset/cgroup affinity, unlike os.cpu_count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@dataclass
+class EngineStats:
+    """Counters of the batcher (read by the metrics and the tests)."""
+
+    runs: int = 0          # model runs (batches)
+    tiles: int = 0         # tiles scored
+    requests: int = 0      # submit() calls completed (after splitting to batch_size)
+    merged_runs: int = 0   # runs that combined tiles of more than one request
+    run_seconds: float = 0.0
+
+
+@dataclass
+class _Request:
+    tiles: np.ndarray
+    future: Future
+    arrived: float = field(default_factory=time.monotonic)
+
+
+class Engine:
+    """Backbone + head (+ aggregator) sessions of one bundle, and the batcher that feeds them."""
+
+    def __init__(self, bundle_dir: str | os.PathLike, *, provider: str = "auto",
+                 precision: str = "fp32", batch_size: int = 64, max_wait_s: float = 0.005,
+                 threads: int | None = None, model: ModelRef | None = None,
+                 on_batch: Callable[[int, int, float], None] | None = None):
+        import onnxruntime as ort
+
+        if provider not in PROVIDER_CHOICES:
+            raise WsiError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDER_CHOICES)}")
+        if precision not in ("fp32", "fp16"):
+            raise WsiError(f"precision must be fp32 or fp16, got {precision!r}")
+        if batch_size < 1 or max_wait_s < 0:
+            raise WsiError(f"batch_size must be >= 1 and max_wait_s >= 0, got {batch_size}, {max_wait_s}")
+        self._ort = ort
+        self.bundle_dir = Path(bundle_dir)
+        self.manifest = read_manifest(self.bundle_dir)
+        self.model = model or ModelRef(self.manifest["name"], bundle_digest(self.bundle_dir),
+                                       run_id=self.manifest.get("run_id") or "")
+        self.batch_size = int(batch_size)
+        self.max_wait_s = float(max_wait_s)
+        self.threads = int(threads or available_cores())
+        self.tile_size = int(self.manifest["tile_size"])
+        self.pooling = dict(self.manifest["pooling"])
+        self._on_batch = on_batch
+
+        files = self.manifest["files"]
+        self.backbone, self.providers = self._open(files["backbone"], provider, precision,
+                                                   backbone=True)
+        self.provider = self.providers[0]
+        # The head and the aggregator are tiny; they run where the backbone runs.
+        active = PROVIDER_NAMES[self.provider]
+        self.head, _ = self._open(files["head"], active, "fp32")
+        self.aggregator, _ = self._open(files["aggregator"], "cpu", "fp32")
+        self.head_outputs = [o.name for o in self.head.get_outputs()]
+        self.precision = precision if self.provider != CPU else "fp32"
+        self.on_gpu = self.provider in (TRT, CUDA)
+        log.info("model %s version %s: provider %s (session providers %s), precision %s, "
+                 "batch %d, %d CPU threads", self.model.name, self.model.version,
+                 PROVIDER_NAMES[self.provider], self.providers, self.precision,
+                 self.batch_size, self.threads)
+
+        self.stats = EngineStats()
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._runner = threading.Thread(target=self._run_loop, name="engine-batcher", daemon=True)
+        self._runner.start()
+
+    # -- sessions ------------------------------------------------------------------------------
+    def _session_options(self):
+        options = self._ort.SessionOptions()
+        options.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = self._ort.ExecutionMode.ORT_SEQUENTIAL
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        # Spinning threads would steal the cores the tile decoders need between runs.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.log_severity_level = 3  # CUDA/TRT fallback chatter: we report the outcome ourselves
+        return options
+
+    def _provider_options(self, name: str, precision: str):
+        if name == TRT:
+            cache = Path(os.environ.get("MILROI_TRT_CACHE", Path.home() / ".cache" / "milroi" / "trt"))
+            cache.mkdir(parents=True, exist_ok=True)
+            shape = f"tiles:{{}}x{self.tile_size}x{self.tile_size}x3"
+            return (TRT, {"trt_fp16_enable": precision == "fp16", "trt_engine_cache_enable": True,
+                          "trt_engine_cache_path": str(cache),
+                          "trt_profile_min_shapes": shape.format(1),
+                          "trt_profile_opt_shapes": shape.format(self.batch_size),
+                          "trt_profile_max_shapes": shape.format(self.batch_size)})
+        if name == CUDA:
+            return (CUDA, {"cudnn_conv_algo_search": "HEURISTIC"})
+        return name
+
+    def _model_bytes(self, path: Path, provider: str, precision: str) -> bytes | str:
+        if precision != "fp16" or provider != CUDA:
+            return str(path)
+        import onnx
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        # keep_io_types: the graph still takes uint8 tiles and returns float32 features.
+        model = convert_float_to_float16(onnx.load(str(path)), keep_io_types=True)
+        return model.SerializeToString()
+
+    def _open(self, file_name: str, provider: str, precision: str, backbone: bool = False):
+        """A session on the first candidate provider that initialises; (session, providers)."""
+        path = self.bundle_dir / file_name
+        available = set(self._ort.get_available_providers())
+        wanted = [p for p in PROVIDER_CHOICES[provider] if p in available or p == CPU]
+        if provider != "auto" and wanted[0] not in available:
+            raise WsiError(f"provider {provider} is not in this onnxruntime build "
+                           f"(available: {sorted(available)})")
+        errors = []
+        if TRT in wanted and not _tensorrt_loadable():
+            # onnxruntime would print a page of "EP Error" and retry; say it in one line instead.
+            wanted.remove(TRT)
+            errors.append("tensorrt: libnvinfer not found")
+            if not wanted:
+                raise BundleError(self.bundle_dir, "provider tensorrt requested but the TensorRT "
+                                                   "libraries (libnvinfer) are not installed")
+        if provider == "auto":
+            # Probing providers whose libraries are missing prints onnxruntime errors; the
+            # outcome is logged below, once, in our words.
+            self._ort.set_default_logger_severity(4)
+        for candidate in wanted:
+            chain = [self._provider_options(p, precision)
+                     for p in PROVIDER_CHOICES["auto"][PROVIDER_CHOICES["auto"].index(candidate):]]
+            try:
+                session = self._ort.InferenceSession(
+                    self._model_bytes(path, candidate, precision) if backbone else str(path),
+                    sess_options=self._session_options(), providers=chain)
+            except Exception as exc:  # a provider whose libraries are missing may raise instead
+                errors.append(f"{PROVIDER_NAMES[candidate]}: {exc}")
+                if provider != "auto":
+                    break
+                continue
+            active = session.get_providers()
+            if active[0] == candidate:
+                if errors:
+                    log.warning("%s: providers tried before %s: %s", file_name,
+                                PROVIDER_NAMES[candidate], "; ".join(errors))
+                return session, active
+            errors.append(f"{PROVIDER_NAMES[candidate]}: did not initialise (session runs on {active[0]})")
+            if provider != "auto":
+                break
+        raise BundleError(self.bundle_dir, f"{file_name} does not load on provider {provider}: "
+                                           + "; ".join(errors))
+
+    # -- inference -----------------------------------------------------------------------------
+    def infer(self, tiles: np.ndarray) -> dict[str, np.ndarray]:
+        """Run backbone + head now on uint8 tiles [n, s, s, 3] (no batching): output name -> array."""
+        tiles = np.ascontiguousarray(tiles, dtype=np.uint8)
+        if not self.on_gpu:
+            features = self.backbone.run(["features"], {"tiles": tiles})[0]
+            return dict(zip(self.head_outputs, self.head.run(self.head_outputs, {"features": features})))
+        # IO binding: the tiles go to the device once; the features never come back to the host.
+        device = "cuda"
+        backbone = self.backbone.io_binding()
+        backbone.bind_ortvalue_input("tiles", self._ort.OrtValue.ortvalue_from_numpy(tiles, device, 0))
+        backbone.bind_output("features", device, 0)
+        self.backbone.run_with_iobinding(backbone)
+        features = backbone.get_outputs()[0]
+        head = self.head.io_binding()
+        head.bind_ortvalue_input("features", features)
+        for name in self.head_outputs:
+            head.bind_output(name, "cpu")
+        self.head.run_with_iobinding(head)
+        return dict(zip(self.head_outputs, (v.numpy() for v in head.get_outputs())))
+
+    def slide_logit(self, pooled: np.ndarray) -> float:
+        """aggregator.onnx on the pooled state [1, P] -> the slide logit."""
+        pooled = np.ascontiguousarray(pooled, dtype=np.float32).reshape(1, -1)
+        return float(self.aggregator.run(["slide_logit"], {"pooled": pooled})[0].reshape(-1)[0])
+
+    def check_tiles(self, tiles: np.ndarray) -> np.ndarray:
+        tiles = np.asarray(tiles)
+        expected = (self.tile_size, self.tile_size, 3)
+        if tiles.dtype != np.uint8 or tiles.ndim != 4 or tiles.shape[1:] != expected:
+            raise WsiError(f"tiles must be uint8 [n, {self.tile_size}, {self.tile_size}, 3], "
+                           f"got {tiles.dtype} {list(tiles.shape)}")
+        return tiles
+
+    def submit(self, tiles: np.ndarray) -> Future:
+        """Queue tiles for the batcher; the Future gives {output name: array} for them, in order."""
+        tiles = self.check_tiles(tiles)
+        parts = [tiles[i:i + self.batch_size] for i in range(0, len(tiles), self.batch_size)]
+        if len(parts) <= 1:
+            return self._enqueue(tiles)
+        futures = [self._enqueue(part) for part in parts]
+        combined: Future = Future()
+        remaining = [len(futures)]
+        lock = threading.Lock()
+
+        def done(_):
+            with lock:
+                remaining[0] -= 1
+                if remaining[0]:
+                    return
+            try:
+                results = [f.result() for f in futures]
+                combined.set_result({k: np.concatenate([r[k] for r in results]) for k in results[0]})
+            except BaseException as exc:  # noqa: BLE001 - forwarded to the caller
+                combined.set_exception(exc)
+        for f in futures:
+            f.add_done_callback(done)
+        return combined
+
+    def score(self, tiles: np.ndarray) -> dict[str, np.ndarray]:
+        """submit() and wait."""
+        return self.submit(tiles).result()
+
+    def queue_depth(self) -> int:
+        """Tiles waiting for the batcher."""
+        with self._cond:
+            return sum(len(r.tiles) for r in self._queue)
+
+    def _enqueue(self, tiles: np.ndarray) -> Future:
+        request = _Request(tiles, Future())
+        with self._cond:
+            if self._closed:
+                raise WsiError(f"engine of model {self.model.name} {self.model.version} is closed")
+            self._queue.append(request)
+            self._cond.notify()
+        return request.future
+
+    def _next_batch(self) -> list[_Request] | None:
+        """Requests for the next run, in arrival order; None once closed and drained."""
+        with self._cond:
+            while not self._queue:
+                if self._closed:
+                    return None
+                self._cond.wait()
+            deadline = self._queue[0].arrived + self.max_wait_s
+            while (sum(len(r.tiles) for r in self._queue) < self.batch_size and not self._closed
+                   and (left := deadline - time.monotonic()) > 0):
+                self._cond.wait(left)
+            batch, size = [], 0
+            while self._queue and size + len(self._queue[0].tiles) <= self.batch_size:
+                request = self._queue.popleft()
+                # A request cancelled while queued (its stream went away) is dropped unrun.
+                if request.future.set_running_or_notify_cancel():
+                    batch.append(request)
+                    size += len(request.tiles)
+            return batch
+
+    def _run_loop(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            if not batch:
+                continue
+            started = time.perf_counter()
+            try:
+                tiles = batch[0].tiles if len(batch) == 1 else np.concatenate([r.tiles for r in batch])
+                outputs = self.infer(tiles)
+            except BaseException as exc:  # noqa: BLE001 - every waiting request gets the error
+                for request in batch:
+                    request.future.set_exception(exc)
+                continue
+            seconds = time.perf_counter() - started
+            stats = self.stats
+            stats.runs += 1
+            stats.tiles += len(tiles)
+            stats.requests += len(batch)
+            stats.merged_runs += len(batch) > 1
+            stats.run_seconds += seconds
+            start = 0
+            for request in batch:
+                stop = start + len(request.tiles)
+                request.future.set_result({k: v[start:stop] for k, v in outputs.items()})
+                start = stop
+            if self._on_batch is not None:
+                self._on_batch(len(tiles), len(batch), seconds)
+
+    def close(self, wait: bool = True) -> None:
+        """Stop accepting requests; queued ones still run; the runner thread ends."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if wait and threading.current_thread() is not self._runner:
+            self._runner.join()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def describe(self) -> dict:
+        return {"provider": PROVIDER_NAMES[self.provider], "providers": list(self.providers),
+                "precision": self.precision, "batch_size": self.batch_size,
+                "threads": self.threads}

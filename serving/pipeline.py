@@ -1,0 +1,285 @@
+"""Score one slide as a stream: header, per-patch score chunks as they are computed, summary.
+
+`SlideScorer(engine).score(path, ...)` is a generator of plain dataclasses (no protobuf), used by
+the gRPC server (which converts them to messages) and in process by the batch job:
+
+    SlideHeader  once, after the tissue mask and the grid: slide geometry, tile count, model
+    PatchChunk   level-0 (x, y) and tumour probability of `chunk_size` patches, in grid order,
+                 sent as soon as their batch is scored
+    SlideSummary once: slide score and label (aggregator.onnx on the streaming pooling state),
+                 tumour ROI polygons (wsi.outputs.roi_polygons, level-0 px) with their area in
+                 um^2, timings, and every patch's coords and score (for the batch job's files)
+
+Work overlaps: wsi.tiles.TileReader decodes the next batches in background threads into a
+bounded queue while the engine runs, and two batches are in the engine at once, so the model
+never waits for a read it could have had. Memory is bounded whatever the slide size: at most
+`queue_batches + 2` tile batches exist, and per patch only (x, y, score) is kept (for the ROIs);
+the features never leave the engine and the slide score comes from the O(k) or O(H) state of
+serving.aggregate.
+
+`cancel` (a threading.Event, set by the server when the client cancels or its deadline passes)
+stops the slide within a fraction of a second: the reader is closed (queued reads dropped), the
+queued engine requests are cancelled, and the generator returns without a summary.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+from concurrent.futures import Future, TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+from serving.aggregate import make_state, slide_score
+from serving.engine import Engine, ModelRef
+from wsi.errors import WsiError
+from wsi.grid import tiles_for_slide
+from wsi.slide import open_slide
+from wsi.tiles import TileReader
+from wsi.tissue import TissueParams
+
+log = logging.getLogger(__name__)
+
+# How often a waiting scorer looks at its cancel event (seconds): the cancel latency bound.
+CANCEL_POLL_S = 0.05
+NO_TISSUE = "no_tissue"
+
+
+@dataclass
+class SlideHeader:
+    slide_path: str
+    name: str
+    width: int
+    height: int
+    level_count: int
+    mpp: float
+    mpp_source: str
+    tile_size: int        # px at tile_level
+    tile_level: int
+    tile_count: int
+    model: ModelRef
+
+
+@dataclass
+class PatchChunk:
+    offset: int              # index of the first patch in grid order
+    coords: np.ndarray       # int64 [n, 2] level-0 (x, y) top-left
+    scores: np.ndarray       # float32 [n] tumour probability
+
+
+@dataclass
+class Roi:
+    polygon: object          # shapely Polygon, level-0 px
+    area_um2: float
+    max_score: float
+    mean_score: float
+
+
+@dataclass
+class Timings:
+    open_s: float = 0.0
+    tissue_s: float = 0.0
+    scoring_s: float = 0.0
+    total_s: float = 0.0
+    first_score_s: float = 0.0
+    tiles_per_second: float = 0.0
+
+
+@dataclass
+class SlideSummary:
+    slide_path: str
+    slide_score: float       # slide-level tumour probability (NaN without tissue tiles)
+    slide_logit: float
+    label: str               # "tumor" | "normal" | "no_tissue"
+    threshold: float
+    tile_count: int
+    rois: list[Roi]
+    mpp: float
+    roi_threshold: float
+    tile_size: int           # level-0 px side of a tile (for the ROI/heatmap writers)
+    timings: Timings
+    model: ModelRef
+    coords: np.ndarray = field(repr=False)   # int64 [N, 2], grid order
+    scores: np.ndarray = field(repr=False)   # float32 [N]
+
+
+SlideEvent = SlideHeader | PatchChunk | SlideSummary
+
+
+class Cancelled(WsiError):
+    """Raised by `score_slide` (not the generator) when scoring was cancelled."""
+
+
+def roi_summaries(coords: np.ndarray, scores: np.ndarray, tile_size: int, threshold: float,
+                  mpp: float) -> list[Roi]:
+    """Tumour ROI polygons of the patch scores, with area and the scores of the tiles inside."""
+    import shapely
+    from wsi.outputs import roi_polygons
+
+    if len(coords) == 0:
+        return []
+    polygons = roi_polygons(coords, scores, tile_size, threshold=threshold)
+    centres = coords.astype(np.float64) + tile_size / 2.0
+    rois = []
+    for polygon in polygons:
+        inside = shapely.contains_xy(polygon, centres[:, 0], centres[:, 1])
+        selected = scores[inside] if inside.any() else np.array([np.nan], np.float32)
+        rois.append(Roi(polygon, float(polygon.area) * mpp * mpp, float(np.max(selected)),
+                        float(np.mean(selected))))
+    return rois
+
+
+class SlideScorer:
+    """Streams the scores of slides through an Engine (shared by concurrent slides)."""
+
+    def __init__(self, engine: Engine, *, reader_workers: int | None = None,
+                 queue_batches: int = 4, in_flight: int = 2, default_chunk_size: int | None = None,
+                 fallback_mpp: float | None = None):
+        self.engine = engine
+        manifest = engine.manifest
+        self.tile_size = int(manifest["tile_size"])
+        self.level = int(manifest.get("level", 0))
+        self.min_tissue = float(manifest.get("min_tissue", 0.25))
+        self.threshold = float(manifest["threshold"])
+        self.roi_threshold = float(manifest.get("patch_threshold", 0.5))
+        self.tissue_params = TissueParams.from_dict(manifest.get("tissue") or {})
+        self.reader_workers = reader_workers or max(2, min(8, os.cpu_count() or 2))
+        self.queue_batches = int(queue_batches)
+        self.in_flight = max(1, int(in_flight))
+        self.default_chunk_size = int(default_chunk_size or engine.batch_size)
+        self.fallback_mpp = fallback_mpp
+
+    def check_parameters(self, chunk_size: int | None, min_tissue: float | None,
+                         roi_threshold: float | None) -> tuple[int, float, float]:
+        """Validated (chunk_size, min_tissue, roi_threshold), defaults from the manifest."""
+        chunk_size = self.default_chunk_size if not chunk_size else int(chunk_size)
+        min_tissue = self.min_tissue if min_tissue is None else float(min_tissue)
+        roi_threshold = self.roi_threshold if roi_threshold is None else float(roi_threshold)
+        if not 1 <= chunk_size <= 1_000_000:
+            raise WsiError(f"chunk_size must be in [1, 1000000], got {chunk_size}")
+        if not 0.0 < min_tissue <= 1.0:
+            raise WsiError(f"min_tissue must be in (0, 1], got {min_tissue}")
+        if not 0.0 < roi_threshold < 1.0:
+            raise WsiError(f"roi_threshold must be in (0, 1), got {roi_threshold}")
+        return chunk_size, min_tissue, roi_threshold
+
+    def score(self, slide_path: str | os.PathLike, *, chunk_size: int | None = None,
+              min_tissue: float | None = None, roi_threshold: float | None = None,
+              cancel: threading.Event | None = None, display_path: str | None = None
+              ) -> Iterator[SlideEvent]:
+        """Header, PatchChunks, Summary for one slide; returns early (no summary) on cancel.
+
+        Raises SlideError (bad slide) or WsiError (bad parameter) before or while streaming.
+        `display_path` is the name reported back (the server passes the client's relative path).
+        """
+        chunk_size, min_tissue, roi_threshold = self.check_parameters(chunk_size, min_tissue,
+                                                                      roi_threshold)
+        cancel = cancel or threading.Event()
+        engine = self.engine
+        started = time.perf_counter()
+        with open_slide(slide_path, fallback_mpp=self.fallback_mpp) as slide:
+            timings = Timings(open_s=time.perf_counter() - started)
+            _, grid = tiles_for_slide(slide, tile_size=self.tile_size, min_tissue=min_tissue,
+                                      params=self.tissue_params, level=self.level)
+            timings.tissue_s = time.perf_counter() - started - timings.open_s
+            n = len(grid)
+            tile_size0 = grid.tile_size_level0
+            name = display_path if display_path is not None else str(slide_path)
+            yield SlideHeader(name, slide.name, slide.dimensions[0], slide.dimensions[1],
+                              slide.level_count, slide.mpp, slide.mpp_source, self.tile_size,
+                              self.level, n, engine.model)
+            if cancel.is_set():
+                return
+            scores = np.empty(n, np.float32)
+            state = make_state(engine.pooling)
+            scoring_started = time.perf_counter()
+            reader = TileReader(slide, grid.coords, tile_size=self.tile_size, level=self.level,
+                                workers=self.reader_workers, batch_size=engine.batch_size,
+                                queue_batches=self.queue_batches)
+            # The reader's consumer may be blocked on a tile read when the cancel comes:
+            # close it from a watcher thread so that the wait ends at once.
+            finished = threading.Event()
+            watcher = threading.Thread(target=_close_on_cancel, args=(cancel, finished, reader),
+                                       name="cancel-watch", daemon=True)
+            watcher.start()
+            pending: collections.deque[tuple[int, Future]] = collections.deque()
+            emitted = done = 0
+            try:
+                batches = iter(reader)
+                while True:
+                    # Keep `in_flight` batches in the engine; collect the oldest when full.
+                    batch = next(batches, None) if not cancel.is_set() else None
+                    if batch is not None:
+                        pending.append((int(batch.index[0]), engine.submit(batch.tiles)))
+                        if len(pending) < self.in_flight:
+                            continue
+                    if not pending or cancel.is_set():
+                        break
+                    start, future = pending.popleft()
+                    outputs = _wait(future, cancel)
+                    if outputs is None:
+                        break
+                    count = len(outputs["patch_scores"])
+                    scores[start:start + count] = outputs["patch_scores"]
+                    state.update(outputs)
+                    done = start + count
+                    if not timings.first_score_s:
+                        timings.first_score_s = time.perf_counter() - started
+                    # Send every complete chunk now; the last partial one at the end.
+                    while done - emitted >= chunk_size or (done == n and emitted < n):
+                        stop = min(emitted + chunk_size, done)
+                        yield PatchChunk(emitted, grid.coords[emitted:stop], scores[emitted:stop].copy())
+                        emitted = stop
+            finally:
+                finished.set()
+                reader.close()
+                for _, future in pending:
+                    future.cancel()
+            if cancel.is_set() or done < n:
+                log.info("%s: cancelled after %d of %d tiles", name, done, n)
+                return
+            timings.scoring_s = time.perf_counter() - scoring_started
+            if n:
+                logit, probability = slide_score(engine, state)
+                label = "tumor" if probability >= self.threshold else "normal"
+            else:
+                logit = probability = float("nan")
+                label = NO_TISSUE
+            rois = roi_summaries(grid.coords, scores, tile_size0, roi_threshold, slide.mpp)
+            timings.total_s = time.perf_counter() - started
+            timings.tiles_per_second = n / timings.scoring_s if timings.scoring_s > 0 else 0.0
+            yield SlideSummary(name, probability, logit, label, self.threshold, n, rois,
+                               slide.mpp, roi_threshold, tile_size0, timings, engine.model,
+                               grid.coords, scores)
+
+    def score_slide(self, slide_path: str | os.PathLike, **kwargs) -> SlideSummary:
+        """Run `score` to the end and return its summary (the batch job's in-process call)."""
+        summary = None
+        for event in self.score(slide_path, **kwargs):
+            if isinstance(event, SlideSummary):
+                summary = event
+        if summary is None:
+            raise Cancelled(f"scoring of {slide_path} was cancelled")
+        return summary
+
+
+def _wait(future: Future, cancel: threading.Event):
+    """The future's result, or None as soon as `cancel` is set."""
+    while True:
+        try:
+            return future.result(timeout=CANCEL_POLL_S)
+        except FutureTimeout:
+            if cancel.is_set():
+                future.cancel()
+                return None
+
+
+def _close_on_cancel(cancel: threading.Event, finished: threading.Event, reader: TileReader) -> None:
+    while not finished.is_set():
+        if cancel.wait(CANCEL_POLL_S):
+            reader.close()
+            return
