@@ -111,10 +111,14 @@ def bench_tile_reads(path: Path, n_tiles: int, thread_counts=(1, 2, 4)) -> list[
         for workers in thread_counts:
             # Every run gets a fresh slide handle: OpenSlide caches decoded tiles per handle.
             with open_slide(path) as fresh:
-                started = time.perf_counter()
+                started, cpu_started = time.perf_counter(), time.process_time()
                 n = sum(len(b.index) for b in TileReader(fresh, coords, workers=workers, batch_size=64))
                 elapsed = time.perf_counter() - started
-            rows.append({"threads": workers, "tiles": n, "tiles_per_s": round(n / elapsed, 1)})
+                cpu = time.process_time() - cpu_started
+            # cpu / wall near the thread count means the threads really ran in parallel; near 1
+            # with several threads means the cores were busy with something else.
+            rows.append({"threads": workers, "tiles": n, "tiles_per_s": round(n / elapsed, 1),
+                         "cpu_per_wall": round(cpu / elapsed, 2)})
     base = rows[0]["tiles_per_s"]
     for row in rows:
         row["speedup"] = round(row["tiles_per_s"] / base, 2)
@@ -131,16 +135,17 @@ def main(argv=None) -> int:
     path = args.slide or camelyon_size_slide()
     mask = bench_mask_and_grid(path, args.repeats)
     reads = bench_tile_reads(path, args.tiles)
-    result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+    result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                          "load_average_1min": round(os.getloadavg()[0], 2)},
               "mask_and_grid": mask, "tile_reads": reads}
     print(f"\nslide {path.name}: {mask['dimensions'][0]} x {mask['dimensions'][1]} px, mask "
           f"{mask['mask_shape'][1]} x {mask['mask_shape'][0]} (level {mask['mask_level']}), "
-          f"{mask['tiles']} tiles, {os.cpu_count()} CPUs\n")
+          f"{mask['tiles']} tiles, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}\n")
     print("| measure | value |\n|---|---|")
     print(f"| open + tissue mask + tile grid (median of {args.repeats}) | {mask['seconds_median']:.2f} s |")
     for row in reads:
         print(f"| tile reads, {row['threads']} thread(s) | {row['tiles_per_s']:.0f} tiles/s "
-              f"(x{row['speedup']:.2f}) |")
+              f"(x{row['speedup']:.2f}, cpu/wall {row['cpu_per_wall']:.2f}) |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {args.out}")
