@@ -151,12 +151,11 @@ def write_mask_png(path, tissue: TissueMask) -> None:
 def grid_overlay(thumb: np.ndarray, grid: TileGrid) -> np.ndarray:
     """The thumbnail with kept tiles tinted green and outlined (vectorised, no loop per tile).
 
-    Every thumbnail pixel is mapped to the grid cell it falls in; a pixel is on an outline when
-    its cell is a kept tile and the next pixel right or below falls in another cell.
+    Every thumbnail pixel is mapped to the grid cell it falls in and to whether it lies inside
+    that cell's tile; a pixel of a kept tile is on its outline when a 4-neighbour (or the image
+    border) belongs to no tile or to another one.
     """
     height, width = thumb.shape[:2]
-    scale_x = grid.slide_dimensions[0] / width
-    scale_y = grid.slide_dimensions[1] / height
     step = grid.stride * grid.level_downsample
     footprint = grid.tile_size * grid.level_downsample
     n_cols = int(grid.slide_dimensions[0] // step) + 1
@@ -164,18 +163,19 @@ def grid_overlay(thumb: np.ndarray, grid: TileGrid) -> np.ndarray:
     kept = np.zeros((n_rows, n_cols), dtype=bool)
     kept[np.round(grid.coords[:, 1] / step).astype(np.int64),
          np.round(grid.coords[:, 0] / step).astype(np.int64)] = True
-    # Level-0 centre of every thumbnail column/row, its grid cell, and whether it lies inside
+    # Level-0 centre of every thumbnail column and row, its grid cell, and whether it lies in
     # that cell's tile (with stride > tile size there are gaps between tiles).
-    x0 = (np.arange(width) + 0.5) * scale_x
-    y0 = (np.arange(height) + 0.5) * scale_y
+    x0 = (np.arange(width) + 0.5) * grid.slide_dimensions[0] / width
+    y0 = (np.arange(height) + 0.5) * grid.slide_dimensions[1] / height
     col = np.minimum((x0 // step).astype(np.int64), n_cols - 1)
     row = np.minimum((y0 // step).astype(np.int64), n_rows - 1)
-    in_x = (x0 - col * step) < footprint
-    in_y = (y0 - row * step) < footprint
-    inside = kept[row[:, None], col[None, :]] & in_y[:, None] & in_x[None, :]
-    edge_x = np.append(col[1:] != col[:-1], True) | np.append(True, col[1:] != col[:-1])[:width]
-    edge_y = np.append(row[1:] != row[:-1], True) | np.append(True, row[1:] != row[:-1])[:height]
-    outline = inside & (edge_y[:, None] | edge_x[None, :])
+    inside = (kept[row[:, None], col[None, :]]
+              & ((y0 - row * step) < footprint)[:, None] & ((x0 - col * step) < footprint)[None, :])
+    cell = np.where(inside, row[:, None] * n_cols + col[None, :], -1)
+    padded = np.pad(cell, 1, constant_values=-1)
+    same_as_neighbours = ((padded[:-2, 1:-1] == cell) & (padded[2:, 1:-1] == cell)
+                          & (padded[1:-1, :-2] == cell) & (padded[1:-1, 2:] == cell))
+    outline = inside & ~same_as_neighbours
     out = thumb.astype(np.float32)
     out[inside] = 0.7 * out[inside] + 0.3 * np.array([0, 200, 0], np.float32)
     out[outline] = (0, 120, 0)

@@ -129,3 +129,13 @@ def test_tiles_command_on_a_broken_slide_is_one_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "broken.svs" in err and "Traceback" not in err
     assert not list(tmp_path.iterdir())
+
+
+def test_overlay_with_gaps_between_tiles_outlines_each_tile():
+    grid = TileGrid(np.array([[100, 0]], np.int64), np.ones(1, np.float32), 50, 100, 0, (300, 200))
+    out = grid_overlay(np.full((200, 300, 3), 255, np.uint8), grid)
+    outline = (out == (0, 120, 0)).all(axis=2)
+    expected = np.zeros((200, 300), bool)
+    expected[0:50, 100:150] = True
+    expected[1:49, 101:149] = False        # a one-pixel frame around the 50 x 50 tile
+    np.testing.assert_array_equal(outline, expected)
