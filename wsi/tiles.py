@@ -90,7 +90,12 @@ class TileReader:
             while not self._closed.is_set():
                 # Keep the queue full: reads of the next batches overlap the consumer's work.
                 while len(self._pending) < self.queue_batches and self._next_start < len(self.coords):
-                    self._submit_next_batch()
+                    try:
+                        self._submit_next_batch()
+                    except RuntimeError:   # the executor was shut down by close() meanwhile
+                        if self._closed.is_set():
+                            return
+                        raise
                 if not self._pending:
                     return
                 batch = self._pending.popleft()
@@ -100,6 +105,7 @@ class TileReader:
                                 coords=self.coords[batch.start:batch.stop], tiles=batch.tiles)
         finally:
             self.close()
+            self._pending.clear()   # here, not in close(): only the consumer touches the deque
 
     def _wait_for(self, batch: _PendingBatch) -> bool:
         """Wait until every tile of `batch` is read; False if the reader was closed meanwhile."""
@@ -118,4 +124,3 @@ class TileReader:
         """Stop reading: queued reads are cancelled, running ones (one tile each) finish."""
         self._closed.set()
         self._executor.shutdown(wait=True, cancel_futures=True)
-        self._pending.clear()
