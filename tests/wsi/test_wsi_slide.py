@@ -163,3 +163,17 @@ def test_concurrent_reads_match_serial_reads(he_tiff):
     assert len(seen_threads) > 1
     for a, b in zip(serial, parallel):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("props,expected", [
+    ({"openslide.mpp-x": "0.25", "openslide.mpp-y": "0.25", "tiff.XResolution": "1"}, 0.25),
+    ({"tiff.ResolutionUnit": "centimeter", "tiff.XResolution": "40000", "tiff.YResolution": "40000"}, 0.25),
+    ({"tiff.ResolutionUnit": "inch", "tiff.XResolution": "101600", "tiff.YResolution": "101600"}, 0.25),
+    ({"tiff.ResolutionUnit": "none", "tiff.XResolution": "40000", "tiff.YResolution": "40000"}, None),
+    ({"tiff.ResolutionUnit": "inch", "tiff.XResolution": "72", "tiff.YResolution": "72"}, None),  # 353 um/px: a placeholder
+    ({"tiff.ResolutionUnit": "inch"}, None),                      # TCGA-CR-7395: unit, no value
+    ({"openslide.mpp-x": "0", "openslide.mpp-y": "0"}, None),
+])
+def test_pixel_size_from_properties(props, expected):
+    from wsi.slide import _mpp_from_properties
+    assert _mpp_from_properties(props) == (pytest.approx(expected) if expected else None)
