@@ -41,7 +41,7 @@ def _jpeg(tile: np.ndarray) -> bytes:
 def _write_camelyon_geometry_slide(path: Path, seed: int = 0) -> Path:
     """A Camelyon16-size generic TIFF from a handful of pre-encoded 256 px JPEG tiles.
 
-    Tissue: two ellipses covering ~10% of the slide, as in a typical Camelyon16 lymph node.
+    Tissue: two blocky ellipses covering ~15% of the slide, as in a typical Camelyon16 node.
     Only used when wsi.synth is not available.
     """
     import tifffile
@@ -55,7 +55,10 @@ def _write_camelyon_geometry_slide(path: Path, seed: int = 0) -> Path:
         for level in range(7):
             ds = 2**level
             cols, rows = -(-width // ds // 256), -(-height // ds // 256)
-            yy, xx = np.mgrid[0:rows, 0:cols].astype(np.float32) * 256 * ds
+            # Tissue is decided per 16384 px block (one tile of the coarsest level), so that
+            # every level shows the same tissue, only in finer tiles.
+            block = 256 * 64
+            yy, xx = (np.mgrid[0:rows, 0:cols] * 256 * ds // block * block + block / 2).astype(np.float32)
             tissue = (((xx - 0.45 * width) / (0.25 * width)) ** 2
                       + ((yy - 0.3 * height) / (0.12 * height)) ** 2 <= 1)
             tissue |= (((xx - 0.55 * width) / (0.2 * width)) ** 2
