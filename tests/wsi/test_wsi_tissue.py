@@ -130,3 +130,21 @@ def test_real_jpeg2000_slide_excludes_grey_stitching_background():
     assert (stitching & mask).sum() / stitching.sum() < 0.01   # ... and stay out of the mask
     strongly_stained = sat > 80
     assert (mask & strongly_stained).sum() / strongly_stained.sum() > 0.98
+
+
+def test_a_level_too_big_for_one_read_is_read_in_strips(tmp_path, he_image):
+    """A slide without a pyramid: the mask comes from level 0 in strips, same as in one read."""
+    from wsi.tissue import mask_level_and_size, read_downsampled
+    from wsi_slides import write_pyramid_tiff
+
+    rgb, truth = he_image
+    path = write_pyramid_tiff(tmp_path / "flat.tif", rgb[:1536, :2048], levels=1)
+    with open_slide(path) as slide:
+        level, size = mask_level_and_size(slide, TissueParams())
+        assert level == 0 and slide.level_count == 1
+        whole = read_downsampled(slide, level, size, max_read_pixels=2**40)
+        strips = read_downsampled(slide, level, size, max_read_pixels=300_000)   # ~30 strips
+        assert strips.shape == whole.shape == (size[1], size[0], 3)
+        assert np.abs(strips.astype(int) - whole).mean() < 1.0
+        mask = compute_tissue_mask(slide).mask
+    assert dice(tissue_mask_from_rgb(strips, um_per_px=0.243 * 3), mask) > 0.99
