@@ -37,6 +37,10 @@ _UM_PER_RESOLUTION_UNIT = {"inch": 25_400.0, "centimeter": 10_000.0}
 # A pixel size outside this range (um/px) is a placeholder written by a scanner, not a measure.
 _PLAUSIBLE_MPP = (0.05, 100.0)
 
+# A level bigger than this (pixels) is read in horizontal strips, each shrunk at once: a slide
+# without a pyramid (one 100k x 200k level) must not need 80 GB of memory for a thumbnail or mask.
+MAX_READ_PIXELS = 64 * 2**20
+
 # OpenSlide raises these for files it cannot use; OSError covers I/O errors under it.
 _OPENSLIDE_ERRORS = (openslide.OpenSlideError, openslide.OpenSlideUnsupportedFormatError, OSError)
 
@@ -147,17 +151,40 @@ class Slide:
         w, h = self.level_dimensions[level]
         return self.read_region(0, 0, w, h, level)
 
+    def read_level_resized(self, level: int, size: tuple[int, int],
+                           max_read_pixels: int = MAX_READ_PIXELS) -> np.ndarray:
+        """The whole of `level` as RGB area-averaged (BOX) to `size` = (w, h), in bounded memory:
+        a level over `max_read_pixels` is read in horizontal strips, each resized at once."""
+        self._check_level(level)
+        out_w, out_h = size
+        level_w, level_h = self.level_dimensions[level]
+        if level_w * level_h <= max_read_pixels:
+            rgb = self.read_level(level)
+            if (level_w, level_h) == (out_w, out_h):
+                return rgb
+            return np.asarray(Image.fromarray(rgb).resize((out_w, out_h), Image.Resampling.BOX))
+        level_ds = self.level_downsamples[level]
+        rows_per_out_row = level_h / out_h
+        strip_rows = max(1, int(max_read_pixels / (level_w * rows_per_out_row)))   # output rows
+        out = np.empty((out_h, out_w, 3), dtype=np.uint8)
+        for r0 in range(0, out_h, strip_rows):
+            r1 = min(r0 + strip_rows, out_h)
+            y0, y1 = round(r0 * rows_per_out_row), round(r1 * rows_per_out_row)
+            strip = self.read_region(0, round(y0 * level_ds), level_w, max(y1 - y0, 1), level)
+            out[r0:r1] = np.asarray(Image.fromarray(strip).resize((out_w, r1 - r0),
+                                                                  Image.Resampling.BOX))
+        return out
+
     def get_best_level_for_downsample(self, downsample: float) -> int:
         """The finest level whose downsample is <= `downsample` (level 0 when none is)."""
         return int(self._osr.get_best_level_for_downsample(float(downsample)))
 
     def thumbnail(self, max_size: int) -> np.ndarray:
         """RGB uint8 image of the whole slide whose longer side is at most `max_size` px."""
-        scale = max(self.dimensions) / float(max_size)
-        level = self.get_best_level_for_downsample(max(scale, 1.0))
-        image = Image.fromarray(self.read_level(level))
-        image.thumbnail((max_size, max_size), Image.Resampling.BOX)
-        return np.asarray(image)
+        scale = max(max(self.dimensions) / float(max_size), 1.0)
+        level = self.get_best_level_for_downsample(scale)
+        size = (max(1, round(self.dimensions[0] / scale)), max(1, round(self.dimensions[1] / scale)))
+        return self.read_level_resized(level, size)
 
 
 def _check_is_readable_file(path: Path) -> None:

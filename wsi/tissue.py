@@ -34,7 +34,6 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 from skimage import morphology
 from skimage.filters import threshold_otsu
 
@@ -193,34 +192,10 @@ def mask_level_and_size(slide, params: TissueParams) -> tuple[int, tuple[int, in
     return level, size
 
 
-# A level bigger than this (pixels) is read in horizontal strips, each shrunk to the mask size
-# at once: a slide without a pyramid (one 100k x 200k level) must not need 80 GB of memory.
-MAX_READ_PIXELS = 64 * 2**20
-
-
-def read_downsampled(slide, level: int, size: tuple[int, int],
-                     max_read_pixels: int = MAX_READ_PIXELS) -> np.ndarray:
-    """The whole of `level` as RGB, area-averaged (BOX) to `size` = (w, h), in bounded memory."""
-    mask_w, mask_h = size
-    level_w, level_h = slide.level_dimensions[level]
-    if (level_w, level_h) == (mask_w, mask_h):
-        return slide.read_level(level)
-    level_ds = slide.level_downsamples[level]
-    rows_per_mask_row = level_h / mask_h
-    strip_rows = max(1, int(max_read_pixels / (level_w * rows_per_mask_row)))   # in mask rows
-    out = np.empty((mask_h, mask_w, 3), dtype=np.uint8)
-    for r0 in range(0, mask_h, strip_rows):
-        r1 = min(r0 + strip_rows, mask_h)
-        y0, y1 = round(r0 * rows_per_mask_row), round(r1 * rows_per_mask_row)
-        strip = slide.read_region(0, round(y0 * level_ds), level_w, max(y1 - y0, 1), level)
-        out[r0:r1] = np.asarray(Image.fromarray(strip).resize((mask_w, r1 - r0), Image.Resampling.BOX))
-    return out
-
-
 def compute_tissue_mask(slide, params: TissueParams = TissueParams()) -> TissueMask:
     """Tissue mask of an open `wsi.slide.Slide`, on a low-resolution level (see module doc)."""
     level, (mask_w, mask_h) = mask_level_and_size(slide, params)
-    rgb = read_downsampled(slide, level, (mask_w, mask_h))
+    rgb = slide.read_level_resized(level, (mask_w, mask_h))   # in strips when the level is big
     downsample = slide.dimensions[0] / mask_w
     mask = tissue_mask_from_rgb(rgb, params, um_per_px=slide.mpp * downsample)
     log.debug("%s: tissue mask %dx%d from level %d, downsample %.2f, %.1f%% tissue",

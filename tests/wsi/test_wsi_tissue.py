@@ -134,7 +134,7 @@ def test_real_jpeg2000_slide_excludes_grey_stitching_background():
 
 def test_a_level_too_big_for_one_read_is_read_in_strips(tmp_path, he_image):
     """A slide without a pyramid: the mask comes from level 0 in strips, same as in one read."""
-    from wsi.tissue import mask_level_and_size, read_downsampled
+    from wsi.tissue import mask_level_and_size
     from wsi_slides import write_pyramid_tiff
 
     rgb, truth = he_image
@@ -142,8 +142,8 @@ def test_a_level_too_big_for_one_read_is_read_in_strips(tmp_path, he_image):
     with open_slide(path) as slide:
         level, size = mask_level_and_size(slide, TissueParams())
         assert level == 0 and slide.level_count == 1
-        whole = read_downsampled(slide, level, size, max_read_pixels=2**40)
-        strips = read_downsampled(slide, level, size, max_read_pixels=300_000)   # ~30 strips
+        whole = slide.read_level_resized(level, size, max_read_pixels=2**40)
+        strips = slide.read_level_resized(level, size, max_read_pixels=300_000)   # ~11 strips
         assert strips.shape == whole.shape == (size[1], size[0], 3)
         assert np.abs(strips.astype(int) - whole).mean() < 1.0
         mask = compute_tissue_mask(slide).mask
