@@ -1,0 +1,503 @@
+"""`milroi-serve serve`: the gRPC server streaming per-patch tumour scores (grpc.aio).
+
+    milroi-serve serve --model models:/milroi@champion --slide-root /data/slides \
+        [--port 50051] [--host 127.0.0.1] [--token-file F] [--tls-cert C --tls-key K]
+        [--metrics-port 9100] [--max-concurrent 16] [--provider auto|cpu|cuda|tensorrt]
+
+Services: milroi.v1.SlideScoring (proto/milroi/v1/scoring.proto), grpc.health.v1.Health
+(NOT_SERVING until a model is loaded and again while draining) and server reflection.
+
+The event loop only moves messages: slide reads, tissue masks and onnxruntime runs happen in
+threads (a producer thread per ScoreSlide stream, the engine's batcher thread, the tile readers),
+so the loop stays responsive to new calls, cancels and health checks while slides are scored.
+Every failure becomes one gRPC status with a clear message and the server keeps serving:
+NOT_FOUND (no such slide), INVALID_ARGUMENT (corrupt or non-slide file, bad parameter),
+PERMISSION_DENIED (path outside the slide roots), UNAUTHENTICATED (bearer token),
+RESOURCE_EXHAUSTED (beyond --max-concurrent), UNAVAILABLE (no model loaded yet).
+A client cancel or deadline sets the stream's cancel event: its tile reads and queued model runs
+stop within a fraction of a second. SIGTERM: health NOT_SERVING, in-flight streams finish within
+--grace seconds, exit 0.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from milroi.v1 import scoring_pb2 as pb
+from milroi.v1 import scoring_pb2_grpc as pb_grpc
+from serving.engine import PROVIDER_CHOICES, PROVIDER_NAMES, Engine, ModelRef
+from serving.metrics import ServerMetrics
+from serving.model_source import LoadedModel, ModelNotReady, ModelSource, ModelSpec
+from serving.pipeline import PatchChunk, SlideHeader, SlideScorer, SlideSummary
+from serving.security import (PathDenied, SlideNotFound, SlideRoots, bearer_ok, read_token,
+                              server_credentials)
+from wsi.errors import SlideError, WsiError
+
+log = logging.getLogger(__name__)
+
+SERVICE = pb.DESCRIPTOR.services_by_name["SlideScoring"].full_name
+MAX_TILES_PER_REQUEST = 4096
+# ScoreSlide events a producer thread may be ahead of the client (bounds memory per stream).
+MAX_BUFFERED_EVENTS = 16
+
+
+class Unauthenticated(WsiError):
+    pass
+
+
+class Busy(WsiError):
+    pass
+
+
+def status_of(exc: BaseException) -> grpc.StatusCode:
+    """The gRPC status code of an error raised while serving a call."""
+    if isinstance(exc, Unauthenticated):
+        return grpc.StatusCode.UNAUTHENTICATED
+    if isinstance(exc, PathDenied):
+        return grpc.StatusCode.PERMISSION_DENIED
+    if isinstance(exc, SlideNotFound):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(exc, SlideError):
+        return grpc.StatusCode.NOT_FOUND if exc.cause == "no such file" else grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(exc, ModelNotReady):
+        return grpc.StatusCode.UNAVAILABLE
+    if isinstance(exc, Busy):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(exc, WsiError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    return grpc.StatusCode.INTERNAL
+
+
+# -- dataclasses -> messages -------------------------------------------------------------------
+def model_ref_pb(ref: ModelRef) -> pb.ModelRef:
+    return pb.ModelRef(name=ref.name, version=str(ref.version), alias=ref.alias, run_id=ref.run_id)
+
+
+def _ring(coords) -> pb.Ring:
+    xy = np.asarray(coords, np.float64).reshape(-1, 2)
+    return pb.Ring(x=xy[:, 0].tolist(), y=xy[:, 1].tolist())
+
+
+def event_pb(event) -> pb.ScoreSlideResponse:
+    if isinstance(event, PatchChunk):
+        return pb.ScoreSlideResponse(patches=pb.PatchScores(
+            offset=event.offset, x=event.coords[:, 0].tolist(), y=event.coords[:, 1].tolist(),
+            score=event.scores.tolist()))
+    if isinstance(event, SlideHeader):
+        return pb.ScoreSlideResponse(header=pb.SlideHeader(
+            slide_path=event.slide_path, width=event.width, height=event.height,
+            level_count=event.level_count, mpp=event.mpp, mpp_source=event.mpp_source,
+            tile_size=event.tile_size, tile_level=event.tile_level, tile_count=event.tile_count,
+            model=model_ref_pb(event.model)))
+    if isinstance(event, SlideSummary):
+        t = event.timings
+        rois = [pb.Polygon(exterior=_ring(r.polygon.exterior.coords),
+                           holes=[_ring(h.coords) for h in r.polygon.interiors],
+                           area_um2=r.area_um2, max_score=r.max_score, mean_score=r.mean_score)
+                for r in event.rois]
+        return pb.ScoreSlideResponse(summary=pb.SlideSummary(
+            slide_score=event.slide_score, label=event.label, threshold=event.threshold,
+            tile_count=event.tile_count, rois=rois, mpp=event.mpp,
+            roi_threshold=event.roi_threshold, model=model_ref_pb(event.model),
+            timings=pb.Timings(open_s=t.open_s, tissue_s=t.tissue_s, scoring_s=t.scoring_s,
+                               total_s=t.total_s, first_score_s=t.first_score_s,
+                               tiles_per_second=t.tiles_per_second)))
+    raise TypeError(f"not a slide event: {type(event).__name__}")
+
+
+def decode_tiles(request: pb.ScoreTilesRequest, tile_size: int) -> np.ndarray:
+    """uint8 [count, s, s, 3] from a ScoreTilesRequest, checked against the model's tile size."""
+    count, size = int(request.count), int(request.tile_size)
+    if not 1 <= count <= MAX_TILES_PER_REQUEST:
+        raise WsiError(f"count must be in [1, {MAX_TILES_PER_REQUEST}], got {count}")
+    if size != tile_size:
+        raise WsiError(f"tile_size {size} does not match the model's {tile_size}")
+    expected = count * size * size * 3
+    if len(request.tiles) != expected:
+        raise WsiError(f"tiles holds {len(request.tiles)} bytes, expected {expected} "
+                       f"({count} RGB tiles of {size}x{size})")
+    if len(request.x) != len(request.y) or len(request.x) not in (0, count):
+        raise WsiError(f"x and y must both be empty or hold {count} values, got "
+                       f"{len(request.x)} and {len(request.y)}")
+    return np.frombuffer(request.tiles, np.uint8).reshape(count, size, size, 3)
+
+
+# -- the service --------------------------------------------------------------------------------
+@dataclass
+class ServerOptions:
+    max_concurrent: int = 16
+    token: str | None = None
+    reader_workers: int | None = None
+    fallback_mpp: float | None = None
+
+
+class SlideScoringService(pb_grpc.SlideScoringServicer):
+    def __init__(self, source: ModelSource, roots: SlideRoots, metrics: ServerMetrics,
+                 options: ServerOptions):
+        self.source, self.roots, self.metrics, self.options = source, roots, metrics, options
+        self._active = 0
+
+    @contextlib.contextmanager
+    def _slot(self):
+        """One of --max-concurrent streams, or RESOURCE_EXHAUSTED (runs on the loop: no lock)."""
+        if self._active >= self.options.max_concurrent:
+            raise Busy(f"server busy: {self._active} streams running (--max-concurrent "
+                       f"{self.options.max_concurrent}); retry later")
+        self._active += 1
+        try:
+            yield
+        finally:
+            self._active -= 1
+
+    def _authorize(self, context) -> None:
+        if not bearer_ok(context.invocation_metadata(), self.options.token):
+            raise Unauthenticated("missing or wrong bearer token (metadata 'authorization: Bearer <token>')")
+
+    async def _fail(self, method: str, context, exc: BaseException, started: float):
+        code = status_of(exc)
+        if code == grpc.StatusCode.INTERNAL:
+            log.exception("%s failed", method, exc_info=exc)
+            message = f"internal error: {exc!r}"
+        else:
+            log.info("%s: %s: %s", method, code.name, exc)
+            message = str(exc)
+        self.metrics.record(method, code.name, time.perf_counter() - started)
+        await context.abort(code, message)
+
+    def _cancelled(self, method: str, context, started: float) -> None:
+        remaining = context.time_remaining()
+        code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+        self.metrics.record(method, code, time.perf_counter() - started)
+
+    # ScoreSlide ------------------------------------------------------------------------------
+    async def ScoreSlide(self, request, context):
+        method, started = "ScoreSlide", time.perf_counter()
+        cancel = threading.Event()
+        self.metrics.in_flight.inc()
+        try:
+            self._authorize(context)
+            path = self.roots.resolve(request.slide_path)
+            with self._slot(), self.source.lease() as model:
+                scorer = SlideScorer(model.engine, reader_workers=self.options.reader_workers,
+                                     fallback_mpp=self.options.fallback_mpp)
+                kwargs = dict(chunk_size=request.chunk_size or None,
+                              min_tissue=request.min_tissue if request.HasField("min_tissue") else None,
+                              roi_threshold=(request.roi_threshold if request.HasField("roi_threshold")
+                                             else None))
+                scorer.check_parameters(**kwargs)
+                first = True
+                async for event in _in_thread(lambda: scorer.score(
+                        path, cancel=cancel, display_path=request.slide_path, **kwargs), cancel):
+                    if first and isinstance(event, PatchChunk):
+                        self.metrics.first_score.observe(time.perf_counter() - started)
+                        first = False
+                    yield event_pb(event)
+        except asyncio.CancelledError:
+            cancel.set()
+            self._cancelled(method, context, started)
+            raise
+        except Exception as exc:  # noqa: BLE001 - every error is one status
+            cancel.set()
+            await self._fail(method, context, exc, started)
+        else:
+            self.metrics.record(method, "OK", time.perf_counter() - started)
+        finally:
+            cancel.set()
+            self.metrics.in_flight.dec()
+
+    # ScoreTiles ------------------------------------------------------------------------------
+    async def ScoreTiles(self, request_iterator, context):
+        method, started = "ScoreTiles", time.perf_counter()
+        self.metrics.in_flight.inc()
+        feeder = None
+        try:
+            self._authorize(context)
+            with self._slot(), self.source.lease() as model:
+                engine, ref = model.engine, model_ref_pb(model.ref)
+                # Requests are submitted as they arrive (a few ahead of the replies), so the
+                # batcher can merge them with other streams' tiles.
+                pending: asyncio.Queue = asyncio.Queue(maxsize=4)
+
+                async def feed():
+                    try:
+                        async for req in request_iterator:
+                            tiles = decode_tiles(req, engine.tile_size)
+                            await pending.put((req, asyncio.wrap_future(engine.submit(tiles))))
+                        await pending.put(None)
+                    except Exception as exc:  # noqa: BLE001 - handed to the replying side
+                        await pending.put(exc)
+
+                feeder = asyncio.create_task(feed())
+                index = 0
+                while (item := await pending.get()) is not None:
+                    if isinstance(item, Exception):
+                        raise item
+                    req, future = item
+                    outputs = await future
+                    yield pb.ScoreTilesResponse(score=outputs["patch_scores"].tolist(), x=req.x,
+                                                y=req.y, batch_index=index, model=ref)
+                    index += 1
+        except asyncio.CancelledError:
+            self._cancelled(method, context, started)
+            raise
+        except Exception as exc:  # noqa: BLE001
+            await self._fail(method, context, exc, started)
+        else:
+            self.metrics.record(method, "OK", time.perf_counter() - started)
+        finally:
+            if feeder is not None:
+                feeder.cancel()
+            self.metrics.in_flight.dec()
+
+    # GetModel --------------------------------------------------------------------------------
+    async def GetModel(self, request, context):
+        method, started = "GetModel", time.perf_counter()
+        try:
+            self._authorize(context)
+            with self.source.lease() as model:
+                info = model_info(model)
+        except Exception as exc:  # noqa: BLE001
+            await self._fail(method, context, exc, started)
+        self.metrics.record(method, "OK", time.perf_counter() - started)
+        return info
+
+
+def model_info(model: LoadedModel) -> pb.ModelInfo:
+    engine, manifest = model.engine, model.engine.manifest
+    return pb.ModelInfo(
+        model=model_ref_pb(model.ref), head=str(manifest.get("head", "")),
+        tile_size=int(manifest["tile_size"]), tile_level=int(manifest.get("level", 0)),
+        feature_dim=int(manifest["feature_dim"]), threshold=float(manifest["threshold"]),
+        roi_threshold=float(manifest.get("patch_threshold", 0.5)),
+        provider=PROVIDER_NAMES[engine.provider], providers=list(engine.providers),
+        manifest_json=json.dumps(manifest, sort_keys=True))
+
+
+async def _in_thread(make_events, cancel: threading.Event):
+    """Run a blocking generator in its own thread; yield its items on the event loop.
+
+    At most MAX_BUFFERED_EVENTS items wait for the client; the producer blocks (checking
+    `cancel`) beyond that. Errors of the generator are raised here. Leaving early sets `cancel`.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    credits = threading.Semaphore(MAX_BUFFERED_EVENTS)
+
+    def put(item):
+        with contextlib.suppress(RuntimeError):   # the loop is gone (server shutting down)
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    def produce():
+        try:
+            for event in make_events():
+                while not credits.acquire(timeout=0.05):
+                    if cancel.is_set():
+                        return
+                put(("event", event))
+        except BaseException as exc:  # noqa: BLE001 - raised on the loop side
+            put(("error", exc))
+        else:
+            put(("end", None))
+
+    threading.Thread(target=produce, name="score-slide", daemon=True).start()
+    try:
+        while True:
+            kind, value = await queue.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+            credits.release()
+    finally:
+        cancel.set()
+
+
+# -- server lifecycle ---------------------------------------------------------------------------
+@dataclass
+class ServerConfig:
+    model: str
+    slide_roots: list[str]
+    host: str = "127.0.0.1"
+    port: int = 50051
+    token_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    metrics_port: int | None = None
+    max_concurrent: int = 16
+    provider: str = "auto"
+    precision: str = "fp32"
+    batch_size: int = 64
+    max_wait_ms: float = 5.0
+    threads: int | None = None
+    reader_workers: int | None = None
+    tracking_uri: str | None = None
+    poll_interval: float = 30.0
+    grace: float = 30.0
+    fallback_mpp: float | None = None
+    engine_kwargs: dict = field(default_factory=dict)
+
+
+class ScoringServer:
+    """The grpc.aio server with its model source, health, reflection and metrics."""
+
+    def __init__(self, config: ServerConfig):
+        if (config.tls_cert is None) != (config.tls_key is None):
+            raise WsiError("--tls-cert and --tls-key go together")
+        self.config = config
+        self.roots = SlideRoots(config.slide_roots)
+        token = read_token(config.token_file) if config.token_file else None
+        self.metrics = ServerMetrics()
+        self.spec = ModelSpec.parse(config.model)
+        self.source = ModelSource(self.spec, self._make_engine, tracking_uri=config.tracking_uri,
+                                  poll_interval=config.poll_interval,
+                                  on_change=self._model_changed,
+                                  on_error=lambda exc: self.metrics.model_errors.inc())
+        self.service = SlideScoringService(
+            self.source, self.roots, self.metrics,
+            ServerOptions(config.max_concurrent, token, config.reader_workers, config.fallback_mpp))
+        self.health = health.aio.HealthServicer()
+        self.metrics.queue_depth.set_function(
+            lambda: self.source.current.engine.queue_depth() if self.source.current else 0)
+        self.server: grpc.aio.Server | None = None
+        self.port: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.ready = asyncio.Event()
+
+    def _make_engine(self, bundle_dir: Path, ref: ModelRef) -> Engine:
+        c = self.config
+        return Engine(bundle_dir, provider=c.provider, precision=c.precision,
+                      batch_size=c.batch_size, max_wait_s=c.max_wait_ms / 1000, threads=c.threads,
+                      model=ref, on_batch=self.metrics.on_batch, **c.engine_kwargs)
+
+    def _model_changed(self, model: LoadedModel) -> None:
+        """From the poll thread: metrics now, health on the loop."""
+        self.metrics.set_model(model.ref, PROVIDER_NAMES[model.engine.provider])
+        if self._loop is not None:
+            asyncio.run_coroutine_threadsafe(self._set_serving(True), self._loop)
+
+    async def _set_serving(self, serving: bool) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in ("", SERVICE):
+            await self.health.set(name, status)
+        if serving:
+            self.ready.set()
+
+    async def start(self) -> int:
+        c = self.config
+        self._loop = asyncio.get_running_loop()
+        self.ready = asyncio.Event()
+        await self._set_serving(False)
+        self.server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024)])
+        pb_grpc.add_SlideScoringServicer_to_server(self.service, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME), self.server)
+        address = f"{c.host}:{c.port}"
+        if c.tls_cert:
+            self.port = self.server.add_secure_port(address, server_credentials(c.tls_cert, c.tls_key))
+        else:
+            self.port = self.server.add_insecure_port(address)
+        if not self.port:
+            raise WsiError(f"cannot listen on {address}")
+        await self.server.start()
+        if c.metrics_port is not None:
+            self.metrics.serve(c.metrics_port, c.host)
+            log.info("metrics on http://%s:%d/metrics", c.host, c.metrics_port)
+        log.info("milroi-serve listening on %s:%d (%s), slide roots %s, model %s",
+                 c.host, self.port, "TLS" if c.tls_cert else "plaintext",
+                 ", ".join(map(str, self.roots.roots)), c.model)
+        self.source.start()   # loads in the background: health says NOT_SERVING until then
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: health NOT_SERVING, no new calls, running ones get `grace` seconds."""
+        grace = self.config.grace if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            await self.server.stop(grace)
+        self.source.stop()
+
+
+# -- command line ------------------------------------------------------------------------------
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True,
+                        help="models:/NAME@ALIAS, models:/NAME/VERSION or a bundle folder")
+    parser.add_argument("--slide-root", action="append", required=True, dest="slide_roots",
+                        help="folder slides are read from (repeatable); request paths are relative to it")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=50051, help="port (default 50051, 0 = any free)")
+    parser.add_argument("--token-file", default=None,
+                        help="file holding the bearer token clients must send")
+    parser.add_argument("--tls-cert", default=None, help="PEM certificate chain (with --tls-key)")
+    parser.add_argument("--tls-key", default=None, help="PEM private key")
+    parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port")
+    parser.add_argument("--max-concurrent", type=int, default=16,
+                        help="streams served at once; more get RESOURCE_EXHAUSTED (default 16)")
+    parser.add_argument("--provider", choices=sorted(PROVIDER_CHOICES), default="auto",
+                        help="onnxruntime execution provider (default auto: TensorRT, CUDA, CPU)")
+    parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
+                        help="backbone precision on GPU (default fp32)")
+    parser.add_argument("--batch-size", type=int, default=64, help="tiles per model run (default 64)")
+    parser.add_argument("--max-wait-ms", type=float, default=5.0,
+                        help="how long the batcher waits to fill a batch (default 5 ms)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="onnxruntime intra-op threads on CPU (default: all usable cores)")
+    parser.add_argument("--reader-workers", type=int, default=None,
+                        help="tile-reading threads per slide (default: cores, 2..8)")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    parser.add_argument("--poll-interval", type=float, default=30.0,
+                        help="seconds between checks of the model alias (default 30)")
+    parser.add_argument("--grace", type=float, default=30.0,
+                        help="seconds in-flight streams get to finish on SIGTERM (default 30)")
+    parser.add_argument("--fallback-mpp", type=float, default=None,
+                        help="pixel size (um) assumed for slides without one (default 0.243)")
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    if args.max_concurrent < 1 or args.batch_size < 1 or args.poll_interval <= 0:
+        raise WsiError("--max-concurrent and --batch-size must be >= 1, --poll-interval > 0")
+    return ServerConfig(
+        model=args.model, slide_roots=args.slide_roots, host=args.host, port=args.port,
+        token_file=args.token_file, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        metrics_port=args.metrics_port, max_concurrent=args.max_concurrent,
+        provider=args.provider, precision=args.precision, batch_size=args.batch_size,
+        max_wait_ms=args.max_wait_ms, threads=args.threads, reader_workers=args.reader_workers,
+        tracking_uri=args.tracking_uri, poll_interval=args.poll_interval, grace=args.grace,
+        fallback_mpp=args.fallback_mpp)
+
+
+async def serve(config: ServerConfig) -> int:
+    server = ScoringServer(config)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: draining in-flight streams (grace %.0f s)", config.grace)
+    await server.stop()
+    log.info("stopped")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return asyncio.run(serve(config_from_args(args)))
