@@ -1,0 +1,115 @@
+"""SlideScorer: event order and content, equality with a direct engine run, cancel, bad slides."""
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from serving.aggregate import make_state, slide_score
+from serving.engine import Engine
+from serving.pipeline import PatchChunk, SlideHeader, SlideScorer, SlideSummary
+from wsi.errors import SlideError, WsiError
+from wsi.grid import tiles_for_slide
+from wsi.slide import open_slide
+from wsi.tissue import TissueParams
+
+
+@pytest.fixture(scope="module")
+def engine(chowder_bundle):
+    with Engine(chowder_bundle, provider="cpu", batch_size=8) as engine:
+        yield engine
+
+
+def _direct(engine, path):
+    """Grid and scores computed without the pipeline: read every tile, one engine.infer."""
+    manifest = engine.manifest
+    with open_slide(path) as slide:
+        _, grid = tiles_for_slide(slide, tile_size=manifest["tile_size"],
+                                  min_tissue=manifest["min_tissue"],
+                                  params=TissueParams.from_dict(manifest["tissue"]))
+        tiles = np.stack([slide.read_region(x, y, 224, 224) for x, y in grid.coords])
+    outputs = engine.infer(tiles)
+    state = make_state(engine.pooling)
+    state.update(outputs)
+    return grid.coords, outputs["patch_scores"], slide_score(engine, state)
+
+
+def test_stream_order_and_content(engine, slide_root):
+    path = slide_root / "slide.tiff"
+    events = list(SlideScorer(engine).score(path, chunk_size=7))
+    header, chunks, summary = events[0], events[1:-1], events[-1]
+    assert isinstance(header, SlideHeader) and isinstance(summary, SlideSummary)
+    assert all(isinstance(c, PatchChunk) for c in chunks)
+    coords, scores, (logit, probability) = _direct(engine, path)
+    n = len(coords)
+    assert n >= 10 and header.tile_count == n == summary.tile_count
+    assert (header.width, header.height, header.mpp_source) == (1792, 1344, "metadata")
+    assert header.mpp == pytest.approx(0.25, rel=1e-3)
+    # chunks of 7 in grid order, contiguous offsets, the last one partial
+    assert [c.offset for c in chunks] == list(range(0, n, 7))
+    assert [len(c.scores) for c in chunks] == [min(7, n - o) for o in range(0, n, 7)]
+    np.testing.assert_array_equal(np.concatenate([c.coords for c in chunks]), coords)
+    np.testing.assert_allclose(np.concatenate([c.scores for c in chunks]), scores, atol=1e-5)
+    assert summary.slide_logit == pytest.approx(logit, abs=1e-4)
+    assert summary.slide_score == pytest.approx(probability, abs=1e-5)
+    assert summary.label == ("tumor" if probability >= summary.threshold else "normal")
+    np.testing.assert_allclose(summary.scores, scores, atol=1e-5)
+    assert summary.timings.first_score_s > 0 and summary.timings.tiles_per_second > 0
+    assert summary.model == engine.model
+
+
+def test_roi_polygons_follow_the_threshold(engine, slide_root):
+    scorer = SlideScorer(engine)
+    scores = scorer.score_slide(slide_root / "slide.tiff").scores
+    threshold = float(np.median(scores))   # about half the tiles are "tumour"
+    summary = scorer.score_slide(slide_root / "slide.tiff", roi_threshold=threshold)
+    tile, hot = summary.tile_size, summary.scores >= threshold
+    assert summary.roi_threshold == pytest.approx(threshold)
+    # tiles do not overlap: the ROIs' area is exactly the hot tiles' area
+    total = sum(r.polygon.area for r in summary.rois)
+    assert total == pytest.approx(hot.sum() * tile * tile, rel=1e-6)
+    assert sum(r.area_um2 for r in summary.rois) == pytest.approx(total * summary.mpp ** 2)
+    assert max(r.max_score for r in summary.rois) == pytest.approx(scores.max(), abs=1e-6)
+    assert min(r.mean_score for r in summary.rois) >= threshold - 1e-6
+    above_all = scorer.score_slide(slide_root / "slide.tiff",
+                                   roi_threshold=min(0.99, float(scores.max()) * 1.01 + 1e-9))
+    assert above_all.rois == []
+
+
+def test_slide_without_tissue(engine, slide_root):
+    events = list(SlideScorer(engine).score(slide_root / "blank.tiff"))
+    assert [type(e) for e in events] == [SlideHeader, SlideSummary]
+    summary = events[-1]
+    assert summary.tile_count == 0 and summary.label == "no_tissue" and np.isnan(summary.slide_score)
+
+
+def test_bad_slides_and_parameters(engine, slide_root):
+    scorer = SlideScorer(engine)
+    with pytest.raises(SlideError, match="broken.svs"):
+        list(scorer.score(slide_root / "broken.svs"))
+    with pytest.raises(SlideError, match="notes.txt"):
+        list(scorer.score(slide_root / "notes.txt"))
+    with pytest.raises(SlideError, match="no such file"):
+        list(scorer.score(slide_root / "missing.tiff"))
+    with pytest.raises(WsiError, match="min_tissue"):
+        list(scorer.score(slide_root / "slide.tiff", min_tissue=0.0))
+    with pytest.raises(WsiError, match="roi_threshold"):
+        list(scorer.score(slide_root / "slide.tiff", roi_threshold=1.5))
+
+
+def test_cancel_stops_within_a_second(engine, slide_root):
+    cancel = threading.Event()
+    scorer = SlideScorer(engine, in_flight=1)
+    stream = scorer.score(slide_root / "slide.tiff", chunk_size=8, cancel=cancel)
+    header = next(stream)
+    first = next(stream)
+    assert isinstance(first, PatchChunk)
+    tiles_before = engine.stats.tiles
+    cancel.set()
+    started = time.perf_counter()
+    rest = list(stream)
+    assert time.perf_counter() - started < 1.0
+    assert not any(isinstance(e, SlideSummary) for e in rest)
+    time.sleep(0.5)   # nothing keeps running for this slide afterwards (at most the running batch)
+    assert engine.stats.tiles - tiles_before <= 2 * engine.batch_size
+    assert engine.stats.tiles < tiles_before + header.tile_count - first.scores.size
