@@ -141,3 +141,12 @@ def make_server(slide_root, chowder_bundle):
     yield make
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
