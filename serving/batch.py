@@ -244,7 +244,8 @@ def score_one(backend: SlideScoringBackend, path: Path, key: str, out_dir: Path)
         with open_slide(path) as slide:
             write_slide_outputs(slide_out, slide, scored.coords, scored.scores, scored.tile_size,
                                 scored.roi_threshold)
-        row.update(status="ok", label=scored.label, score=float(scored.slide_score),
+        score = float(scored.slide_score)
+        row.update(status="ok", label=scored.label, score=None if np.isnan(score) else score,
                    threshold=float(scored.threshold), tiles=len(scored.scores), rois=scored.rois,
                    model=scored.model, model_version=scored.model_version, error="",
                    seconds=round(time.perf_counter() - started, 3))

@@ -25,7 +25,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 import grpc
 import numpy as np
@@ -242,6 +242,9 @@ class SlideScoringStream:
                     raise self._error(None, f"unexpected {kind!r} message in the stream")
         except grpc.RpcError as exc:
             raise self._error(exc) from None
+        except ScoringError:  # a protocol error: stop the server's work on this slide too
+            self._call.cancel()
+            raise
         if self._summary is None:
             raise self._error(None, "stream ended without a summary")
         if self._summary.tile_count != self._received:
@@ -261,7 +264,9 @@ class SlideScoringStream:
         """Read the rest of the stream into one `SlideResult`; `progress(n)` after each chunk."""
         xs, ys, scores = [], [], []
         for chunk in self:
-            xs.append(chunk.x), ys.append(chunk.y), scores.append(chunk.score)
+            xs.append(chunk.x)
+            ys.append(chunk.y)
+            scores.append(chunk.score)
             if progress is not None:
                 progress(len(chunk))
         coords = np.column_stack([np.concatenate(xs), np.concatenate(ys)]) if xs \
