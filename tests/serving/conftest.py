@@ -81,6 +81,7 @@ def slide_root(tmp_path_factory) -> Path:
     write_tiff_slide(root / "slide.tiff", seed=0)
     (root / "sub").mkdir()
     write_tiff_slide(root / "sub" / "other.tiff", width=1344, height=1120, seed=1)
+    write_tiff_slide(root / "big.tiff", width=3584, height=2688, seed=3)   # ~80 tiles
     write_tiff_slide(root / "blank.tiff", width=1024, height=768, tissue=False)
     shutil.copy(DATA / "broken.svs", root / "broken.svs")
     (root / "notes.txt").write_text("not a slide\n")

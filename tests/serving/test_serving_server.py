@@ -154,7 +154,7 @@ def test_max_concurrent_and_cancel(make_server):
     """A second stream beyond --max-concurrent 1 is refused; a cancelled stream stops its work."""
     server = make_server(max_concurrent=1, batch_size=2)
     stub = pb_grpc.SlideScoringStub(server.channel())
-    call = stub.ScoreSlide(pb.ScoreSlideRequest(slide_path="slide.tiff", chunk_size=2))
+    call = stub.ScoreSlide(pb.ScoreSlideRequest(slide_path="big.tiff", chunk_size=2))
     assert next(call).WhichOneof("kind") == "header"
     assert next(call).WhichOneof("kind") == "patches"
     code, details = _code(lambda: list(stub.ScoreSlide(pb.ScoreSlideRequest(slide_path="slide.tiff"))))
@@ -172,7 +172,8 @@ def test_max_concurrent_and_cancel(make_server):
 def test_deadline_stops_the_stream(make_server):
     server = make_server(batch_size=2)
     stub = pb_grpc.SlideScoringStub(server.channel())
-    code, _ = _code(lambda: list(stub.ScoreSlide(pb.ScoreSlideRequest(slide_path="slide.tiff"),
+    # ~80 tiles take several seconds on any CPU: the deadline comes first
+    code, _ = _code(lambda: list(stub.ScoreSlide(pb.ScoreSlideRequest(slide_path="big.tiff"),
                                                  timeout=0.8)))
     assert code == Code.DEADLINE_EXCEEDED
     engine = server.server.source.current.engine
