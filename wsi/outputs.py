@@ -1,0 +1,264 @@
+"""What a scored slide leaves on disk: patch CSV, QuPath GeoJSON, heatmap PNG, Spatiopath JSON.
+
+Everything is in level-0 pixels of the slide (x to the right, y down, origin top-left), the frame
+the tile grid uses. Tumour ROIs are the union of the squares of the tiles whose score is at or
+above a threshold: exact for several components and for holes (a hole is a run of low-scored or
+missing tiles enclosed by high-scored ones), with no rasterisation error. Every file is written
+through `atomic_write`, so a job killed mid-write never leaves a half-written output behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Iterator, Sequence
+
+import numpy as np
+import shapely
+
+from wsi.errors import WsiError
+
+TUMOR_CLASS = {"name": "Tumor", "color": [200, 0, 0]}  # QuPath's own colour for "Tumor"
+HEATMAP_MAX_SIZE = 2048
+HEATMAP_ALPHA = 0.5
+HEATMAP_CMAP = "jet"
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Iterator[IO]:
+    """Open a temp file beside `path`; on success it replaces `path` (os.replace, atomic on one
+    file system), on an exception it is deleted and `path` is left as it was.
+
+    The temp file is named `.<name>.<random>.tmp` in the same folder, so a crash can be cleaned
+    up by name and the rename never crosses file systems.
+    """
+    if "w" not in mode:
+        raise WsiError(f"atomic_write needs a write mode, not {mode!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **open_kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are ordinary files
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _check(coords, scores) -> tuple[np.ndarray, np.ndarray]:
+    coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if len(coords) != len(scores):
+        raise WsiError(f"{len(coords)} tile coordinates but {len(scores)} scores")
+    return coords, scores
+
+
+def write_patch_csv(path, coords, scores, tile_size: int) -> Path:
+    """`x,y,size,score` per tile: x, y the level-0 top-left corner, size the level-0 tile side."""
+    coords, scores = _check(coords, scores)
+    table = np.column_stack([coords.astype(np.float64), np.full(len(coords), tile_size), scores])
+    buffer = io.StringIO()
+    buffer.write("x,y,size,score\n")
+    np.savetxt(buffer, table, fmt=["%d", "%d", "%d", "%.6f"], delimiter=",")
+    with atomic_write(path, "w") as f:
+        f.write(buffer.getvalue())
+    return Path(path)
+
+
+def score_map(coords, scores, tile_size: int, dimensions) -> tuple[np.ndarray, float]:
+    """Scores on a 2D grid with one cell per tile: float32 (rows, cols), NaN where no tile was
+    scored; the second value is the downsample (level-0 px per cell) = tile_size."""
+    coords, scores = _check(coords, scores)
+    width, height = (int(v) for v in dimensions)
+    grid = np.full((-(-height // tile_size), -(-width // tile_size)), np.nan, np.float32)
+    if len(coords):
+        rows, cols = coords[:, 1] // tile_size, coords[:, 0] // tile_size
+        inside = (rows >= 0) & (rows < grid.shape[0]) & (cols >= 0) & (cols < grid.shape[1])
+        grid[rows[inside], cols[inside]] = scores[inside]
+    return grid, float(tile_size)
+
+
+def _polygons(geometry) -> list:
+    """The polygons of a (multi)polygon or collection, empty parts dropped."""
+    if geometry is None or geometry.is_empty:
+        return []
+    if geometry.geom_type == "Polygon":
+        return [geometry]
+    return [g for part in geometry.geoms for g in _polygons(part)]
+
+
+def roi_polygons(coords, scores, tile_size: int, threshold: float = 0.5,
+                 min_area_px: float = 0.0) -> list:
+    """Tumour ROIs (shapely Polygons in level-0 px, largest first): the union of the squares of
+    the tiles scored >= threshold, one polygon per connected component, holes kept, collinear
+    vertices removed, components smaller than `min_area_px` dropped."""
+    coords, scores = _check(coords, scores)
+    hot = coords[scores >= threshold].astype(np.float64)
+    if len(hot) == 0:
+        return []
+    boxes = shapely.box(hot[:, 0], hot[:, 1], hot[:, 0] + tile_size, hot[:, 1] + tile_size)
+    # Tiles touching only at a corner would make one invalid "bow-tie" polygon; union_all splits
+    # them into separate components, which is what a reader of the map sees too.
+    union = shapely.simplify(shapely.union_all(boxes), 0.0)  # tolerance 0: drop collinear points
+    polygons = [p for p in _polygons(union) if p.area >= min_area_px]
+    return sorted(polygons, key=lambda p: -p.area)
+
+
+def _roi_stats(rois: Sequence, coords: np.ndarray, scores: np.ndarray, tile_size: int) -> list[dict]:
+    """Per ROI: area (px^2) and the max/mean score of the tiles whose centre lies inside it."""
+    cx = coords[:, 0] + tile_size / 2
+    cy = coords[:, 1] + tile_size / 2
+    stats = []
+    for roi in rois:  # one vectorised point-in-polygon test per ROI
+        inside = shapely.contains_xy(roi, cx, cy) if len(coords) else np.zeros(0, bool)
+        selected = scores[inside]
+        stats.append({"area_px": float(roi.area), "tiles": int(inside.sum()),
+                      "max_score": float(selected.max()) if len(selected) else None,
+                      "mean_score": float(selected.mean()) if len(selected) else None})
+    return stats
+
+
+def _ring(coords) -> list[list[float]]:
+    return [[float(x), float(y)] for x, y in np.asarray(coords)]
+
+
+def _polygon_geometry(polygon) -> dict:
+    polygon = shapely.geometry.polygon.orient(polygon, 1.0)  # GeoJSON: exterior counter-clockwise
+    return {"type": "Polygon",
+            "coordinates": [_ring(polygon.exterior.coords)] + [_ring(r.coords) for r in polygon.interiors]}
+
+
+def write_geojson(path, coords, scores, tile_size: int, rois: Sequence = (),
+                  roi_stats: Sequence[dict] | None = None, mpp: float | None = None) -> Path:
+    """A FeatureCollection QuPath imports (File > Import objects): one "detection" per tile with
+    its `tumor_score` measurement, one "annotation" classified "Tumor" per ROI."""
+    coords, scores = _check(coords, scores)
+    roi_stats = list(roi_stats) if roi_stats is not None else _roi_stats(rois, coords, scores, tile_size)
+    x0, y0 = coords[:, 0].tolist(), coords[:, 1].tolist()
+    features = []
+    for x, y, s in zip(x0, y0, scores.tolist()):
+        x1, y1 = x + tile_size, y + tile_size
+        features.append({
+            "type": "Feature",
+            "geometry": {"type": "Polygon",
+                         "coordinates": [[[x, y], [x1, y], [x1, y1], [x, y1], [x, y]]]},
+            "properties": {"objectType": "detection", "measurements": {"tumor_score": s}},
+        })
+    for i, (roi, st) in enumerate(zip(rois, roi_stats)):
+        measurements = {"area_px2": st["area_px"], "tiles": st["tiles"]}
+        if mpp:
+            measurements["area_um2"] = st["area_px"] * mpp * mpp
+        if st["max_score"] is not None:
+            measurements.update(max_tumor_score=st["max_score"], mean_tumor_score=st["mean_score"])
+        features.append({
+            "type": "Feature",
+            "geometry": _polygon_geometry(roi),
+            "properties": {"objectType": "annotation", "name": f"Tumor ROI {i + 1}",
+                           "classification": dict(TUMOR_CLASS), "measurements": measurements},
+        })
+    with atomic_write(path, "w") as f:
+        json.dump({"type": "FeatureCollection", "features": features}, f, separators=(",", ":"))
+    return Path(path)
+
+
+def heatmap_rgb(thumbnail: np.ndarray, dimensions, coords, scores, tile_size: int,
+                alpha: float = HEATMAP_ALPHA, cmap: str = HEATMAP_CMAP) -> np.ndarray:
+    """The thumbnail with every scored tile blended with its colormap colour; unscored pixels
+    (background, tiles left out) keep the thumbnail's own colour."""
+    from matplotlib import colormaps
+
+    grid, _ = score_map(coords, scores, tile_size, dimensions)
+    th, tw = thumbnail.shape[:2]
+    width, height = (int(v) for v in dimensions)
+    # Nearest score cell for the centre of every thumbnail pixel (separable: one row and one
+    # column index vector, no per-pixel loop).
+    rows = np.minimum(((np.arange(th) + 0.5) * height / th // tile_size).astype(np.int64), grid.shape[0] - 1)
+    cols = np.minimum(((np.arange(tw) + 0.5) * width / tw // tile_size).astype(np.int64), grid.shape[1] - 1)
+    values = grid[rows[:, None], cols[None, :]]
+    scored = ~np.isnan(values)
+    colours = colormaps[cmap](np.clip(np.nan_to_num(values), 0, 1), bytes=True)[..., :3]
+    out = thumbnail[..., :3].astype(np.float32)
+    out[scored] = (1 - alpha) * out[scored] + alpha * colours[scored]
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def write_heatmap_png(path, slide, coords, scores, tile_size: int, max_size: int = HEATMAP_MAX_SIZE,
+                      alpha: float = HEATMAP_ALPHA, cmap: str = HEATMAP_CMAP) -> Path:
+    """Heatmap PNG over the slide thumbnail (longest side `max_size` px)."""
+    from PIL import Image
+
+    coords, scores = _check(coords, scores)
+    rgb = heatmap_rgb(slide.thumbnail(max_size), slide.dimensions, coords, scores, tile_size,
+                      alpha, cmap)
+    with atomic_write(path, "wb") as f:
+        Image.fromarray(rgb).save(f, format="PNG")
+    return Path(path)
+
+
+def _xy(ring) -> dict:
+    xy = np.asarray(ring.coords)
+    return {"x": xy[:, 0].tolist(), "y": xy[:, 1].tolist()}
+
+
+def write_spatiopath_json(path, slide_name: str, rois: Sequence, mpp: float,
+                          scores=None, roi_stats: Sequence[dict] | None = None,
+                          threshold: float | None = None, tile_size: int | None = None,
+                          dimensions=None) -> Path:
+    """Tumour ROIs for Spatiopath: polygons as {"x": [...], "y": [...]} arrays in level-0 px
+    (exterior closed, first point repeated) plus holes, the pixel size, score statistics."""
+    roi_stats = list(roi_stats) if roi_stats is not None else [{} for _ in rois]
+    s = np.asarray(scores, np.float64) if scores is not None else np.zeros(0)
+    document = {
+        "format": "milroi-spatiopath/1",
+        "slide": slide_name,
+        "pixel_size_um": {"mpp": float(mpp)},
+        "units": {"coordinates": "level-0 pixels, origin top-left, x right, y down",
+                  "area_um2": "square micrometres (area_px2 * mpp^2)",
+                  "scores": "tumour probability per tile in [0, 1]"},
+        "dimensions": None if dimensions is None else [int(v) for v in dimensions],
+        "tile_size": tile_size,
+        "threshold": threshold,
+        "score_stats": {"tiles": int(len(s)),
+                        "min": float(s.min()) if len(s) else None,
+                        "max": float(s.max()) if len(s) else None,
+                        "mean": float(s.mean()) if len(s) else None,
+                        "median": float(np.median(s)) if len(s) else None,
+                        "above_threshold": int((s >= threshold).sum()) if threshold is not None else None},
+        "polygons": [
+            {"id": i + 1, **_xy(roi.exterior), "holes": [_xy(r) for r in roi.interiors],
+             "area_px2": float(roi.area), "area_um2": float(roi.area) * mpp * mpp,
+             **{k: v for k, v in st.items() if k != "area_px"}}
+            for i, (roi, st) in enumerate(zip(rois, roi_stats))
+        ],
+    }
+    with atomic_write(path, "w") as f:
+        json.dump(document, f, indent=1)
+    return Path(path)
+
+
+def write_slide_outputs(out_dir, slide, coords, scores, tile_size: int,
+                        threshold: float = 0.5, min_area_px: float = 0.0) -> dict[str, Path]:
+    """All four outputs of one scored slide in `out_dir`, named after the slide; returns
+    {"csv", "geojson", "heatmap", "spatiopath"} -> path."""
+    coords, scores = _check(coords, scores)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rois = roi_polygons(coords, scores, tile_size, threshold, min_area_px)
+    stats = _roi_stats(rois, coords, scores, tile_size)
+    name = slide.name
+    return {
+        "csv": write_patch_csv(out / f"{name}_patches.csv", coords, scores, tile_size),
+        "geojson": write_geojson(out / f"{name}.geojson", coords, scores, tile_size, rois, stats,
+                                 mpp=slide.mpp),
+        "heatmap": write_heatmap_png(out / f"{name}_heatmap.png", slide, coords, scores, tile_size),
+        "spatiopath": write_spatiopath_json(out / f"{name}_spatiopath.json", name, rois, slide.mpp,
+                                            scores, stats, threshold, tile_size, slide.dimensions),
+    }
