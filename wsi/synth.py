@@ -1,0 +1,475 @@
+"""Synthetic Camelyon16-like slides: pyramidal JPEG-tiled TIFFs with ground truth.
+
+A slide is white glass with irregular tissue blobs of lymph-node-like texture: pink eosin stroma
+packed with small round dark-purple lymphocyte nuclei. Tumour nests (a macro-metastasis, smaller
+nests and micro-metastases) replace it with larger, paler, pleomorphic nuclei in more
+pink-purple cytoplasm; their mean colour is close to the lymph texture on purpose, so that a
+model must look at texture (nucleus size, spacing, chromatin) rather than mean colour. The
+macro-metastasis holds a normal island, annotated as a `_2` exclusion as in Camelyon16. The
+glass carries what the tissue mask must reject: black marker dots, blue/green pen strokes and
+flat grey scanner-stitching tiles.
+
+Sizes are real: 0.243 um/px at level 0, a lymphocyte nucleus ~6 um (~24 px), a tumour nucleus
+~10 um. Everything is vectorised numpy, cells on a jittered grid (each pixel only looks at the
+nucleus of its own grid cell), deterministic per seed. `write_camelyon_size_slide` writes a
+~100k x 200k px slide in about a minute by JPEG-encoding a small set of tiles once and writing
+their bytes directly, the tissue layout chosen per tile from a low-resolution plan.
+
+    milroi-train synth OUT --tumor 2 --normal 2 --size 4096x4096 --seed 0
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import shapely
+from scipy import ndimage
+from shapely.geometry import Polygon
+
+from wsi.annotations import rasterize, write_asap_xml
+from wsi.errors import WsiError
+
+log = logging.getLogger(__name__)
+
+MPP = 0.243                 # um per level-0 px (Camelyon16, 40x)
+TILE = 256                  # TIFF tile side
+PLAN_DOWNSAMPLE = 16        # level-0 px per cell of the tissue plan (and of SyntheticTruth.tissue)
+STRIP = 512                 # rows rendered at once (bounds the float temporaries)
+GLASS = np.array([242, 241, 239], np.float32)
+
+
+@dataclass
+class SyntheticTruth:
+    """What was drawn: tissue mask at `mask_downsample`, tumour and exclusion polygons (level-0 px)."""
+
+    path: Path
+    dimensions: tuple[int, int]
+    tissue_mask: np.ndarray
+    mask_downsample: float
+    tumor_polygons: list = field(default_factory=list)
+    exclusion_polygons: list = field(default_factory=list)
+    mpp: float = MPP
+    level_count: int = 1
+
+    @property
+    def region(self):
+        """Tumour minus exclusions (what `wsi.annotations.Annotations.region` reads back)."""
+        tumor = shapely.union_all(self.tumor_polygons) if self.tumor_polygons else Polygon()
+        if self.exclusion_polygons:
+            return tumor.difference(shapely.union_all(self.exclusion_polygons))
+        return tumor
+
+    @property
+    def is_tumor(self) -> bool:
+        return bool(self.tumor_polygons)
+
+
+# ---------------------------------------------------------------------------------------------
+# Textures
+
+
+def _cells(rng: np.random.Generator, rows: int, cols: int, spacing: float, r_min: float, r_max: float,
+           elongation: float, p_nucleus: float) -> dict:
+    """Per grid cell: nucleus centre offset, semi-axes, orientation, presence, shade."""
+    a = rng.uniform(r_min, r_max, (rows, cols)).astype(np.float32)
+    b = a * rng.uniform(elongation, 1.0, (rows, cols)).astype(np.float32)
+    slack = np.maximum(spacing / 2 - a, 0)
+    return {"dy": rng.uniform(-1, 1, (rows, cols)).astype(np.float32) * slack,
+            "dx": rng.uniform(-1, 1, (rows, cols)).astype(np.float32) * slack,
+            "a": a, "b": b, "theta": rng.uniform(0, np.pi, (rows, cols)).astype(np.float32),
+            "on": rng.random((rows, cols)) < p_nucleus,
+            "shade": rng.normal(0, 1, (rows, cols)).astype(np.float32)}
+
+
+def _nucleus_distance(cells: dict, spacing: int, y: np.ndarray, x: np.ndarray):
+    """Normalised elliptic distance of each pixel to the nucleus of its own cell (1 = edge),
+    inf where the cell has no nucleus; also the cell's shade and the in-cell coordinates."""
+    r, c = y // spacing, x // spacing
+    R, C = r[:, None], c[None, :]
+    ly = (y - r * spacing - spacing / 2)[:, None] - cells["dy"][R, C]
+    lx = (x - c * spacing - spacing / 2)[None, :] - cells["dx"][R, C]
+    cos, sin = np.cos(cells["theta"][R, C]), np.sin(cells["theta"][R, C])
+    u, v = (lx * cos + ly * sin) / cells["a"][R, C], (ly * cos - lx * sin) / cells["b"][R, C]
+    d = np.sqrt(u * u + v * v)
+    d[~cells["on"][R, C]] = np.inf
+    edge = np.minimum.reduce([np.abs((y - r * spacing))[:, None] + 0 * x[None, :],
+                              np.abs(((r + 1) * spacing - 1 - y))[:, None] + 0 * x[None, :],
+                              np.abs(x - c * spacing)[None, :] + 0 * y[:, None],
+                              np.abs((c + 1) * spacing - 1 - x)[None, :] + 0 * y[:, None]])
+    return d, cells["shade"][R, C], edge
+
+
+class TextureRenderer:
+    """Lymph-node and tumour textures for any window of a slide (global pixel coordinates)."""
+
+    LYMPH_SPACING, TUMOR_SPACING = 28, 52
+
+    def __init__(self, seed: int, height: int, width: int):
+        rng = np.random.default_rng([seed, 7])
+        rows, cols = height // self.LYMPH_SPACING + 2, width // self.LYMPH_SPACING + 2
+        self.lymph = _cells(rng, rows, cols, self.LYMPH_SPACING, 9.0, 12.5, 0.8, 0.8)
+        rows, cols = height // self.TUMOR_SPACING + 2, width // self.TUMOR_SPACING + 2
+        self.tumor = _cells(rng, rows, cols, self.TUMOR_SPACING, 14.0, 24.0, 0.55, 0.95)
+        # Low-frequency stain variation (one value per 64 px, interpolated).
+        self.stain = rng.normal(0, 1, (height // 64 + 3, width // 64 + 3, 3)).astype(np.float32)
+        self.speckle_rng = np.random.default_rng([seed, 11])
+
+    def _stain(self, y, x):
+        return ndimage.map_coordinates(self.stain[..., 0], np.meshgrid(y / 64, x / 64, indexing="ij"),
+                                       order=1, mode="nearest")
+
+    def lymph_rgb(self, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+        d, shade, _ = _nucleus_distance(self.lymph, self.LYMPH_SPACING, y, x)
+        stroma = np.array([232, 162, 198], np.float32) + 6 * self._stain(y, x)[..., None]
+        nucleus = np.array([58, 34, 112], np.float32) + 10 * shade[..., None]
+        w = np.clip((1.0 - d) * 4.0, 0, 1)[..., None]  # soft edge over ~1/4 radius
+        return stroma * (1 - w) + nucleus * w
+
+    def tumor_rgb(self, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+        d, shade, edge = _nucleus_distance(self.tumor, self.TUMOR_SPACING, y, x)
+        cytoplasm = np.array([178, 118, 168], np.float32) + 6 * self._stain(y, x)[..., None]
+        cytoplasm = np.where((edge < 2)[..., None], np.array([212, 168, 200], np.float32), cytoplasm)
+        speckle = self.speckle_rng.normal(0, 14, d.shape).astype(np.float32)[..., None]  # chromatin
+        nucleus = np.array([138, 96, 180], np.float32) + 14 * shade[..., None] + speckle
+        nucleus = np.where(((d > 0.8) & (d <= 1.0))[..., None], nucleus - 45, nucleus)  # membrane
+        nucleus = np.where((d < 0.22)[..., None], np.array([88, 48, 128], np.float32), nucleus)  # nucleolus
+        w = np.clip((1.0 - d) * 6.0, 0, 1)[..., None]
+        return cytoplasm * (1 - w) + nucleus * w
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout
+
+
+def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
+    field = ndimage.gaussian_filter(rng.normal(0, 1, shape), sigma, mode="wrap")
+    return (field - field.mean()) / (field.std() + 1e-9)
+
+
+def _tissue_plan(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    """Float field over the plan grid, > 0 where tissue: a few irregular blobs (lymph nodes cut
+    through), ~30-45% of the slide, away from the border."""
+    h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    envelope = np.full(shape, -np.inf, np.float32)
+    for _ in range(rng.integers(1, 4)):
+        cy, cx = rng.uniform(0.3, 0.7) * h, rng.uniform(0.3, 0.7) * w
+        ry, rx = rng.uniform(0.18, 0.32) * h, rng.uniform(0.18, 0.32) * w
+        envelope = np.maximum(envelope, 1 - ((yy - cy) / ry) ** 2 - ((xx - cx) / rx) ** 2)
+    return envelope + 0.35 * _smooth_field(rng, shape, max(min(h, w) / 14, 1.0))
+
+
+def _blob_polygon(rng: np.random.Generator, cy: float, cx: float, radius: float, n: int = 40) -> Polygon:
+    """An irregular star-shaped outline (smooth radial noise), valid by construction."""
+    angles = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    harmonics = sum(rng.normal(0, 0.12 / k) * np.cos(k * angles + rng.uniform(0, 2 * np.pi))
+                    for k in range(1, 6))
+    r = radius * np.clip(1 + harmonics, 0.5, 1.5)
+    return Polygon(np.column_stack([cx + r * np.cos(angles), cy + r * np.sin(angles)]))
+
+
+def _tumor_layout(rng, tissue: np.ndarray, width: int, height: int):
+    """Tumour nests (macro, medium, micro) centred on tissue, and one `_2` island in the macro."""
+    ds = PLAN_DOWNSAMPLE
+    depth = ndimage.distance_transform_edt(tissue) * ds  # level-0 px to the tissue edge
+    side = min(width, height)
+    radii = [max(0.11 * side, 360.0), max(0.05 * side, 220.0)] + [rng.uniform(110, 170) for _ in range(2)]
+    tumors, exclusions = [], []
+    for i, radius in enumerate(radii):
+        candidates = np.argwhere(depth > min(radius, depth.max() * 0.8))
+        if not len(candidates):
+            continue
+        r, c = candidates[rng.integers(len(candidates))]
+        blob = _blob_polygon(rng, (r + 0.5) * ds, (c + 0.5) * ds, radius)
+        if any(blob.intersects(t) for t in tumors):
+            continue
+        tumors.append(blob)
+        if i == 0:  # a normal island inside the macro-metastasis, annotated `_2`
+            island = _blob_polygon(rng, blob.centroid.y + 0.25 * radius, blob.centroid.x, 0.28 * radius, 24)
+            if blob.buffer(-0.05 * radius).contains(island):
+                exclusions.append(island)
+    bounds = shapely.box(0, 0, width, height)
+    tumors = [t.intersection(bounds) for t in tumors]
+    return [t for t in tumors if t.geom_type == "Polygon" and not t.is_empty], exclusions
+
+
+def _draw_artifacts(rng, image: np.ndarray, tissue: np.ndarray) -> None:
+    """Marker dots, pen strokes and stitching tiles, on glass only (never over tissue)."""
+    from skimage.draw import disk
+
+    h, w = image.shape[:2]
+    glass = ~tissue
+
+    def paint(rr, cc, colour):
+        keep = glass[rr, cc]
+        image[rr[keep], cc[keep]] = colour
+
+    for _ in range(rng.integers(2, 5)):  # black marker dots
+        paint(*disk((rng.uniform(0, h), rng.uniform(0, w)), rng.uniform(25, 60), shape=(h, w)),
+              (rng.integers(10, 35),) * 3)
+    for colour in ((40, 70, 170), (40, 140, 80)):  # one blue and one green pen stroke
+        y0, x0 = rng.uniform(0.05, 0.95) * h, rng.uniform(0, 0.3) * w
+        length, amp, phase = rng.uniform(0.3, 0.6) * w, rng.uniform(20, 120), rng.uniform(0, 6)
+        n = max(int(length / 6), 2)
+        xs = x0 + np.linspace(0, length, n)
+        ys = y0 + amp * np.sin(np.linspace(0, 3, n) + phase)
+        discs = [disk((yy, xx), 7, shape=(h, w)) for yy, xx in zip(ys, xs)]
+        paint(np.concatenate([d[0] for d in discs]), np.concatenate([d[1] for d in discs]), colour)
+    for _ in range(rng.integers(1, 3)):  # flat grey scanner-stitching tiles on the glass
+        ty, tx = rng.integers(0, max(h // TILE, 1)), rng.integers(0, max(w // TILE, 1))
+        sl = (slice(ty * TILE, (ty + 1) * TILE), slice(tx * TILE, (tx + 1) * TILE))
+        if not tissue[sl].any():
+            image[sl] = rng.integers(185, 215)
+
+
+# ---------------------------------------------------------------------------------------------
+# TIFF writing
+
+
+def _levels(width: int, height: int, min_side: int = 1000) -> int:
+    """Pyramid depth: halve until the longest side is below ~min_side."""
+    count = 1
+    while max(width, height) >> (count - 1) >= min_side and min(width, height) >> count >= 1:
+        count += 1
+    return count
+
+
+def _downsample2(image: np.ndarray) -> np.ndarray:
+    h, w = image.shape[0] // 2 * 2, image.shape[1] // 2 * 2
+    pooled = image[:h, :w].reshape(h // 2, 2, w // 2, 2, 3).mean(axis=(1, 3), dtype=np.float32)
+    return (pooled + 0.5).astype(np.uint8)
+
+
+def _resolution(level_downsample: float) -> dict:
+    px_per_cm = 1e4 / (MPP * level_downsample)
+    return {"resolution": (px_per_cm, px_per_cm), "resolutionunit": "CENTIMETER"}
+
+
+def _write_pyramid(path: Path, level0: np.ndarray, levels: int, quality: int) -> None:
+    import tifffile
+
+    image = level0
+    bigtiff = level0.nbytes > 2**31
+    with tifffile.TiffWriter(path, bigtiff=bigtiff) as tw:
+        for level in range(levels):
+            if level:
+                image = _downsample2(image)
+            tw.write(image, tile=(TILE, TILE), photometric="rgb", compression="jpeg",
+                     compressionargs={"level": quality}, subfiletype=0 if level == 0 else 1,
+                     maxworkers=2, **_resolution(2**level))
+
+
+def write_synthetic_slide(path, width: int = 4096, height: int = 4096, seed: int = 0,
+                          tumor: bool = True, quality: int = 88) -> SyntheticTruth:
+    """Write one slide (pyramidal JPEG-tiled TIFF, 0.243 um/px) and return what was drawn."""
+    path = Path(path)
+    if width < 512 or height < 512:
+        raise WsiError(f"synthetic slide {path}: {width} x {height} px is too small (>= 512 x 512)")
+    rng = np.random.default_rng([seed, 1])
+    ds = PLAN_DOWNSAMPLE
+    plan_shape = (-(-height // ds), -(-width // ds))
+    field = _tissue_plan(rng, plan_shape)
+    tissue_plan = field > 0
+    tumors, exclusions = _tumor_layout(rng, tissue_plan, width, height) if tumor else ([], [])
+    region = shapely.union_all(tumors).difference(shapely.union_all(exclusions)) if tumors else Polygon()
+    tumor_plan = rasterize(shapely.union_all(tumors) if tumors else Polygon(), plan_shape, ds)
+    tissue_plan |= tumor_plan
+    # Tumour (minus islands) at level-0/2 resolution: cheap, and sharp enough for cell texture.
+    tumor_half = rasterize(region, (-(-height // 2), -(-width // 2)), 2.0)
+
+    renderer = TextureRenderer(seed, height, width)
+    image = np.empty((height, width, 3), np.uint8)
+    tissue0 = np.empty((height, width), bool)
+    xs = np.arange(width)
+    px = (xs + 0.5) / ds - 0.5
+    for y0 in range(0, height, STRIP):
+        ys = np.arange(y0, min(y0 + STRIP, height))
+        py = (ys + 0.5) / ds - 0.5
+        # Bilinear field at level 0: smooth tissue edges instead of 16 px steps.
+        f = ndimage.map_coordinates(field, np.meshgrid(py, px, indexing="ij"), order=1, mode="nearest")
+        is_tumor = tumor_half[ys // 2][:, xs // 2]
+        is_tissue = (f > 0) | is_tumor | tumor_plan[ys // ds][:, xs // ds]
+        strip = np.broadcast_to(GLASS, (len(ys), width, 3)).copy()
+        strip += rng.normal(0, 1.5, strip.shape[:2]).astype(np.float32)[..., None]
+        strip = np.where(is_tissue[..., None], renderer.lymph_rgb(ys, xs), strip)
+        if is_tumor.any():
+            strip = np.where(is_tumor[..., None], renderer.tumor_rgb(ys, xs), strip)
+        image[y0:y0 + len(ys)] = np.clip(strip, 0, 255)
+        tissue0[y0:y0 + len(ys)] = is_tissue
+    _draw_artifacts(rng, image, tissue0)
+
+    levels = _levels(width, height)
+    partial = path.with_name(f".{path.name}.partial")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _write_pyramid(partial, image, levels, quality)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return SyntheticTruth(path, (width, height), tissue_plan, float(ds), tumors, exclusions,
+                          MPP, levels)
+
+
+# ---------------------------------------------------------------------------------------------
+# Camelyon16-size slide from pre-encoded tiles
+
+
+def _encode(tile: np.ndarray, quality: int) -> bytes:
+    """JPEG bytes exactly as tifffile writes a tile with photometric="rgb", compression="jpeg":
+    YCbCr, 2x2 chroma subsampling."""
+    import imagecodecs
+
+    return imagecodecs.jpeg_encode(np.ascontiguousarray(tile), level=quality, colorspace="RGB",
+                                   outcolorspace="YCBCR", subsampling=(2, 2))
+
+
+def write_camelyon_size_slide(path, width: int = 98_304, height: int = 196_608, seed: int = 0,
+                              quality: int = 75, variants: int = 2) -> SyntheticTruth:
+    """A Camelyon16-size slide (default 98304 x 196608 px, 0.243 um/px), written fast.
+
+    The layout is a plan with one cell per level-0 tile (glass, lymph node, tumour). Each class
+    has `variants` textures of 2048 x 2048 px rendered once; a tile of level L whose plan cells
+    are all one class is a crop of that texture (downsampled by 2^L), JPEG-encoded once and its
+    bytes reused; only tiles straddling a class boundary at levels >= 1 are assembled and encoded
+    one by one. Tiles of neighbouring cells are neighbouring crops, so texture is continuous.
+    """
+    import tifffile
+
+    path = Path(path)
+    if width % TILE or height % TILE or width < 8 * TILE or height < 8 * TILE:
+        raise WsiError(f"camelyon-size slide {path}: {width} x {height} must be multiples of "
+                       f"{TILE} and at least {8 * TILE}")
+    rng = np.random.default_rng([seed, 2])
+    rows, cols = height // TILE, width // TILE
+    tissue = _tissue_plan(rng, (rows, cols)) > 0
+    tissue = ndimage.binary_opening(tissue, iterations=2)
+    # Tumour nests in tile units: one macro-metastasis, a few smaller ones and micro-metastases.
+    depth = ndimage.distance_transform_edt(tissue)
+    yy, xx = np.mgrid[0:rows, 0:cols]
+    tumor = np.zeros_like(tissue)
+    for radius in [max(min(rows, cols) * 0.06, 2.0), max(min(rows, cols) * 0.03, 1.5), 1.0, 0.6]:
+        candidates = np.argwhere(depth > radius + 1)
+        if len(candidates):
+            cy, cx = candidates[rng.integers(len(candidates))]
+            noise = rng.uniform(0.8, 1.2, tumor.shape)
+            tumor |= ((yy - cy) ** 2 + (xx - cx) ** 2) * noise <= radius ** 2
+    classes = np.where(tumor & tissue, 2, np.where(tissue, 1, 0)).astype(np.int64)
+    variant = (np.random.default_rng([seed, 3]).integers(0, variants, (rows // 8 + 1, cols // 8 + 1))
+               .repeat(8, 0).repeat(8, 1)[:rows, :cols])
+
+    block = 8 * TILE  # texture side: 2048 px
+    textures = np.empty((3, variants, block, block, 3), np.uint8)
+    axis = np.arange(block)
+    for v in range(variants):
+        renderer = TextureRenderer(seed * 100 + v, block, block)
+        textures[0, v] = np.clip(GLASS + np.random.default_rng([seed, v]).normal(0, 1.5, (block, block, 1)), 0, 255)
+        textures[1, v] = np.clip(renderer.lymph_rgb(axis, axis), 0, 255)
+        textures[2, v] = np.clip(renderer.tumor_rgb(axis, axis), 0, 255)
+
+    levels = _levels(width, height)
+    encoded: dict = {}
+    with tifffile.TiffWriter(path, bigtiff=True) as tw:
+        for level in range(levels):
+            scale = 2**level
+            tex = textures
+            for _ in range(level):
+                tex = tex.reshape(3, variants, tex.shape[2] // 2, 2, tex.shape[3] // 2, 2, 3).mean(
+                    axis=(3, 5)).astype(np.uint8) if tex.shape[2] >= 2 else tex
+            side = tex.shape[2]  # texture side at this level
+            lh, lw = height // scale, width // scale
+            trows, tcols = -(-lh // TILE), -(-lw // TILE)
+
+            def tiles(level=level, scale=scale, tex=tex, side=side, lh=lh, lw=lw, trows=trows, tcols=tcols):
+                span = scale  # plan cells per tile side at this level
+                for ty in range(trows):
+                    cy0 = ty * span
+                    for tx in range(tcols):
+                        cx0 = tx * span
+                        cls = classes[cy0:cy0 + span, cx0:cx0 + span]
+                        var = variant[cy0:cy0 + span, cx0:cx0 + span]
+                        c0, v0 = cls.flat[0], var.flat[0]
+                        if side >= TILE and (cls == c0).all() and (var == v0).all():
+                            oy, ox = (ty * TILE) % side, (tx * TILE) % side
+                            key = (level, c0, v0, oy, ox)
+                            if key not in encoded:
+                                encoded[key] = _encode(tex[c0, v0, oy:oy + TILE, ox:ox + TILE], quality)
+                            yield encoded[key]
+                        else:  # mixed tile: gather each pixel from its cell's texture
+                            py = ty * TILE + np.arange(TILE)
+                            px = tx * TILE + np.arange(TILE)
+                            cy = np.minimum(py * scale // TILE, rows - 1)
+                            cx = np.minimum(px * scale // TILE, cols - 1)
+                            tile = tex[classes[cy[:, None], cx[None, :]], variant[cy[:, None], cx[None, :]],
+                                       (py % side)[:, None], (px % side)[None, :]]
+                            yield _encode(tile, quality)
+
+            tw.write(tiles(), shape=(lh, lw, 3), dtype=np.uint8, tile=(TILE, TILE),
+                     photometric="rgb", compression="jpeg", compressionargs={"level": quality},
+                     subfiletype=0 if level == 0 else 1, **_resolution(scale))
+            log.debug("level %d: %d x %d px, %d tiles encoded so far", level, lw, lh, len(encoded))
+    truth_tumor = shapely.union_all(shapely.box(*(np.argwhere(classes == 2)[:, ::-1].T * TILE),
+                                                *((np.argwhere(classes == 2)[:, ::-1].T + 1) * TILE)))
+    return SyntheticTruth(path, (width, height), classes > 0, float(TILE),
+                          [p for p in getattr(truth_tumor, "geoms", [truth_tumor]) if not p.is_empty],
+                          [], MPP, levels)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset and command
+
+
+def make_dataset(out, n_tumor: int, n_normal: int, size: tuple[int, int] = (4096, 4096),
+                 seed: int = 0) -> dict[str, SyntheticTruth]:
+    """Camelyon16 layout in `out`: tumor_001.tif + tumor_001.xml, ..., normal_001.tif, ...,
+    reference.csv (columns slide,label; label tumor|normal). Returns name -> SyntheticTruth."""
+    from wsi.outputs import atomic_write
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    width, height = size
+    truths: dict[str, SyntheticTruth] = {}
+    jobs = [(f"tumor_{i:03d}", True, i) for i in range(1, n_tumor + 1)]
+    jobs += [(f"normal_{i:03d}", False, 1000 + i) for i in range(1, n_normal + 1)]
+    for name, is_tumor, k in jobs:
+        truth = write_synthetic_slide(out / f"{name}.tif", width, height, seed=seed * 10_000 + k,
+                                      tumor=is_tumor)
+        if is_tumor:
+            write_asap_xml(out / f"{name}.xml", truth.tumor_polygons, truth.exclusion_polygons)
+        truths[name] = truth
+        log.info("%s: %d tumour nest(s), %d exclusion(s)", name, len(truth.tumor_polygons),
+                 len(truth.exclusion_polygons))
+    with atomic_write(out / "reference.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["slide", "label"])
+        for name, is_tumor, _ in jobs:
+            writer.writerow([name, "tumor" if is_tumor else "normal"])
+    return truths
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must be WIDTHxHEIGHT, e.g. 4096x4096, not {text!r}")
+    return w, h
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("out", type=Path, help="output folder")
+    parser.add_argument("--tumor", type=int, default=2, help="tumour slides (default 2)")
+    parser.add_argument("--normal", type=int, default=2, help="normal slides (default 2)")
+    parser.add_argument("--size", type=_size, default=(4096, 4096), help="WIDTHxHEIGHT level 0 (default 4096x4096)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args) -> int:
+    if args.tumor < 0 or args.normal < 0 or args.tumor + args.normal == 0:
+        raise WsiError("synth: --tumor and --normal must be >= 0, and at least one slide")
+    truths = make_dataset(args.out, args.tumor, args.normal, args.size, args.seed)
+    print(f"wrote {len(truths)} slides and reference.csv to {args.out}")
+    return 0
