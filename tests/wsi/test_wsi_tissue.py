@@ -148,3 +148,27 @@ def test_a_level_too_big_for_one_read_is_read_in_strips(tmp_path, he_image):
         assert np.abs(strips.astype(int) - whole).mean() < 1.0
         mask = compute_tissue_mask(slide).mask
     assert dice(tissue_mask_from_rgb(strips, um_per_px=0.243 * 3), mask) > 0.99
+
+
+@pytest.fixture(scope="module")
+def synth_slide(tmp_path_factory):
+    synth = pytest.importorskip("wsi.synth")   # written by another module's owner
+    return synth.write_synthetic_slide(tmp_path_factory.mktemp("synth") / "synth.tif",
+                                       width=4096, height=4096, seed=0, tumor=True)
+
+
+def test_wsi_synth_slide_matches_its_tissue_truth(synth_slide):
+    """wsi.synth draws black marker dots, blue and green pen strokes and grey stitching tiles
+    on the glass; the mask must match the drawn tissue (Dice >= 0.95) and leave all of them out."""
+    truth = synth_slide
+    with open_slide(truth.path) as slide:
+        tissue = compute_tissue_mask(slide)
+        rgb = slide.read_level_resized(0, (tissue.mask.shape[1], tissue.mask.shape[0]))
+    expected = _resize_bool(truth.tissue_mask, tissue.mask.shape)
+    assert dice(tissue.mask, expected) >= 0.95
+    # The artefacts, found from the pixels: away from the tissue, not glass-coloured.
+    sat, value = saturation_value(rgb)
+    away = ~ndi.binary_dilation(expected, iterations=4)
+    artefacts = away & ((value < 100) | (sat > 40) | ((value < 225) & (sat < 12)))
+    assert artefacts.sum() > 500                  # dots, strokes and grey tiles are there
+    assert (artefacts & tissue.mask).sum() == 0   # and none of them is tissue
