@@ -184,9 +184,12 @@ def _tumor_layout(rng, tissue: np.ndarray, width: int, height: int):
         candidates = np.argwhere(depth > min(radius, depth.max() * 0.8))
         if not len(candidates):
             continue
-        r, c = candidates[rng.integers(len(candidates))]
-        blob = _blob_polygon(rng, (r + 0.5) * ds, (c + 0.5) * ds, radius)
-        if any(blob.intersects(t) for t in tumors):
+        for _ in range(30):  # a few tries to find room apart from the nests already placed
+            r, c = candidates[rng.integers(len(candidates))]
+            blob = _blob_polygon(rng, (r + 0.5) * ds, (c + 0.5) * ds, radius)
+            if not any(blob.distance(t) < 2 * ds for t in tumors):
+                break
+        else:
             continue
         tumors.append(blob)
         if i == 0:  # a normal island inside the macro-metastasis, annotated `_2`
