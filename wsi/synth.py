@@ -41,6 +41,8 @@ TILE = 256                  # TIFF tile side
 PLAN_DOWNSAMPLE = 16        # level-0 px per cell of the tissue plan (and of SyntheticTruth.tissue)
 STRIP = 512                 # rows rendered at once (bounds the float temporaries)
 GLASS = np.array([242, 241, 239], np.float32)
+INK_BLUE, INK_GREEN, INK_BLACK = 3, 4, 5  # plan classes after glass 0, lymph node 1, tumour 2
+INK_COLOURS = {INK_BLUE: (40, 70, 170), INK_GREEN: (40, 140, 80), INK_BLACK: (22, 22, 22)}
 
 
 @dataclass
@@ -86,9 +88,10 @@ def _cells(rng: np.random.Generator, rows: int, cols: int, spacing: float, r_min
             "shade": rng.normal(0, 1, (rows, cols)).astype(np.float32)}
 
 
-def _nucleus_distance(cells: dict, spacing: int, y: np.ndarray, x: np.ndarray):
+def _nucleus_distance(cells: dict, spacing: int, y: np.ndarray, x: np.ndarray, with_edge: bool = False):
     """Normalised elliptic distance of each pixel to the nucleus of its own cell (1 = edge),
-    inf where the cell has no nucleus; also the cell's shade and the in-cell coordinates."""
+    inf where the cell has no nucleus; the cell's shade; and (with_edge) the distance in px to
+    the cell's border."""
     r, c = y // spacing, x // spacing
     R, C = r[:, None], c[None, :]
     ly = (y - r * spacing - spacing / 2)[:, None] - cells["dy"][R, C]
@@ -97,10 +100,10 @@ def _nucleus_distance(cells: dict, spacing: int, y: np.ndarray, x: np.ndarray):
     u, v = (lx * cos + ly * sin) / cells["a"][R, C], (ly * cos - lx * sin) / cells["b"][R, C]
     d = np.sqrt(u * u + v * v)
     d[~cells["on"][R, C]] = np.inf
-    edge = np.minimum.reduce([np.abs((y - r * spacing))[:, None] + 0 * x[None, :],
-                              np.abs(((r + 1) * spacing - 1 - y))[:, None] + 0 * x[None, :],
-                              np.abs(x - c * spacing)[None, :] + 0 * y[:, None],
-                              np.abs((c + 1) * spacing - 1 - x)[None, :] + 0 * y[:, None]])
+    edge = None
+    if with_edge:  # separable: distance to the nearest horizontal and vertical cell border
+        ey, ex = y - r * spacing, x - c * spacing
+        edge = np.minimum(np.minimum(ey, spacing - 1 - ey)[:, None], np.minimum(ex, spacing - 1 - ex)[None, :])
     return d, cells["shade"][R, C], edge
 
 
@@ -131,7 +134,7 @@ class TextureRenderer:
         return stroma * (1 - w) + nucleus * w
 
     def tumor_rgb(self, y: np.ndarray, x: np.ndarray) -> np.ndarray:
-        d, shade, edge = _nucleus_distance(self.tumor, self.TUMOR_SPACING, y, x)
+        d, shade, edge = _nucleus_distance(self.tumor, self.TUMOR_SPACING, y, x, with_edge=True)
         cytoplasm = np.array([178, 118, 168], np.float32) + 6 * self._stain(y, x)[..., None]
         cytoplasm = np.where((edge < 2)[..., None], np.array([212, 168, 200], np.float32), cytoplasm)
         speckle = self.speckle_rng.normal(0, 14, d.shape).astype(np.float32)[..., None]  # chromatin
@@ -362,27 +365,45 @@ def write_camelyon_size_slide(path, width: int = 98_304, height: int = 196_608, 
             noise = rng.uniform(0.8, 1.2, tumor.shape)
             tumor |= ((yy - cy) ** 2 + (xx - cx) ** 2) * noise <= radius ** 2
     classes = np.where(tumor & tissue, 2, np.where(tissue, 1, 0)).astype(np.int64)
+    # Glass artefacts at their real size (a pen line ~0.5 mm wide, marker dots ~1 mm): whole
+    # tiles of ink on glass only, so the plan says exactly what the tissue mask must reject.
+    ink = np.zeros_like(tissue, dtype=np.int64)
+    for cls in (INK_BLUE, INK_GREEN):
+        glass_rows = np.flatnonzero(tissue.mean(axis=1) < 0.1)  # pen marks are on the glass
+        y0 = glass_rows[rng.integers(len(glass_rows))] if len(glass_rows) else rng.uniform(0, rows)
+        amp = rng.uniform(1, 3)
+        xs = np.arange(int(cols * rng.uniform(0.1, 0.3)), int(cols * rng.uniform(0.6, 0.9)))
+        ys = np.clip((y0 + amp * np.sin(xs / max(cols / 6, 1))).astype(int), 0, rows - 2)
+        ink[ys, xs] = ink[ys + 1, xs] = cls
+    for _ in range(3):
+        cy, cx = rng.integers(0, rows), rng.integers(0, cols)
+        ink[(yy - cy) ** 2 + (xx - cx) ** 2 <= 4] = INK_BLACK
+    classes = np.where((classes == 0) & (ink > 0), ink, classes)
     variant = (np.random.default_rng([seed, 3]).integers(0, variants, (rows // 8 + 1, cols // 8 + 1))
                .repeat(8, 0).repeat(8, 1)[:rows, :cols])
 
     block = 8 * TILE  # texture side: 2048 px
-    textures = np.empty((3, variants, block, block, 3), np.uint8)
+    textures = np.empty((len(INK_COLOURS) + 3, variants, block, block, 3), np.uint8)
     axis = np.arange(block)
     for v in range(variants):
         renderer = TextureRenderer(seed * 100 + v, block, block)
         textures[0, v] = np.clip(GLASS + np.random.default_rng([seed, v]).normal(0, 1.5, (block, block, 1)), 0, 255)
         textures[1, v] = np.clip(renderer.lymph_rgb(axis, axis), 0, 255)
         textures[2, v] = np.clip(renderer.tumor_rgb(axis, axis), 0, 255)
+        for cls, colour in INK_COLOURS.items():
+            noise = np.random.default_rng([seed, v, cls]).normal(0, 4, (block, block, 1))
+            textures[cls, v] = np.clip(np.asarray(colour, np.float32) + noise, 0, 255)
 
     levels = _levels(width, height)
     encoded: dict = {}
+    tex = textures
     with tifffile.TiffWriter(path, bigtiff=True) as tw:
         for level in range(levels):
             scale = 2**level
-            tex = textures
-            for _ in range(level):
-                tex = tex.reshape(3, variants, tex.shape[2] // 2, 2, tex.shape[3] // 2, 2, 3).mean(
-                    axis=(3, 5)).astype(np.uint8) if tex.shape[2] >= 2 else tex
+            if level and tex.shape[2] >= 2:  # textures follow the pyramid: one 2x2 mean per level
+                k, v, side = tex.shape[:3]
+                tex = (tex.reshape(k, v, side // 2, 2, side // 2, 2, 3).mean(axis=(3, 5), dtype=np.float32)
+                       + 0.5).astype(np.uint8)
             side = tex.shape[2]  # texture side at this level
             lh, lw = height // scale, width // scale
             trows, tcols = -(-lh // TILE), -(-lw // TILE)
@@ -417,7 +438,7 @@ def write_camelyon_size_slide(path, width: int = 98_304, height: int = 196_608, 
             log.debug("level %d: %d x %d px, %d tiles encoded so far", level, lw, lh, len(encoded))
     truth_tumor = shapely.union_all(shapely.box(*(np.argwhere(classes == 2)[:, ::-1].T * TILE),
                                                 *((np.argwhere(classes == 2)[:, ::-1].T + 1) * TILE)))
-    return SyntheticTruth(path, (width, height), classes > 0, float(TILE),
+    return SyntheticTruth(path, (width, height), (classes == 1) | (classes == 2), float(TILE),
                           [p for p in getattr(truth_tumor, "geoms", [truth_tumor]) if not p.is_empty],
                           [], MPP, levels)
 
