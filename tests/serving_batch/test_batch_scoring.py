@@ -1,0 +1,196 @@
+"""`milroi-serve score`: a folder of slides, in process and through a server, resumable."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from serving_batch_helpers import MILROI_SERVE, wait_for
+from serving.batch import (DONE_MARKER, SUMMARY_COLUMNS, SUMMARY_NAME, find_slides,
+                           read_done_marker, slide_keys)
+from serving.cli import main as serve_main
+
+OK_SLIDES = ["sub/synth_tumor", "synth_normal"]
+ALL_SLIDES = ["blank", "broken", *OK_SLIDES]
+
+
+def read_summary(out: Path) -> dict[str, dict]:
+    with open(out / SUMMARY_NAME, newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == SUMMARY_COLUMNS
+        return {row["slide"]: row for row in reader}
+
+
+def slide_files(out: Path) -> dict[str, bytes]:
+    """Every file under OUT except the run-dependent ones (timings), by relative path."""
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and p.name not in (SUMMARY_NAME, DONE_MARKER)}
+
+
+def stable_summary(out: Path) -> dict[str, dict]:
+    """summary.csv without the columns that differ between runs of the same job."""
+    return {k: {c: v for c, v in row.items() if c not in ("seconds", "path")}
+            for k, row in read_summary(out).items()}
+
+
+def batch(*args: str) -> int:
+    return serve_main(["score", *map(str, args), "--no-progress"])
+
+
+@pytest.fixture(scope="module")
+def in_process_out(tmp_path_factory, bundle, slides_dir) -> tuple[Path, int]:
+    """One uninterrupted in-process run over the test folder: the reference of the others."""
+    out = tmp_path_factory.mktemp("batch") / "out"
+    return out, batch(slides_dir, "--model", bundle, "--out", out)
+
+
+def test_find_slides_recurses_and_keeps_only_slides(slides_dir, tmp_path):
+    found = find_slides(slides_dir)
+    assert slide_keys(slides_dir, found) == ALL_SLIDES  # notes.txt skipped
+    # Names differing only by extension keep it, so their outputs do not collide.
+    assert slide_keys(tmp_path, [tmp_path / "a" / "x.svs", tmp_path / "a" / "x.tif",
+                                 tmp_path / "y.tif"]) == ["a/x.svs", "a/x.tif", "y"]
+    # A slide without a known extension is found by its content; OUT inside the folder is not.
+    root = tmp_path / "root"
+    (root / "out").mkdir(parents=True)
+    (root / "scan.img").write_bytes((slides_dir / "synth_normal.tif").read_bytes())
+    (root / "out" / "copy.tif").write_bytes(b"x")
+    assert find_slides(root, exclude=root / "out") == [root / "scan.img"]
+
+
+def test_in_process_writes_every_output_and_a_summary_row_per_slide(in_process_out, bundle):
+    out, code = in_process_out
+    assert code == 1  # broken.svs failed: the job says so
+    summary = read_summary(out)
+    assert sorted(summary) == ALL_SLIDES
+    from serving.engine import bundle_digest
+
+    for key in OK_SLIDES:
+        row = summary[key]
+        assert row["status"] == "ok" and row["error"] == ""
+        assert 0.0 <= float(row["score"]) <= 1.0
+        assert row["label"] == ("tumor" if float(row["score"]) >= 0.5 else "normal")
+        assert row["model"] == "batch-test" and row["model_version"] == bundle_digest(bundle)
+        files = {p.name for p in (out / key).iterdir()}
+        assert DONE_MARKER in files and len(files) == 5, files  # 4 outputs + marker
+        # The patch table holds every scored tile.
+        patch_csv = next((out / key).glob("*.csv"))
+        table = np.loadtxt(patch_csv, delimiter=",", skiprows=1, ndmin=2)
+        assert int(row["tiles"]) == len(table) > 0
+        assert ((table[:, -1] >= 0) & (table[:, -1] <= 1)).all()
+        assert read_done_marker(out / key)["score"] == pytest.approx(float(row["score"]), 1e-5)
+    blank = summary["blank"]  # no tissue: finished, with no score and no tile
+    assert (blank["status"], blank["label"], blank["score"], blank["tiles"]) == \
+        ("ok", "no_tissue", "", "0")
+    assert read_done_marker(out / "blank") is not None
+    bad = summary["broken"]
+    assert bad["status"] == "failed" and "broken.svs" in bad["error"]
+    assert not (out / "broken" / DONE_MARKER).exists()
+
+
+def test_rerun_skips_finished_slides(in_process_out, bundle, slides_dir):
+    out, _ = in_process_out
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()
+              and p.name != SUMMARY_NAME}
+    assert batch(slides_dir, "--model", bundle, "--out", out) == 1  # broken.svs is retried
+    after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()
+             and p.name != SUMMARY_NAME}
+    assert after == before  # nothing rewritten
+    assert read_summary(out)["broken"]["status"] == "failed"
+
+
+def test_sigkill_mid_folder_then_rerun_equals_uninterrupted_run(in_process_out, bundle,
+                                                                slides_dir, tmp_path):
+    reference, _ = in_process_out
+    out = tmp_path / "out"
+    proc = subprocess.Popen([MILROI_SERVE, "score", str(slides_dir), "--model", str(bundle),
+                             "--out", str(out), "--no-progress"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        # Kill as soon as the first tissue slide is finished: the last one is then being scored.
+        wait_for(lambda: (out / "sub" / "synth_tumor" / DONE_MARKER).exists(), timeout=180,
+                 interval=0.01)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not (out / "synth_normal" / DONE_MARKER).exists()
+    finished_before = {p: p.stat().st_mtime_ns for p in out.glob(f"**/{DONE_MARKER}")}
+    # What a kill in the middle of a write leaves behind (atomic_write's temp files are named
+    # after their target), whether or not this kill happened to land in one.
+    (out / "synth_normal").mkdir(exist_ok=True)
+    (out / "synth_normal" / ".synth_normal.geojson.k1ll3d.tmp").write_text('{"type": "Feat')
+    (out / f".{SUMMARY_NAME}.k1ll3d.tmp").write_text("slide,sta")
+
+    assert batch(slides_dir, "--model", bundle, "--out", out) == 1
+    assert {p: p.stat().st_mtime_ns for p in finished_before} == finished_before  # skipped
+    assert slide_files(out) == slide_files(reference)  # no temp or partial file left, same bytes
+    assert stable_summary(out) == stable_summary(reference)
+    assert not [p for p in out.rglob("*") if p.name.startswith(".")]
+
+
+def test_server_mode_gives_the_in_process_scores(in_process_out, server, slides_dir, tmp_path):
+    reference, _ = in_process_out
+    out = tmp_path / "remote"
+    assert batch(slides_dir, "--server", server.target, "--out", out, "--workers", "2") == 1
+    assert slide_files(out) == slide_files(reference)
+    remote, local = stable_summary(out), stable_summary(reference)
+    assert remote["broken"]["status"] == "failed"
+    assert "INVALID_ARGUMENT" in remote["broken"]["error"]
+    for key in OK_SLIDES:
+        assert remote[key] == local[key]
+
+
+def test_remote_root_maps_the_folder_under_the_server_root(server, slides_dir, tmp_path):
+    """SLIDES_DIR = the server root's `sub` folder, named with --remote-root."""
+    out = tmp_path / "remote_sub"
+    assert batch(slides_dir / "sub", "--server", server.target, "--remote-root", "sub",
+                 "--out", out) == 0
+    assert read_summary(out)["synth_tumor"]["status"] == "ok"
+
+
+def test_a_model_change_rescoring_and_clear_errors(in_process_out, bundle, slides_dir, tmp_path,
+                                                   capsys):
+    out, _ = in_process_out
+    # A done marker of another model version does not count as finished.
+    stale = tmp_path / "stale"
+    (stale / "synth_normal").mkdir(parents=True)
+    marker = json.loads((out / "synth_normal" / DONE_MARKER).read_text())
+    (stale / "synth_normal" / DONE_MARKER).write_text(json.dumps({**marker, "model_version": "0"}))
+    batch(slides_dir, "--model", bundle, "--out", stale)
+    assert read_done_marker(stale / "synth_normal")["model_version"] == marker["model_version"]
+    # Bad invocations: one line, non-zero.
+    assert batch(tmp_path / "nowhere", "--model", bundle, "--out", tmp_path / "o") == 1
+    assert batch(slides_dir, "--out", tmp_path / "o") == 1
+    assert batch(slides_dir, "--model", tmp_path, "--out", tmp_path / "o") == 1
+    err = capsys.readouterr().err
+    assert "nowhere" in err and "exactly one of --model" in err and "manifest" in err
+
+
+def test_real_slides_of_tests_data(bundle, tmp_path):
+    """tests/data as it is: Aperio JPEG (CMU-1), Aperio JPEG 2000 without MPP (TCGA), a corrupt
+    SVS, and files that are not slides (README, XML)."""
+    from serving.engine import read_manifest
+    from wsi.grid import tiles_for_slide
+    from wsi.slide import open_slide
+    from wsi.tissue import TissueParams
+
+    data = Path(__file__).resolve().parents[1] / "data"
+    out = tmp_path / "out"
+    assert batch(data, "--model", bundle, "--out", out, "--workers", "2") == 1
+    summary = read_summary(out)
+    assert sorted(summary) == ["CMU-1-Small-Region", "TCGA-CR-7395-01A-01-TS1", "broken"]
+    assert summary["broken"]["status"] == "failed"
+    manifest = read_manifest(bundle)
+    for key in ("CMU-1-Small-Region", "TCGA-CR-7395-01A-01-TS1"):
+        assert summary[key]["status"] == "ok"
+        with open_slide(data / f"{key}.svs") as slide:
+            _, grid = tiles_for_slide(slide, min_tissue=manifest["min_tissue"],
+                                      params=TissueParams.from_dict(manifest["tissue"]))
+        assert int(summary[key]["tiles"]) == len(grid) > 10
