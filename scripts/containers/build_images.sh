@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Build the milroi images without a Docker daemon (buildah, vfs, chroot isolation, no pulls).
+#
+#   scripts/containers/build_images.sh [serve|train|all]     (make images = all)
+#
+# Environment:
+#   WITH_CUDA=1|0       serve image with the CUDA 13 / cuDNN 9 runtime wheels (default 1)
+#   TRAIN_WHEELS=DIR    a folder of wheels (e.g. `pip download torch==2.14.1 ...` output) the
+#                       train build installs from before the index, mounted into the build
+#   BASE_IMAGE          base of both images (default: the local debootstrap image, made on demand)
+#   SERVE_IMAGE, TRAIN_IMAGE   tags (default localhost/milroi-serve:latest, -train:latest)
+#   TRAIN_LAYERS=1      cache the train image's layers too (see below)
+# The serve image's layers are cached (--layers): a rebuild after a source change reuses the
+# dependency layers. The train image is built without --layers by default: under the vfs storage
+# driver each cached step is a full copy of its ~7 GB file system, which needs ~55 GB of disk at
+# the peak instead of ~21 GB (Docker's overlay2 has no such cost; there `docker build` caches).
+# Prints build time and image size of each image and records them in
+# benchmarks/results/containers.json.
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+target="${1:-all}"
+case "$target" in serve|train|all) ;; *) die "usage: $0 [serve|train|all]";; esac
+WITH_CUDA="${WITH_CUDA:-1}"
+
+ensure_tools || exit $?
+if [[ "$BASE_IMAGE" == localhost/milroi-base:* ]]; then
+    bash "$REPO_ROOT/scripts/containers/make_base_image.sh"
+fi
+mapfile -t pip_args < <(pip_build_args)
+
+# record NAME IMAGE SECONDS CACHED_BEFORE: print and merge into the results file
+record() {
+    local size; size="$(image_size_bytes "$2")"
+    log "$1: $2 built in $3 s, $(numfmt --to=iec "$size")B ($size bytes)"
+    python3 - "$BENCH_JSON" "$1" "$2" "$3" "$size" "$4" "$WITH_CUDA" <<'PY'
+import json, os, sys, time
+from pathlib import Path
+path, name, image, seconds, size, cached, cuda = sys.argv[1:]
+path = Path(path)
+results = json.loads(path.read_text()) if path.exists() else {}
+results.setdefault("images", {})[name] = {
+    "image": image, "build_seconds": int(seconds), "size_bytes": int(size),
+    "size_gib": round(int(size) / 2**30, 2), "layers_cached_before": cached == "1",
+    "with_cuda": cuda == "1" if name.startswith("serve") else None,
+    "cpus": os.cpu_count(), "load_1min": round(os.getloadavg()[0], 2),
+    "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+path.parent.mkdir(parents=True, exist_ok=True)
+tmp = path.with_suffix(".json.tmp")
+tmp.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+tmp.replace(path)
+PY
+}
+
+build() {   # build NAME DOCKERFILE IMAGE EXTRA_ARGS...
+    local name="$1" dockerfile="$2" image="$3"; shift 3
+    local cached=0; image_exists "$image" && cached=1
+    local start; start=$(date +%s)
+    log "building $image from $dockerfile"
+    buildah_ build "${BUILD_FLAGS[@]}" -f "$REPO_ROOT/$dockerfile" -t "$image" \
+        --build-arg "BASE_IMAGE=$BASE_IMAGE" "${pip_args[@]}" "$@" "$REPO_ROOT" >&2
+    record "$name" "$image" "$(( $(date +%s) - start ))" "$cached"
+}
+
+if [[ "$target" == serve || "$target" == all ]]; then
+    name=serve; [[ "$WITH_CUDA" == 1 ]] || name=serve-cpu
+    build "$name" Dockerfile.serve "$SERVE_IMAGE" --layers --build-arg "WITH_CUDA=$WITH_CUDA"
+fi
+if [[ "$target" == train || "$target" == all ]]; then
+    [[ "${TRAIN_LAYERS:-0}" == 1 ]] && extra=(--layers=true) || extra=(--layers=false)
+    if [[ -n "${TRAIN_WHEELS:-}" ]]; then
+        [[ -d "$TRAIN_WHEELS" ]] || die "TRAIN_WHEELS=$TRAIN_WHEELS is not a folder"
+        extra=(--volume "$(cd "$TRAIN_WHEELS" && pwd):/wheels:ro" --build-arg "PIP_WHEELS=/wheels")
+    fi
+    build train Dockerfile.train "$TRAIN_IMAGE" "${extra[@]}"
+fi

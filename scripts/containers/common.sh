@@ -1,0 +1,81 @@
+# Shared settings of the container scripts (sourced, not run).
+#
+# There is no Docker daemon on the CI machines: images are built and run with buildah as root,
+# with the vfs storage driver (no overlay mounts needed) and chroot isolation (no user namespaces
+# or OCI runtime needed). Nothing is pulled from a registry (--pull-never): the base image is made
+# locally by make_base_image.sh.
+
+set -euo pipefail
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+
+# Outside the clone, so no build output lands in the git tree; reused across runs and clones.
+MILROI_CONTAINER_CACHE="${MILROI_CONTAINER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/milroi/containers}"
+BASE_IMAGE="${BASE_IMAGE:-localhost/milroi-base:bookworm}"
+SERVE_IMAGE="${SERVE_IMAGE:-localhost/milroi-serve:latest}"
+TRAIN_IMAGE="${TRAIN_IMAGE:-localhost/milroi-train:latest}"
+BENCH_JSON="${BENCH_JSON:-$REPO_ROOT/benchmarks/results/containers.json}"
+
+BUILDAH_GLOBAL=(--storage-driver vfs)
+BUILD_FLAGS=(--isolation chroot --pull-never --format docker)
+# --format docker: the OCI image format has no HEALTHCHECK; buildah drops it there with a warning.
+# --layers (a cached image per instruction) is added per build in build_images.sh: with vfs every
+# cached layer and every step's working container is a full copy of the file system so far.
+
+log() { printf '[containers] %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+buildah_() { buildah "${BUILDAH_GLOBAL[@]}" "$@"; }
+
+# Install buildah and debootstrap when missing (CI runs on a clean machine, as root).
+# Exit status 3 means "cannot be done here" (not root, or the Debian mirror is unreachable):
+# callers such as the container tests turn it into a skip with that reason.
+ensure_tools() {
+    local missing=()
+    command -v buildah >/dev/null || missing+=(buildah)
+    command -v debootstrap >/dev/null || missing+=(debootstrap)
+    [[ ${#missing[@]} -eq 0 ]] && return 0
+    if [[ $(id -u) -ne 0 ]]; then
+        log "need root to install ${missing[*]}"; return 3
+    fi
+    log "installing ${missing[*]} with apt-get"
+    if ! apt-get update -qq; then
+        log "apt-get update failed: the Debian mirror is unreachable"; return 3
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${missing[@]}" crun >/dev/null || { log "apt-get install ${missing[*]} failed"; return 3; }
+}
+
+image_exists() { buildah_ inspect --type image "$1" >/dev/null 2>&1; }
+
+# Size of an image in bytes: the sum of its layers uncompressed (what `docker images` shows), read
+# from the storage's own layer records, without copying the image into a container.
+image_size_bytes() {
+    local id root
+    id="$(buildah_ inspect --type image --format '{{.FromImageID}}' "$1")"
+    root="$(buildah_ info --format '{{.store.GraphRoot}}')"
+    python3 - "$root" "$id" <<'PY'
+import json, sys
+from pathlib import Path
+root, image_id = Path(sys.argv[1]), sys.argv[2]
+image = next(i for i in json.loads((root / "vfs-images/images.json").read_text()) if i["id"] == image_id)
+layers = {l["id"]: l for l in json.loads((root / "vfs-layers/layers.json").read_text())}
+size, layer = 0, image["layer"]
+while layer:
+    size += layers[layer].get("diff-size", 0)
+    layer = layers[layer].get("parent")
+print(size)
+PY
+}
+
+# pip options for builds on this network. The local base image carries this machine's CA bundle
+# (make_base_image.sh), which pip inside the build must use to reach the package index through
+# this network; an http(s) index the host is configured with (PIP_INDEX_URL / PIP_EXTRA_INDEX_URL)
+# is passed on. No host name is written into any file: values come from the environment.
+pip_build_args() {
+    echo --build-arg; echo "PIP_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt"
+    if [[ "${PIP_INDEX_URL:-}" == http* ]]; then echo --build-arg; echo "PIP_INDEX=$PIP_INDEX_URL"; fi
+    local extra="" url
+    for url in ${PIP_EXTRA_INDEX_URL:-}; do if [[ "$url" == http* ]]; then extra+="$url "; fi; done
+    if [[ -n "$extra" ]]; then echo --build-arg; echo "PIP_EXTRA_INDEX=${extra% }"; fi
+}
