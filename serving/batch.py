@@ -343,6 +343,18 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="MLflow tracking URI for models:/ URIs (default: MLFLOW_TRACKING_URI "
                              "or the local sqlite store)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--ray", metavar="ADDRESS", default=None,
+                        help="with --model: spread the slides over Ray actors; auto (the "
+                             "cluster of this node), HOST:6379, ray://HOST:10001 or local "
+                             "(see --ray-* and docs/scale-out.md)")
+    parser.add_argument("--ray-actors", type=int, default=None,
+                        help="with --ray: actors, each holding one model (default: as many "
+                             "as the cluster fits)")
+    parser.add_argument("--ray-num-cpus", type=float, default=1, help="with --ray: CPUs per actor (1)")
+    parser.add_argument("--ray-num-gpus", type=float, default=0,
+                        help="with --ray: GPUs per actor (default 0; 1 on a GPU cluster)")
+    parser.add_argument("--ray-max-restarts", type=int, default=2,
+                        help="with --ray: restarts of a dead actor, each re-running its slide (2)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -350,7 +362,14 @@ def run(args: argparse.Namespace) -> int:
         raise WsiError("give exactly one of --model (in process) or --server (through a server)")
     if args.workers < 1:
         raise WsiError(f"--workers must be at least 1, got {args.workers}")
-    if args.server is not None:
+    if getattr(args, "ray", None) is not None:
+        if args.server is not None:
+            raise WsiError("--ray scores in Ray actors: give --model, not --server")
+        from serving.ray_batch import backend_from_args  # imports ray: only with --ray
+
+        backend = backend_from_args(args)
+        args.workers = backend.workers  # one slide in flight per actor
+    elif args.server is not None:
         from serving.client import client_from_args
 
         client = client_from_args(args)
