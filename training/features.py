@@ -179,6 +179,17 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fallback-mpp", type=float, default=None,
                         help="um/px for slides without MPP metadata (default: the core's 0.243)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--ray", metavar="ADDRESS", default=None,
+                        help="spread the slides over Ray actors: auto (the cluster of this "
+                             "node), HOST:6379, ray://HOST:10001 or local (docs/scale-out.md)")
+    parser.add_argument("--ray-actors", type=int, default=None,
+                        help="with --ray: actors, each holding one backbone (default: as many "
+                             "as the cluster fits)")
+    parser.add_argument("--ray-num-cpus", type=float, default=1, help="with --ray: CPUs per actor (1)")
+    parser.add_argument("--ray-num-gpus", type=float, default=0,
+                        help="with --ray: GPUs per actor (default 0; 1 on a GPU cluster)")
+    parser.add_argument("--ray-max-restarts", type=int, default=2,
+                        help="with --ray: restarts of a dead actor, each re-running its slide (2)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -195,6 +206,10 @@ def run(args: argparse.Namespace) -> int:
         stems[path.stem] = path
     if not slides:
         raise WsiError(f"no slides found under {args.slides_dir}")
+    if getattr(args, "ray", None) is not None:
+        from training.ray_features import extract_on_ray  # imports ray: only with --ray
+
+        return extract_on_ray(args, slides)
     device = resolve_device(args.device)
     model = build_backbone(args.weights, layer=args.layer, seed=args.weights_seed).to(device)
     log.info("%d slides, ResNet-50 %s (%s) on %s", len(slides), args.layer, args.weights, device)

@@ -1,0 +1,132 @@
+"""`milroi-train features ... --ray ADDRESS|auto|local`: feature extraction over Ray actors.
+
+Each actor builds the backbone once (torch, on its GPU when it has one) and runs
+`training.features.extract_features` on whole slides, writing FEATURES_DIR/h5_files/<slide>.h5
+itself. Unlike the scoring job, the actors write: a slide's features are large (100k tiles x
+1024 float32 = 400 MB for a Camelyon slide) and shipping them through the driver would double
+the traffic, while each slide has its own file, written under a temp name and renamed when
+complete, so the writers never touch the same file. A shared file system with the same paths
+on every node is assumed. Resumability is the local run's: a finished .h5 exists, a killed
+write leaves only a hidden .partial file, and a rerun skips the finished slides.
+
+Failures: a bad slide (SlideError) is reported and counted, as in the local run, and not
+retried (it fails the same way every time). A worker that dies is restarted up to
+`max_restarts` times, the slide re-run on the restarted actor; past that the slide is counted
+as failed, the actor replaced, and the other slides go on.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from wsi.errors import WsiError
+
+log = logging.getLogger(__name__)
+
+
+class FeatureActor:
+    """The work of one Ray actor: one backbone, whole slides in, one h5 per slide written."""
+
+    def __init__(self, weights: str, layer: str, seed: int, device: str):
+        from training.backbone import build_backbone
+        from training.features import resolve_device
+
+        self.device = resolve_device(device)
+        self.model = build_backbone(weights, layer=layer, seed=seed).to(self.device)
+
+    def extract(self, slide_path: str, out_h5: str, options: dict) -> dict:
+        from training.features import extract_features
+
+        try:
+            summary = extract_features(slide_path, out_h5, self.model, device=self.device,
+                                       progress=False, **options)
+        except WsiError as exc:  # SlideError(path, cause) does not pickle: send its message
+            raise WsiError(str(exc)) from None
+        return {**summary, "path": str(summary["path"])}
+
+
+def extract_on_ray(args: argparse.Namespace, slides: list[Path],
+                   actor_class: type = FeatureActor) -> int:
+    """Features of `slides` into args.out over Ray actors; the exit code of `features.run`."""
+    from serving.ray_batch import connect, default_actor_count
+    from training.features import feature_path
+
+    if args.ray_max_restarts < 0:
+        raise WsiError(f"--ray-max-restarts must be >= 0, got {args.ray_max_restarts}")
+    owns_ray = connect(args.ray)
+    try:
+        weights = args.weights
+        if weights not in ("imagenet", "none") and Path(weights).exists():
+            weights = str(Path(weights).absolute())  # as the other nodes see it
+        remote = ray.remote(actor_class).options(
+            num_cpus=args.ray_num_cpus, num_gpus=args.ray_num_gpus,
+            max_restarts=args.ray_max_restarts, max_task_retries=args.ray_max_restarts)
+        device = args.device if args.device != "auto" else ("cuda" if args.ray_num_gpus else "cpu")
+
+        def new_actor():
+            return remote.remote(weights, args.layer, args.weights_seed, device)
+
+        count = args.ray_actors or default_actor_count(args.ray_num_cpus, args.ray_num_gpus)
+        if count < 1:
+            raise WsiError(f"--ray-actors must be at least 1, got {count}")
+        options = {"tile_size": args.tile_size, "min_tissue": args.min_tissue,
+                   "batch_size": args.batch_size, "workers": args.workers,
+                   "limit_tiles": args.limit_tiles, "fallback_mpp": args.fallback_mpp}
+        todo = [(str(path.absolute()), str(feature_path(args.out, path.stem).absolute()))
+                for path in slides]
+        log.info("%d slides over %d Ray actors (%s CPU, %s GPU each)", len(todo), count,
+                 args.ray_num_cpus, args.ray_num_gpus)
+        failed, written, skipped = _run_pool(new_actor, count, todo, options,
+                                             args.ray_max_restarts)
+    finally:
+        if owns_ray:
+            ray.shutdown()
+    log.info("features: %d slides written, %d already done, %d failed", written, skipped,
+             len(failed))
+    if failed:
+        log.error("failed slides: %s", ", ".join(failed))
+        return 1
+    return 0
+
+
+def _run_pool(new_actor, count: int, todo: list[tuple[str, str]], options: dict,
+              max_restarts: int) -> tuple[list[str], int, int]:
+    """One slide in flight per actor; an actor takes the next slide when it returns one."""
+    actors = [new_actor() for _ in range(min(count, len(todo)))]
+    queue = iter(todo)
+    in_flight: dict = {}  # ObjectRef -> (actor, slide path)
+
+    def submit(actor) -> None:
+        item = next(queue, None)
+        if item is not None:
+            in_flight[actor.extract.remote(item[0], item[1], options)] = (actor, item[0])
+
+    for actor in actors:
+        submit(actor)
+    failed, written, skipped = [], 0, 0
+    try:
+        while in_flight:
+            (ref,), _ = ray.wait(list(in_flight), num_returns=1)
+            actor, path = in_flight.pop(ref)
+            try:
+                summary = ray.get(ref)
+                skipped += summary["skipped"]
+                written += not summary["skipped"]
+            except RayTaskError as exc:  # the slide's own error (corrupt file ...)
+                log.error("%s", exc.cause if isinstance(exc.cause, WsiError) else exc)
+                failed.append(path)
+            except RayActorError as exc:  # the worker died more than max_restarts times
+                log.error("%s: the Ray worker extracting it died (%d restarts): %s", path,
+                          max_restarts, str(exc).strip().splitlines()[0])
+                failed.append(path)
+                ray.kill(actor, no_restart=True)
+                actors[actors.index(actor)] = actor = new_actor()
+            submit(actor)
+    finally:
+        for actor in actors:
+            ray.kill(actor, no_restart=True)
+    return failed, written, skipped
