@@ -203,13 +203,19 @@ def build_manifest(backbone: Backbone, head: nn.Module, opset: int,
 
 def export_bundle(out_dir: str | os.PathLike, backbone: Backbone, head: nn.Module,
                   manifest_extra: dict[str, Any] | None = None, *, opset: int = DEFAULT_OPSET,
-                  parity_tiles: np.ndarray | None = None, overwrite: bool = False) -> Path:
+                  parity_tiles: np.ndarray | None = None, overwrite: bool = False,
+                  int8_calibration: np.ndarray | None = None) -> Path:
     """Write a model bundle folder from in-memory modules; returns its path.
 
     `backbone` from `training.backbone.build_backbone`, `head` a `training.heads.MILHead`.
     The graphs are written to a temporary sibling folder, checked (onnx.checker, parity with
     torch on `parity_tiles`, default `synthetic_parity_tiles()`), then moved into place, so a
     failed export never leaves a half bundle. Raises `ParityError` when parity fails.
+
+    `int8_calibration` (uint8 tissue tiles [n, 224, 224, 3], n > 8): also write the static int8
+    backbone (training.quantize), listed as files["backbone_int8"] with its calibration and its
+    feature agreement with fp32 under manifest["int8"]; raises QuantizationError when it
+    disagrees (feature cosine < 0.99).
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -237,6 +243,12 @@ def export_bundle(out_dir: str | os.PathLike, backbone: Backbone, head: nn.Modul
                              synthetic_parity_tiles() if parity_tiles is None else parity_tiles)
         manifest = build_manifest(backbone, head, opset, manifest_extra)
         manifest["parity"] = diffs
+        if int8_calibration is not None:
+            from training.quantize import add_int8_backbone
+
+            int8 = add_int8_backbone(staging, int8_calibration)
+            manifest["files"]["backbone_int8"] = int8.pop("file")
+            manifest["int8"] = int8
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -304,8 +316,8 @@ class Registered:
 
 def export_run(run_id: str, name: str, *, alias: str | None = None,
                tracking_uri: str | None = None, out_dir: str | os.PathLike | None = None,
-               opset: int = DEFAULT_OPSET, parity_slide: str | os.PathLike | None = None
-               ) -> Registered:
+               opset: int = DEFAULT_OPSET, parity_slide: str | os.PathLike | None = None,
+               int8: bool = False, calibration_slides: list | None = None) -> Registered:
     """Export a fit run to a bundle, log it to the run under `bundle/`, register one version."""
     from mlflow.exceptions import MlflowException
 
@@ -331,6 +343,16 @@ def export_run(run_id: str, name: str, *, alias: str | None = None,
     else:
         log.warning("no --parity-slide: parity checked on synthetic H&E-like tiles only")
         tiles = None
+    int8_tiles = None
+    if int8:
+        from training.quantize import calibration_tiles_from_slides, synthetic_calibration_tiles
+
+        slides = calibration_slides or ([parity_slide] if parity_slide is not None else [])
+        if slides:
+            int8_tiles = calibration_tiles_from_slides(slides)
+        else:
+            log.warning("--int8 without --calibration-slide: calibrating on a synthetic slide")
+            int8_tiles = synthetic_calibration_tiles()
     val_auc = _run_number(run, "val_auc")
     threshold = _run_number(run, "threshold")
     fingerprint = run.data.tags.get("data_fingerprint")
@@ -343,7 +365,7 @@ def export_run(run_id: str, name: str, *, alias: str | None = None,
     with tempfile.TemporaryDirectory() as tmp:
         bundle = export_bundle(Path(out_dir) if out_dir else Path(tmp) / "bundle", backbone,
                                head, extra, opset=opset, parity_tiles=tiles,
-                               overwrite=out_dir is not None)
+                               overwrite=out_dir is not None, int8_calibration=int8_tiles)
         client.log_artifacts(run_id, str(bundle), artifact_path=BUNDLE_ARTIFACT_PATH)
     source = f"{run.info.artifact_uri.rstrip('/')}/{BUNDLE_ARTIFACT_PATH}"
     try:
@@ -374,12 +396,20 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help=f"ONNX opset (default {DEFAULT_OPSET})")
     parser.add_argument("--parity-slide", type=Path, default=None,
                         help="real slide whose tissue tiles the torch/ONNX parity check uses")
+    parser.add_argument("--int8", action="store_true",
+                        help="also write a static int8 backbone (backbone_int8.onnx, "
+                             "served with --precision int8)")
+    parser.add_argument("--calibration-slide", type=Path, action="append", default=None,
+                        dest="calibration_slides",
+                        help="slide whose tissue tiles calibrate the int8 backbone (repeatable; "
+                             "default the parity slide, else a synthetic slide)")
 
 
 def run(args: argparse.Namespace) -> int:
     registered = export_run(args.run_id, args.name, alias=args.alias,
                             tracking_uri=args.tracking_uri, out_dir=args.out, opset=args.opset,
-                            parity_slide=args.parity_slide)
+                            parity_slide=args.parity_slide, int8=args.int8,
+                            calibration_slides=args.calibration_slides)
     alias = f" @{registered.alias}" if registered.alias else ""
     print(f"{registered.name} version {registered.version}{alias} <- {registered.source}")
     return 0

@@ -1,0 +1,171 @@
+"""Static int8 quantisation of a bundle's backbone (onnxruntime.quantization).
+
+`add_int8_backbone(bundle_dir, calibration_tiles)` writes `backbone_int8.onnx` next to
+`backbone.onnx` and returns the manifest entries for it; `training.export` calls it at export
+time (`milroi-train export ... --int8`) and the server loads it with `--precision int8`
+(serving.engine.Engine).
+
+How, and why this way:
+
+- `quant_pre_process` first (onnxruntime's recommended step: graph optimisation folds the
+  BatchNorms into the convolutions and symbolic shape inference gives the quantiser every
+  tensor's type), then `quantize_static` in QDQ format: QuantizeLinear/DequantizeLinear pairs that
+  onnxruntime's CPU provider fuses into integer convolutions (VNNI on AVX-512 CPUs) and that
+  TensorRT also reads as explicit int8.
+- Weights int8 symmetric, per output channel (ResNet-50 channels differ by orders of magnitude in
+  range; one scale per tensor costs several points of feature cosine); activations uint8
+  asymmetric (post-ReLU activations are non-negative: the full 0..255 range is used).
+- Calibration: MinMax over real tissue tiles (a CalibrationDataReader feeding uint8 tile batches
+  through the graph's own input, so the in-graph /255 and ImageNet normalisation are calibrated
+  too). Tiles come from real or synthetic slides (`calibration_tiles_from_slides`).
+- Check: the features of the int8 graph against the fp32 graph on tiles *not* used for
+  calibration; the export fails (QuantizationError) when the lowest cosine is below 0.99, so a
+  bad int8 graph never reaches a bundle.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from wsi.errors import WsiError
+
+INT8_FILE = "backbone_int8.onnx"
+MIN_COSINE = 0.99
+TILE_SIZE = 224
+
+
+class QuantizationError(WsiError):
+    """The int8 backbone could not be built or does not agree with the fp32 one."""
+
+
+def _reader_class():
+    # onnxruntime is imported lazily: training imports this module without needing it otherwise.
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class TileCalibrationReader(CalibrationDataReader):
+        """Feeds uint8 tiles [n, 224, 224, 3] to the backbone's "tiles" input in batches."""
+
+        def __init__(self, tiles: np.ndarray, batch_size: int = 16):
+            self.batches = [np.ascontiguousarray(tiles[i:i + batch_size])
+                            for i in range(0, len(tiles), batch_size)]
+            self.position = 0
+
+        def get_next(self):
+            if self.position >= len(self.batches):
+                return None
+            self.position += 1
+            return {"tiles": self.batches[self.position - 1]}
+
+        def rewind(self):
+            self.position = 0
+
+    return TileCalibrationReader
+
+
+def calibration_tiles_from_slides(slides: Iterable[str | os.PathLike], n: int = 64,
+                                  seed: int = 0, min_tissue: float = 0.5) -> np.ndarray:
+    """n tissue tiles drawn evenly at random (fixed seed) from the tissue grids of the slides."""
+    from wsi.grid import tiles_for_slide
+    from wsi.slide import open_slide
+
+    slides = [Path(s) for s in slides]
+    if not slides:
+        raise QuantizationError("no calibration slides given")
+    rng = np.random.default_rng(seed)
+    per_slide = -(-n // len(slides))
+    tiles = []
+    for path in slides:
+        with open_slide(path) as slide:
+            _, grid = tiles_for_slide(slide, tile_size=TILE_SIZE, min_tissue=min_tissue)
+            if len(grid.coords) == 0:
+                raise QuantizationError(f"calibration slide {path} has no tissue tiles")
+            picks = rng.choice(len(grid.coords), min(per_slide, len(grid.coords)), replace=False)
+            tiles.extend(slide.read_region(int(x), int(y), TILE_SIZE, TILE_SIZE)
+                         for x, y in grid.coords[np.sort(picks)])
+    return np.stack(tiles[:n])
+
+
+def synthetic_calibration_tiles(n: int = 64, seed: int = 0) -> np.ndarray:
+    """Tissue tiles of a small wsi.synth slide (lymph node with a tumour nest), for when no
+    real slide is at hand: real tissue-mask + grid path, H&E-like textures."""
+    from wsi.synth import write_synthetic_slide
+
+    with tempfile.TemporaryDirectory(prefix="milroi-calib-") as tmp:
+        path = Path(tmp) / "calibration.tif"
+        write_synthetic_slide(path, 3072, 3072, seed=seed, tumor=True)
+        return calibration_tiles_from_slides([path], n=n, seed=seed)
+
+
+def quantize_backbone(fp32_path: str | os.PathLike, out_path: str | os.PathLike,
+                      calibration: np.ndarray, *, per_channel: bool = True,
+                      batch_size: int = 16) -> Path:
+    """backbone.onnx -> static int8 QDQ graph at out_path, calibrated on uint8 tiles."""
+    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    calibration = np.asarray(calibration)
+    if calibration.dtype != np.uint8 or calibration.ndim != 4 or len(calibration) == 0:
+        raise QuantizationError(f"calibration tiles must be a non-empty uint8 [n, h, w, 3] array, "
+                                f"got {calibration.dtype} {list(calibration.shape)}")
+    out_path = Path(out_path)
+    with tempfile.TemporaryDirectory(prefix="milroi-quant-") as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        try:
+            quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=False)
+            quantize_static(
+                str(prepared), str(out_path), _reader_class()(calibration, batch_size),
+                quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.MinMax,
+                extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+        except Exception as exc:  # onnx/onnxruntime raise many types; one error names the file
+            raise QuantizationError(f"int8 quantisation of {fp32_path} failed: {exc}") from exc
+    return out_path
+
+
+def feature_agreement(fp32_path: str | os.PathLike, int8_path: str | os.PathLike,
+                      tiles: np.ndarray) -> dict[str, float]:
+    """Cosine similarity (per tile) and max abs difference of the two backbones' features."""
+    import onnxruntime as ort
+
+    def features(path):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return session.run(["features"], {"tiles": np.ascontiguousarray(tiles)})[0]
+
+    ref, got = features(fp32_path), features(int8_path)
+    cosine = (ref * got).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1) + 1e-12)
+    return {"cosine_min": float(cosine.min()), "cosine_mean": float(cosine.mean()),
+            "max_abs_diff": float(np.abs(ref - got).max()), "tiles": int(len(tiles))}
+
+
+def add_int8_backbone(bundle_dir: str | os.PathLike, tiles: np.ndarray, *,
+                      held_out: int = 8, min_cosine: float = MIN_COSINE) -> dict:
+    """Write backbone_int8.onnx into a bundle folder; returns {"file", "calibration", "agreement"}.
+
+    The last `held_out` tiles are kept out of calibration and used for the agreement check.
+    Raises QuantizationError when the lowest feature cosine on them is below `min_cosine`.
+    """
+    bundle_dir = Path(bundle_dir)
+    tiles = np.asarray(tiles)
+    if len(tiles) <= held_out:
+        raise QuantizationError(f"need more than {held_out} tiles for calibration + check, "
+                                f"got {len(tiles)}")
+    calibrate, check = tiles[:-held_out], tiles[-held_out:]
+    fp32 = bundle_dir / "backbone.onnx"
+    out = quantize_backbone(fp32, bundle_dir / INT8_FILE, calibrate)
+    agreement = feature_agreement(fp32, out, check)
+    if not agreement["cosine_min"] >= min_cosine:  # NaN fails too
+        out.unlink(missing_ok=True)
+        raise QuantizationError(
+            f"int8 backbone of {bundle_dir} disagrees with fp32: feature cosine min "
+            f"{agreement['cosine_min']:.4f} < {min_cosine} on {len(check)} held-out tiles")
+    return {"file": INT8_FILE,
+            "calibration": {"tiles": int(len(calibrate)), "method": "minmax",
+                            "format": "QDQ", "per_channel": True,
+                            "activations": "uint8", "weights": "int8"},
+            "agreement": agreement}
