@@ -40,6 +40,12 @@ _PLAUSIBLE_MPP = (0.05, 100.0)
 # A level bigger than this (pixels) is read in horizontal strips, each shrunk at once: a slide
 # without a pyramid (one 100k x 200k level) must not need 80 GB of memory for a thumbnail or mask.
 MAX_READ_PIXELS = 64 * 2**20
+# Beyond any scanner's level 0 (Camelyon16's largest are ~2e10 px): such a size comes from a
+# corrupt or hand-crafted header, and believing it would mean hours of reads or a huge mask.
+MAX_LEVEL0_PIXELS = 2**36
+# The most pixels read_level_resized scans for one downsampled view (thumbnail, tissue mask):
+# a slide without a pyramid level small enough is refused rather than read for minutes.
+MAX_SCAN_PIXELS = 2**32
 
 # OpenSlide raises these for files it cannot use; OSError covers I/O errors under it.
 _OPENSLIDE_ERRORS = (openslide.OpenSlideError, openslide.OpenSlideUnsupportedFormatError, OSError)
@@ -98,6 +104,11 @@ class Slide:
         if min(self.dimensions) <= 0:
             self._osr.close()
             raise SlideError(self.path, f"empty image, level-0 size {self.dimensions}")
+        if self.dimensions[0] * self.dimensions[1] > MAX_LEVEL0_PIXELS:
+            self._osr.close()
+            raise SlideError(self.path, f"claims {self.dimensions[0]} x {self.dimensions[1]} px "
+                                        f"at level 0, more than {MAX_LEVEL0_PIXELS:.3g} px of any "
+                                        f"real slide (corrupt or hand-crafted header)")
         self.properties = props
         self.vendor: str = props.get("openslide.vendor", "unknown")
         mpp = _mpp_from_properties(props)
@@ -152,12 +163,19 @@ class Slide:
         return self.read_region(0, 0, w, h, level)
 
     def read_level_resized(self, level: int, size: tuple[int, int],
-                           max_read_pixels: int = MAX_READ_PIXELS) -> np.ndarray:
+                           max_read_pixels: int = MAX_READ_PIXELS,
+                           max_scan_pixels: int = MAX_SCAN_PIXELS) -> np.ndarray:
         """The whole of `level` as RGB area-averaged (BOX) to `size` = (w, h), in bounded memory:
-        a level over `max_read_pixels` is read in horizontal strips, each resized at once."""
+        a level over `max_read_pixels` is read in horizontal strips, each resized at once.
+        A level over `max_scan_pixels` (a big slide without a pyramid) is a SlideError."""
         self._check_level(level)
         out_w, out_h = size
         level_w, level_h = self.level_dimensions[level]
+        if level_w * level_h > max_scan_pixels:
+            raise SlideError(self.path, f"no pyramid level small enough for a {out_w} x {out_h} "
+                                        f"view: level {level} is {level_w} x {level_h} px, more "
+                                        f"than {max_scan_pixels:.3g} px to scan (write the slide "
+                                        f"with a pyramid, e.g. vips tiffsave --pyramid --tile)")
         if level_w * level_h <= max_read_pixels:
             rgb = self.read_level(level)
             if (level_w, level_h) == (out_w, out_h):
