@@ -273,3 +273,13 @@ def serve_process(tmp_path):
     yield start
     for process in processes:
         process.stop()
+
+
+@pytest.fixture(scope="session")
+def big_root(tmp_path_factory) -> Path:
+    """A slide of ~150 tissue tiles: long enough to cancel or drain in the middle."""
+    from wsi.synth import write_synthetic_slide
+
+    root = tmp_path_factory.mktemp("big")
+    write_synthetic_slide(root / "big.tif", 3072, 2560, seed=7, tumor=True)
+    return root

@@ -1,0 +1,145 @@
+"""Load and faults of the server: concurrent clients, cancel, SIGTERM drain, memory over many
+slides. Every request loop is bounded in count and time; loopback only."""
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from conftest import GOOD_SLIDES
+from milroi.v1 import scoring_pb2 as pb
+from milroi.v1 import scoring_pb2_grpc as pb_grpc
+
+Code = grpc.StatusCode
+
+
+def stream_arrays(responses):
+    """(header, coords [N, 2], scores [N], summary) of one ScoreSlide stream, checked in shape."""
+    kinds = [r.WhichOneof("kind") for r in responses]
+    assert kinds[0] == "header" and kinds[-1] == "summary" and set(kinds[1:-1]) <= {"patches"}
+    chunks = [r.patches for r in responses[1:-1]]
+    assert [c.offset for c in chunks] == list(np.cumsum([0] + [len(c.score) for c in chunks])[:-1])
+    coords = np.array([(x, y) for c in chunks for x, y in zip(c.x, c.y)], np.int64).reshape(-1, 2)
+    scores = np.array([s for c in chunks for s in c.score], np.float32)
+    return responses[0].header, coords, scores, responses[-1].summary
+
+
+def test_eight_concurrent_clients_get_their_own_correct_scores(make_in_process_server, good_root,
+                                                               reference_scores):
+    server = make_in_process_server([good_root], batch_size=16, max_wait_ms=20)
+    results, errors = {}, []
+
+    def client(name):
+        # One channel per client, as separate processes would have.
+        stub = pb_grpc.SlideScoringStub(grpc.insecure_channel(server.address))
+        try:
+            results[name] = list(stub.ScoreSlide(pb.ScoreSlideRequest(slide_path=name, chunk_size=4),
+                                                 timeout=300))
+        except grpc.RpcError as exc:
+            errors.append(f"{name}: {exc.code()} {exc.details()}")
+
+    threads = [threading.Thread(target=client, args=(name,)) for name in GOOD_SLIDES]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert errors == [] and sorted(results) == sorted(GOOD_SLIDES)
+    for name, responses in results.items():
+        header, coords, scores, summary = stream_arrays(responses)
+        reference = reference_scores[name]
+        assert header.slide_path == name and header.tile_count == reference.tile_count > 0
+        np.testing.assert_array_equal(coords, reference.coords)
+        np.testing.assert_allclose(scores, reference.scores, atol=1e-5)
+        assert summary.slide_score == pytest.approx(reference.slide_score, abs=1e-5)
+        assert summary.label == reference.label
+    stats = server.engine.stats
+    assert stats.tiles == sum(r.tile_count for r in reference_scores.values())
+    assert stats.merged_runs >= 1          # streams really shared model runs
+    assert server.server.service._active == 0
+
+
+def _sample(metrics, name, labels=None) -> float:
+    value = metrics.registry.get_sample_value(name, labels or {})
+    return 0.0 if value is None else value
+
+
+def test_cancel_mid_stream_stops_the_work_for_it(make_in_process_server, big_root):
+    server = make_in_process_server([big_root], batch_size=2)
+    metrics, engine = server.server.metrics, server.engine
+    threads_before = {t.ident for t in threading.enumerate()}
+    stub = pb_grpc.SlideScoringStub(grpc.insecure_channel(server.address))
+    call = stub.ScoreSlide(pb.ScoreSlideRequest(slide_path="big.tif", chunk_size=2), timeout=300)
+    header = next(call).header
+    assert next(call).HasField("patches")
+    call.cancel()
+    # Within a second the stream's reads and model runs have stopped: nothing grows any more.
+    deadline = time.monotonic() + 10
+    while _sample(metrics, "milroi_requests_total", {"method": "ScoreSlide", "code": "CANCELLED"}) < 1:
+        assert time.monotonic() < deadline, "the cancel was not recorded"
+        time.sleep(0.05)
+    time.sleep(1.0)
+    tiles, scored = engine.stats.tiles, _sample(metrics, "milroi_tiles_scored_total")
+    time.sleep(1.5)
+    assert engine.stats.tiles == tiles and _sample(metrics, "milroi_tiles_scored_total") == scored
+    assert tiles < header.tile_count                 # it really stopped early
+    assert _sample(metrics, "milroi_in_flight") == 0 and engine.queue_depth() == 0
+    assert server.server.service._active == 0
+    # The stream's producer and tile-reader threads are gone.
+    deadline = time.monotonic() + 10
+    while extra := [t.name for t in threading.enumerate()
+                    if t.ident not in threads_before and t.name.startswith(("score-slide", "cancel-watch"))]:
+        assert time.monotonic() < deadline, f"threads left after cancel: {extra}"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_sigterm_drains_every_stream_and_exits_0(serve_process, bundle, good_root, big_root):
+    server = serve_process(["--model", str(bundle), "--slide-root", str(good_root),
+                            "--slide-root", str(big_root), "--batch-size", "2", "--grace", "120"])
+    names = ["big.tif", *GOOD_SLIDES[:3]]
+    calls = []
+    for name in names:
+        stub = pb_grpc.SlideScoringStub(grpc.insecure_channel(server.address))
+        call = stub.ScoreSlide(pb.ScoreSlideRequest(slide_path=name, chunk_size=2), timeout=300)
+        calls.append((call, [next(call)]))       # every stream has started (header received)
+    server.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    # New calls are refused while draining...
+    late = pb_grpc.SlideScoringStub(grpc.insecure_channel(server.address))
+    with pytest.raises(grpc.RpcError) as info:
+        list(late.ScoreSlide(pb.ScoreSlideRequest(slide_path="s0.tif"), timeout=10))
+    assert info.value.code() == Code.UNAVAILABLE
+    # ...and every stream in flight still gets all its patches and its summary.
+    for name, (call, head) in zip(names, calls):
+        header, coords, scores, summary = stream_arrays(head + list(call))
+        assert header.slide_path == name
+        assert summary.tile_count == header.tile_count == len(scores) > 0
+    assert server.proc.wait(120) == 0
+    log = server.log_path.read_text()
+    assert "draining" in log and "stopped" in log
+
+
+@pytest.mark.slow
+def test_memory_is_flat_over_fifty_slides(serve_process, bundle, good_root):
+    psutil = pytest.importorskip("psutil")
+    server = serve_process(["--model", str(bundle), "--slide-root", str(good_root),
+                            "--batch-size", "8"])
+    process = psutil.Process(server.proc.pid)
+    stub = pb_grpc.SlideScoringStub(grpc.insecure_channel(server.address))
+    rss = []
+    started = time.monotonic()
+    for i in range(50):
+        responses = list(stub.ScoreSlide(pb.ScoreSlideRequest(
+            slide_path=GOOD_SLIDES[i % len(GOOD_SLIDES)]), timeout=60))
+        assert responses[-1].HasField("summary")
+        rss.append(process.memory_info().rss / 2**20)
+        assert time.monotonic() - started < 400, "50 small slides took too long"
+    warm = np.array(rss[10:])          # after warm-up: allocator pools, onnxruntime arenas
+    slope = np.polyfit(np.arange(len(warm)), warm, 1)[0]
+    # A leak of one tile batch per slide (8 x 224 x 224 x 3 B = 1.2 MB) would show as >= 1 MB/slide.
+    assert slope < 0.25, f"RSS grows {slope:.2f} MiB per slide: {np.round(rss, 1).tolist()}"
+    assert warm.max() - warm[0] < 20, f"RSS after warm-up: {np.round(rss, 1).tolist()}"
