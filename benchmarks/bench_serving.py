@@ -74,35 +74,92 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def bare_backbone_rate(bundle: Path, provider: str, batch_size: int, batches: int) -> dict:
+def bare_backbone_rate(bundle: Path, provider: str, batch_size: int, batches: int,
+                       precision: str = "fp32", tiles: np.ndarray | None = None) -> dict:
+    """The backbone graph alone, as the server's Engine opens it (provider, threads, precision),
+    one full batch per run after a warm-up run; median batch time -> tiles/s.
+
+    On a GPU the tiles are copied from host memory each run (as the server does) with IO binding
+    and the features stay on the device."""
+    import statistics
+
     from serving.engine import Engine
     from training.export import synthetic_parity_tiles
 
-    engine = Engine(bundle, provider=provider, batch_size=batch_size)
-    tiles = synthetic_parity_tiles(n=batch_size, seed=1)
-    engine.backbone.run(["features"], {"tiles": tiles})  # warm-up
-    started = time.perf_counter()
+    engine = Engine(bundle, provider=provider, batch_size=batch_size, precision=precision)
+    if tiles is None:
+        tiles = synthetic_parity_tiles(n=batch_size, seed=1)
+    tiles = np.ascontiguousarray(np.resize(tiles, (batch_size, *tiles.shape[1:])))
+
+    def run_once():
+        if not engine.on_gpu:
+            engine.backbone.run(["features"], {"tiles": tiles})
+            return
+        binding = engine.backbone.io_binding()
+        binding.bind_cpu_input("tiles", tiles)
+        binding.bind_output("features", "cuda", 0)
+        engine.backbone.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+
+    run_once()  # warm-up (allocations, kernel selection)
+    seconds = []
     for _ in range(batches):
-        engine.backbone.run(["features"], {"tiles": tiles})
-    seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        run_once()
+        seconds.append(time.perf_counter() - started)
     info = engine.describe()
     engine.close()
-    return {"tiles_per_s": batches * batch_size / seconds, **info}
+    return {"tiles_per_s": batch_size / statistics.median(seconds),
+            "batch_seconds": [round(s, 4) for s in seconds], **info}
+
+
+def _cli_accepts_precision(precision: str) -> bool:
+    """Whether `milroi-serve serve --precision` offers this precision."""
+    from serving.server import configure_parser
+
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    action = next(a for a in parser._actions if a.dest == "precision")
+    return action.choices is None or precision in action.choices
+
+
+def serve_main(argv: list[str]) -> int:
+    """`milroi-serve serve` with any Engine precision: `python -m benchmarks.bench_serving
+    --serve --engine-precision int8 ARGS...` (used while the serve CLI lacks a precision)."""
+    import asyncio
+    import logging
+
+    from serving.server import config_from_args, configure_parser, serve
+
+    logging.basicConfig(level=logging.INFO)
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    parser.add_argument("--engine-precision", required=True)
+    args = parser.parse_args(argv)
+    config = config_from_args(args)
+    config.precision = args.engine_precision
+    return asyncio.run(serve(config))
 
 
 class ServerProcess:
-    def __init__(self, bundle: Path, root: Path, provider: str, batch_size: int, log: Path):
+    def __init__(self, bundle: Path, root: Path, provider: str, batch_size: int, log: Path,
+                 precision: str = "fp32", max_concurrent: int = 8):
         import grpc
         import psutil
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         self.port = _free_port()
         self.address = f"127.0.0.1:{self.port}"
-        self.process = subprocess.Popen(
-            [str(Path(sys.executable).parent / "milroi-serve"), "serve", "--model", str(bundle),
-             "--slide-root", str(root), "--port", str(self.port), "--provider", provider,
-             "--batch-size", str(batch_size), "--max-concurrent", "8", "--grace", "0"],
-            stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+        options = ["--model", str(bundle), "--slide-root", str(root), "--port", str(self.port),
+                   "--provider", provider, "--batch-size", str(batch_size),
+                   "--max-concurrent", str(max_concurrent), "--grace", "0"]
+        if _cli_accepts_precision(precision):
+            command = [str(Path(sys.executable).parent / "milroi-serve"), "serve", *options,
+                       "--precision", precision]
+        else:   # the same server code, the precision set on its config
+            command = [sys.executable, "-m", "benchmarks.bench_serving", "--serve", *options,
+                       "--engine-precision", precision]
+        self.process = subprocess.Popen(command, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
         self.ps = psutil.Process(self.process.pid)
         health = health_pb2_grpc.HealthStub(grpc.insecure_channel(self.address))
         deadline = time.monotonic() + 300
@@ -126,7 +183,7 @@ class ServerProcess:
         self.process.wait(60)
 
 
-def score(address: str, slide: str) -> dict:
+def score(address: str, slide: str, keep_scores: bool = False) -> dict:
     """One ScoreSlide stream: client-side timings and the server's summary timings."""
     import grpc
 
@@ -137,6 +194,7 @@ def score(address: str, slide: str) -> dict:
     started = time.perf_counter()
     first = header_at = None
     tiles = 0
+    scores = []
     for response in stub.ScoreSlide(pb.ScoreSlideRequest(slide_path=slide), timeout=3600):
         kind = response.WhichOneof("kind")
         now = time.perf_counter() - started
@@ -145,12 +203,18 @@ def score(address: str, slide: str) -> dict:
         elif kind == "patches":
             first = first or now
             tiles += len(response.patches.score)
+            if keep_scores:
+                scores.append(np.asarray(response.patches.score, np.float32))
         else:
             summary = response.summary
     total = time.perf_counter() - started
-    return {"tiles": tiles, "first_score_s": first, "header_s": header_at, "total_s": total,
-            "scoring_tiles_per_s": tiles / (total - header_at),
-            "server_tiles_per_s": summary.timings.tiles_per_second}
+    result = {"tiles": tiles, "first_score_s": first, "header_s": header_at, "total_s": total,
+              "scoring_tiles_per_s": tiles / (total - header_at),
+              "server_tiles_per_s": summary.timings.tiles_per_second,
+              "slide_score": summary.slide_score}
+    if keep_scores:
+        result["scores"] = np.concatenate(scores) if scores else np.zeros(0, np.float32)
+    return result
 
 
 def concurrent(address: str, slide: str, streams: int) -> dict:
@@ -259,4 +323,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--serve"]:
+        sys.exit(serve_main(sys.argv[2:]))
     sys.exit(main())

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The benchmark rows on a GPU, in one command (< 5 minutes):
+#
+#     bash benchmarks/gpu.sh            # from the repository root of a copy of this repo
+#
+# Prints the onnxruntime version and providers and the card (nvidia-smi), then runs
+# `python -m benchmarks.run --quick` with the CUDA provider at fp32 and fp16 (IO binding: tiles
+# copied to the device once per batch, features stay there between backbone and head), the naive
+# baseline in torch on CUDA (CLAM's DataLoader with 8 workers). JSON goes to $OUT/gpu.json when
+# $OUT is set (the device runner collects it), else benchmarks/results/gpu.json.
+#
+# Needs the project's environment: .venv carried over (or $PYTHON pointing at an interpreter with
+# the project installed: pip install -e . from wheels). CUDA/cuDNN come from the nvidia-* pip
+# wheels that torch installs; their lib folders are put on LD_LIBRARY_PATH so that onnxruntime's
+# CUDA provider finds them in the server process too.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-.venv/bin/python}
+[ -x "$PYTHON" ] || PYTHON=$(command -v python3)
+OUT_DIR=${OUT:-benchmarks/results}
+mkdir -p "$OUT_DIR"
+# The cached slide lives outside the tree; a fresh machine writes it once (~40 s).
+export MILROI_BENCH_CACHE=${MILROI_BENCH_CACHE:-$HOME/.cache/milroi/bench}
+
+site=$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+if [ -d "$site/nvidia" ]; then
+    libs=$(find "$site/nvidia" -maxdepth 3 -type d -name lib | tr '\n' ':')
+    export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:-}"
+fi
+
+echo "== card"
+timeout 30 nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv \
+    || echo "nvidia-smi failed (no GPU visible?)"
+echo "== onnxruntime"
+timeout 120 "$PYTHON" - <<'EOF'
+import onnxruntime as ort
+print("onnxruntime", ort.__version__, "device", ort.get_device())
+print("available providers:", ort.get_available_providers())
+# A real session tells whether CUDA initialises (onnxruntime-gpu lists it even when it cannot).
+from serving.engine import CUDA
+import numpy as np, onnx, onnx.helper as h
+graph = h.make_graph([h.make_node("Relu", ["x"], ["y"])], "probe",
+                     [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                     [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+model = h.make_model(graph, opset_imports=[h.make_opsetid("", 18)])
+session = ort.InferenceSession(model.SerializeToString(), providers=[CUDA, "CPUExecutionProvider"])
+print("probe session providers:", session.get_providers())
+EOF
+
+echo "== benchmarks (CUDA, fp32 + fp16)"
+timeout 270 "$PYTHON" -m benchmarks.run --quick --provider cuda --precisions fp32,fp16 \
+    --naive-device cuda --out "$OUT_DIR" --json-name gpu.json
+echo "== written $OUT_DIR/gpu.json"
