@@ -9,6 +9,9 @@ Two entry points:
 - `milroi-train export RUN_ID --name NAME`: rebuilds the backbone from the run's params and the
   head from its `head/` artifact, exports, checks parity on real tiles of a slide, logs the bundle
   as run artifacts and registers one MLflow model version (optionally under an alias).
+  `--int8` also writes the static int8 backbone (training.quantize: backbone_int8.onnx, listed
+  as files["backbone_int8"], served with `--precision int8`), calibrated on tissue tiles of
+  `--calibration-slide` (default the parity slide, else a synthetic slide).
 
 Exporter: torch.onnx's dynamo exporter (`dynamo=True`, the default and maintained path in torch
 2.x). It handles the uint8 NHWC input and a symbolic batch dimension directly; the legacy
