@@ -41,20 +41,37 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_RESTARTS = 2
 
 
-class ScoringActor:
-    """The work of one Ray actor: one engine (model loaded once), whole slides in, scores out."""
+class ScoringActor(LocalBackend):
+    """The work of one Ray actor: one engine (model loaded once), whole slides in, scores out.
+
+    `LocalBackend` but for the engine's thread count: by default onnxruntime runs one thread
+    per core of the node, so N actors on a node would start N x cores threads; here each engine
+    gets the CPUs Ray reserved for its actor."""
 
     def __init__(self, model_uri: str, tracking_uri: str | None, provider: str,
                  min_tissue: float | None, roi_threshold: float | None):
-        self.backend = LocalBackend(model_uri, tracking_uri=tracking_uri, provider=provider,
-                                    min_tissue=min_tissue, roi_threshold=roi_threshold)
+        from serving.engine import Engine
+        from serving.model_source import ModelSource
+        from serving.pipeline import SlideScorer
 
-    def model(self) -> tuple[str, str]:
-        return self.backend.model, self.backend.model_version
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+        threads = max(1, round(cpus))
+        source = ModelSource(model_uri, lambda path, ref: Engine(path, provider=provider,
+                                                                 model=ref, threads=threads),
+                             tracking_uri=tracking_uri)
+        source.refresh()
+        self.engine = source.current.engine
+        self.scorer = SlideScorer(self.engine)
+        self.model, self.model_version = self.engine.model.name, self.engine.model.version
+        self.min_tissue, self.roi_threshold = min_tissue, roi_threshold
+        self.scorer.check_parameters(None, min_tissue, roi_threshold)
+
+    def describe(self) -> tuple[str, str, int]:
+        return self.model, self.model_version, self.engine.threads
 
     def score(self, path: str, key: str) -> ScoredSlide:
         try:
-            return self.backend.score(Path(path), key)
+            return super().score(Path(path), key)
         except WsiError as exc:
             # SlideError(path, cause) does not survive pickling to the driver; its message is
             # what the summary row shows, so send that as a plain WsiError.
@@ -125,11 +142,13 @@ class RayBackend:
         self._new_actor = lambda: remote.remote(*args)
         self.actors = [self._new_actor() for _ in range(count)]
         try:
-            models = set(ray.get([actor.model.remote() for actor in self.actors]))
+            described = ray.get([actor.describe.remote() for actor in self.actors])
         except (RayTaskError, RayActorError) as exc:
             self.close()
             cause = exc.cause if isinstance(exc, RayTaskError) else exc
             raise WsiError(f"Ray actors could not load model {model_uri}: {cause}") from None
+        models = {(name, version) for name, version, _ in described}
+        self.engine_threads = [threads for _, _, threads in described]
         if len(models) != 1:  # an alias moved while the actors started: one version per job
             self.close()
             raise WsiError(f"Ray actors loaded different versions of {model_uri}: "

@@ -69,6 +69,7 @@ def test_worker_killed_mid_slide_is_restarted_and_the_slide_completes(
                          actor_class=crashing(ScoringActor, "score", "synth_normal", marker))
     try:
         first_actor = backend.actors[0]
+        assert backend.engine_threads == [1]  # the actor's 1 CPU, not one thread per core
         rows = score_folder(slides_dir, tmp_path / "out", backend, workers=1, progress=False)
         assert backend.actors == [first_actor]  # restarted by Ray, not replaced
     finally:
