@@ -139,11 +139,26 @@ def good_root(tmp_path_factory) -> Path:
     return root
 
 
+def write_corrupt_tiles_slide(path: Path, source: Path) -> Path:
+    """`source` with the JPEG data of the second half of its level-0 tiles zeroed: it opens, its
+    tissue mask (from a lower level) and first tiles read fine, later tile reads fail."""
+    import tifffile
+
+    with tifffile.TiffFile(source) as tif:
+        offsets, counts = tif.pages[0].dataoffsets, tif.pages[0].databytecounts
+    data = bytearray(source.read_bytes())
+    for offset, count in list(zip(offsets, counts))[len(offsets) // 2:]:
+        data[offset:offset + count] = bytes(count)
+    path.write_bytes(bytes(data))
+    return path
+
+
 @pytest.fixture(scope="session")
-def bad_root(tmp_path_factory, good_root) -> Path:
+def bad_root(tmp_path_factory, good_root, big_root) -> Path:
     """Bad inputs + a good slide, a blank one, a single-level one, a link out of the root."""
     root = tmp_path_factory.mktemp("bad")
     write_bad_files(root, good_root / "s0.tif")
+    write_corrupt_tiles_slide(root / "corrupt_tiles.tif", big_root / "big.tif")
     shutil.copy(good_root / "s0.tif", root / "good.tif")
     write_blank_slide(root / "blank.tif")
     write_single_level_tiff(root / "single_level.tif", good_root / "s0.tif")

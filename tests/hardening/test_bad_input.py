@@ -72,6 +72,23 @@ def test_bad_slide_gets_its_status_and_the_server_keeps_serving(stub, path, code
     still_serving(stub)
 
 
+def test_corrupt_tile_data_mid_stream_ends_it_with_invalid_argument(stub):
+    """Tiles that fail to decode only when read: header and the patches before them arrive,
+    then INVALID_ARGUMENT naming the file and the failed read; no summary."""
+    call = stub.ScoreSlide(pb.ScoreSlideRequest(slide_path="corrupt_tiles.tif", chunk_size=1),
+                           timeout=60)
+    received = []
+    with pytest.raises(grpc.RpcError) as info:
+        for response in call:
+            received.append(response.WhichOneof("kind"))
+    assert info.value.code() == Code.INVALID_ARGUMENT
+    details = info.value.details()
+    assert "corrupt_tiles.tif" in details and "corrupt or truncated tile data" in details
+    assert received[0] == "header" and "summary" not in received
+    assert "patches" in received            # the tiles before the damage were scored and sent
+    still_serving(stub)
+
+
 def test_slide_without_tissue_is_ok_with_zero_tiles(stub):
     responses = list(stub.ScoreSlide(pb.ScoreSlideRequest(slide_path="blank.tif"), timeout=30))
     assert [r.WhichOneof("kind") for r in responses] == ["header", "summary"]
