@@ -196,6 +196,8 @@ def train_head(config: dict, train: Sequence[Bag], labels: dict[str, int], *, ep
     """
     seed_everything(seed)
     head = build_head(config)
+    stacked = torch.cat([b.features for b in train])
+    head.set_feature_stats(stacked.mean(0), stacked.std(0))
     y_train = np.array([labels[b.name] for b in train])
     n_pos, n_neg = int(y_train.sum()), int(len(y_train) - y_train.sum())
     pos_weight = n_neg / n_pos if n_pos and n_neg else 1.0

@@ -70,6 +70,23 @@ def attention_pool(attention: Tensor, embeddings: Tensor) -> Tensor:
     return torch.softmax(attention, dim=0) @ embeddings
 
 
+class _Standardize(nn.Module):
+    """(features - mean) / std with the training set's statistics, kept as buffers.
+
+    ResNet-50 features (random-init ones especially) share a large common offset; without this
+    the patch logits start far from 0 and their sigmoid saturates, which ties every patch score.
+    Inside the patch module, so the exported head.onnx standardises exactly as training did.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    def forward(self, features: Tensor) -> Tensor:
+        return (features - self.mean) / self.std
+
+
 def _mlp(in_dim: int, hidden: list[int], out_dim: int, dropout: float) -> nn.Sequential:
     layers: list[nn.Module] = []
     for width in hidden:
@@ -109,6 +126,12 @@ class MILHead(nn.Module):
         """pooled [1, P] -> slide_logit [1] (ONNX-exportable)."""
         raise NotImplementedError
 
+    def set_feature_stats(self, mean: Tensor, std: Tensor) -> None:
+        """Standardise input features with these per-dimension training-set statistics."""
+        norm = self.patch_module().norm
+        norm.mean.copy_(torch.as_tensor(mean, dtype=norm.mean.dtype))
+        norm.std.copy_(torch.clamp(torch.as_tensor(std, dtype=norm.std.dtype), min=1e-6))
+
     def pool(self, patch_outputs: tuple[Tensor, ...]) -> Tensor:
         """The streaming pooling of docs/INTERFACES.md on a whole bag: patch outputs -> [1, P]."""
         raise NotImplementedError
@@ -134,12 +157,12 @@ class MILHead(nn.Module):
 
 
 class _ChowderPatches(nn.Module):
-    def __init__(self, scorer: nn.Module):
+    def __init__(self, norm: nn.Module, scorer: nn.Module):
         super().__init__()
-        self.scorer = scorer
+        self.norm, self.scorer = norm, scorer
 
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
-        logits = self.scorer(features).squeeze(-1)
+        logits = self.scorer(self.norm(features)).squeeze(-1)
         return torch.sigmoid(logits), logits
 
 
@@ -157,11 +180,20 @@ class ChowderHead(MILHead):
 
     Config: `in_dim` D, `k` (extremes kept on each side, 5 as in the paper's default range),
     `patch_hidden` (optional hidden widths before the per-patch score, [] = the paper's 1x1 conv),
-    `mlp_hidden` (the paper uses [200, 100]), `dropout` (between hidden layers).
+    `mlp_hidden` (the paper uses [200, 100]), `dropout` (between hidden layers),
+    `instance_weight`: weight of the max-instance loss that calibrates the patch scores.
+
+    CHOWDER's MLP reads the patch logits only through their order statistics, so nothing ties
+    the logits themselves to a probability: they can all sit at +100 on every slide and still
+    separate slides. milroi serves sigmoid(patch logit) as a tumour probability, so it adds the
+    standard MIL max-instance loss (as in MI-Net, Wang et al. 2018, and the max-instance stream of
+    DSMIL, Li et al. 2021): BCE(max patch logit, slide label). A normal slide pushes every patch
+    below 0.5, a tumour slide lifts at least one above it.
     """
 
     kind = "chowder"
-    defaults = {"k": 5, "patch_hidden": [], "mlp_hidden": [200, 100], "dropout": 0.5}
+    defaults = {"k": 5, "patch_hidden": [], "mlp_hidden": [200, 100], "dropout": 0.5,
+                "instance_weight": 0.5}
 
     def __init__(self, config: dict[str, Any]):
         super().__init__(config)
@@ -171,7 +203,8 @@ class ChowderHead(MILHead):
             raise WsiError("chowder head needs k >= 1")
         # no dropout on the features themselves: the paper regularises the 1x1 conv with L2
         # (weight decay) and uses dropout in the MLP only
-        self._patches = _ChowderPatches(_mlp(c["in_dim"], list(c["patch_hidden"]), 1, c["dropout"]))
+        self._patches = _ChowderPatches(_Standardize(c["in_dim"]),
+                                        _mlp(c["in_dim"], list(c["patch_hidden"]), 1, c["dropout"]))
         self._aggregator = _Aggregator(_mlp(2 * self.k, list(c["mlp_hidden"]), 1, c["dropout"]))
 
     @property
@@ -187,20 +220,30 @@ class ChowderHead(MILHead):
     def pool(self, patch_outputs: tuple[Tensor, ...]) -> Tensor:
         return extremes_pool(patch_outputs[1], self.k)[None]
 
+    def loss(self, output: MILOutput, label: float, pos_weight: float = 1.0) -> Tensor:
+        w = float(self.config["instance_weight"])
+        slide = super().loss(output, label, pos_weight)
+        if w == 0:
+            return slide
+        target = torch.tensor(float(label), dtype=output.patch_logits.dtype)
+        instance = F.binary_cross_entropy_with_logits(output.patch_logits.max(), target)
+        return (1.0 - w) * slide + w * instance
+
 
 # ---------------------------------------------------------------------------------------------
 # Gated-attention MIL with a CLAM-SB instance branch
 
 
 class _AbmilPatches(nn.Module):
-    def __init__(self, embed: nn.Module, attn_v: nn.Module, attn_u: nn.Module, attn_w: nn.Module,
-                 instance: nn.Module):
+    def __init__(self, norm: nn.Module, embed: nn.Module, attn_v: nn.Module, attn_u: nn.Module,
+                 attn_w: nn.Module, instance: nn.Module):
         super().__init__()
+        self.norm = norm
         self.embed, self.attn_v, self.attn_u, self.attn_w = embed, attn_v, attn_u, attn_w
         self.instance = instance
 
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        h = self.embed(features)
+        h = self.embed(self.norm(features))
         # gated attention (Ilse et al. 2018, eq. 9): w^T (tanh(V h) * sigm(U h))
         attention = self.attn_w(torch.tanh(self.attn_v(h)) * torch.sigmoid(self.attn_u(h)))
         logits = self.instance(h).squeeze(-1)
@@ -233,7 +276,7 @@ class AbmilHead(MILHead):
             layers += [nn.Linear(in_dim, width), nn.ReLU(), nn.Dropout(c["dropout"])]
             in_dim = width
         self._patches = _AbmilPatches(
-            embed=nn.Sequential(*layers),
+            norm=_Standardize(c["in_dim"]), embed=nn.Sequential(*layers),
             attn_v=nn.Linear(in_dim, c["attn_dim"]), attn_u=nn.Linear(in_dim, c["attn_dim"]),
             attn_w=nn.Linear(c["attn_dim"], 1), instance=nn.Linear(in_dim, 1))
         self._aggregator = _Aggregator(nn.Linear(in_dim, 1))

@@ -16,7 +16,8 @@ from wsi.errors import WsiError
 
 # early stopping on 3 validation slides is noise: patience = epochs keeps the best of all epochs
 FAST = dict(epochs=25, lr=3e-3, weight_decay=1e-4, patience=25, val_fraction=0.3)
-SMALL = {"chowder": {}, "abmil": {"hidden": [32], "attn_dim": 16}}
+# slide separation alone: chowder without its max-instance calibration term (tested below)
+SMALL = {"chowder": {"instance_weight": 0.0}, "abmil": {"hidden": [32], "attn_dim": 16}}
 
 
 def _uri(tmp_path):
@@ -125,3 +126,28 @@ def test_bad_inputs_are_clear_errors(bag_dataset, tmp_path):
     corrupt.write_bytes(b"not an h5 file")
     with pytest.raises(WsiError, match="normal_012.h5 is not a readable features h5"):
         fit(features_dir, labels, tracking_uri=_uri(tmp_path))
+
+
+def test_chowder_patch_scores_are_calibrated_probabilities(bag_dataset, tmp_path):
+    """With the default max-instance term, chowder's patch scores are usable probabilities:
+    the tumour block ranks above everything else and normal slides stay below 0.5."""
+    import h5py
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    features_dir, labels = bag_dataset
+    result = fit(features_dir, labels, head="chowder", folds=1, seed=0,
+                 tracking_uri=_uri(tmp_path), experiment="t", **{**FAST, "epochs": 40, "patience": 40})
+    scores, targets, normal_scores = [], [], []
+    for name, label in read_labels(labels).items():
+        with h5py.File(features_dir / "h5_files" / f"{name}.h5") as f:
+            feats, coords = torch.from_numpy(f["features"][:]), f["coords"][:]
+        with torch.no_grad():
+            s = result.head(feats).patch_scores.numpy()
+        if label:
+            block = ((coords[:, 0] // 224) // 2 == 1) & ((coords[:, 1] // 224) // 2 == 1)
+            scores.append(s), targets.append(block)
+        else:
+            normal_scores.append(s)
+    assert roc_auc_score(np.concatenate(targets), np.concatenate(scores)) > 0.95
+    assert np.median(np.concatenate(normal_scores)) < 0.5
