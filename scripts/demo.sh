@@ -37,7 +37,7 @@ milroi-train evaluate "$RUN_ID" --features "$OUT/features/heldout" --labels "$OU
 
 step "5/7 ONNX export, registration as a model version, promotion to @champion"
 milroi-train export "$RUN_ID" --name "$MODEL" --tracking-uri "$MLFLOW_TRACKING_URI" | tee "$OUT/export.log"
-VERSION=$(sed -n 's/^version=//p' "$OUT/export.log" | tail -n 1)
+VERSION=$(sed -n "s/^$MODEL version \([0-9]*\) .*/\1/p" "$OUT/export.log" | tail -n 1)
 milroi-train promote "$MODEL" "$VERSION" --alias champion --tracking-uri "$MLFLOW_TRACKING_URI" --force
 
 step "6/7 gRPC server on 127.0.0.1:$PORT serving models:/$MODEL@champion"
@@ -46,7 +46,10 @@ milroi-serve serve --model "models:/$MODEL@champion" --tracking-uri "$MLFLOW_TRA
 SERVER_PID=$!
 trap 'kill -TERM $SERVER_PID 2>/dev/null; wait $SERVER_PID 2>/dev/null || true' EXIT
 
+# the client retries UNAVAILABLE with backoff while the server starts and loads the model
+milroi-serve client model --server "127.0.0.1:$PORT" --retries 8
+
 step "7/7 the client scores every held-out slide through the server"
-milroi-serve score "$OUT/heldout" --server "127.0.0.1:$PORT" --out "$OUT/scores" --wait 120
+milroi-serve score "$OUT/heldout" --server "127.0.0.1:$PORT" --out "$OUT/scores"
 column -s, -t < "$OUT/scores/summary.csv" || cat "$OUT/scores/summary.csv"
 printf '\nResults in %s/scores: per-slide patch CSV, QuPath GeoJSON, heatmap PNG, Spatiopath JSON.\n' "$OUT"
