@@ -5,113 +5,24 @@
 - `good_root`: eight small wsi.synth slides (different seeds, some with tumour), one per
   concurrent client;
 - `bad_root`: the bad inputs of docs/errors.md next to one good slide (see `write_bad_files`);
-- `in_process_server`: a grpc.aio ScoringServer in an event-loop thread of this process (its
-  engine stats and metrics are readable directly);
+- `big_root`: one slide of ~150 tissue tiles (long enough to cancel or drain mid-stream);
+- `reference_scores`: the in-process SlideScorer summary of every good slide;
+- `make_in_process_server`: a grpc.aio ScoringServer in an event-loop thread of this process
+  (its engine stats and metrics are readable directly);
 - `serve_process`: `milroi-serve serve` as a subprocess (SIGTERM, RSS), stopped at the end.
-Everything listens on 127.0.0.1 only.
+Everything listens on 127.0.0.1 only. Writers and server classes: hardening_helpers.py.
 """
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
-import signal
-import socket
-import struct
-import subprocess
-import sys
-import threading
-import time
-import zlib
 from pathlib import Path
 
-import grpc
-import numpy as np
 import pytest
 
-DATA = Path(__file__).resolve().parents[1] / "data"
-BIN = Path(sys.executable).parent
-GOOD_SLIDES = [f"s{i}.tif" for i in range(8)]
-GOOD_SIZE = (1024, 896)   # ~10-20 tissue tiles: a stream takes about a second on two shared cores
-
-
-# -- files ---------------------------------------------------------------------------------------
-def write_huge_claim_tiff(path: Path, width: int, height: int, tile: int = 4096) -> Path:
-    """A valid tiled TIFF header claiming width x height px, every tile offset pointing at one
-    deflate-compressed tile: a few hundred KB on disk for a 'slide' of any size."""
-    tile_data = zlib.compress(np.full((tile, tile, 3), 200, np.uint8).tobytes(), 9)
-    n = (-(-width // tile)) * (-(-height // tile))
-    tags = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, 3, None), (259, 3, 1, 8),
-            (262, 3, 1, 2), (277, 3, 1, 3), (284, 3, 1, 1), (322, 3, 1, tile), (323, 3, 1, tile),
-            (324, 4, n, None), (325, 4, n, None)]
-    data_at = 8
-    ifd_at = data_at + len(tile_data) + (len(tile_data) & 1)
-    arrays_at = ifd_at + 2 + 12 * len(tags) + 4
-    offsets_at, counts_at, bps_at = arrays_at, arrays_at + 4 * n, arrays_at + 8 * n
-    pointers = {258: bps_at, 324: offsets_at if n > 1 else data_at,
-                325: counts_at if n > 1 else len(tile_data)}
-    ifd = struct.pack("<H", len(tags)) + b"".join(
-        struct.pack("<HHII", tag, kind, count, pointers.get(tag, value) if value is None else value)
-        for tag, kind, count, value in tags) + struct.pack("<I", 0)
-    body = struct.pack("<2sHI", b"II", 42, ifd_at) + tile_data + b"\0" * (len(tile_data) & 1) + ifd
-    if n > 1:
-        body += struct.pack(f"<{n}I", *[data_at] * n) + struct.pack(f"<{n}I", *[len(tile_data)] * n)
-    path.write_bytes(body + struct.pack("<3H", 8, 8, 8))
-    return path
-
-
-def write_bad_files(folder: Path, good: Path) -> dict[str, Path]:
-    """The bad inputs (name -> path): each must fail alone, with one clear status."""
-    import tifffile
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    files = {}
-    files["empty"] = folder / "empty.svs"
-    files["empty"].write_bytes(b"")
-    # The first 40% of a good pyramidal TIFF: header and first tiles present, the rest gone.
-    files["truncated"] = folder / "truncated.tif"
-    files["truncated"].write_bytes(good.read_bytes()[: int(good.stat().st_size * 0.4)])
-    files["text"] = folder / "text.svs"
-    files["text"].write_text("this is not a slide\n" * 50)
-    plain = np.full((1200, 1600, 3), 230, np.uint8)
-    plain[300:900, 400:1200] = (150, 80, 160)
-    files["png"] = folder / "plain.png"
-    Image.fromarray(plain).save(files["png"])
-    files["stripped_tiff"] = folder / "stripped.tif"      # single level, strips, not tiles
-    tifffile.imwrite(files["stripped_tiff"], plain, photometric="rgb")
-    files["huge_claim"] = write_huge_claim_tiff(folder / "huge_claim.tif", 400_000, 400_000)
-    # Plausible size, but one level: a tissue mask would scan 4.9e9 px.
-    files["no_pyramid_huge"] = write_huge_claim_tiff(folder / "no_pyramid_huge.tif", 70_000, 70_000)
-    files["broken_svs"] = folder / "broken.svs"            # real SVS with corrupt tile data
-    shutil.copy(DATA / "broken.svs", files["broken_svs"])
-    return files
-
-
-def write_single_level_tiff(path: Path, source: Path) -> Path:
-    """A tiled TIFF without a pyramid (one level): `source`'s level 0, 0.243 um/px."""
-    import tifffile
-
-    from wsi.slide import open_slide
-
-    with open_slide(source) as slide:
-        rgb = slide.read_level(0)
-    tifffile.imwrite(path, rgb, tile=(256, 256), photometric="rgb", compression="jpeg",
-                     resolution=(1e4 / 0.243, 1e4 / 0.243), resolutionunit="CENTIMETER")
-    return path
-
-
-def write_blank_slide(path: Path, width: int = 768, height: int = 640) -> Path:
-    """Two-level JPEG-tiled TIFF of empty glass: no tissue tile."""
-    import tifffile
-
-    image = np.full((height, width, 3), 243, np.uint8)
-    with tifffile.TiffWriter(path) as tif:
-        for i, level in enumerate((image, image[::2, ::2])):
-            tif.write(level, tile=(256, 256), compression="jpeg", photometric="rgb",
-                      subfiletype=int(i > 0), resolution=(1e4 / 0.243 / 2**i,) * 2,
-                      resolutionunit="CENTIMETER")
-    return path
+from hardening_helpers import (GOOD_SIZE, GOOD_SLIDES, InProcessServer, ServeProcess,
+                               write_bad_files, write_blank_slide, write_corrupt_tiles_slide,
+                               write_single_level_tiff)
 
 
 @pytest.fixture(scope="session")
@@ -137,20 +48,6 @@ def good_root(tmp_path_factory) -> Path:
     for i, name in enumerate(GOOD_SLIDES):
         write_synthetic_slide(root / name, *GOOD_SIZE, seed=100 + i, tumor=i % 2 == 1)
     return root
-
-
-def write_corrupt_tiles_slide(path: Path, source: Path) -> Path:
-    """`source` with the JPEG data of the second half of its level-0 tiles zeroed: it opens, its
-    tissue mask (from a lower level) and first tiles read fine, later tile reads fail."""
-    import tifffile
-
-    with tifffile.TiffFile(source) as tif:
-        offsets, counts = tif.pages[0].dataoffsets, tif.pages[0].databytecounts
-    data = bytearray(source.read_bytes())
-    for offset, count in list(zip(offsets, counts))[len(offsets) // 2:]:
-        data[offset:offset + count] = bytes(count)
-    path.write_bytes(bytes(data))
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -180,44 +77,6 @@ def reference_scores(bundle, good_root):
         return {name: scorer.score_slide(good_root / name) for name in GOOD_SLIDES}
 
 
-# -- servers ------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class InProcessServer:
-    """A ScoringServer in its own event-loop thread of the test process."""
-
-    def __init__(self, config):
-        from serving.server import ScoringServer
-
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-        async def build():
-            return ScoringServer(config)
-
-        self.server = self.call(build())
-        self.port = self.call(self.server.start())
-        self.address = f"127.0.0.1:{self.port}"
-        self.call(asyncio.wait_for(self.server.ready.wait(), 120), 125)
-
-    def call(self, coro, timeout: float = 120):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    @property
-    def engine(self):
-        return self.server.source.current.engine
-
-    def stop(self) -> None:
-        self.call(self.server.stop(0))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-
 @pytest.fixture
 def make_in_process_server(bundle):
     from serving.server import ServerConfig
@@ -234,46 +93,6 @@ def make_in_process_server(bundle):
     yield make
     for server in servers:
         server.stop()
-
-
-class ServeProcess:
-    """`milroi-serve serve` as a subprocess on a free loopback port."""
-
-    def __init__(self, args: list[str], log_path: Path):
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen(
-            [str(BIN / "milroi-serve"), "serve", "--provider", "cpu", "--port", str(self.port),
-             *args], stdout=self._log, stderr=subprocess.STDOUT,
-            env={**os.environ, "MLFLOW_TRACKING_URI": ""})
-
-    def wait_serving(self, timeout: float = 120) -> None:
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        health = health_pb2_grpc.HealthStub(grpc.insecure_channel(self.address))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log_path.read_text()[-3000:]
-            try:
-                if health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == \
-                        health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"server not SERVING after {timeout} s: {self.log_path.read_text()[-2000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
 
 
 @pytest.fixture

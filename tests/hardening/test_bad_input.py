@@ -18,7 +18,7 @@ Code = grpc.StatusCode
 @pytest.fixture(scope="module")
 def server(bad_root, bundle):
     """One server for the module (bad requests must not need a fresh one)."""
-    from conftest import InProcessServer
+    from hardening_helpers import InProcessServer
     from serving.server import ServerConfig
 
     srv = InProcessServer(ServerConfig(model=str(bundle), slide_roots=[str(bad_root)], port=0,

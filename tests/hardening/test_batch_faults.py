@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import BIN, write_bad_files
+from hardening_helpers import BIN, write_bad_files
 from serving.batch import DONE_MARKER, SUMMARY_NAME
 from serving.cli import main as serve_main
 

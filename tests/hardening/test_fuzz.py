@@ -33,7 +33,7 @@ floats = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True, wid
 
 @pytest.fixture(scope="module")
 def server(bad_root, bundle):
-    from conftest import InProcessServer
+    from hardening_helpers import InProcessServer
     from serving.server import ServerConfig
 
     srv = InProcessServer(ServerConfig(model=str(bundle), slide_roots=[str(bad_root)], port=0,

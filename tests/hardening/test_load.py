@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 import pytest
 
-from conftest import GOOD_SLIDES
+from hardening_helpers import GOOD_SLIDES
 from milroi.v1 import scoring_pb2 as pb
 from milroi.v1 import scoring_pb2_grpc as pb_grpc
 

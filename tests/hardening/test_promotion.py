@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 import pytest
 
-from conftest import BIN, free_port
+from hardening_helpers import BIN, free_port
 from milroi.v1 import scoring_pb2 as pb
 from milroi.v1 import scoring_pb2_grpc as pb_grpc
 
