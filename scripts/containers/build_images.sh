@@ -28,7 +28,8 @@ if [[ "$BASE_IMAGE" == localhost/milroi-base:* ]]; then
 fi
 mapfile -t pip_args < <(pip_build_args)
 
-# record NAME IMAGE SECONDS CACHED_BEFORE: print and merge into the results file
+# record NAME IMAGE SECONDS EXISTED_BEFORE: print and merge into the results file (EXISTED_BEFORE:
+# the tag was there before this build, so its layers were probably cached)
 record() {
     local size; size="$(image_size_bytes "$2")"
     log "$1: $2 built in $3 s, $(numfmt --to=iec "$size")B ($size bytes)"
@@ -40,7 +41,7 @@ path = Path(path)
 results = json.loads(path.read_text()) if path.exists() else {}
 results.setdefault("images", {})[name] = {
     "image": image, "build_seconds": int(seconds), "size_bytes": int(size),
-    "size_gib": round(int(size) / 2**30, 2), "layers_cached_before": cached == "1",
+    "size_gib": round(int(size) / 2**30, 2), "image_existed_before": cached == "1",
     "with_cuda": cuda == "1" if name.startswith("serve") else None,
     "cpus": os.cpu_count(), "load_1min": round(os.getloadavg()[0], 2),
     "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
