@@ -168,7 +168,11 @@ def youden_threshold(y: np.ndarray, p: np.ndarray, default: float = 0.5) -> floa
         return default
     fpr, tpr, thresholds = roc_curve(y, p)
     best = int(np.argmax(tpr - fpr))
-    return float(np.clip(thresholds[best], 0.0, 1.0))
+    # roc_curve's threshold is the lowest positive score kept, so a slide scored exactly there (or
+    # a hair below it after float32 inference in onnxruntime) would flip; take the midpoint to the
+    # next lower score instead, where the decision is equally good on these slides.
+    lower = thresholds[best + 1] if best + 1 < len(thresholds) else 0.0
+    return float(np.clip((thresholds[best] + lower) / 2, 0.0, 1.0))
 
 
 @torch.no_grad()

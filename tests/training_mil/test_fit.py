@@ -151,3 +151,14 @@ def test_chowder_patch_scores_are_calibrated_probabilities(bag_dataset, tmp_path
             normal_scores.append(s)
     assert roc_auc_score(np.concatenate(targets), np.concatenate(scores)) > 0.95
     assert np.median(np.concatenate(normal_scores)) < 0.5
+
+
+def test_youden_threshold_sits_between_the_classes():
+    from training.fit import youden_threshold
+
+    # perfectly separated: any threshold in (0.2, 0.8] is optimal; the midpoint keeps both margins
+    assert youden_threshold(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.8, 1.0])) == pytest.approx(0.5)
+    # saturated tumour scores must still be classified as tumour after float32 rounding
+    t = youden_threshold(np.array([0, 1, 1]), np.array([1e-6, 1.0, 1.0]))
+    assert t < np.float32(1.0 - 1e-6)
+    assert youden_threshold(np.array([1, 1]), np.array([0.3, 0.9])) == 0.5  # one class: default
