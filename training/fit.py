@@ -166,7 +166,7 @@ def youden_threshold(y: np.ndarray, p: np.ndarray, default: float = 0.5) -> floa
     """Probability threshold maximising sensitivity + specificity - 1 (Youden's J)."""
     if len(np.unique(y)) < 2:
         return default
-    fpr, tpr, thresholds = roc_curve(y, p)
+    fpr, tpr, thresholds = roc_curve(y, p, drop_intermediate=False)
     best = int(np.argmax(tpr - fpr))
     # roc_curve's threshold is the lowest positive score kept, so a slide scored exactly there (or
     # a hair below it after float32 inference in onnxruntime) would flip; take the midpoint to the
