@@ -14,8 +14,8 @@
   onnxruntime.transformers.float16, inputs and outputs kept uint8/float32; TensorRT uses its own
   fp16 mode);
 - int8: `precision="int8"` loads the bundle's `backbone_int8.onnx` (static QDQ quantisation made
-  at export, training.quantize) instead of backbone.onnx; on AVX-512 VNNI CPUs several times the
-  fp32 speed.
+  at export, training.quantize) instead of backbone.onnx; on AVX-512 VNNI CPUs about 2-3x the
+  fp32 speed (benchmarks/results/bench.json).
 
 Dynamic batching: `submit(tiles)` queues a request and returns a Future. One runner thread takes
 queued requests in arrival order and packs them into one run of up to `batch_size` tiles; when
