@@ -1,9 +1,11 @@
 """Batch scoring on Ray against the plain local run: `python -m benchmarks.bench_ray`.
 
-The same folder of synthetic slides (wsi.synth) is scored by `serving.batch.score_folder` three
-ways, each into a fresh OUT: in process (`LocalBackend`, the plain run), and over a local Ray
-cluster with 1 and 2 actors (`serving.ray_batch.RayBackend`). Reported per way: tiles/s over
-the scoring of the folder (fastest of --repeats), and the one-off costs Ray adds (ray.init of a local cluster; actor
+The same folder of synthetic slides (wsi.synth) is scored by `serving.batch.score_folder` four
+ways, each into a fresh OUT: in process (`LocalBackend`, the plain run: one engine thread per
+core); the actor's class (`ScoringActor`, one engine thread as a 1-CPU actor has) in process, to
+isolate what Ray itself costs; and over a local Ray cluster with 1 and 2 actors
+(`serving.ray_batch.RayBackend`). Reported per way: tiles/s over the scoring of the folder
+(fastest of --repeats), and the one-off costs Ray adds (ray.init of a local cluster; actor
 start = worker process + model load, against the plain run's model load).
 
 Prints a markdown table and writes benchmarks/results/ray.json.
@@ -71,7 +73,7 @@ def main(argv=None) -> int:
     import ray
 
     from serving.batch import LocalBackend
-    from serving.ray_batch import RayBackend
+    from serving.ray_batch import RayBackend, ScoringActor
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -92,6 +94,14 @@ def main(argv=None) -> int:
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
         init = time.perf_counter() - start
         try:
+            # Ray's own cost, isolated: the actor's code and thread count, in this process.
+            same = ScoringActor(str(bundle), None, "cpu", None, None, threads=1)
+            try:
+                assert same.engine.threads == 1
+                results["local, 1 engine thread (as an actor)"] = timed_folder(
+                    slides_dir, root / "local1", same, args.repeats)
+            finally:
+                same.close()
             for actors in (1, 2):
                 start = time.perf_counter()
                 backend = RayBackend(str(bundle), actors=actors, provider="cpu")
@@ -113,13 +123,14 @@ def main(argv=None) -> int:
               "slide_px": [args.size, args.size], "model": "ResNet-50 layer3 + CHOWDER (ONNX, CPU)",
               "ray_init_s": round(init, 2), "ray_cpus": args.cpus, "repeats": args.repeats,
               "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores (shared)",
+              "load_average_1_5_15": [round(x, 1) for x in os.getloadavg()],  # the neighbours
               "results": results}
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")
     print(f"ray.init (local cluster, {args.cpus} CPUs): {init:.2f} s\n")
     print("| run | tiles | start s | score s (runs) | tiles/s (fastest) | vs local |\n|---|---|---|---|---|---|")
     for name, r in results.items():
-        start_s = r.get("actor_start_s", r.get("model_load_s"))
+        start_s = r.get("actor_start_s", r.get("model_load_s", ""))
         print(f"| {name} | {r['tiles']} | {start_s} | {r['score_seconds']} | "
               f"{r['tiles_per_s']} | {r['vs_local']} |")
     return 0

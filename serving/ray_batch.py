@@ -49,13 +49,15 @@ class ScoringActor(LocalBackend):
     gets the CPUs Ray reserved for its actor."""
 
     def __init__(self, model_uri: str, tracking_uri: str | None, provider: str,
-                 min_tissue: float | None, roi_threshold: float | None):
+                 min_tissue: float | None, roi_threshold: float | None,
+                 threads: int | None = None):
         from serving.engine import Engine
         from serving.model_source import ModelSource
         from serving.pipeline import SlideScorer
 
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-        threads = max(1, round(cpus))
+        if threads is None:  # in an actor: the CPUs Ray reserved for it
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+            threads = max(1, round(cpus))
         source = ModelSource(model_uri, lambda path, ref: Engine(path, provider=provider,
                                                                  model=ref, threads=threads),
                              tracking_uri=tracking_uri)
