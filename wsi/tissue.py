@@ -175,6 +175,10 @@ def tissue_mask_from_rgb(rgb: np.ndarray, params: TissueParams = TissueParams(),
     morphology.remove_small_objects(cleaned, max_size=min_object, out=cleaned)
     morphology.remove_small_holes(cleaned, max_size=min_hole, out=cleaned)
     cleaned &= ~ink
+    # The anti-aliased fringe of a pen stroke on glass is pale and saturated enough to pass the
+    # thresholds without being ink; it survived above by touching the stroke. Once the ink is cut
+    # out it stands alone, small: drop it like any other small object.
+    morphology.remove_small_objects(cleaned, max_size=min_object, out=cleaned)
     return cleaned
 
 
