@@ -117,14 +117,15 @@ class LocalBackend:
     """Scores in this process: the server's engine and pipeline on a bundle or registered model."""
 
     def __init__(self, model_uri: str, *, tracking_uri: str | None = None,
-                 provider: str = "auto", min_tissue: float | None = None,
+                 provider: str = "auto", precision: str = "fp32", min_tissue: float | None = None,
                  roi_threshold: float | None = None):
         from serving.engine import Engine
         from serving.model_source import ModelSource
         from serving.pipeline import SlideScorer
 
         # Resolve and load once: a batch job keeps one model version for the whole folder.
-        source = ModelSource(model_uri, lambda path, ref: Engine(path, provider=provider, model=ref),
+        source = ModelSource(model_uri, lambda path, ref: Engine(path, provider=provider,
+                                                                    precision=precision, model=ref),
                              tracking_uri=tracking_uri)
         source.refresh()
         self.engine = source.current.engine
@@ -339,6 +340,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--provider", default="auto", choices=("auto", "cpu", "cuda", "tensorrt"),
                         help="onnxruntime execution provider for --model (default auto: "
                              "TensorRT, CUDA, CPU, the first that works)")
+    parser.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
+                        help="backbone precision in process: fp16 on GPUs, int8 (the bundle's "
+                             "backbone_int8.onnx, from `milroi-train export --int8`) on CPUs")
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow tracking URI for models:/ URIs (default: MLFLOW_TRACKING_URI "
                              "or the local sqlite store)")
@@ -381,6 +385,7 @@ def run(args: argparse.Namespace) -> int:
             raise
     else:
         backend = LocalBackend(args.model, tracking_uri=args.tracking_uri, provider=args.provider,
+                               precision=args.precision,
                                min_tissue=args.min_tissue, roi_threshold=args.roi_threshold)
     try:
         rows = score_folder(args.slides_dir, args.out, backend, workers=args.workers,

@@ -453,8 +453,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="streams served at once; more get RESOURCE_EXHAUSTED (default 16)")
     parser.add_argument("--provider", choices=sorted(PROVIDER_CHOICES), default="auto",
                         help="onnxruntime execution provider (default auto: TensorRT, CUDA, CPU)")
-    parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
-                        help="backbone precision on GPU (default fp32)")
+    parser.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
+                        help="backbone precision: fp16 on GPUs, int8 (the bundle's backbone_int8.onnx "
+                             "from `milroi-train export --int8`) on CPUs with VNNI (default fp32)")
     parser.add_argument("--batch-size", type=int, default=64, help="tiles per model run (default 64)")
     parser.add_argument("--max-wait-ms", type=float, default=5.0,
                         help="how long the batcher waits to fill a batch (default 5 ms)")
