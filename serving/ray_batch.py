@@ -86,6 +86,8 @@ def connect(address: str, num_cpus: int | None = None) -> bool:
     connection (the caller then shuts it down). An already initialised Ray is used as it is."""
     if ray.is_initialized():
         return False
+    if address not in ("auto", "local"):
+        _check_reachable(address)
     try:
         if address == "local":
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
@@ -94,6 +96,19 @@ def connect(address: str, num_cpus: int | None = None) -> bool:
     except (ConnectionError, ValueError, RuntimeError) as exc:
         raise WsiError(f"cannot connect to the Ray cluster at {address!r}: {exc}") from exc
     return True
+
+
+def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """Fail fast on an address nobody listens on: ray.init would retry for minutes."""
+    import socket
+
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        raise WsiError(f"--ray {address!r}: give auto, local, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise WsiError(f"cannot reach the Ray cluster at {address!r}: {exc}") from None
 
 
 def default_actor_count(num_cpus: float, num_gpus: float) -> int:

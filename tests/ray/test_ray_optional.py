@@ -30,3 +30,24 @@ print(json.dumps({{"codes": codes, "ray": sorted(m for m in sys.modules
     assert (tmp_path / "scores" / "synth_normal" / "done.json").exists()
     assert (tmp_path / "features" / "h5_files" / "synth_normal.h5").exists()
     assert result["ray"] == []
+
+
+def test_unreachable_or_malformed_ray_address_is_one_clear_error(bundle, slides_dir, tmp_path):
+    """Fails at once (ray.init alone would retry for minutes), naming the address."""
+    from pathlib import Path
+
+    bin_dir = Path(sys.executable).parent
+    serve = subprocess.run(
+        [str(bin_dir / "milroi-serve"), "score", str(slides_dir), "--model", str(bundle),
+         "--out", str(tmp_path / "o"), "--ray", "127.0.0.1:1", "--no-progress"],
+        capture_output=True, text=True, timeout=60)
+    assert serve.returncode != 0
+    assert "cannot reach the Ray cluster at '127.0.0.1:1'" in serve.stderr
+    assert "Traceback" not in serve.stderr
+    train = subprocess.run(
+        [str(bin_dir / "milroi-train"), "features", str(slides_dir), "--out",
+         str(tmp_path / "f"), "--weights", "none", "--ray", "nowhere", "--no-progress"],
+        capture_output=True, text=True, timeout=60)
+    assert train.returncode != 0
+    assert "--ray 'nowhere': give auto, local, HOST:PORT or ray://HOST:PORT" in train.stderr
+    assert not (tmp_path / "o" / "summary.csv").exists()
