@@ -103,3 +103,21 @@ def test_ray_with_server_is_refused(ray_cluster, slides_dir, tmp_path, capsys):
     assert score(slides_dir, "--server", "127.0.0.1:1", "--out", tmp_path / "o",
                  "--ray", "auto") != 0
     assert "--ray scores in Ray actors: give --model, not --server" in capsys.readouterr().err
+
+
+def test_cli_with_its_own_local_ray_gives_the_same_outputs(bundle, slides_dir, local_out,
+                                                           tmp_path):
+    """`--ray local` in a fresh process: starts a Ray of its own, scores, shuts it down."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name("milroi-serve")), "score", str(slides_dir),
+         "--model", str(bundle), "--out", str(out), "--ray", "local", "--ray-actors", "1",
+         "--no-progress"], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 1, proc.stderr[-2000:]  # broken.svs
+    assert "2 of 3 slides scored, 1 failed" in proc.stdout
+    assert output_files(out) == output_files(local_out)
+    assert summary_rows(out) == summary_rows(local_out)
