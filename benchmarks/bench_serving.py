@@ -113,34 +113,6 @@ def bare_backbone_rate(bundle: Path, provider: str, batch_size: int, batches: in
             "batch_seconds": [round(s, 4) for s in seconds], **info}
 
 
-def _cli_accepts_precision(precision: str) -> bool:
-    """Whether `milroi-serve serve --precision` offers this precision."""
-    from serving.server import configure_parser
-
-    parser = argparse.ArgumentParser()
-    configure_parser(parser)
-    action = next(a for a in parser._actions if a.dest == "precision")
-    return action.choices is None or precision in action.choices
-
-
-def serve_main(argv: list[str]) -> int:
-    """`milroi-serve serve` with any Engine precision: `python -m benchmarks.bench_serving
-    --serve --engine-precision int8 ARGS...` (used while the serve CLI lacks a precision)."""
-    import asyncio
-    import logging
-
-    from serving.server import config_from_args, configure_parser, serve
-
-    logging.basicConfig(level=logging.INFO)
-    parser = argparse.ArgumentParser()
-    configure_parser(parser)
-    parser.add_argument("--engine-precision", required=True)
-    args = parser.parse_args(argv)
-    config = config_from_args(args)
-    config.precision = args.engine_precision
-    return asyncio.run(serve(config))
-
-
 class ServerProcess:
     def __init__(self, bundle: Path, root: Path, provider: str, batch_size: int, log: Path,
                  precision: str = "fp32", max_concurrent: int = 8):
@@ -153,12 +125,8 @@ class ServerProcess:
         options = ["--model", str(bundle), "--slide-root", str(root), "--port", str(self.port),
                    "--provider", provider, "--batch-size", str(batch_size),
                    "--max-concurrent", str(max_concurrent), "--grace", "0"]
-        if _cli_accepts_precision(precision):
-            command = [str(Path(sys.executable).parent / "milroi-serve"), "serve", *options,
-                       "--precision", precision]
-        else:   # the same server code, the precision set on its config
-            command = [sys.executable, "-m", "benchmarks.bench_serving", "--serve", *options,
-                       "--engine-precision", precision]
+        # `milroi-serve serve` through this interpreter (no console script needed on a bare box)
+        command = [sys.executable, "-m", "serving.cli", "serve", *options, "--precision", precision]
         self.process = subprocess.Popen(command, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
         self.ps = psutil.Process(self.process.pid)
         health = health_pb2_grpc.HealthStub(grpc.insecure_channel(self.address))
@@ -323,6 +291,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--serve"]:
-        sys.exit(serve_main(sys.argv[2:]))
     sys.exit(main())

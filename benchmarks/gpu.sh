@@ -43,7 +43,7 @@ import numpy as np, onnx, onnx.helper as h
 graph = h.make_graph([h.make_node("Relu", ["x"], ["y"])], "probe",
                      [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
                      [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
-model = h.make_model(graph, opset_imports=[h.make_opsetid("", 18)])
+model = h.make_model(graph, opset_imports=[h.make_opsetid("", 18)], ir_version=10)
 session = ort.InferenceSession(model.SerializeToString(), providers=[CUDA, "CPUExecutionProvider"])
 print("probe session providers:", session.get_providers())
 EOF
