@@ -50,7 +50,7 @@ class ScoringActor(LocalBackend):
 
     def __init__(self, model_uri: str, tracking_uri: str | None, provider: str,
                  min_tissue: float | None, roi_threshold: float | None,
-                 threads: int | None = None):
+                 threads: int | None = None, precision: str = "fp32"):
         from serving.engine import Engine
         from serving.model_source import ModelSource
         from serving.pipeline import SlideScorer
@@ -59,6 +59,7 @@ class ScoringActor(LocalBackend):
             cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
             threads = max(1, round(cpus))
         source = ModelSource(model_uri, lambda path, ref: Engine(path, provider=provider,
+                                                                 precision=precision,
                                                                  model=ref, threads=threads),
                              tracking_uri=tracking_uri)
         source.refresh()
@@ -145,7 +146,7 @@ class RayBackend:
                  num_gpus: float = 0, max_restarts: int = DEFAULT_MAX_RESTARTS,
                  tracking_uri: str | None = None, provider: str = "auto",
                  min_tissue: float | None = None, roi_threshold: float | None = None,
-                 actor_class: type = ScoringActor):
+                 precision: str = "fp32", actor_class: type = ScoringActor):
         if max_restarts < 0:
             raise WsiError(f"--ray-max-restarts must be >= 0, got {max_restarts}")
         self.max_restarts = max_restarts
@@ -156,7 +157,7 @@ class RayBackend:
             num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
             max_task_retries=max_restarts, runtime_env=_actor_env() or None)
         args = (_absolute(model_uri), tracking_uri, provider, min_tissue, roi_threshold)
-        self._new_actor = lambda: remote.remote(*args)
+        self._new_actor = lambda: remote.remote(*args, precision=precision)
         self.actors = [self._new_actor() for _ in range(count)]
         try:
             described = ray.get([actor.describe.remote() for actor in self.actors])
@@ -229,7 +230,7 @@ def backend_from_args(args: argparse.Namespace) -> RayBackend:
             args.model, actors=args.ray_actors, num_cpus=args.ray_num_cpus,
             num_gpus=args.ray_num_gpus, max_restarts=args.ray_max_restarts,
             tracking_uri=args.tracking_uri, provider=args.provider, min_tissue=args.min_tissue,
-            roi_threshold=args.roi_threshold)
+            roi_threshold=args.roi_threshold, precision=getattr(args, "precision", "fp32"))
     except BaseException:
         if owns_ray:
             ray.shutdown()
