@@ -118,14 +118,15 @@ class LocalBackend:
 
     def __init__(self, model_uri: str, *, tracking_uri: str | None = None,
                  provider: str = "auto", precision: str = "fp32", min_tissue: float | None = None,
-                 roi_threshold: float | None = None):
+                 roi_threshold: float | None = None, threads: int | None = None):
         from serving.engine import Engine
         from serving.model_source import ModelSource
         from serving.pipeline import SlideScorer
 
         # Resolve and load once: a batch job keeps one model version for the whole folder.
         source = ModelSource(model_uri, lambda path, ref: Engine(path, provider=provider,
-                                                                    precision=precision, model=ref),
+                                                                    precision=precision, model=ref,
+                                                                    threads=threads),
                              tracking_uri=tracking_uri)
         source.refresh()
         self.engine = source.current.engine

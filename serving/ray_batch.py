@@ -51,23 +51,12 @@ class ScoringActor(LocalBackend):
     def __init__(self, model_uri: str, tracking_uri: str | None, provider: str,
                  min_tissue: float | None, roi_threshold: float | None,
                  threads: int | None = None, precision: str = "fp32"):
-        from serving.engine import Engine
-        from serving.model_source import ModelSource
-        from serving.pipeline import SlideScorer
-
         if threads is None:  # in an actor: the CPUs Ray reserved for it
             cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
             threads = max(1, round(cpus))
-        source = ModelSource(model_uri, lambda path, ref: Engine(path, provider=provider,
-                                                                 precision=precision,
-                                                                 model=ref, threads=threads),
-                             tracking_uri=tracking_uri)
-        source.refresh()
-        self.engine = source.current.engine
-        self.scorer = SlideScorer(self.engine)
-        self.model, self.model_version = self.engine.model.name, self.engine.model.version
-        self.min_tissue, self.roi_threshold = min_tissue, roi_threshold
-        self.scorer.check_parameters(None, min_tissue, roi_threshold)
+        super().__init__(model_uri, tracking_uri=tracking_uri, provider=provider,
+                         precision=precision, min_tissue=min_tissue, roi_threshold=roi_threshold,
+                         threads=threads)
 
     def describe(self) -> tuple[str, str, int]:
         return self.model, self.model_version, self.engine.threads
