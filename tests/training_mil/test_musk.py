@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from training.musk import load_musk
+from training.musk import cross_validate, load_musk, remove_class_weighting
 from wsi.errors import WsiError
 
 
@@ -35,3 +35,29 @@ def test_benchmark_smoke_beats_chance(tmp_path, capsys):
         r = results["datasets"]["musk1"]["heads"][head]
         assert len(r["accuracies"]) == 1
         assert r["accuracy_mean"] > 0.7 and r["auc_mean"] > 0.75  # chance is ~0.51 / 0.5
+
+
+def test_remove_class_weighting_undoes_the_balanced_prior_shift():
+    # 20 positive / 60 negative training bags: balanced weighting adds log(3) to every logit
+    y_train = np.array([1] * 20 + [0] * 60)
+    true_p = np.array([0.1, 0.5, 0.8])
+    weighted = 1 / (1 + np.exp(-(np.log(true_p / (1 - true_p)) + np.log(3.0))))
+    np.testing.assert_allclose(remove_class_weighting(weighted, y_train), true_p, rtol=1e-6)
+    # balanced folds (and single-class ones) leave the scores alone
+    np.testing.assert_allclose(remove_class_weighting(true_p, np.array([0, 1] * 5)), true_p)
+    np.testing.assert_allclose(remove_class_weighting(true_p, np.ones(4, int)), true_p)
+
+
+def test_inner_fold_ensemble_separates_a_planted_witness():
+    # bags of 3-6 instances in 4-d; positive bags hold one instance shifted along dim 0
+    rng = np.random.default_rng(0)
+    y = np.array([0, 1] * 10)
+    bags = []
+    for label in y:
+        x = rng.normal(size=(int(rng.integers(3, 7)), 4))
+        if label:
+            x[0, 0] += 6.0
+        bags.append(x)
+    r = cross_validate(bags, y, "abmil", repeats=1, folds=2, inner=2,
+                       training={"epochs": 15, "patience": 5})
+    assert r["auc_mean"] > 0.9 and r["accuracy_mean"] > 0.8
