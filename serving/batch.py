@@ -30,6 +30,7 @@ from typing import Protocol
 
 import numpy as np
 
+from wsi.cli import add_ray_arguments
 from wsi.errors import WsiError
 
 log = logging.getLogger(__name__)
@@ -348,18 +349,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="MLflow tracking URI for models:/ URIs (default: MLFLOW_TRACKING_URI "
                              "or the local sqlite store)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--ray", metavar="ADDRESS", default=None,
-                        help="with --model: spread the slides over Ray actors; auto (the "
-                             "cluster of this node), HOST:6379, ray://HOST:10001 or local "
-                             "(see --ray-* and docs/scale-out.md)")
-    parser.add_argument("--ray-actors", type=int, default=None,
-                        help="with --ray: actors, each holding one model (default: as many "
-                             "as the cluster fits)")
-    parser.add_argument("--ray-num-cpus", type=float, default=1, help="with --ray: CPUs per actor (1)")
-    parser.add_argument("--ray-num-gpus", type=float, default=0,
-                        help="with --ray: GPUs per actor (default 0; 1 on a GPU cluster)")
-    parser.add_argument("--ray-max-restarts", type=int, default=2,
-                        help="with --ray: restarts of a dead actor, each re-running its slide (2)")
+    add_ray_arguments(parser, actor_holds="model")
 
 
 def run(args: argparse.Namespace) -> int:

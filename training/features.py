@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from training.backbone import LAYERS, Backbone, build_backbone
+from wsi.cli import add_ray_arguments
 from wsi.errors import SlideError, WsiError
 
 log = logging.getLogger(__name__)
@@ -179,17 +180,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fallback-mpp", type=float, default=None,
                         help="um/px for slides without MPP metadata (default: the core's 0.243)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--ray", metavar="ADDRESS", default=None,
-                        help="spread the slides over Ray actors: auto (the cluster of this "
-                             "node), HOST:6379, ray://HOST:10001 or local (docs/scale-out.md)")
-    parser.add_argument("--ray-actors", type=int, default=None,
-                        help="with --ray: actors, each holding one backbone (default: as many "
-                             "as the cluster fits)")
-    parser.add_argument("--ray-num-cpus", type=float, default=1, help="with --ray: CPUs per actor (1)")
-    parser.add_argument("--ray-num-gpus", type=float, default=0,
-                        help="with --ray: GPUs per actor (default 0; 1 on a GPU cluster)")
-    parser.add_argument("--ray-max-restarts", type=int, default=2,
-                        help="with --ray: restarts of a dead actor, each re-running its slide (2)")
+    add_ray_arguments(parser, actor_holds="backbone")
 
 
 def run(args: argparse.Namespace) -> int:

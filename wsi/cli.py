@@ -40,3 +40,19 @@ def dispatch(prog: str, description: str, commands: Mapping[str, tuple[str, str]
     except WsiError as exc:  # a bad slide or parameter: one clear line, no traceback
         print(f"{prog} {name}: error: {exc}", file=sys.stderr)
         return 1
+
+
+def add_ray_arguments(parser: argparse.ArgumentParser, actor_holds: str) -> None:
+    """The `--ray*` options of the commands that can spread slides over a Ray cluster
+    (`milroi-serve score`, `milroi-train features`); Ray itself is imported only when used."""
+    parser.add_argument("--ray", metavar="ADDRESS", default=None,
+                        help="spread the slides over Ray actors: auto (the cluster of this "
+                             "node), HOST:6379, ray://HOST:10001 or local (docs/scale-out.md)")
+    parser.add_argument("--ray-actors", type=int, default=None,
+                        help=f"with --ray: actors, each holding one {actor_holds} (default: as "
+                             "many as the cluster fits)")
+    parser.add_argument("--ray-num-cpus", type=float, default=1, help="with --ray: CPUs per actor (1)")
+    parser.add_argument("--ray-num-gpus", type=float, default=0,
+                        help="with --ray: GPUs per actor (default 0; 1 on a GPU cluster)")
+    parser.add_argument("--ray-max-restarts", type=int, default=2,
+                        help="with --ray: restarts of a dead actor, each re-running its slide (2)")
