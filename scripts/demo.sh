@@ -13,8 +13,8 @@ SIZE=${DEMO_SIZE:-3072x3072}
 PORT=${DEMO_PORT:-50077}
 HEAD=${DEMO_HEAD:-chowder}
 MODEL=milroi-demo
-export MLFLOW_TRACKING_URI="sqlite:///$PWD/$OUT/mlflow.db"
 mkdir -p "$OUT"
+export MLFLOW_TRACKING_URI="sqlite:///$(cd "$OUT" && pwd)/mlflow.db"   # absolute, from anywhere
 
 step() { printf '\n==> %s\n' "$*"; }
 
