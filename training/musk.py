@@ -23,6 +23,7 @@ import io
 import json
 import logging
 import time
+import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -170,8 +171,10 @@ def benchmark(datasets=DATASETS, heads=("chowder", "abmil"), repeats: int = 5, f
                                "reference": "Ilse et al. 2018, ICML, Table 1 (accuracy)",
                                "datasets": {}}
     pairs = [(name, head) for name in datasets for head in heads]
-    # every (dataset, head) run is independent and seeded, so processes give identical numbers
-    with ProcessPoolExecutor(max_workers=max(1, jobs)) as pool:
+    # every (dataset, head) run is independent and seeded, so processes give identical numbers;
+    # spawn, not fork: a forked child of a process that already ran autograd cannot backpropagate
+    with ProcessPoolExecutor(max_workers=max(1, jobs),
+                             mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pair: pool.submit(_timed_cv, *pair, repeats, folds, seed) for pair in pairs}
     for name in datasets:
         _, y = load_musk(name)
