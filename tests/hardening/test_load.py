@@ -58,7 +58,9 @@ def test_eight_concurrent_clients_get_their_own_correct_scores(make_in_process_s
         assert summary.label == reference.label
     stats = server.engine.stats
     assert stats.tiles == sum(r.tile_count for r in reference_scores.values())
-    assert stats.merged_runs >= 1          # streams really shared model runs
+    # Whether these ~9-tile streams overlap in time depends on the machine's load (a fresh-clone
+    # run saw 8 runs for 8 requests); batch sharing across streams is asserted on long streams
+    # in tests/serving/test_serving_server.py::test_concurrent_streams_share_batches.
     assert server.server.service._active == 0
 
 
