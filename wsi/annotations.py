@@ -22,7 +22,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import shapely
-from shapely.geometry import GeometryCollection, MultiPolygon, Polygon
+from shapely.geometry import MultiPolygon, Polygon
 
 from wsi.errors import WsiError
 

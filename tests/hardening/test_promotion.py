@@ -5,61 +5,27 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 
-from hardening_helpers import BIN, free_port
 from milroi.v1 import scoring_pb2 as pb
 from milroi.v1 import scoring_pb2_grpc as pb_grpc
+from mlflow_testing import register_bundle, running_mlflow_server
 
 
 @pytest.fixture
 def mlflow_server(tmp_path):
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db",
-         "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
-        stdout=open(tmp_path / "mlflow.log", "wb"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2)
-            break
-        except OSError:
-            assert process.poll() is None, (tmp_path / "mlflow.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "mlflow server did not start"
-            time.sleep(0.5)
-    yield uri
-    process.terminate()
-    try:
-        process.wait(20)
-    except subprocess.TimeoutExpired:
-        process.kill()
+    with running_mlflow_server(tmp_path / "mlflow") as uri:
+        yield uri
 
 
 def register(client, bundle: Path) -> str:
-    from mlflow.exceptions import MlflowException
-
-    experiment = client.get_experiment_by_name("hardening")
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment("hardening")
-    run = client.create_run(experiment_id)
-    client.log_artifacts(run.info.run_id, str(bundle), artifact_path="bundle")
-    client.set_terminated(run.info.run_id)
-    try:
-        client.get_registered_model("milroi")
-    except MlflowException:
-        client.create_registered_model("milroi")
-    return str(client.create_model_version("milroi", source=f"{run.info.artifact_uri}/bundle",
-                                           run_id=run.info.run_id).version)
+    return register_bundle(client, "milroi", bundle, experiment="hardening")
 
 
 @pytest.mark.slow

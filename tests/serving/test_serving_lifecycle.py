@@ -1,14 +1,11 @@
 """The server as a process: SIGTERM drain; a model swap from a real MLflow server while streaming."""
 import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -17,14 +14,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from milroi.v1 import scoring_pb2 as pb
 from milroi.v1 import scoring_pb2_grpc as pb_grpc
+from mlflow_testing import free_port as _free_port
+from mlflow_testing import register_bundle, running_mlflow_server
 
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_serving(address: str, process, timeout: float = 120) -> None:
@@ -73,47 +66,12 @@ def test_sigterm_drains_in_flight_streams(chowder_bundle, slide_root, tmp_path):
 
 @pytest.fixture
 def mlflow_server(tmp_path):
-    port = _free_port()
-    uri = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db",
-         "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
-        stdout=open(tmp_path / "mlflow.log", "wb"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2)
-            break
-        except OSError:
-            assert process.poll() is None, (tmp_path / "mlflow.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "mlflow server did not start"
-            time.sleep(0.5)
-    yield uri
-    process.terminate()
-    try:
-        process.wait(20)
-    except subprocess.TimeoutExpired:
-        process.kill()
+    with running_mlflow_server(tmp_path / "mlflow") as uri:
+        yield uri
 
 
 def _register(client, name: str, bundle: Path) -> str:
-    """Log the bundle folder as run artifacts and register it as a new version."""
-    from mlflow.exceptions import MlflowException
-
-    experiment = client.get_experiment_by_name("serving-tests")
-    experiment_id = (experiment.experiment_id if experiment
-                     else client.create_experiment("serving-tests"))
-    run = client.create_run(experiment_id)
-    client.log_artifacts(run.info.run_id, str(bundle), artifact_path="bundle")
-    client.set_terminated(run.info.run_id)
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        client.create_registered_model(name)
-    mv = client.create_model_version(name, source=f"{run.info.artifact_uri}/bundle",
-                                     run_id=run.info.run_id)
-    return str(mv.version)
+    return register_bundle(client, name, bundle, experiment="serving-tests")
 
 
 @pytest.mark.slow

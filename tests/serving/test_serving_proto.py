@@ -1,5 +1,4 @@
 """The committed stubs are what serving/gen_proto.py makes from scoring.proto today."""
-from pathlib import Path
 
 from serving.gen_proto import GENERATED, PROTO_ROOT, generate
 

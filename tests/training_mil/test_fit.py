@@ -11,7 +11,6 @@ import torch
 
 from training.cli import main as train_main
 from training.fit import fit, load_run_head, read_labels
-from training.heads import build_head
 from wsi.errors import WsiError
 
 # early stopping on 3 validation slides is noise: patience = epochs keeps the best of all epochs

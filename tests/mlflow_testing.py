@@ -1,0 +1,78 @@
+"""A real `mlflow server` for the tests that need a registry, and bundle registration into it.
+
+One definition for every test folder (tests/ is on pytest's `pythonpath`): a subprocess on a
+free loopback port with a sqlite backend and proxied local artifacts, as a deployment would run.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+MLFLOW = Path(sys.executable).with_name("mlflow")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_mlflow_server(root: Path, timeout: float = 180) -> Iterator[str]:
+    """Start `mlflow server` with its store under `root`; yield its URI; stop it afterwards."""
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    log_path = root / "mlflow.log"
+    with open(log_path, "wb") as log:
+        # MLFLOW_TRACKING_URI from the caller's environment must not leak into the server
+        process = subprocess.Popen(
+            [str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+             "--artifacts-destination", str(root / "artifacts")],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_TRACKING_URI": ""})
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server did not start within {timeout} s:\n"
+                                   f"{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield uri
+    finally:
+        process.terminate()
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def register_bundle(client, name: str, bundle: Path, experiment: str = "tests") -> str:
+    """Log a bundle folder as a run's artifacts and register it as a new version of `name`."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    run = client.create_run(experiment_id)
+    client.log_artifacts(run.info.run_id, str(bundle), artifact_path="bundle")
+    client.set_terminated(run.info.run_id)
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name)
+    version = client.create_model_version(name, source=f"{run.info.artifact_uri}/bundle",
+                                          run_id=run.info.run_id)
+    return str(version.version)
