@@ -61,3 +61,19 @@ def test_inner_fold_ensemble_separates_a_planted_witness():
     r = cross_validate(bags, y, "abmil", repeats=1, folds=2, inner=2,
                        training={"epochs": 15, "patience": 5})
     assert r["auc_mean"] > 0.9 and r["accuracy_mean"] > 0.8
+
+
+def test_context_row_uses_the_same_splits_and_stays_out_of_the_heads(tmp_path, capsys):
+    from training.cli import main as train_main
+
+    out = tmp_path / "musk.json"
+    rc = train_main(["benchmark-mil", "--datasets", "musk1", "--heads", "chowder", "--repeats",
+                     "1", "--folds", "3", "--context", "--out", str(out)])
+    assert rc == 0
+    table = capsys.readouterr().out
+    assert "svm-ctx*" in table and "no patch scores" in table
+    entry = json.loads(out.read_text())["datasets"]["musk1"]
+    assert set(entry["heads"]) == {"chowder"}          # the SVM is no head
+    svm = entry["context"]["svm-ctx"]
+    # a classical mean-embedding SVM is far above chance on MUSK1 (published ~0.88-0.89)
+    assert len(svm["accuracies"]) == 1 and svm["accuracy_mean"] > 0.75 and svm["auc_mean"] > 0.8
