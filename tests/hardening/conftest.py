@@ -6,6 +6,7 @@
   concurrent client;
 - `bad_root`: the bad inputs of docs/errors.md next to one good slide (see `write_bad_files`);
 - `big_root`: one slide of ~150 tissue tiles (long enough to cancel or drain mid-stream);
+- `bad_root_server`: one in-process server on `bad_root` per test module;
 - `reference_scores`: the in-process SlideScorer summary of every good slide;
 - `make_in_process_server`: a grpc.aio ScoringServer in an event-loop thread of this process
   (its engine stats and metrics are readable directly);
@@ -27,17 +28,9 @@ from hardening_helpers import (GOOD_SIZE, GOOD_SLIDES, InProcessServer, ServePro
 
 @pytest.fixture(scope="session")
 def bundle(tmp_path_factory) -> Path:
-    import torch
+    from bundle_testing import export_test_bundle
 
-    from training.backbone import build_backbone
-    from training.export import export_bundle
-    from training.heads import build_head
-
-    torch.manual_seed(0)
-    backbone = build_backbone("none", layer="layer3", seed=0)
-    head = build_head({"kind": "chowder", "in_dim": 1024, "k": 3}).eval()
-    return export_bundle(tmp_path_factory.mktemp("bundle") / "chowder", backbone=backbone,
-                         head=head, manifest_extra={"name": "hardening", "threshold": 0.5})
+    return export_test_bundle(tmp_path_factory.mktemp("bundle") / "chowder", "hardening")
 
 
 @pytest.fixture(scope="session")
@@ -75,6 +68,17 @@ def reference_scores(bundle, good_root):
     with Engine(bundle, provider="cpu", batch_size=8) as engine:
         scorer = SlideScorer(engine)
         return {name: scorer.score_slide(good_root / name) for name in GOOD_SLIDES}
+
+
+@pytest.fixture(scope="module")
+def bad_root_server(bad_root, bundle):
+    """One in-process server on `bad_root` per module: bad requests must not need a fresh one."""
+    from serving.server import ServerConfig
+
+    server = InProcessServer(ServerConfig(model=str(bundle), slide_roots=[str(bad_root)], port=0,
+                                          batch_size=8, provider="cpu", grace=0))
+    yield server
+    server.stop()
 
 
 @pytest.fixture

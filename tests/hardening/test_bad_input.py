@@ -16,20 +16,8 @@ Code = grpc.StatusCode
 
 
 @pytest.fixture(scope="module")
-def server(bad_root, bundle):
-    """One server for the module (bad requests must not need a fresh one)."""
-    from hardening_helpers import InProcessServer
-    from serving.server import ServerConfig
-
-    srv = InProcessServer(ServerConfig(model=str(bundle), slide_roots=[str(bad_root)], port=0,
-                                       batch_size=8, provider="cpu", grace=0))
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def stub(server):
-    return pb_grpc.SlideScoringStub(grpc.insecure_channel(server.address))
+def stub(bad_root_server):
+    return pb_grpc.SlideScoringStub(grpc.insecure_channel(bad_root_server.address))
 
 
 def rpc_error(call) -> tuple[grpc.StatusCode, str]:

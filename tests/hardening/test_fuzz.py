@@ -32,19 +32,8 @@ floats = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True, wid
 
 
 @pytest.fixture(scope="module")
-def server(bad_root, bundle):
-    from hardening_helpers import InProcessServer
-    from serving.server import ServerConfig
-
-    srv = InProcessServer(ServerConfig(model=str(bundle), slide_roots=[str(bad_root)], port=0,
-                                       batch_size=8, provider="cpu", grace=0))
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def channel(server):
-    return grpc.insecure_channel(server.address)
+def channel(bad_root_server):
+    return grpc.insecure_channel(bad_root_server.address)
 
 
 def status_of(call) -> grpc.StatusCode:

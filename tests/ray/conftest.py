@@ -32,17 +32,9 @@ def ray_cluster():
 
 @pytest.fixture(scope="session")
 def bundle(tmp_path_factory) -> Path:
-    import torch
+    from bundle_testing import export_test_bundle
 
-    from training.backbone import build_backbone
-    from training.export import export_bundle
-    from training.heads import build_head
-
-    torch.manual_seed(0)
-    backbone = build_backbone("none", layer="layer3", seed=0)
-    head = build_head({"kind": "chowder", "in_dim": 1024, "k": 3}).eval()
-    return export_bundle(tmp_path_factory.mktemp("bundle") / "chowder", backbone=backbone,
-                         head=head, manifest_extra={"name": "ray-test", "threshold": 0.5})
+    return export_test_bundle(tmp_path_factory.mktemp("bundle") / "chowder", "ray-test")
 
 
 @pytest.fixture(scope="session")

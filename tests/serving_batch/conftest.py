@@ -20,18 +20,9 @@ SLIDE_SIZE = (1344, 1120)
 
 @pytest.fixture(scope="session")
 def bundle(tmp_path_factory) -> Path:
-    """A real bundle: seeded random ResNet-50 (layer3, 1024-d) + CHOWDER, exported to ONNX."""
-    import torch
+    from bundle_testing import export_test_bundle
 
-    from training.backbone import build_backbone
-    from training.export import export_bundle
-    from training.heads import build_head
-
-    torch.manual_seed(0)
-    backbone = build_backbone("none", layer="layer3", seed=0)
-    head = build_head({"kind": "chowder", "in_dim": 1024, "k": 3}).eval()
-    return export_bundle(tmp_path_factory.mktemp("bundle") / "chowder", backbone=backbone,
-                         head=head, manifest_extra={"name": "batch-test", "threshold": 0.5})
+    return export_test_bundle(tmp_path_factory.mktemp("bundle") / "chowder", "batch-test")
 
 
 def write_blank_slide(path: Path, width: int = 1024, height: int = 768) -> Path:
