@@ -48,9 +48,9 @@ def test_remove_class_weighting_undoes_the_balanced_prior_shift():
     np.testing.assert_allclose(remove_class_weighting(true_p, np.ones(4, int)), true_p)
 
 
-def test_inner_fold_ensemble_separates_a_planted_witness():
-    # bags of 3-6 instances in 4-d; positive bags hold one instance shifted along dim 0
-    rng = np.random.default_rng(0)
+def _witness_bags(seed: int = 0):
+    """Bags of 3-6 instances in 4-d; positive bags hold one instance shifted along dim 0."""
+    rng = np.random.default_rng(seed)
     y = np.array([0, 1] * 10)
     bags = []
     for label in y:
@@ -58,9 +58,32 @@ def test_inner_fold_ensemble_separates_a_planted_witness():
         if label:
             x[0, 0] += 6.0
         bags.append(x)
+    return bags, y
+
+
+def test_inner_fold_ensemble_separates_a_planted_witness():
+    bags, y = _witness_bags()
     r = cross_validate(bags, y, "abmil", repeats=1, folds=2, inner=2,
                        training={"epochs": 15, "patience": 5})
     assert r["auc_mean"] > 0.9 and r["accuracy_mean"] > 0.8
+
+
+def test_nested_selection_picks_on_the_training_fold_and_scores_with_the_winner():
+    bags, y = _witness_bags()
+    good = {"training": {"epochs": 15, "patience": 5}}
+    # one epoch at a vanishing learning rate stays at chance: its out-of-fold log loss is ~0.69
+    crippled = {"training": {"epochs": 1, "lr": 1e-7}}
+    both = cross_validate(bags, y, "abmil", repeats=1, folds=2, inner=2,
+                          candidates={"crippled": crippled, "good": good})
+    assert both["selected"] == {"crippled": 0, "good": 2}
+    alone = cross_validate(bags, y, "abmil", repeats=1, folds=2, inner=2,
+                           candidates={"good": good})
+    # the winner's own seeded ensemble scored the test folds: identical results
+    assert both["accuracies"] == alone["accuracies"] and both["aucs"] == alone["aucs"]
+    assert both["candidates"]["good"]["training"]["epochs"] == 15
+    with pytest.raises(WsiError, match="inner folds"):
+        cross_validate(bags, y, "abmil", repeats=1, folds=2, inner="refit",
+                       candidates={"good": good})
 
 
 def test_context_row_uses_the_same_splits_and_stays_out_of_the_heads(tmp_path, capsys):
