@@ -39,11 +39,15 @@ def container_tools() -> None:
 
 
 @pytest.fixture(scope="session")
-def serve_image(container_tools) -> dict:
+def serve_image(container_tools, tmp_path_factory) -> dict:
     """The serve image, built (or rebuilt from cached layers) by build_images.sh; returns the
     image name, the build seconds and the image size the script recorded."""
+    # the script's build figures go to $MILROI_CONTAINER_RESULTS when set, else to a scratch
+    # file: a test run never edits the committed benchmarks/results/containers.json
+    figures = os.environ.get("MILROI_CONTAINER_RESULTS") or str(
+        tmp_path_factory.mktemp("figures") / "containers.json")
     env = dict(os.environ, SERVE_IMAGE=SERVE_IMAGE, BASE_IMAGE=BASE_IMAGE,
-               WITH_CUDA="1" if WITH_CUDA else "0")
+               WITH_CUDA="1" if WITH_CUDA else "0", BENCH_JSON=figures)
     start = time.monotonic()
     result = subprocess.run(["bash", str(SCRIPTS / "build_images.sh"), "serve"], env=env,
                             capture_output=True, text=True, timeout=1800)
