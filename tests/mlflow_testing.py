@@ -1,4 +1,5 @@
-"""A real `mlflow server` for the tests that need a registry, and bundle registration into it.
+"""A real `mlflow server` for the tests that need a registry, bundle registration into it, and
+runs logged in the layout of `milroi-train fit`.
 
 One definition for every test folder (tests/ is on pytest's `pythonpath`): a subprocess on a
 free loopback port with a sqlite backend and proxied local artifacts, as a deployment would run.
@@ -7,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,13 +15,9 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from server_testing import free_port
+
 MLFLOW = Path(sys.executable).with_name("mlflow")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -76,3 +72,34 @@ def register_bundle(client, name: str, bundle: Path, experiment: str = "tests") 
     version = client.create_model_version(name, source=f"{run.info.artifact_uri}/bundle",
                                           run_id=run.info.run_id)
     return str(version.version)
+
+
+def log_fit_run(tracking_uri: str, head, val_auc: float | None = None, threshold: float = 0.42,
+                layer: str = "layer3", experiment: str = "milroi-test") -> str:
+    """A run in the layout `milroi-train fit` logs (params, head/ artifact, val_auc, tag), so
+    that `milroi-train export` can read it; on a sqlite store the artifacts sit beside the db."""
+    import json
+    import tempfile
+
+    import torch
+    from mlflow import MlflowClient
+
+    from training.fit import ensure_experiment
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    run_id = client.create_run(ensure_experiment(tracking_uri, experiment)).info.run_id
+    for key, value in {"backbone_layer": layer, "weights": "none", "weights_seed": "0",
+                       "tile_size": "224", "patch_level": "0", "min_tissue": "0.25",
+                       "head": head.kind, "threshold": str(threshold)}.items():
+        client.log_param(run_id, key, value)
+    if val_auc is not None:
+        client.log_metric(run_id, "val_auc", val_auc)
+    client.set_tag(run_id, "data_fingerprint", "f" * 64)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "head"
+        folder.mkdir()
+        torch.save(head.state_dict(), folder / "head.pt")
+        (folder / "head_config.json").write_text(json.dumps(head.config))
+        client.log_artifacts(run_id, str(folder), artifact_path="head")
+    client.set_terminated(run_id)
+    return run_id

@@ -139,38 +139,21 @@ def test_a_badly_calibrated_graph_is_caught(int8_bundle, tcga_tiles, tmp_path):
     assert worse["max_abs_diff"] > good["max_abs_diff"]
 
 
-def _log_fit_run(tracking_uri: str, artifacts: Path) -> str:
-    """A run in the layout `milroi-train fit` logs: the feature params and a head/ artifact."""
-    import torch
-    from mlflow import MlflowClient
-
-    from training.heads import build_head
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-    experiment = client.create_experiment("bench-int8", artifact_location=artifacts.as_uri())
-    run_id = client.create_run(experiment).info.run_id
-    for key, value in {"backbone_layer": "pool", "weights": "none", "weights_seed": "0",
-                       "threshold": "0.5"}.items():
-        client.log_param(run_id, key, value)
-    torch.manual_seed(0)
-    head = build_head({"kind": "chowder", "in_dim": 2048})
-    folder = artifacts.parent / "head"
-    folder.mkdir()
-    torch.save(head.state_dict(), folder / "head.pt")
-    (folder / "head_config.json").write_text(json.dumps(head.config))
-    client.log_artifacts(run_id, str(folder), artifact_path="head")
-    client.set_terminated(run_id)
-    return run_id
-
-
 @pytest.mark.slow
 def test_cli_export_int8_registers_a_bundle_with_the_int8_graph(tmp_path, capsys):
     """`milroi-train export RUN --int8 --calibration-slide SLIDE`: the registered bundle has
     backbone_int8.onnx in its manifest and the Engine serves it with precision int8."""
+    import torch
+
+    from mlflow_testing import log_fit_run
     from training.cli import main as train_main
+    from training.heads import build_head
 
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run_id = _log_fit_run(tracking_uri, tmp_path / "artifacts")
+    torch.manual_seed(0)
+    head = build_head({"kind": "chowder", "in_dim": 2048})
+    run_id = log_fit_run(tracking_uri, head, threshold=0.5, layer="pool",
+                         experiment="bench-int8")
     out = tmp_path / "bundle"
     code = train_main(["export", run_id, "--name", "int8-model", "--tracking-uri", tracking_uri,
                        "--out", str(out), "--int8", "--calibration-slide", str(CMU)])

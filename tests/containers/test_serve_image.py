@@ -9,11 +9,9 @@ only prints them, so `make test` never edits a tracked file.
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from batch_testing import read_summary
 from containers_support import SERVE_IMAGE, WITH_CUDA, buildah
+from server_testing import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -32,22 +32,11 @@ RESULTS = Path(os.environ["MILROI_CONTAINER_RESULTS"]) if os.environ.get(
 MOUNTS = "/slides", "/models/bundle", "/out"
 
 
-def read_summary(out: Path) -> dict[str, dict]:
-    with open(out / "summary.csv", newline="") as f:
-        return {row["slide"]: row for row in csv.DictReader(f)}
-
-
 def read_patches(out: Path, slide: str) -> np.ndarray:
     """x, y, size, score rows of one slide's patch CSV, sorted by (y, x)."""
     [path] = (out / slide).glob("*_patches.csv")
     table = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)
     return table[np.lexsort((table[:, 0], table[:, 1]))]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -9,17 +9,16 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
 import threading
-import time
 import zlib
 from pathlib import Path
 
-import grpc
 import numpy as np
+
+from server_testing import free_port, wait_serving
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -125,12 +124,6 @@ def write_corrupt_tiles_slide(path: Path, source: Path) -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class InProcessServer:
     """A ScoringServer in its own event-loop thread of the test process."""
 
@@ -176,20 +169,7 @@ class ServeProcess:
             env={**os.environ, "MLFLOW_TRACKING_URI": ""})
 
     def wait_serving(self, timeout: float = 120) -> None:
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        health = health_pb2_grpc.HealthStub(grpc.insecure_channel(self.address))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log_path.read_text()[-3000:]
-            try:
-                if health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == \
-                        health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"server not SERVING after {timeout} s: {self.log_path.read_text()[-2000:]}")
+        wait_serving(self.address, self.proc, self.log_path, timeout)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

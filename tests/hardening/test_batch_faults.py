@@ -1,18 +1,17 @@
 """`milroi-serve score` under faults: bad files in the folder, SIGKILL at random points."""
 from __future__ import annotations
 
-import csv
 import shutil
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from batch_testing import read_summary, slide_files, stable_summary
 from hardening_helpers import BIN, write_bad_files
-from serving.batch import DONE_MARKER, SUMMARY_NAME
+from serving.batch import DONE_MARKER
 from serving.cli import main as serve_main
 
 # The bad files of conftest.write_bad_files that the folder walk takes for slides (a slide
@@ -20,21 +19,6 @@ from serving.cli import main as serve_main
 BAD_IN_FOLDER = {"empty": "empty file", "truncated": "truncated", "text": "not a slide format",
                  "stripped": "not a slide format", "huge_claim": "hand-crafted header",
                  "no_pyramid_huge": "no pyramid level", "broken": "broken.svs"}
-
-
-def read_summary(out: Path) -> dict[str, dict]:
-    with open(out / SUMMARY_NAME, newline="") as f:
-        return {row["slide"]: row for row in csv.DictReader(f)}
-
-
-def slide_files(out: Path) -> dict[str, bytes]:
-    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
-            if p.is_file() and p.name not in (SUMMARY_NAME, DONE_MARKER)}
-
-
-def stable_summary(out: Path) -> dict[str, dict]:
-    return {k: {c: v for c, v in row.items() if c not in ("seconds", "path")}
-            for k, row in read_summary(out).items()}
 
 
 def batch(*args) -> int:

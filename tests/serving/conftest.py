@@ -146,8 +146,6 @@ def make_server(slide_root, chowder_bundle):
 
 @pytest.fixture
 def free_port() -> int:
-    import socket
+    from server_testing import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()

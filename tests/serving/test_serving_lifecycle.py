@@ -10,29 +10,14 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from milroi.v1 import scoring_pb2 as pb
 from milroi.v1 import scoring_pb2_grpc as pb_grpc
-from mlflow_testing import free_port as _free_port
 from mlflow_testing import register_bundle, running_mlflow_server
+from server_testing import free_port as _free_port
+from server_testing import wait_serving
 
 BIN = Path(sys.executable).parent
-
-
-def _wait_serving(address: str, process, timeout: float = 120) -> None:
-    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(address))
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, process.stderr.read().decode()[-3000:]
-        try:
-            if health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == \
-                    health_pb2.HealthCheckResponse.SERVING:
-                return
-        except grpc.RpcError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"server at {address} not SERVING after {timeout} s")
 
 
 def _serve(args, log_path):
@@ -48,8 +33,7 @@ def test_sigterm_drains_in_flight_streams(chowder_bundle, slide_root, tmp_path):
     server = _serve(["--model", str(chowder_bundle), "--slide-root", str(slide_root),
                      "--port", str(port), "--batch-size", "2", "--grace", "60"], tmp_path / "log")
     try:
-        server.stderr = open(tmp_path / "log", "rb")
-        _wait_serving(address, server)
+        wait_serving(address, server, tmp_path / "log")
         stub = pb_grpc.SlideScoringStub(grpc.insecure_channel(address))
         call = stub.ScoreSlide(pb.ScoreSlideRequest(slide_path="slide.tiff", chunk_size=2))
         assert next(call).HasField("header") and next(call).HasField("patches")
@@ -93,7 +77,6 @@ def test_model_swap_while_streaming(mlflow_server, chowder_bundle, slide_root, t
     server = _serve(["--model", "models:/milroi@champion", "--tracking-uri", mlflow_server,
                      "--slide-root", str(slide_root), "--port", str(port), "--batch-size", "8",
                      "--poll-interval", "0.5", "--grace", "0"], tmp_path / "serve.log")
-    server.stderr = open(tmp_path / "serve.log", "rb")
     stop = threading.Event()
     failures, streams = [], []
 
@@ -109,7 +92,7 @@ def test_model_swap_while_streaming(mlflow_server, chowder_bundle, slide_root, t
                 failures.append(f"{exc.code()}: {exc.details()}")
 
     try:
-        _wait_serving(address, server)
+        wait_serving(address, server, tmp_path / "serve.log")
         stub = pb_grpc.SlideScoringStub(grpc.insecure_channel(address))
         assert stub.GetModel(pb.GetModelRequest()).model.version == v1
         clients = [threading.Thread(target=stream_forever) for _ in range(2)]

@@ -227,27 +227,11 @@ def test_loop_stays_responsive_while_scoring(make_server):
 
 
 def test_tls(make_server, tmp_path):
-    import datetime
+    from server_testing import write_self_signed_cert
 
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(1)
-            .not_valid_before(now - datetime.timedelta(minutes=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), False)
-            .sign(key, hashes.SHA256()))
-    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
-    (tmp_path / "c.pem").write_bytes(cert_pem)
-    (tmp_path / "k.pem").write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    server = make_server(tls_cert=str(tmp_path / "c.pem"), tls_key=str(tmp_path / "k.pem"))
+    cert, key = write_self_signed_cert(tmp_path)
+    cert_pem = cert.read_bytes()
+    server = make_server(tls_cert=str(cert), tls_key=str(key))
     channel = grpc.secure_channel(f"localhost:{server.port}", grpc.ssl_channel_credentials(cert_pem))
     assert pb_grpc.SlideScoringStub(channel).GetModel(pb.GetModelRequest(), timeout=30).head
     code, _ = _code(lambda: pb_grpc.SlideScoringStub(server.channel()).GetModel(

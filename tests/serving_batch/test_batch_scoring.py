@@ -1,7 +1,6 @@
 """`milroi-serve score`: a folder of slides, in process and through a server, resumable."""
 from __future__ import annotations
 
-import csv
 import json
 import signal
 import subprocess
@@ -10,32 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from batch_testing import read_summary, slide_files, stable_summary
 from serving_batch_helpers import MILROI_SERVE, wait_for
-from serving.batch import (DONE_MARKER, SUMMARY_COLUMNS, SUMMARY_NAME, find_slides,
+from serving.batch import (DONE_MARKER, SUMMARY_NAME, find_slides,
                            read_done_marker, slide_keys)
 from serving.cli import main as serve_main
 
 OK_SLIDES = ["sub/synth_tumor", "synth_normal"]
 ALL_SLIDES = ["blank", "broken", *OK_SLIDES]
-
-
-def read_summary(out: Path) -> dict[str, dict]:
-    with open(out / SUMMARY_NAME, newline="") as f:
-        reader = csv.DictReader(f)
-        assert tuple(reader.fieldnames) == SUMMARY_COLUMNS
-        return {row["slide"]: row for row in reader}
-
-
-def slide_files(out: Path) -> dict[str, bytes]:
-    """Every file under OUT except the run-dependent ones (timings), by relative path."""
-    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
-            if p.is_file() and p.name not in (SUMMARY_NAME, DONE_MARKER)}
-
-
-def stable_summary(out: Path) -> dict[str, dict]:
-    """summary.csv without the columns that differ between runs of the same job."""
-    return {k: {c: v for c, v in row.items() if c not in ("seconds", "path")}
-            for k, row in read_summary(out).items()}
 
 
 def batch(*args: str) -> int:

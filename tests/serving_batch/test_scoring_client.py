@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from shapely.geometry import Polygon
 
-from serving_batch_helpers import ServerProcess, free_port, write_self_signed_cert
+from server_testing import free_port, write_self_signed_cert
+from serving_batch_helpers import ServerProcess
 from serving.cli import main as serve_main
 from serving.client import ScoringClient, ScoringError, SlideResult
 

@@ -68,35 +68,6 @@ def mlflow_server(tmp_path_factory):
         yield uri
 
 
-def log_fit_run(tracking_uri: str, head, val_auc: float | None, threshold: float = 0.42,
-                layer: str = "layer3", experiment: str = "milroi-test") -> str:
-    """A run in the layout `milroi-train fit` logs (params, head/ artifact, val_auc, tag)."""
-    import json
-    import tempfile
-
-    import torch
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
-    run = client.create_run(exp_id)
-    rid = run.info.run_id
-    for key, value in {"backbone_layer": layer, "weights": "none", "weights_seed": "0",
-                       "tile_size": "224", "patch_level": "0", "min_tissue": "0.25",
-                       "head": head.kind, "threshold": str(threshold)}.items():
-        client.log_param(rid, key, value)
-    if val_auc is not None:
-        client.log_metric(rid, "val_auc", val_auc)
-    client.set_tag(rid, "data_fingerprint", "f" * 64)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "head"
-        folder.mkdir()
-        torch.save(head.state_dict(), folder / "head.pt")
-        (folder / "head_config.json").write_text(json.dumps(head.config))
-        client.log_artifacts(rid, str(folder), artifact_path="head")
-    client.set_terminated(rid)
-    return rid
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,9 @@ from training.heads import build_head
 from training.registry import resolve_model_uri, validation_auc
 from wsi.errors import WsiError
 
-from .conftest import CMU_SMALL, log_fit_run
+from mlflow_testing import log_fit_run
+
+from .conftest import CMU_SMALL
 
 
 @pytest.fixture(scope="module")
