@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.metrics import log_loss
 from sklearn.model_selection import StratifiedKFold, train_test_split
 from sklearn.preprocessing import StandardScaler
 
@@ -159,11 +160,6 @@ def _inner_ensemble(instances, y, train_idx, test_idx, config, labels, training,
     return np.mean(scores, axis=0), oof
 
 
-def log_loss(y: np.ndarray, p: np.ndarray) -> float:
-    p = np.clip(p, 1e-7, 1 - 1e-7)
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
-
-
 def _select_and_score(instances, y, train_idx, test_idx, configs, labels, trainings, fold_seed,
                       k: int) -> tuple[np.ndarray, int]:
     """Nested model selection: every candidate's k-model ensemble is fitted on the training
@@ -173,10 +169,19 @@ def _select_and_score(instances, y, train_idx, test_idx, configs, labels, traini
     for c, (config, training) in enumerate(zip(configs, trainings)):
         test_scores, oof = _inner_ensemble(instances, y, train_idx, test_idx, config, labels,
                                            training, fold_seed, k)
-        loss = log_loss(y[train_idx], remove_class_weighting(oof, y[train_idx]))
+        # clipped as musk.json's run was: a confidently wrong bag costs at most -log(1e-7)
+        oof = np.clip(remove_class_weighting(oof, y[train_idx]), 1e-7, 1 - 1e-7)
+        loss = log_loss(y[train_idx], oof, labels=[0, 1])
         if loss < best[0]:
             best = (loss, test_scores, c)
     return best[1], best[2]
+
+
+def _summary(accuracies: list[float], aucs: list[float]) -> dict[str, Any]:
+    """Per-repeat accuracies and AUCs with their mean and standard deviation over the repeats."""
+    return {"accuracy_mean": float(np.mean(accuracies)), "accuracy_std": float(np.std(accuracies)),
+            "auc_mean": float(np.mean(aucs)), "auc_std": float(np.std(aucs)),
+            "accuracies": accuracies, "aucs": aucs}
 
 
 def cross_validate(instances: list[np.ndarray], y: np.ndarray, head: str, *, repeats: int,
@@ -217,9 +222,7 @@ def cross_validate(instances: list[np.ndarray], y: np.ndarray, head: str, *, rep
         accuracies.append(float(np.mean((scores >= 0.5) == y)))
         aucs.append(safe_auc(y, scores))
         log.info("%s repeat %d: accuracy %.3f AUC %.3f", head, rep, accuracies[-1], aucs[-1])
-    return {"accuracy_mean": float(np.mean(accuracies)), "accuracy_std": float(np.std(accuracies)),
-            "auc_mean": float(np.mean(aucs)), "auc_std": float(np.std(aucs)),
-            "accuracies": accuracies, "aucs": aucs, "config": config,
+    return {**_summary(accuracies, aucs), "config": config,
             **({"candidates": {n: {"head": c, "training": t}
                                for n, c, t in zip(names, configs, trainings)},
                 "selected": selected} if names else {})}
@@ -245,9 +248,7 @@ def svm_bag_statistics_cv(instances: list[np.ndarray], y: np.ndarray, *, repeats
             scores[test_idx] = search.decision_function(x[test_idx])
         accuracies.append(float(np.mean((scores >= 0) == y)))
         aucs.append(safe_auc(y, scores))
-    return {"accuracy_mean": float(np.mean(accuracies)), "accuracy_std": float(np.std(accuracies)),
-            "auc_mean": float(np.mean(aucs)), "auc_std": float(np.std(aucs)),
-            "accuracies": accuracies, "aucs": aucs,
+    return {**_summary(accuracies, aucs),
             "config": {"kind": "svm on bag mean/max/min (context, no patch scores)",
                        "grid": grid}}
 
