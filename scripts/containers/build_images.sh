@@ -10,6 +10,9 @@
 #   BASE_IMAGE          base of both images (default: the local debootstrap image, made on demand)
 #   SERVE_IMAGE, TRAIN_IMAGE   tags (default localhost/milroi-serve:latest, -train:latest)
 #   TRAIN_LAYERS=1      cache the train image's layers too (see below)
+#   MILROI_MIN_FREE_GIB free disk a build requires before it starts (default: serve 8, or 16
+#                       with CUDA; train 25); the build stops with a clear message below it
+#   MILROI_PRUNE=0      keep dangling images (default: removed after each successful build)
 # The serve image's layers are cached (--layers): a rebuild after a source change reuses the
 # dependency layers. The train image is built without --layers by default: under the vfs storage
 # driver each cached step is a full copy of its ~7 GB file system, which needs ~55 GB of disk at
@@ -52,19 +55,24 @@ tmp.replace(path)
 PY
 }
 
-build() {   # build NAME DOCKERFILE IMAGE EXTRA_ARGS...
-    local name="$1" dockerfile="$2" image="$3"; shift 3
+build() {   # build NAME DOCKERFILE IMAGE NEED_GIB EXTRA_ARGS...
+    local name="$1" dockerfile="$2" image="$3" need="${MILROI_MIN_FREE_GIB:-$4}"; shift 4
+    require_free_gib "$need" "building $image" || exit 1
     local cached=0; image_exists "$image" && cached=1
     local start; start=$(date +%s)
     log "building $image from $dockerfile"
     buildah_ build "${BUILD_FLAGS[@]}" -f "$REPO_ROOT/$dockerfile" -t "$image" \
         --build-arg "BASE_IMAGE=$BASE_IMAGE" "${pip_args[@]}" "$@" "$REPO_ROOT" >&2
     record "$name" "$image" "$(( $(date +%s) - start ))" "$cached"
+    # each rebuild leaves the replaced image's layers untagged (~1.2 GiB each for serve under vfs):
+    # without this, repeated test runs fill the disk
+    [[ "${MILROI_PRUNE:-1}" == 0 ]] || prune_dangling_images
 }
 
 if [[ "$target" == serve || "$target" == all ]]; then
     name=serve; [[ "$WITH_CUDA" == 1 ]] || name=serve-cpu
-    build "$name" Dockerfile.serve "$SERVE_IMAGE" --layers --build-arg "WITH_CUDA=$WITH_CUDA"
+    need=8; [[ "$WITH_CUDA" == 1 ]] && need=16
+    build "$name" Dockerfile.serve "$SERVE_IMAGE" "$need" --layers --build-arg "WITH_CUDA=$WITH_CUDA"
 fi
 if [[ "$target" == train || "$target" == all ]]; then
     [[ "${TRAIN_LAYERS:-0}" == 1 ]] && extra=(--layers=true) || extra=(--layers=false)
@@ -72,5 +80,5 @@ if [[ "$target" == train || "$target" == all ]]; then
         [[ -d "$TRAIN_WHEELS" ]] || die "TRAIN_WHEELS=$TRAIN_WHEELS is not a folder"
         extra=(--volume "$(cd "$TRAIN_WHEELS" && pwd):/wheels:ro" --build-arg "PIP_WHEELS=/wheels")
     fi
-    build train Dockerfile.train "$TRAIN_IMAGE" "${extra[@]}"
+    build train Dockerfile.train "$TRAIN_IMAGE" 25 "${extra[@]}"
 fi

@@ -17,7 +17,9 @@ TRAIN_IMAGE="${TRAIN_IMAGE:-localhost/milroi-train:latest}"
 BENCH_JSON="${BENCH_JSON:-$REPO_ROOT/benchmarks/results/containers.json}"
 
 BUILDAH_GLOBAL=(--storage-driver vfs)
-BUILD_FLAGS=(--isolation chroot --pull-never --format docker)
+BUILD_FLAGS=(--isolation chroot --pull-never --format docker --force-rm)
+# --force-rm: a failed step's working container (a full file-system copy under vfs) is removed
+# too, not left behind to fill the disk.
 # --format docker: the OCI image format has no HEALTHCHECK; buildah drops it there with a warning.
 # --layers (a cached image per instruction) is added per build in build_images.sh: with vfs every
 # cached layer and every step's working container is a full copy of the file system so far.
@@ -44,6 +46,36 @@ ensure_tools() {
     fi
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
         "${missing[@]}" crun >/dev/null || { log "apt-get install ${missing[*]} failed"; return 3; }
+}
+
+# Free space, in GiB, of the file system holding buildah's storage.
+storage_free_gib() {
+    local root; root="$(buildah_ info --format '{{.store.GraphRoot}}')"
+    mkdir -p "$root"
+    df --output=avail -B1G "$root" | tail -n 1 | tr -d ' '
+}
+
+# require_free_gib NEED WHAT: stop with a clear message, before any layer is written, when the
+# storage has less than NEED GiB free (a vfs build that runs out midway leaves half-written layers
+# and an unreadable "no space left on device" deep in buildah's output).
+require_free_gib() {
+    local free; free="$(storage_free_gib)"
+    if (( free < $1 )); then
+        log "error: $2 needs about $1 GiB free for buildah's vfs storage ($(buildah_ info --format '{{.store.GraphRoot}}')), only $free GiB free"
+        log "free space: remove unused images (buildah --storage-driver vfs rmi IMAGE) or set MILROI_MIN_FREE_GIB"
+        return 1
+    fi
+}
+
+# Remove what earlier builds left behind: images that lost their tag to a newer build and have no
+# child image (dangling, as podman and docker define it). Cached layers that the current images
+# still build on are children-bearing, so they stay and keep --layers fast.
+prune_dangling_images() {
+    local before after
+    before="$(storage_free_gib)"
+    buildah_ rmi --prune >/dev/null 2>&1 || true
+    after="$(storage_free_gib)"
+    (( after <= before )) || log "pruned dangling images: $(( after - before )) GiB freed"
 }
 
 image_exists() { buildah_ inspect --type image "$1" >/dev/null 2>&1; }

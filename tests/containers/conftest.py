@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from containers_support import BASE_IMAGE, NO_TOOLS, SCRIPTS, SERVE_IMAGE, WITH_CUDA, Container
+from containers_support import (BASE_IMAGE, NO_TOOLS, SCRIPTS, SERVE_IMAGE, WITH_CUDA, Container,
+                                image_size_bytes)
 
 
 @pytest.fixture(scope="session")
@@ -53,9 +54,7 @@ def serve_image(container_tools, tmp_path_factory) -> dict:
                             capture_output=True, text=True, timeout=1800)
     seconds = time.monotonic() - start
     assert result.returncode == 0, f"build failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
-    size = int(subprocess.run(
-        ["bash", "-c", f"source {SCRIPTS / 'common.sh'} && image_size_bytes {SERVE_IMAGE}"],
-        capture_output=True, text=True, check=True).stdout)
+    size = image_size_bytes(SERVE_IMAGE)
     print(f"\n{SERVE_IMAGE}: built in {seconds:.0f} s (base image included), "
           f"{size / 2**30:.2f} GiB")
     return {"image": SERVE_IMAGE, "build_seconds": seconds, "size_bytes": size}

@@ -23,6 +23,14 @@ def buildah(*args: str, timeout: float = 600, check: bool = True) -> subprocess.
     return result
 
 
+def image_size_bytes(image: str) -> int:
+    """The image's uncompressed size, as scripts/containers/common.sh computes it."""
+    result = subprocess.run(
+        ["bash", "-c", f"source {SCRIPTS / 'common.sh'} && image_size_bytes {image}"],
+        capture_output=True, text=True, check=True)
+    return int(result.stdout)
+
+
 class Container:
     """A working container of an image (`buildah from`), commands run in it with `buildah run`."""
 

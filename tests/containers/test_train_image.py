@@ -8,11 +8,12 @@ when the image is absent.
 """
 from __future__ import annotations
 
+import shutil
 import sqlite3
 
 import pytest
 
-from containers_support import Container, buildah
+from containers_support import Container, buildah, image_size_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -24,6 +25,14 @@ def train_image(container_tools) -> str:
     if buildah("inspect", "--type", "image", TRAIN_IMAGE, check=False).returncode != 0:
         pytest.skip(f"no {TRAIN_IMAGE}: build it with `make images` or "
                     "scripts/containers/build_images.sh train (~8 min, ~35 GB transient disk)")
+    # under vfs a working container is a full copy of the image's file system (~7 GB): on a disk
+    # without room for it, say so instead of failing halfway with "no space left on device"
+    need = image_size_bytes(TRAIN_IMAGE) + 2 * 2**30
+    root = buildah("info", "--format", "{{.store.GraphRoot}}").stdout.strip()
+    free = shutil.disk_usage(root).free
+    if free < need:
+        pytest.skip(f"{TRAIN_IMAGE} is here, but a working container of it needs "
+                    f"{need / 2**30:.1f} GiB free in {root} and {free / 2**30:.1f} GiB are")
     return TRAIN_IMAGE
 
 
