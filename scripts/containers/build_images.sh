@@ -10,8 +10,8 @@
 #   BASE_IMAGE          base of both images (default: the local debootstrap image, made on demand)
 #   SERVE_IMAGE, TRAIN_IMAGE   tags (default localhost/milroi-serve:latest, -train:latest)
 #   TRAIN_LAYERS=1      cache the train image's layers too (see below)
-#   MILROI_MIN_FREE_GIB free disk a build requires before it starts (default: serve 8, or 16
-#                       with CUDA; train 25); the build stops with a clear message below it
+#   MILROI_MIN_FREE_GIB free disk a build requires before it starts (default: the measured cold
+#                       peaks, serve 10, or 30 with CUDA; train 34); the build stops with a clear message below it
 #   MILROI_PRUNE=0      keep dangling images (default: removed after each successful build)
 # The serve image's layers are cached (--layers): a rebuild after a source change reuses the
 # dependency layers. The train image is built without --layers by default: under the vfs storage
@@ -71,7 +71,7 @@ build() {   # build NAME DOCKERFILE IMAGE NEED_GIB EXTRA_ARGS...
 
 if [[ "$target" == serve || "$target" == all ]]; then
     name=serve; [[ "$WITH_CUDA" == 1 ]] || name=serve-cpu
-    need=8; [[ "$WITH_CUDA" == 1 ]] && need=16
+    need=10; [[ "$WITH_CUDA" == 1 ]] && need=30
     build "$name" Dockerfile.serve "$SERVE_IMAGE" "$need" --layers --build-arg "WITH_CUDA=$WITH_CUDA"
 fi
 if [[ "$target" == train || "$target" == all ]]; then
@@ -80,5 +80,5 @@ if [[ "$target" == train || "$target" == all ]]; then
         [[ -d "$TRAIN_WHEELS" ]] || die "TRAIN_WHEELS=$TRAIN_WHEELS is not a folder"
         extra=(--volume "$(cd "$TRAIN_WHEELS" && pwd):/wheels:ro" --build-arg "PIP_WHEELS=/wheels")
     fi
-    build train Dockerfile.train "$TRAIN_IMAGE" 25 "${extra[@]}"
+    build train Dockerfile.train "$TRAIN_IMAGE" 34 "${extra[@]}"
 fi
