@@ -80,6 +80,10 @@ def test_nested_selection_picks_on_the_training_fold_and_scores_with_the_winner(
                            candidates={"good": good})
     # the winner's own seeded ensemble scored the test folds: identical results
     assert both["accuracies"] == alone["accuracies"] and both["aucs"] == alone["aucs"]
+    # each candidate's own figures are reported beside the choice; the crippled one is at chance
+    assert both["candidate_alone"]["good"]["accuracies"] == alone["accuracies"]
+    assert alone["candidate_alone"]["good"]["aucs"] == alone["aucs"]
+    assert both["candidate_alone"]["crippled"]["auc_mean"] < both["auc_mean"]
     assert both["candidates"]["good"]["training"]["epochs"] == 15
     with pytest.raises(WsiError, match="inner folds"):
         cross_validate(bags, y, "abmil", repeats=1, folds=2, inner="refit",
