@@ -57,20 +57,14 @@ def running_mlflow_server(root: Path, timeout: float = 180) -> Iterator[str]:
 
 
 def register_bundle(client, name: str, bundle: Path, experiment: str = "tests") -> str:
-    """Log a bundle folder as a run's artifacts and register it as a new version of `name`."""
-    from mlflow.exceptions import MlflowException
+    """Register a bundle folder as a new version of `name` through the product's own
+    training.export.register_bundle, on a fresh run of `experiment`; returns the version."""
+    from training.export import register_bundle as register
+    from training.fit import ensure_experiment
 
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-    run = client.create_run(experiment_id)
-    client.log_artifacts(run.info.run_id, str(bundle), artifact_path="bundle")
-    client.set_terminated(run.info.run_id)
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        client.create_registered_model(name)
-    version = client.create_model_version(name, source=f"{run.info.artifact_uri}/bundle",
-                                          run_id=run.info.run_id)
+    run_id = client.create_run(ensure_experiment(client.tracking_uri, experiment)).info.run_id
+    version = register(client, name, run_id, bundle)
+    client.set_terminated(run_id)
     return str(version.version)
 
 

@@ -365,24 +365,33 @@ def export_run(run_id: str, name: str, *, alias: str | None = None,
              "tile_size": int(params.get("tile_size", TILE_SIZE)),
              "level": int(params.get("patch_level", 0)),
              "min_tissue": float(params.get("min_tissue", 0.25))}
+    tags = {"val_auc": "" if val_auc is None else repr(val_auc), "head": head.kind,
+            "fingerprint": fingerprint or ""}
     with tempfile.TemporaryDirectory() as tmp:
         bundle = export_bundle(Path(out_dir) if out_dir else Path(tmp) / "bundle", backbone,
                                head, extra, opset=opset, parity_tiles=tiles,
                                overwrite=out_dir is not None, int8_calibration=int8_tiles)
-        client.log_artifacts(run_id, str(bundle), artifact_path=BUNDLE_ARTIFACT_PATH)
-    source = f"{run.info.artifact_uri.rstrip('/')}/{BUNDLE_ARTIFACT_PATH}"
+        mv = register_bundle(client, name, run_id, bundle, tags)
+    if alias:
+        client.set_registered_model_alias(name, alias, mv.version)
+    log.info("registered %s version %s from run %s (%s)", name, mv.version, run_id, mv.source)
+    return Registered(name, str(mv.version), mv.source, bundle, alias)
+
+
+def register_bundle(client, name: str, run_id: str, bundle: Path,
+                    tags: dict[str, str] | None = None):
+    """Log a bundle folder to the run under `bundle/` and register it as one new version of
+    `name` (the registered model is created on first use); returns the ModelVersion."""
+    from mlflow.exceptions import MlflowException
+
+    client.log_artifacts(run_id, str(bundle), artifact_path=BUNDLE_ARTIFACT_PATH)
+    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{BUNDLE_ARTIFACT_PATH}"
     try:
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(
             name, description="milroi tumour ROI model: ONNX bundle (docs/INTERFACES.md)")
-    tags = {"val_auc": "" if val_auc is None else repr(val_auc), "head": head.kind,
-            "fingerprint": fingerprint or ""}
-    mv = client.create_model_version(name, source=source, run_id=run_id, tags=tags)
-    if alias:
-        client.set_registered_model_alias(name, alias, mv.version)
-    log.info("registered %s version %s from run %s (%s)", name, mv.version, run_id, source)
-    return Registered(name, str(mv.version), source, bundle, alias)
+    return client.create_model_version(name, source=source, run_id=run_id, tags=tags or {})
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:

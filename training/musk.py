@@ -160,7 +160,7 @@ def _inner_ensemble(instances, y, train_idx, test_idx, config, labels, training,
     return np.mean(scores, axis=0), oof
 
 
-def _select_and_score(instances, y, train_idx, test_idx, configs, labels, trainings, fold_seed,
+def _choose_candidate(instances, y, train_idx, test_idx, configs, labels, trainings, fold_seed,
                       k: int) -> tuple[int, list[np.ndarray]]:
     """Nested model selection: every candidate's k-model ensemble is fitted on the training
     fold; the candidate whose out-of-fold probabilities (training fold only) have the lowest log
@@ -175,6 +175,13 @@ def _select_and_score(instances, y, train_idx, test_idx, configs, labels, traini
         losses.append(log_loss(y[train_idx], oof, labels=[0, 1]))
         test_scores.append(scores)
     return int(np.argmin(losses)), test_scores
+
+
+def _outer_folds(y: np.ndarray, folds: int, seed: int, rep: int):
+    """The (train, test) bag indices of repeat `rep`: one definition, so the heads and the
+    context row are scored on the very same splits."""
+    return StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed + rep).split(
+        np.zeros(len(y)), y)
 
 
 def _summary(accuracies: list[float], aucs: list[float]) -> dict[str, Any]:
@@ -211,21 +218,20 @@ def cross_validate(instances: list[np.ndarray], y: np.ndarray, head: str, *, rep
     for rep in range(repeats):
         scores = np.zeros(len(y))
         candidate_scores = np.zeros((len(names), len(y)))
-        skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed + rep)
-        for fold, (train_idx, test_idx) in enumerate(skf.split(np.zeros(len(y)), y)):
+        for fold, (train_idx, test_idx) in enumerate(_outer_folds(y, folds, seed, rep)):
             fold_seed = seed + 1000 * rep + fold
             if names:
-                chosen, all_scores = _select_and_score(instances, y, train_idx, test_idx,
+                chosen, all_scores = _choose_candidate(instances, y, train_idx, test_idx,
                                                        configs, labels, trainings, fold_seed,
                                                        int(inner))
                 selected[names[chosen]] += 1
                 for c, s in enumerate(all_scores):
                     candidate_scores[c, test_idx] = remove_class_weighting(s, y[train_idx])
-                fold_scores = all_scores[chosen]
+                scores[test_idx] = candidate_scores[chosen, test_idx]
             else:
-                fold_scores = _fold_scores(instances, y, train_idx, test_idx, config, labels,
-                                           training, val_fraction, fold_seed, inner)
-            scores[test_idx] = remove_class_weighting(fold_scores, y[train_idx])
+                scores[test_idx] = remove_class_weighting(
+                    _fold_scores(instances, y, train_idx, test_idx, config, labels, training,
+                                 val_fraction, fold_seed, inner), y[train_idx])
         accuracies.append(float(np.mean((scores >= 0.5) == y)))
         aucs.append(safe_auc(y, scores))
         for c, n in enumerate(names):
@@ -251,8 +257,7 @@ def svm_bag_statistics_cv(instances: list[np.ndarray], y: np.ndarray, *, repeats
     accuracies, aucs = [], []
     for rep in range(repeats):
         scores = np.zeros(len(y))
-        skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed + rep)
-        for train_idx, test_idx in skf.split(np.zeros(len(y)), y):
+        for train_idx, test_idx in _outer_folds(y, folds, seed, rep):
             # the grid search's own 5-fold CV runs inside the training fold only
             search = GridSearchCV(make_pipeline(StandardScaler(), SVC()), grid, cv=5)
             search.fit(x[train_idx], y[train_idx])

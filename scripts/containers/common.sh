@@ -48,9 +48,12 @@ ensure_tools() {
         "${missing[@]}" crun >/dev/null || { log "apt-get install ${missing[*]} failed"; return 3; }
 }
 
+# buildah's storage folder (/var/lib/containers/storage for root).
+graph_root() { buildah_ info --format '{{.store.GraphRoot}}'; }
+
 # Free space, in GiB, of the file system holding buildah's storage.
 storage_free_gib() {
-    local root; root="$(buildah_ info --format '{{.store.GraphRoot}}')"
+    local root; root="$(graph_root)"
     mkdir -p "$root"
     df --output=avail -B1G "$root" | tail -n 1 | tr -d ' '
 }
@@ -61,7 +64,7 @@ storage_free_gib() {
 require_free_gib() {
     local free; free="$(storage_free_gib)"
     if (( free < $1 )); then
-        log "error: $2 needs about $1 GiB free for buildah's vfs storage ($(buildah_ info --format '{{.store.GraphRoot}}')), only $free GiB free"
+        log "error: $2 needs about $1 GiB free for buildah's vfs storage ($(graph_root)), only $free GiB free"
         log "free space: remove unused images (buildah --storage-driver vfs rmi IMAGE) or set MILROI_MIN_FREE_GIB"
         return 1
     fi
@@ -85,7 +88,7 @@ image_exists() { buildah_ inspect --type image "$1" >/dev/null 2>&1; }
 image_size_bytes() {
     local id root
     id="$(buildah_ inspect --type image --format '{{.FromImageID}}' "$1")"
-    root="$(buildah_ info --format '{{.store.GraphRoot}}')"
+    root="$(graph_root)"
     python3 - "$root" "$id" <<'PY'
 import json, sys
 from pathlib import Path

@@ -15,13 +15,7 @@ import pytest
 
 from milroi.v1 import scoring_pb2 as pb
 from milroi.v1 import scoring_pb2_grpc as pb_grpc
-from mlflow_testing import register_bundle, running_mlflow_server
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    with running_mlflow_server(tmp_path / "mlflow") as uri:
-        yield uri
+from mlflow_testing import register_bundle
 
 
 def register(client, bundle: Path) -> str:

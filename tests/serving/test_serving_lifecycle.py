@@ -13,7 +13,7 @@ import pytest
 
 from milroi.v1 import scoring_pb2 as pb
 from milroi.v1 import scoring_pb2_grpc as pb_grpc
-from mlflow_testing import register_bundle, running_mlflow_server
+from mlflow_testing import register_bundle
 from server_testing import free_port as _free_port
 from server_testing import wait_serving
 
@@ -46,12 +46,6 @@ def test_sigterm_drains_in_flight_streams(chowder_bundle, slide_root, tmp_path):
             server.kill()
     log = (tmp_path / "log").read_text()
     assert f"listening on 127.0.0.1:{port}" in log and "draining" in log
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    with running_mlflow_server(tmp_path / "mlflow") as uri:
-        yield uri
 
 
 def _register(client, name: str, bundle: Path) -> str:
