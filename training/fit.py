@@ -33,7 +33,7 @@ import random
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import h5py
 import numpy as np
@@ -192,11 +192,14 @@ class TrainResult:
 
 def train_head(config: dict, train: Sequence[Bag], labels: dict[str, int], *, epochs: int,
                lr: float, weight_decay: float, seed: int, val: Sequence[Bag] = (),
-               patience: int = 10, monitor: str = "auc") -> TrainResult:
+               patience: int = 10, monitor: str = "auc",
+               on_epoch: Callable[[int, MILHead], None] | None = None) -> TrainResult:
     """Adam, one bag per step; keeps the epoch with the best validation AUC (val loss on ties),
     or with `monitor="loss"` the lowest validation loss (better calibrated at a 0.5 threshold).
 
     Without validation bags it trains for exactly `epochs` epochs and keeps the last weights.
+    `on_epoch(epoch, head)`, when given, sees the head after every epoch (1-based), e.g. to score
+    held-out bags along the whole schedule from one run.
     """
     seed_everything(seed)
     head = build_head(config)
@@ -236,6 +239,8 @@ def train_head(config: dict, train: Sequence[Bag], labels: dict[str, int], *, ep
             else:
                 stale += 1
         best.history.append(row)
+        if on_epoch is not None:
+            on_epoch(epoch, head)
         if len(val) and stale >= patience:
             break
     if not len(val):

@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from training.musk import cross_validate, load_musk, remove_class_weighting
+from training import musk
+from training.musk import choose_epochs, cross_validate, load_musk, remove_class_weighting
 from wsi.errors import WsiError
 
 
@@ -83,9 +84,56 @@ def test_fixed_schedule_separates_a_planted_witness_and_is_seeded():
     assert again["aucs"] == r["aucs"] and again["accuracies"] == r["accuracies"]
 
 
+def test_on_epoch_sees_the_head_as_a_run_of_exactly_that_many_epochs():
+    # choose_epochs scores every grid length from one long run: that is only sound if the head
+    # after epoch e of a long run is the head a run of exactly e epochs returns
+    from sklearn.preprocessing import StandardScaler
+
+    from training.fit import head_from_state, predict, train_head
+
+    bags, y = _witness_bags()
+    idx = np.arange(len(y))
+    scaler = StandardScaler().fit(np.concatenate(bags))
+    data = musk._bags(bags, idx, scaler)
+    labels = {f"bag{i}": int(v) for i, v in enumerate(y)}
+    config = {"kind": "abmil", "in_dim": 4, **musk.HEAD_CONFIGS["abmil"]}
+    seen = {}
+    train_head(config, data, labels, epochs=6, lr=5e-4, weight_decay=5e-3, seed=3,
+               on_epoch=lambda epoch, head: seen.setdefault(epoch, predict(head, data)))
+    assert sorted(seen) == [1, 2, 3, 4, 5, 6]
+    short = train_head(config, data, labels, epochs=4, lr=5e-4, weight_decay=5e-3, seed=3)
+    np.testing.assert_array_equal(predict(head_from_state(config, short.state), data), seen[4])
+
+
+def test_schedule_length_is_chosen_from_the_training_fold_only():
+    bags, y = _witness_bags()
+    config = {"kind": "abmil", "in_dim": 4, **QUICK}
+    labels = {f"bag{i}": int(v) for i, v in enumerate(y)}
+    train_idx, test_idx = np.arange(12), np.arange(12, 20)
+    training = {"lr": 5e-4, "weight_decay": 5e-4}
+    # 1 epoch barely moves the witness logit, 15 separate it: the inner folds prefer the longer
+    epochs, accuracy = choose_epochs(bags, y, train_idx, config, labels, training, fold_seed=0,
+                                     grid=(1, 15), folds=3)
+    assert set(accuracy) == {1, 15} and epochs == 15 and accuracy[15] > accuracy[1]
+    # the test fold plays no part: scrambling its bags changes nothing
+    scrambled = [b if i < 12 else np.random.default_rng(i).normal(size=b.shape) * 50
+                 for i, b in enumerate(bags)]
+    assert choose_epochs(scrambled, y, train_idx, config, labels, training, fold_seed=0,
+                         grid=(1, 15), folds=3) == (epochs, accuracy)
+
+
+def test_fixed_cv_schedule_separates_a_planted_witness_and_reports_its_choices(monkeypatch):
+    bags, y = _witness_bags()
+    monkeypatch.setattr(musk, "EPOCH_GRID", (5, 15))
+    monkeypatch.setattr(musk, "EPOCH_CV_FOLDS", 3)
+    r = cross_validate(bags, y, "abmil", head_config=QUICK, repeats=1, folds=2, inner="fixed-cv")
+    assert r["auc_mean"] > 0.9 and r["accuracy_mean"] > 0.8
+    assert sum(r["chosen_epochs"].values()) == 2 and set(r["chosen_epochs"]) <= {"5", "15"}
+
+
 def test_unknown_inner_protocol_is_a_clear_error():
     bags, y = _witness_bags()
-    for inner in ("early", 1):
+    for inner in ("early", "fixed_cv", 1):
         with pytest.raises(WsiError, match="inner must be"):
             cross_validate(bags, y, "abmil", head_config=QUICK, repeats=1, folds=2, inner=inner)
 
