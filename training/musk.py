@@ -126,6 +126,11 @@ def remove_class_weighting(scores: np.ndarray, y_train: np.ndarray) -> np.ndarra
     return 1.0 / (1.0 + np.exp(-logits))
 
 
+def _schedule_training(training: dict) -> dict:
+    """`train_head` options for a fixed schedule: no early stopping, the caller sets the length."""
+    return {k: v for k, v in training.items() if k not in ("patience", "epochs")}
+
+
 def choose_epochs(instances, y, train_idx, config, labels, training, fold_seed,
                   grid=None, folds=None) -> tuple[int, dict[int, float]]:
     """The schedule length for "fixed-cv", chosen from the training fold alone.
@@ -137,13 +142,14 @@ def choose_epochs(instances, y, train_idx, config, labels, training, fold_seed,
     grid = sorted(grid or EPOCH_GRID)
     oof = {e: np.zeros(len(train_idx)) for e in grid}
     skf = StratifiedKFold(n_splits=folds or EPOCH_CV_FOLDS, shuffle=True, random_state=fold_seed)
-    fit = {k: v for k, v in training.items() if k not in ("patience", "epochs")}
+    fit = _schedule_training(training)
     for j, (a, b) in enumerate(skf.split(np.zeros(len(train_idx)), y[train_idx])):
         inner_tr, inner_val = train_idx[a], train_idx[b]
         scaler = StandardScaler().fit(np.concatenate([instances[i] for i in inner_tr]))
         held_out = _bags(instances, inner_val, scaler)
 
-        def record(epoch, head, b=b, inner_tr=inner_tr, held_out=held_out):
+        # called by train_head within this iteration, so the loop variables are current
+        def record(epoch, head):
             if epoch in oof:
                 oof[epoch][b] = remove_class_weighting(predict(head, held_out), y[inner_tr])
 
@@ -160,7 +166,7 @@ def _fixed_schedule(instances, train_idx, test_idx, config, labels, training, fo
     """Mean test probability of `FIXED_SEEDS` networks trained `epochs` epochs on the fold."""
     scaler = StandardScaler().fit(np.concatenate([instances[i] for i in train_idx]))
     train, test = _bags(instances, train_idx, scaler), _bags(instances, test_idx, scaler)
-    fit = {k: v for k, v in training.items() if k not in ("patience", "epochs")}
+    fit = _schedule_training(training)
     return np.mean([predict(head_from_state(config, train_head(
         config, train, labels, epochs=epochs, seed=fold_seed + 100 * s, **fit).state), test)
         for s in range(FIXED_SEEDS)], axis=0)
