@@ -257,14 +257,17 @@ def cross_validate(instances: list[np.ndarray], y: np.ndarray, head: str, *, rep
                    folds: int, seed: int = 0, val_fraction: float = 0.15,
                    training: dict | None = None, head_config: dict | None = None,
                    inner: str | int = "refit",
-                   candidates: dict[str, dict[str, dict]] | None = None) -> dict[str, Any]:
+                   candidates: dict[str, dict[str, dict]] | None = None,
+                   label: str | None = None) -> dict[str, Any]:
     """Accuracy and AUC of one head, `repeats` x `folds` CV, model selection on inner splits.
 
     `candidates` (name -> {"head": config overrides, "training": overrides}), with `inner` a
     number of inner folds: in every outer training fold each candidate's inner-fold ensemble is
     fitted and the one with the best out-of-fold log loss on the training fold scores the test
-    fold (nested CV; how often each candidate won is reported under "selected").
+    fold (nested CV; how often each candidate won is reported under "selected"). `label`
+    names the run in the per-repeat progress log (default: the head).
     """
+    start = time.perf_counter()
     training = {**TRAINING, **(training or {})}
     config = {"kind": head, "in_dim": instances[0].shape[1], **HEAD_CONFIGS[head],
               **(head_config or {})}
@@ -308,7 +311,8 @@ def cross_validate(instances: list[np.ndarray], y: np.ndarray, head: str, *, rep
         for c, n in enumerate(names):
             alone[n][0].append(float(np.mean((candidate_scores[c] >= 0.5) == y)))
             alone[n][1].append(safe_auc(y, candidate_scores[c]))
-        log.info("%s repeat %d: accuracy %.3f AUC %.3f", head, rep, accuracies[-1], aucs[-1])
+        log.info("%s repeat %d/%d: accuracy %.3f AUC %.3f (%.0f s so far)", label or head,
+                 rep + 1, repeats, accuracies[-1], aucs[-1], time.perf_counter() - start)
     return {**_summary(accuracies, aucs), "config": config,
             **({"chosen_epochs": {str(e): n for e, n in sorted(chosen_epochs.items())}}
                if chosen_epochs else {}),
@@ -342,6 +346,12 @@ def svm_bag_statistics_cv(instances: list[np.ndarray], y: np.ndarray, *, repeats
                        "grid": grid}}
 
 
+def _worker_logging(level: str | int) -> None:
+    """Spawned workers start with logging unconfigured; without this the per-repeat progress
+    of an hours-long run never reaches stderr."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
 def _timed_cv(name: str, head: str, repeats: int, folds: int, seed: int) -> dict[str, Any]:
     torch.set_num_threads(1)  # tiny networks: threads cost more than they give
     instances, y = load_musk(name)
@@ -352,13 +362,15 @@ def _timed_cv(name: str, head: str, repeats: int, folds: int, seed: int) -> dict
         return result
     result = cross_validate(instances, y, head, repeats=repeats, folds=folds, seed=seed,
                             training=HEAD_TRAINING.get(head), inner=INNER.get(head, "refit"),
-                            candidates=CANDIDATES.get(head))
+                            candidates=CANDIDATES.get(head), label=f"{name} {head}")
     result["seconds"] = round(time.perf_counter() - start, 1)
     return result
 
 
 def benchmark(datasets=DATASETS, heads=("chowder", "abmil"), repeats: int = 5, folds: int = 10,
-              seed: int = 0, jobs: int = 1, context: bool = False) -> dict[str, Any]:
+              seed: int = 0, jobs: int = 1, context: bool = False,
+              log_level: str | int | None = None) -> dict[str, Any]:
+    """`log_level` is the workers' logging level (default: this process's)."""
     results: dict[str, Any] = {"protocol": {"repeats": repeats, "folds": folds, "seed": seed,
                                             "training": {h: {**TRAINING, **HEAD_TRAINING.get(h, {})}
                                                          for h in heads},
@@ -375,7 +387,10 @@ def benchmark(datasets=DATASETS, heads=("chowder", "abmil"), repeats: int = 5, f
     # every (dataset, head) run is independent and seeded, so processes give identical numbers;
     # spawn, not fork: a forked child of a process that already ran autograd cannot backpropagate
     with ProcessPoolExecutor(max_workers=max(1, jobs),
-                             mp_context=multiprocessing.get_context("spawn")) as pool:
+                             mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_worker_logging,
+                             initargs=(log_level or logging.getLogger().getEffectiveLevel(),)
+                             ) as pool:
         futures = {pair: pool.submit(_timed_cv, *pair, repeats, folds, seed) for pair in pairs}
     for name in datasets:
         _, y = load_musk(name)
@@ -427,7 +442,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     results = benchmark(args.datasets, args.heads, args.repeats, args.folds, args.seed,
-                        args.jobs, context=args.context)
+                        args.jobs, context=args.context,
+                        log_level=getattr(args, "log_level", "INFO").upper())
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
