@@ -26,6 +26,10 @@ case "$target" in serve|train|all) ;; *) die "usage: $0 [serve|train|all]";; esa
 WITH_CUDA="${WITH_CUDA:-1}"
 
 ensure_tools || exit $?
+# the disk check comes before the base image too, so a short disk writes no layer at all
+serve_need=10; [[ "$WITH_CUDA" == 1 ]] && serve_need=30
+case "$target" in serve) need=$serve_need;; train) need=34;; all) need=34;; esac
+require_free_gib "${MILROI_MIN_FREE_GIB:-$need}" "building the $target image(s)" || exit 1
 if [[ "$BASE_IMAGE" == localhost/milroi-base:* ]]; then
     bash "$REPO_ROOT/scripts/containers/make_base_image.sh"
 fi
@@ -71,14 +75,13 @@ build() {   # build NAME DOCKERFILE IMAGE NEED_GIB EXTRA_ARGS...
 
 if [[ "$target" == serve || "$target" == all ]]; then
     name=serve; [[ "$WITH_CUDA" == 1 ]] || name=serve-cpu
-    need=10; [[ "$WITH_CUDA" == 1 ]] && need=30
-    build "$name" Dockerfile.serve "$SERVE_IMAGE" "$need" --layers --build-arg "WITH_CUDA=$WITH_CUDA"
+    build "$name" Dockerfile.serve "$SERVE_IMAGE" "$serve_need" --layers --build-arg "WITH_CUDA=$WITH_CUDA"
 fi
 if [[ "$target" == train || "$target" == all ]]; then
     [[ "${TRAIN_LAYERS:-0}" == 1 ]] && extra=(--layers=true) || extra=(--layers=false)
     if [[ -n "${TRAIN_WHEELS:-}" ]]; then
         [[ -d "$TRAIN_WHEELS" ]] || die "TRAIN_WHEELS=$TRAIN_WHEELS is not a folder"
-        extra=(--volume "$(cd "$TRAIN_WHEELS" && pwd):/wheels:ro" --build-arg "PIP_WHEELS=/wheels")
+        extra+=(--volume "$(cd "$TRAIN_WHEELS" && pwd):/wheels:ro" --build-arg "PIP_WHEELS=/wheels")
     fi
     build train Dockerfile.train "$TRAIN_IMAGE" 34 "${extra[@]}"
 fi

@@ -21,8 +21,10 @@ BUILD_FLAGS=(--isolation chroot --pull-never --format docker --force-rm)
 # --force-rm: a failed step's working container (a full file-system copy under vfs) is removed
 # too, not left behind to fill the disk.
 # --format docker: the OCI image format has no HEALTHCHECK; buildah drops it there with a warning.
-# --layers (a cached image per instruction) is added per build in build_images.sh: with vfs every
-# cached layer and every step's working container is a full copy of the file system so far.
+# --layers (a cached image per instruction) is set per build, always explicitly (--layers,
+# --layers=false): with vfs every cached layer and every step's working container is a full
+# copy of the file system so far, and buildah 1.28 (Debian bookworm) rejects --force-rm unless
+# --layers or --no-cache is given on the command line.
 
 log() { printf '[containers] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }

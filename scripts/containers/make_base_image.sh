@@ -58,7 +58,7 @@ CMD ["python3"]
 CF
 ctx="$(mktemp -d "$MILROI_CONTAINER_CACHE/ctx.XXXXXX")"
 ln "$rootfs_tar" "$ctx/bookworm-rootfs.tar" 2>/dev/null || cp "$rootfs_tar" "$ctx/"
-buildah_ build "${BUILD_FLAGS[@]}" -f "$MILROI_CONTAINER_CACHE/Containerfile.base" \
+buildah_ build "${BUILD_FLAGS[@]}" --layers=false -f "$MILROI_CONTAINER_CACHE/Containerfile.base" \
     -t "$BASE_IMAGE" "$ctx" >&2
 rm -rf "$ctx"
 log "base image $BASE_IMAGE: $(image_size_bytes "$BASE_IMAGE") bytes, $(( $(date +%s) - start )) s"
