@@ -443,7 +443,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     results = benchmark(args.datasets, args.heads, args.repeats, args.folds, args.seed,
                         args.jobs, context=args.context,
-                        log_level=getattr(args, "log_level", "INFO").upper())
+                        log_level=args.log_level.upper())
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))

@@ -28,7 +28,8 @@ WITH_CUDA="${WITH_CUDA:-1}"
 ensure_tools || exit $?
 # the disk check comes before the base image too, so a short disk writes no layer at all
 serve_need=10; [[ "$WITH_CUDA" == 1 ]] && serve_need=30
-case "$target" in serve) need=$serve_need;; train) need=34;; all) need=34;; esac
+train_need=34
+need=$train_need; [[ "$target" == serve ]] && need=$serve_need
 require_free_gib "${MILROI_MIN_FREE_GIB:-$need}" "building the $target image(s)" || exit 1
 if [[ "$BASE_IMAGE" == localhost/milroi-base:* ]]; then
     bash "$REPO_ROOT/scripts/containers/make_base_image.sh"
@@ -83,5 +84,5 @@ if [[ "$target" == train || "$target" == all ]]; then
         [[ -d "$TRAIN_WHEELS" ]] || die "TRAIN_WHEELS=$TRAIN_WHEELS is not a folder"
         extra+=(--volume "$(cd "$TRAIN_WHEELS" && pwd):/wheels:ro" --build-arg "PIP_WHEELS=/wheels")
     fi
-    build train Dockerfile.train "$TRAIN_IMAGE" 34 "${extra[@]}"
+    build train Dockerfile.train "$TRAIN_IMAGE" "$train_need" "${extra[@]}"
 fi
