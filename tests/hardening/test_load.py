@@ -126,7 +126,7 @@ def test_sigterm_drains_every_stream_and_exits_0(serve_process, bundle, good_roo
 
 
 @pytest.mark.slow
-def test_memory_is_flat_over_fifty_slides(serve_process, bundle, good_root):
+def test_memory_is_flat_over_eighty_slides(serve_process, bundle, good_root):
     import psutil
     from scipy.stats import theilslopes
 
@@ -134,23 +134,26 @@ def test_memory_is_flat_over_fifty_slides(serve_process, bundle, good_root):
                             "--batch-size", "8"])
     process = psutil.Process(server.proc.pid)
     stub = pb_grpc.SlideScoringStub(grpc.insecure_channel(server.address))
+    slides, warm_up = 80, 40
     rss = []
     started = time.monotonic()
-    for i in range(50):
+    for i in range(slides):
         responses = list(stub.ScoreSlide(pb.ScoreSlideRequest(
             slide_path=GOOD_SLIDES[i % len(GOOD_SLIDES)]), timeout=60))
         assert responses[-1].HasField("summary")
         rss.append(process.memory_info().rss / 2**20)
-        assert time.monotonic() - started < 400, "50 small slides took too long"
-    # Warm-up: two rounds of the 8 slides (every last-batch shape seen by onnxruntime's arena,
-    # allocator pools filled); then the last 34 slides.
-    warm = np.array(rss[16:])
-    # Theil-Sen (median of pairwise slopes): a leak is steady growth, while the allocator and
-    # onnxruntime's arena grow in rare steps (one step of ~15 MiB seen here) that a least-squares
-    # line would count as a slope.
+        assert time.monotonic() - started < 640, f"{slides} small slides took too long"
+    # Warm-up: five rounds of the 8 slides. glibc's per-thread arenas and onnxruntime's arena
+    # grow in steps of 0.5-15 MiB until they saturate, and when depends on thread timing: on this
+    # 2-core host under load the last step came at slide 32 in one run and slide ~48 in another,
+    # and a 150-slide run then stayed at 413.1-413.4 MiB for its last 100 slides. Steps that late
+    # inside the measured window made a 16-slide warm-up flaky (0.41 MiB/slide in one run).
+    warm = np.array(rss[warm_up:])
+    # Theil-Sen (median of pairwise slopes): a leak is steady growth, while a rare late allocator
+    # step moves too few pairs to shift the median, where a least-squares line would tilt.
     slope = theilslopes(warm)[0]
-    print(f"server RSS: {rss[0]:.1f} MiB after slide 1, {warm[0]:.1f} after 17, {rss[-1]:.1f} "
-          f"after 50; slope after warm-up {slope:+.3f} MiB/slide")
+    print(f"server RSS: {rss[0]:.1f} MiB after slide 1, {warm[0]:.1f} after {warm_up + 1}, "
+          f"{rss[-1]:.1f} after {slides}; slope after warm-up {slope:+.3f} MiB/slide")
     # Keeping one tile batch per slide (8 x 224 x 224 x 3 B = 1.2 MB) would be >= 1 MiB/slide.
     assert slope < 0.25, f"RSS grows {slope:.2f} MiB per slide: {np.round(rss, 1).tolist()}"
     assert warm.max() - warm[0] < 40, f"RSS after warm-up: {np.round(rss, 1).tolist()}"
