@@ -11,7 +11,6 @@ Prints a markdown table and writes benchmarks/results/wsi.json.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
@@ -21,10 +20,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from wsi.grid import tiles_for_slide
 from wsi.slide import open_slide
+from wsi.synth import write_camelyon_size_slide
 from wsi.tiles import TileReader
 
 RESULTS = Path(__file__).resolve().parent / "results" / "wsi.json"
@@ -32,46 +31,6 @@ RESULTS = Path(__file__).resolve().parent / "results" / "wsi.json"
 CACHE = Path(os.environ.get("MILROI_BENCH_CACHE", Path.home() / ".cache" / "milroi" / "bench"))
 LEGACY_CACHE = Path(tempfile.gettempdir()) / "milroi-bench"   # where earlier runs put it
 CAMELYON_SIZE = (98_304, 196_608)
-
-
-def _jpeg(tile: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(tile).save(buffer, format="JPEG", quality=85)
-    return buffer.getvalue()
-
-
-def _write_camelyon_geometry_slide(path: Path, seed: int = 0) -> Path:
-    """A Camelyon16-size generic TIFF from a handful of pre-encoded 256 px JPEG tiles.
-
-    Tissue: two blocky ellipses covering ~15% of the slide, as in a typical Camelyon16 node.
-    Only used when wsi.synth is not available.
-    """
-    import tifffile
-
-    rng = np.random.default_rng(seed)
-    glass = _jpeg(np.full((256, 256, 3), 242, np.uint8))
-    stain = [_jpeg(np.clip(rng.normal((205, 120, 175), 25, (256, 256, 3)), 0, 255).astype(np.uint8))
-             for _ in range(8)]
-    width, height = CAMELYON_SIZE
-    with tifffile.TiffWriter(path, bigtiff=True) as tw:
-        for level in range(7):
-            ds = 2**level
-            cols, rows = -(-width // ds // 256), -(-height // ds // 256)
-            # Tissue is decided per 16384 px block (one tile of the coarsest level), so that
-            # every level shows the same tissue, only in finer tiles.
-            block = 256 * 64
-            yy, xx = (np.mgrid[0:rows, 0:cols] * 256 * ds // block * block + block / 2).astype(np.float32)
-            tissue = (((xx - 0.45 * width) / (0.25 * width)) ** 2
-                      + ((yy - 0.3 * height) / (0.12 * height)) ** 2 <= 1)
-            tissue |= (((xx - 0.55 * width) / (0.2 * width)) ** 2
-                       + ((yy - 0.7 * height) / (0.1 * height)) ** 2 <= 1)
-            choice = rng.integers(0, len(stain), tissue.shape)
-            tiles = (stain[c] if t else glass for t, c in zip(tissue.ravel(), choice.ravel()))
-            px_per_cm = 1e4 / (0.243 * ds)
-            tw.write(tiles, shape=(height // ds, width // ds, 3), dtype=np.uint8, tile=(256, 256),
-                     compression="jpeg", photometric="rgb", subfiletype=0 if level == 0 else 1,
-                     resolution=(px_per_cm, px_per_cm), resolutionunit="CENTIMETER")
-    return path
 
 
 def camelyon_size_slide(size: tuple[int, int] = CAMELYON_SIZE) -> Path:
@@ -85,12 +44,7 @@ def camelyon_size_slide(size: tuple[int, int] = CAMELYON_SIZE) -> Path:
         return LEGACY_CACHE / name
     partial = path.with_suffix(".partial.tif")
     started = time.perf_counter()
-    try:
-        from wsi.synth import write_camelyon_size_slide
-    except ImportError:
-        _write_camelyon_geometry_slide(partial)
-    else:
-        write_camelyon_size_slide(partial, width=size[0], height=size[1], seed=0)
+    write_camelyon_size_slide(partial, width=size[0], height=size[1], seed=0)
     os.replace(partial, path)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - started:.0f} s")
     return path

@@ -33,11 +33,13 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
+import shapely
 
 from serving.aggregate import make_state, slide_score
 from serving.engine import Engine, ModelRef
 from wsi.errors import WsiError
 from wsi.grid import tiles_for_slide
+from wsi.outputs import roi_polygons
 from wsi.slide import open_slide
 from wsi.tiles import TileReader
 from wsi.tissue import TissueParams
@@ -117,11 +119,9 @@ class Cancelled(WsiError):
 def roi_summaries(coords: np.ndarray, scores: np.ndarray, tile_size: int, threshold: float,
                   mpp: float) -> list[Roi]:
     """Tumour ROI polygons of the patch scores, with area and the scores of the tiles inside."""
-    import shapely
-
     if len(coords) == 0:
         return []
-    polygons = _roi_polygons(coords, scores, tile_size, threshold)
+    polygons = roi_polygons(coords, scores, tile_size, threshold=threshold)
     centres = coords.astype(np.float64) + tile_size / 2.0
     rois = []
     for polygon in polygons:
@@ -130,26 +130,6 @@ def roi_summaries(coords: np.ndarray, scores: np.ndarray, tile_size: int, thresh
         rois.append(Roi(polygon, float(polygon.area) * mpp * mpp, float(np.max(selected)),
                         float(np.mean(selected))))
     return rois
-
-
-def _roi_polygons(coords: np.ndarray, scores: np.ndarray, tile_size: int, threshold: float):
-    """wsi.outputs.roi_polygons (the one definition shared with the batch outputs) when present.
-
-    Until that module lands, the same definition computed here: the union of the squares of the
-    tiles whose score is >= threshold, split into its polygons (level-0 px).
-    """
-    try:
-        from wsi.outputs import roi_polygons
-    except ImportError:
-        import shapely
-
-        hot = coords[scores >= threshold].astype(np.float64)
-        if len(hot) == 0:
-            return []
-        union = shapely.union_all(shapely.box(hot[:, 0], hot[:, 1], hot[:, 0] + tile_size,
-                                              hot[:, 1] + tile_size))
-        return list(getattr(union, "geoms", [union]))
-    return roi_polygons(coords, scores, tile_size, threshold=threshold)
 
 
 class SlideScorer:
