@@ -33,13 +33,12 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
-import shapely
 
 from serving.aggregate import make_state, slide_score
 from serving.engine import Engine, ModelRef
 from wsi.errors import WsiError
 from wsi.grid import tiles_for_slide
-from wsi.outputs import roi_polygons
+from wsi.outputs import roi_polygons, roi_tile_stats
 from wsi.slide import open_slide
 from wsi.tiles import TileReader
 from wsi.tissue import TissueParams
@@ -118,18 +117,16 @@ class Cancelled(WsiError):
 
 def roi_summaries(coords: np.ndarray, scores: np.ndarray, tile_size: int, threshold: float,
                   mpp: float) -> list[Roi]:
-    """Tumour ROI polygons of the patch scores, with area and the scores of the tiles inside."""
+    """Tumour ROI polygons of the patch scores, with area and the scores of the tiles inside
+    (NaN for an ROI that holds no tile centre)."""
     if len(coords) == 0:
         return []
     polygons = roi_polygons(coords, scores, tile_size, threshold=threshold)
-    centres = coords.astype(np.float64) + tile_size / 2.0
-    rois = []
-    for polygon in polygons:
-        inside = shapely.contains_xy(polygon, centres[:, 0], centres[:, 1])
-        selected = scores[inside] if inside.any() else np.array([np.nan], np.float32)
-        rois.append(Roi(polygon, float(polygon.area) * mpp * mpp, float(np.max(selected)),
-                        float(np.mean(selected))))
-    return rois
+    stats = roi_tile_stats(polygons, coords, scores, tile_size)
+    return [Roi(polygon, s["area_px"] * mpp * mpp,
+                np.nan if s["max_score"] is None else s["max_score"],
+                np.nan if s["mean_score"] is None else s["mean_score"])
+            for polygon, s in zip(polygons, stats)]
 
 
 class SlideScorer:

@@ -112,7 +112,7 @@ def roi_polygons(coords, scores, tile_size: int, threshold: float = 0.5,
     return sorted(polygons, key=lambda p: -p.area)
 
 
-def _roi_stats(rois: Sequence, coords: np.ndarray, scores: np.ndarray, tile_size: int) -> list[dict]:
+def roi_tile_stats(rois: Sequence, coords: np.ndarray, scores: np.ndarray, tile_size: int) -> list[dict]:
     """Per ROI: area (px^2) and the max/mean score of the tiles whose centre lies inside it."""
     cx = coords[:, 0] + tile_size / 2
     cy = coords[:, 1] + tile_size / 2
@@ -141,7 +141,9 @@ def write_geojson(path, coords, scores, tile_size: int, rois: Sequence = (),
     """A FeatureCollection QuPath imports (File > Import objects): one "detection" per tile with
     its `tumor_score` measurement, one "annotation" classified "Tumor" per ROI."""
     coords, scores = _check(coords, scores)
-    roi_stats = list(roi_stats) if roi_stats is not None else _roi_stats(rois, coords, scores, tile_size)
+    if roi_stats is None:
+        roi_stats = roi_tile_stats(rois, coords, scores, tile_size)
+    roi_stats = list(roi_stats)
     x0, y0 = coords[:, 0].tolist(), coords[:, 1].tolist()
     features = []
     for x, y, s in zip(x0, y0, scores.tolist()):
@@ -252,7 +254,7 @@ def write_slide_outputs(out_dir, slide, coords, scores, tile_size: int,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rois = roi_polygons(coords, scores, tile_size, threshold, min_area_px)
-    stats = _roi_stats(rois, coords, scores, tile_size)
+    stats = roi_tile_stats(rois, coords, scores, tile_size)
     name = slide.name
     return {
         "csv": write_patch_csv(out / f"{name}_patches.csv", coords, scores, tile_size),
