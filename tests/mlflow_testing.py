@@ -69,7 +69,8 @@ def register_bundle(client, name: str, bundle: Path, experiment: str = "tests") 
 
 
 def log_fit_run(tracking_uri: str, head, val_auc: float | None = None, threshold: float = 0.42,
-                layer: str = "layer3", experiment: str = "milroi-test") -> str:
+                layer: str = "layer3", experiment: str = "milroi-test",
+                patch_threshold: float | None = None) -> str:
     """A run in the layout `milroi-train fit` logs (params, head/ artifact, val_auc, tag), so
     that `milroi-train export` can read it; on a sqlite store the artifacts sit beside the db."""
     import json
@@ -88,6 +89,9 @@ def log_fit_run(tracking_uri: str, head, val_auc: float | None = None, threshold
         client.log_param(run_id, key, value)
     if val_auc is not None:
         client.log_metric(run_id, "val_auc", val_auc)
+    if patch_threshold is not None:  # as fit logs it: param and metric
+        client.log_param(run_id, "patch_threshold", str(patch_threshold))
+        client.log_metric(run_id, "patch_threshold", patch_threshold)
     client.set_tag(run_id, "data_fingerprint", "f" * 64)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "head"

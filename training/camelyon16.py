@@ -135,7 +135,8 @@ def run_protocol(args: argparse.Namespace) -> dict:
                "tracking_uri": tracking_uri, "train_slides": len(train),
                "train_tumor": int(sum(train.values())), "test_slides": len(test_labels),
                "validation": {k: v for k, v in result.metrics.items()
-                              if k in {"val_auc", "cv_auc_mean", "cv_auc_std", "threshold"}},
+                              if k in {"val_auc", "cv_auc_mean", "cv_auc_std", "threshold",
+                                      "patch_threshold"}},
                "test": {k: v for k, v in evaluation.items() if k != "predictions"}}
     (out / "camelyon16.json").write_text(json.dumps(summary, indent=2))
     print(format_result(evaluation))

@@ -13,6 +13,9 @@ The metric functions are pure (arrays in, numbers out) so they can be checked on
   there is neither TP nor FP); each lesion's TP probability is its best detection; a detection
   outside every lesion is a FP; sensitivity is interpolated at 1/4, 1/2, 1, 2, 4, 8 FP per slide
   and averaged. Detections are the local maxima of the tile score map (peak_local_max).
+- `roi_metrics`: what a user sees at the ROI threshold (the run's `patch_threshold`): how many
+  normal slides get a tumour ROI polygon and how many per slide, how many tumour slides get one,
+  and the share of counted lesions that hold a tile scored at or above it.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ from scipy import ndimage
 from skimage.feature import peak_local_max
 from skimage.measure import label as label_components
 from skimage.measure import regionprops
-from sklearn.metrics import accuracy_score, roc_auc_score
+from sklearn.metrics import accuracy_score, precision_score, recall_score, roc_auc_score
 from sklearn.utils import resample
 
 from wsi.errors import WsiError
@@ -98,6 +101,16 @@ def patch_auc(scores: np.ndarray, targets: np.ndarray) -> float:
     if len(np.unique(t)) < 2:
         raise WsiError("patch AUC needs tumour and normal tiles")
     return float(roc_auc_score(t, np.asarray(scores)[keep]))
+
+
+def patch_precision_recall(scores: np.ndarray, targets: np.ndarray,
+                           threshold: float) -> dict[str, float]:
+    """Precision and recall of "tile scored >= threshold" for annotated tumour tiles, over the
+    tiles with a target of 0 or 1: how much of an ROI is tumour, how much tumour is in an ROI."""
+    keep = np.asarray(targets) >= 0
+    t, hot = np.asarray(targets)[keep], np.asarray(scores)[keep] >= threshold
+    return {"patch_precision": float(precision_score(t, hot, zero_division=0)),
+            "patch_recall": float(recall_score(t, hot, zero_division=0))}
 
 
 def annotation_targets(annotations, coords: np.ndarray, tile_size: int,
@@ -193,14 +206,59 @@ def froc(slides: Sequence[SlideHits], fp_rates: Sequence[float] = FROC_FP_RATES)
             "score": float(np.mean(at)), "n_lesions": int(total)}
 
 
+@dataclass
+class SlideRois:
+    """One slide at the ROI threshold: its ROI polygon count and, for annotated slides, the
+    counted lesions (`lesion_hits` of the tiles at or above the threshold)."""
+
+    label: int
+    n_rois: int
+    hits: SlideHits | None = None
+
+
+def slide_rois(coords: np.ndarray, scores: np.ndarray, tile_size: int, threshold: float, label: int,
+               lesions: np.ndarray | None = None, itc: set[int] = frozenset()) -> SlideRois:
+    from wsi.outputs import roi_polygons
+
+    rois = roi_polygons(coords, scores, tile_size, threshold=threshold)
+    hits = None
+    if lesions is not None:
+        hot = scores >= threshold
+        hits = lesion_hits(coords[hot] + tile_size / 2, scores[hot], lesions, itc)
+    return SlideRois(int(label), len(rois), hits)
+
+
+def roi_metrics(slides: Sequence[SlideRois], threshold: float) -> dict[str, Any]:
+    """ROI counts on normal and tumour slides and lesion sensitivity at one threshold."""
+    normal = [s for s in slides if s.label == 0]
+    tumor = [s for s in slides if s.label == 1]
+    result: dict[str, Any] = {
+        "threshold": float(threshold),
+        "normal_slides": len(normal),
+        "normal_slides_with_roi": sum(s.n_rois > 0 for s in normal),
+        "false_rois_per_normal_slide": (float(np.mean([s.n_rois for s in normal]))
+                                        if normal else float("nan")),
+        "tumor_slides": len(tumor),
+        "tumor_slides_with_roi": sum(s.n_rois > 0 for s in tumor)}
+    lesions = [s.hits for s in tumor if s.hits is not None and s.hits.n_lesions]
+    if lesions:
+        n = sum(h.n_lesions for h in lesions)
+        result["lesions"] = n
+        result["lesion_sensitivity"] = float(sum((h.tp_probs > 0).sum() for h in lesions) / n)
+    return result
+
+
 # ---------------------------------------------------------------------------------------------
 # Run evaluation
 
 
 def evaluate_run(run_id: str, features_dir: str | Path, labels_path: str | Path,
                  annotations_dir: str | Path | None = None, tracking_uri: str | None = None,
-                 n_bootstrap: int = 1000, log_to_run: bool = True) -> dict[str, Any]:
-    """Score every labelled slide with the run's head; slide, patch and lesion metrics."""
+                 n_bootstrap: int = 1000, log_to_run: bool = True,
+                 roi_threshold: float | None = None) -> dict[str, Any]:
+    """Score every labelled slide with the run's head; slide, patch, lesion and ROI metrics
+    (ROIs at `roi_threshold`, by default the run's `patch_threshold`, which export puts in the
+    manifest)."""
     import torch
 
     from training.fit import DEFAULT_TRACKING_URI, load_bag, feature_path, load_run_head, read_labels
@@ -208,20 +266,23 @@ def evaluate_run(run_id: str, features_dir: str | Path, labels_path: str | Path,
     tracking_uri = tracking_uri or DEFAULT_TRACKING_URI
     head, run = load_run_head(run_id, tracking_uri)
     threshold = float(run.data.params.get("threshold", 0.5))
+    if roi_threshold is None:
+        roi_threshold = float(run.data.params.get("patch_threshold", 0.5))
     labels = read_labels(labels_path)
     names = sorted(labels)
     y, p = [], []
-    patch_scores, patch_tgts, hits = [], [], []
+    patch_scores, patch_tgts, hits, rois = [], [], [], []
     for name in names:
         bag = load_bag(feature_path(features_dir, name))
         with torch.no_grad():
             out = head(bag.features)
         y.append(labels[name])
         p.append(torch.sigmoid(out.slide_logit).item())
-        if annotations_dir is None:
-            continue
         scores = out.patch_scores.numpy()
         tile = int(bag.attrs.get("patch_size", 224))
+        if annotations_dir is None:
+            rois.append(slide_rois(bag.coords, scores, tile, roi_threshold, labels[name]))
+            continue
         mpp = float(bag.attrs.get("mpp", 0.243))
         xml = Path(annotations_dir) / f"{name}.xml"
         if xml.is_file():
@@ -237,19 +298,25 @@ def evaluate_run(run_id: str, features_dir: str | Path, labels_path: str | Path,
             if labels[name]:
                 log.warning("tumour slide %s has no annotation %s: left out of patch AUC and FROC",
                             name, xml)
+                rois.append(slide_rois(bag.coords, scores, tile, roi_threshold, labels[name]))
                 continue
             tgt, lesions, itc = np.zeros(len(scores), np.int8), None, set()
+        rois.append(slide_rois(bag.coords, scores, tile, roi_threshold, labels[name],
+                               lesions, itc))
         patch_scores.append(scores)
         patch_tgts.append(tgt)
         hits.append(lesion_hits(*detections(bag.coords, scores, tile), lesions, itc))
     result: dict[str, Any] = {"run_id": run_id, "threshold": threshold,
                               "slide": slide_metrics(y, p, threshold, n_bootstrap),
                               "predictions": [{"slide": n, "label": int(t), "score": float(s)}
-                                              for n, t, s in zip(names, y, p)]}
+                                              for n, t, s in zip(names, y, p)],
+                              "roi": roi_metrics(rois, roi_threshold)}
     if patch_scores:
         targets = np.concatenate(patch_tgts)
         if {0, 1} <= set(np.unique(targets).tolist()):
             result["patch_auc"] = patch_auc(np.concatenate(patch_scores), targets)
+            result["roi"].update(patch_precision_recall(np.concatenate(patch_scores), targets,
+                                                        roi_threshold))
         else:
             log.warning("patch AUC left out: the scored tiles are not both tumour and normal")
     if sum(h.n_lesions for h in hits):
@@ -270,6 +337,10 @@ def _log_evaluation(run_id: str, tracking_uri: str, result: dict[str, Any]) -> N
         metrics["test_patch_auc"] = result["patch_auc"]
     if "froc" in result:
         metrics["test_froc"] = result["froc"]["score"]
+    for key in ("normal_slides_with_roi", "false_rois_per_normal_slide", "tumor_slides_with_roi",
+                "lesion_sensitivity", "patch_precision", "patch_recall"):
+        if key in result["roi"] and np.isfinite(result["roi"][key]):
+            metrics[f"test_roi_{key}"] = result["roi"][key]
     for k, v in metrics.items():
         client.log_metric(run_id, k, float(v))
     client.log_dict(run_id, result, "evaluation/evaluation.json")
@@ -285,6 +356,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="folder of <slide>.xml lesion annotations (patch AUC and FROC)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
     parser.add_argument("--no-log", action="store_true", help="do not log metrics to the run")
+    parser.add_argument("--roi-threshold", type=float, default=None,
+                        help="patch score for tumour ROIs (default the run's patch_threshold)")
     add_tracking_args(parser)
 
 
@@ -300,12 +373,23 @@ def format_result(result: dict[str, Any]) -> str:
         at = ", ".join(f"{k:g}: {v:.3f}" for k, v in result["froc"]["sensitivity_at"].items())
         lines.append(f"lesion FROC    {result['froc']['score']:.3f} "
                      f"({result['froc']['n_lesions']} lesions; sensitivity at FP/slide {at})")
+    r = result["roi"]
+    line = (f"ROIs at {r['threshold']:.6g}: {r['normal_slides_with_roi']} of {r['normal_slides']} "
+            f"normal slides ({r['false_rois_per_normal_slide']:.2f} ROIs per normal slide), "
+            f"{r['tumor_slides_with_roi']} of {r['tumor_slides']} tumour slides")
+    if "lesion_sensitivity" in r:
+        line += f", {r['lesion_sensitivity']:.3f} of {r['lesions']} lesions hit"
+    if "patch_precision" in r:
+        line += (f"; tumour tiles: precision {r['patch_precision']:.3f}, "
+                 f"recall {r['patch_recall']:.3f}")
+    lines.append(line)
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
     result = evaluate_run(args.run_id, args.features, args.labels, args.annotations,
-                          args.tracking_uri, args.bootstrap, log_to_run=not args.no_log)
+                          args.tracking_uri, args.bootstrap, log_to_run=not args.no_log,
+                          roi_threshold=args.roi_threshold)
     print(format_result(result))
     print(json.dumps({k: v for k, v in result.items() if k != "predictions"}))
     return 0

@@ -358,10 +358,13 @@ def export_run(run_id: str, name: str, *, alias: str | None = None,
             int8_tiles = synthetic_calibration_tiles()
     val_auc = _run_number(run, "val_auc")
     threshold = _run_number(run, "threshold")
+    # runs from before fit chose it keep the old fixed ROI threshold
+    patch_threshold = _run_number(run, "patch_threshold")
     fingerprint = run.data.tags.get("data_fingerprint")
     extra = {"name": name, "run_id": run_id, "fingerprint": fingerprint,
              "metrics": dict(run.data.metrics),
              "threshold": threshold if threshold is not None else 0.5,
+             "patch_threshold": patch_threshold if patch_threshold is not None else 0.5,
              "tile_size": int(params.get("tile_size", TILE_SIZE)),
              "level": int(params.get("patch_level", 0)),
              "min_tissue": float(params.get("min_tissue", 0.25))}

@@ -12,6 +12,12 @@ Protocol (what the logged metrics mean and which model is exported):
   training slides for the median early-stopping epoch count of the folds.
 - `--folds 1`: a single stratified train/validation split; the early-stopped model is the exported
   one, `val_auc` and `threshold` come from its validation slides.
+- `patch_threshold`, the patch score at and above which tiles form tumour ROI polygons (the
+  manifest's ROI threshold), comes from the same out-of-fold (or validation) slides, slide labels
+  only: a normal slide should get no ROI and a tumour slide at least one, so it is the Youden cut
+  on each slide's highest patch logit, halfway (in logit space) across the gap it falls in
+  (`roi_threshold`). A fixed 0.5 drew ROIs on normal slides, whose top patch scores a MIL head
+  is never trained to keep under 0.5.
 
 One bag (slide) per optimisation step, slide-level BCE with `pos_weight = n_normal / n_tumour`;
 all features are loaded into memory once. Fixed seeds and deterministic algorithms make two runs
@@ -38,6 +44,7 @@ from typing import Any, Callable, Sequence
 import h5py
 import numpy as np
 import torch
+from scipy.special import expit
 from sklearn.metrics import roc_auc_score, roc_curve
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
@@ -175,6 +182,41 @@ def youden_threshold(y: np.ndarray, p: np.ndarray, default: float = 0.5) -> floa
     return float(np.clip((thresholds[best] + lower) / 2, 0.0, 1.0))
 
 
+# `patch_threshold` stays strictly inside (0, 1) (the server's roi_threshold range) and apart
+# from 1.0 in float32, where saturated tumour patch scores land.
+ROI_THRESHOLD_RANGE = (1e-6, 1.0 - 1e-6)
+
+
+def roi_threshold(max_patch_logits: np.ndarray, y: np.ndarray, default: float = 0.5) -> float:
+    """The patch-score threshold for tumour ROIs from held-out slides' highest patch logits.
+
+    A slide gets an ROI when its highest patch score reaches the threshold, so the threshold is
+    a slide classifier on that maximum: the cut with the best Youden's J (sensitivity on tumour
+    slides + specificity on normal slides - 1), placed halfway between the two neighbouring
+    maxima in logit space (patch sigmoids saturate, so a probability midpoint would sit at the
+    normal side's edge); ties between equally good cuts go to the widest gap. Returned as a
+    probability within ROI_THRESHOLD_RANGE; `default` when a class is missing.
+    """
+    logits, y = np.asarray(max_patch_logits, np.float64), np.asarray(y)
+    if len(np.unique(y)) < 2:
+        return default
+    values = np.unique(logits)
+    if len(values) == 1:
+        return default
+    cuts = (values[:-1] + values[1:]) / 2
+    gaps = values[1:] - values[:-1]
+    tpr = (logits[y == 1][None, :] >= cuts[:, None]).mean(1)
+    fpr = (logits[y == 0][None, :] >= cuts[:, None]).mean(1)
+    best = max(range(len(cuts)), key=lambda i: (tpr[i] - fpr[i], gaps[i]))
+    return float(np.clip(expit(cuts[best]), *ROI_THRESHOLD_RANGE))
+
+
+@torch.no_grad()
+def max_patch_logit(head: MILHead, bag: Bag) -> float:
+    head.eval()
+    return float(head(bag.features).patch_logits.max())
+
+
 @torch.no_grad()
 def predict(head: MILHead, bags: Sequence[Bag]) -> np.ndarray:
     """Slide probabilities, sigmoid(slide_logit), one per bag."""
@@ -262,9 +304,10 @@ def head_from_state(config: dict, state: dict) -> MILHead:
 class FitResult:
     run_id: str
     metrics: dict[str, float]
-    predictions: list[dict[str, Any]]  # slide, label, score, fold (out-of-fold or validation)
+    predictions: list[dict[str, Any]]  # slide, label, score, max_patch_score, fold
     head: MILHead
     threshold: float
+    patch_threshold: float = 0.5
 
 
 def _split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -350,8 +393,7 @@ def fit(features_dir: str | Path, labels_path: str | Path, *, head: str = "chowd
                 metrics[f"fold{fold}_auc"] = safe_auc(y[test_idx], p)
                 metrics[f"fold{fold}_best_epoch"] = res.best_epoch
                 best_epochs.append(res.best_epoch)
-                preds += [{"slide": b.name, "label": labels[b.name], "score": float(s),
-                           "fold": fold} for b, s in zip(test, p)]
+                preds += [_prediction(model, b, labels, s, fold) for b, s in zip(test, p)]
                 client.log_batch(run_id, metrics=_history_metrics(f"fold{fold}_", res.history))
                 log.info("fold %d: AUC %.3f (best epoch %d)", fold, metrics[f"fold{fold}_auc"],
                          res.best_epoch)
@@ -369,9 +411,9 @@ def fit(features_dir: str | Path, labels_path: str | Path, *, head: str = "chowd
                                patience=patience, seed=seed, **hyper)
             client.log_batch(run_id, metrics=_history_metrics("", final.history))
             metrics["best_epoch"] = final.best_epoch
-            p = predict(head_from_state(config, final.state), va)
-            preds += [{"slide": b.name, "label": labels[b.name], "score": float(s), "fold": 0}
-                      for b, s in zip(va, p)]
+            early_stopped = head_from_state(config, final.state)
+            p = predict(early_stopped, va)
+            preds += [_prediction(early_stopped, b, labels, s, 0) for b, s in zip(va, p)]
 
         model = head_from_state(config, final.state)
         y_pred = np.array([r["label"] for r in preds])
@@ -381,14 +423,14 @@ def fit(features_dir: str | Path, labels_path: str | Path, *, head: str = "chowd
         metrics["threshold"] = threshold
         metrics["val_accuracy"] = float(np.mean((p_pred >= threshold) == y_pred))
         mlflow.log_param("threshold", threshold)
+        patch_threshold = _log_patch_threshold(preds, metrics)
         if held_out:
             test_bags = load_bags(features_dir, sorted(held_out))
             y_test = np.array([labels[b.name] for b in test_bags])
             p_test = predict(model, test_bags)
             metrics["test_auc"] = safe_auc(y_test, p_test)
             metrics["test_accuracy"] = float(np.mean((p_test >= threshold) == y_test))
-            preds += [{"slide": b.name, "label": labels[b.name], "score": float(s),
-                       "fold": "test"} for b, s in zip(test_bags, p_test)]
+            preds += [_prediction(model, b, labels, s, "test") for b, s in zip(test_bags, p_test)]
         client.log_batch(run_id, metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()
                                           if np.isfinite(v)])
         with tempfile.TemporaryDirectory() as tmp:
@@ -400,7 +442,35 @@ def fit(features_dir: str | Path, labels_path: str | Path, *, head: str = "chowd
                     mlflow.log_artifact(str(extra))
                 elif extra.name != "head":
                     mlflow.log_artifacts(str(extra), artifact_path=extra.name)
-    return FitResult(run_id, metrics, preds, model, threshold)
+    return FitResult(run_id, metrics, preds, model, threshold, patch_threshold)
+
+
+def _prediction(head: MILHead, bag: Bag, labels: dict[str, int], score: float, fold) -> dict:
+    """One predictions.csv row; the highest patch logit is kept for `roi_threshold`."""
+    logit = max_patch_logit(head, bag)
+    return {"slide": bag.name, "label": labels[bag.name], "score": float(score),
+            "max_patch_score": float(expit(logit)), "max_patch_logit": logit,
+            "fold": fold}
+
+
+def _log_patch_threshold(preds: list[dict], metrics: dict[str, float]) -> float:
+    """`roi_threshold` on the out-of-fold / validation slides, logged as param and metrics,
+    with how many of those slides it gets wrong (a normal slide with an ROI, a tumour slide
+    without one)."""
+    import mlflow
+
+    y = np.array([r["label"] for r in preds])
+    logits = np.array([r["max_patch_logit"] for r in preds])
+    patch_threshold = roi_threshold(logits, y)
+    hot = expit(logits) >= patch_threshold
+    metrics["patch_threshold"] = patch_threshold
+    metrics["val_normal_slides_with_roi"] = int(np.sum(hot & (y == 0)))
+    metrics["val_tumor_slides_without_roi"] = int(np.sum(~hot & (y == 1)))
+    mlflow.log_param("patch_threshold", patch_threshold)
+    log.info("patch_threshold %.6g: %d of %d held-out normal slides with an ROI, %d of %d "
+             "tumour slides without one", patch_threshold, metrics["val_normal_slides_with_roi"],
+             int(np.sum(y == 0)), metrics["val_tumor_slides_without_roi"], int(np.sum(y == 1)))
+    return patch_threshold
 
 
 def _write_artifacts(out: Path, model: MILHead, state: dict, preds: list[dict], y: np.ndarray,
@@ -409,7 +479,8 @@ def _write_artifacts(out: Path, model: MILHead, state: dict, preds: list[dict], 
     torch.save(state, out / "head" / "head.pt")
     (out / "head" / "head_config.json").write_text(json.dumps(model.config, indent=2))
     with open(out / "predictions.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["slide", "label", "score", "fold"])
+        writer = csv.DictWriter(f, fieldnames=["slide", "label", "score", "max_patch_score",
+                                               "fold"], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(preds)
     write_roc_png(out / "roc_curve.png", y, p)
@@ -541,5 +612,6 @@ def run(args: argparse.Namespace) -> int:
                 "test_auc", "test_accuracy"):
         if key in result.metrics:
             print(f"{key}={result.metrics[key]:.4f}")
+    print(f"patch_threshold={result.patch_threshold:.6g}")
     print(f"run_id={result.run_id}")
     return 0

@@ -114,9 +114,42 @@ def test_evaluate_command_scores_a_fit_run(bag_dataset, tmp_path, capsys):
                        str(labels), "--tracking-uri", uri, "--bootstrap", "100"]) == 0
     out = capsys.readouterr().out
     assert "slide AUC" in out and "20 slides" in out
-    metrics = mlflow.MlflowClient(uri).get_run(run_id).data.metrics
+    run = mlflow.MlflowClient(uri).get_run(run_id)
+    # ROIs at the run's own patch_threshold, which fit chose and logged
+    assert f"ROIs at {float(run.data.params['patch_threshold']):.6g}: " in out
+    assert "of 10 normal slides" in out and "of 10 tumour slides" in out
+    metrics = run.data.metrics
+    assert 0 <= metrics["test_roi_normal_slides_with_roi"] <= 10
     assert metrics["test_n_slides"] == 20 and metrics["test_auc"] > 0.9
     assert metrics["test_auc_ci_low"] <= metrics["test_auc"] <= metrics["test_auc_ci_high"]
     assert train_main(["evaluate", "0123456789abcdef", "--features", str(features_dir),
                        "--labels", str(labels), "--tracking-uri", uri]) == 1
     assert "no MLflow run" in capsys.readouterr().err
+
+
+def test_roi_metrics_count_false_rois_and_hit_lesions():
+    from training.evaluate import patch_precision_recall, roi_metrics, slide_rois
+
+    tile = 224
+    coords = np.array([[x * tile, 0] for x in range(6)])
+    # a normal slide: two separate tiles above 0.9 -> two false ROIs; nothing above 0.99
+    normal = np.array([0.95, 0.1, 0.1, 0.92, 0.1, 0.1])
+    # a tumour slide with two lesions (level-5 labels 1 and 2) under tiles 0-1 and 4-5; only
+    # the first is covered by a tile above the threshold
+    lesions = np.zeros((8, 8 * 6), np.int32)
+    lesions[:, 0:14] = 1
+    lesions[:, 28:42] = 2
+    tumour = np.array([0.995, 0.98, 0.2, 0.2, 0.6, 0.6])
+    slides = [slide_rois(coords, normal, tile, 0.9, 0),
+              slide_rois(coords, tumour, tile, 0.9, 1, lesions)]
+    r = roi_metrics(slides, 0.9)
+    assert r["normal_slides_with_roi"] == 1 and r["false_rois_per_normal_slide"] == 2.0
+    assert r["tumor_slides_with_roi"] == 1 and r["lesions"] == 2
+    assert r["lesion_sensitivity"] == 0.5
+    r = roi_metrics([slide_rois(coords, normal, tile, 0.99, 0),
+                     slide_rois(coords, tumour, tile, 0.99, 1, lesions)], 0.99)
+    assert r["normal_slides_with_roi"] == 0 and r["false_rois_per_normal_slide"] == 0.0
+    assert r["lesion_sensitivity"] == 0.5  # the 0.995 tile still hits lesion 1
+    # tiles at 0.9: 2 of 4 hot tiles are tumour (target 1), 2 of 4 tumour tiles are hot
+    pr = patch_precision_recall(np.r_[normal, tumour], np.r_[np.zeros(6), [1, 1, -1, -1, 1, 1]], 0.9)
+    assert pr == {"patch_precision": 0.5, "patch_recall": 0.5}

@@ -40,6 +40,22 @@ def test_fit_separates_tumour_bags_and_logs_run(bag_dataset, tmp_path, head):
     assert p["tile_size"] == "224" and p["patch_level"] == "0" and p["min_tissue"] == "0.25"
     assert p["weights_seed"] == "0" and p["folds"] == "2"
     assert float(p["threshold"]) == pytest.approx(run.data.metrics["threshold"])
+    # the ROI threshold splits the out-of-fold slides by their highest patch score as well as
+    # any cut can (Youden's J), at least as well as the old fixed 0.5, and says how well
+    t = result.patch_threshold
+    assert float(p["patch_threshold"]) == pytest.approx(t)
+    assert run.data.metrics["patch_threshold"] == pytest.approx(t)
+    y = np.array([r["label"] for r in result.predictions])
+    top = np.array([r["max_patch_score"] for r in result.predictions])
+
+    def youden(cut):
+        return np.mean(top[y == 1] >= cut) - np.mean(top[y == 0] >= cut)
+
+    assert youden(t) >= max(youden(c) for c in [0.5, *top])
+    assert run.data.metrics["val_normal_slides_with_roi"] == np.sum((top >= t) & (y == 0))
+    assert run.data.metrics["val_tumor_slides_without_roi"] == np.sum((top < t) & (y == 1))
+    if head == "abmil":  # its instance classifier separates the slides' top patches here
+        assert top[y == 0].max() < t <= top[y == 1].min()
     assert run.data.metrics["val_auc"] == 1.0
     assert len(run.data.tags["data_fingerprint"]) == 64
     epochs = client.get_metric_history(result.run_id, "fold0_train_loss")
@@ -161,3 +177,25 @@ def test_youden_threshold_sits_between_the_classes():
     t = youden_threshold(np.array([0, 1, 1]), np.array([1e-6, 1.0, 1.0]))
     assert t < np.float32(1.0 - 1e-6)
     assert youden_threshold(np.array([1, 1]), np.array([0.3, 0.9])) == 0.5  # one class: default
+
+
+def test_roi_threshold_is_the_youden_cut_on_slide_maxima_in_logit_space():
+    from scipy.special import expit, logit
+
+    from training.fit import ROI_THRESHOLD_RANGE, roi_threshold
+
+    y = np.array([0, 0, 0, 1, 1])
+    # separated: halfway between the highest normal (2) and the lowest tumour maximum (10) in
+    # logits, so a normal slide scoring a little higher than in validation still gets no ROI
+    assert roi_threshold(np.array([-1.0, 0.5, 2.0, 10.0, 30.0]), y) == pytest.approx(expit(6.0))
+    # overlap: the best sensitivity + specificity (one normal slide above, none missed) wins
+    # over cuts that miss a tumour slide
+    t = roi_threshold(np.array([-1.0, 0.0, 8.0, 4.0, 12.0]), y)
+    assert logit(t) == pytest.approx(2.0)
+    # equally good cuts (J = 0.5 each): the widest gap, between 8 and 20, not -3 and -2.5
+    t = roi_threshold(np.array([-3.0, -2.5, 8.0, 20.0]), np.array([0, 1, 0, 1]))
+    assert t > 0.5 and logit(t) == pytest.approx(14.0, abs=0.2)  # clipped at 1 - 1e-6: 13.8
+    # saturated heads: the threshold stays below 1.0 in float32, where tumour scores land
+    t = roi_threshold(np.array([0.0, 1.0, 2.0, 60.0, 80.0]), y)
+    assert t == pytest.approx(ROI_THRESHOLD_RANGE[1]) and np.float32(t) < np.float32(1.0)
+    assert roi_threshold(np.array([0.0, 3.0]), np.array([1, 1])) == 0.5  # one class: default

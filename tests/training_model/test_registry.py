@@ -30,7 +30,7 @@ def trained_head():
 @pytest.fixture(scope="module")
 def exported(mlflow_server, trained_head, real_tiles, tmp_path_factory):
     """One run exported and registered on the server, with alias champion (val_auc 0.80)."""
-    rid = log_fit_run(mlflow_server, trained_head, val_auc=0.80)
+    rid = log_fit_run(mlflow_server, trained_head, val_auc=0.80, patch_threshold=0.97)
     out = tmp_path_factory.mktemp("export") / "bundle"
     registered = export_run(rid, "milroi-test", alias="champion", tracking_uri=mlflow_server,
                             out_dir=out, parity_slide=CMU_SMALL)  # parity on real tissue tiles
@@ -57,6 +57,7 @@ def test_registered_bundle_downloads_and_runs(exported, mlflow_server, real_tile
     manifest = json.loads((local / "manifest.json").read_text())
     assert manifest["name"] == "milroi-test" and manifest["run_id"] == exported[0]
     assert manifest["threshold"] == pytest.approx(0.42)  # from the run, not the 0.5 default
+    assert manifest["patch_threshold"] == pytest.approx(0.97)  # the ROI threshold fit chose
     assert manifest["metrics"]["val_auc"] == pytest.approx(0.80)
     assert manifest["fingerprint"] == "f" * 64
     assert manifest["parity"]["features"] <= 1e-4 and manifest["parity"]["patch_scores"] <= 1e-5
