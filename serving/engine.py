@@ -134,6 +134,21 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def session_options(ort, threads: int):
+    """onnxruntime session options for a model that shares the cores with tile decoding threads
+    (the server's and `milroi-train features`'): full graph optimisation, `threads` intra-op
+    threads that sleep rather than spin between runs."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    # Spinning threads would steal the cores the tile decoders need between runs.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3  # CUDA/TRT fallback chatter: we report the outcome ourselves
+    return options
+
+
 @dataclass
 class EngineStats:
     """Counters of the batcher (read by the metrics and the tests)."""
@@ -209,15 +224,7 @@ class Engine:
 
     # -- sessions ------------------------------------------------------------------------------
     def _session_options(self):
-        options = self._ort.SessionOptions()
-        options.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.execution_mode = self._ort.ExecutionMode.ORT_SEQUENTIAL
-        options.intra_op_num_threads = self.threads
-        options.inter_op_num_threads = 1
-        # Spinning threads would steal the cores the tile decoders need between runs.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.log_severity_level = 3  # CUDA/TRT fallback chatter: we report the outcome ourselves
-        return options
+        return session_options(self._ort, self.threads)
 
     def _provider_options(self, name: str, precision: str):
         if name == TRT:

@@ -58,9 +58,10 @@ class Backbone(nn.Module):
         return torch.flatten(self.trunk(x), 1)
 
     def describe(self) -> dict:
-        """The facts the feature files and the bundle manifest record about this network."""
+        """The facts the feature files record about this network and what runs it."""
         return {"backbone_layer": self.layer, "weights": self.weights,
-                "weights_seed": self.seed, "feature_dim": self.feature_dim}
+                "weights_seed": self.seed, "feature_dim": self.feature_dim,
+                "feature_engine": "torch"}
 
 
 def imagenet_checkpoint_dir() -> Path:

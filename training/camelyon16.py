@@ -91,11 +91,11 @@ def write_labels(path: Path, labels: dict[str, int]) -> Path:
 
 def extract_all(paths: list[Path], features_dir: Path, args: argparse.Namespace) -> None:
     """Features of every slide that has none yet (training.features, one h5 per slide)."""
-    from training.backbone import build_backbone
-    from training.features import extract_features, feature_path, resolve_device
+    from training.features import (build_feature_model, extract_features, feature_path,
+                                   resolve_device)
 
     device = resolve_device(args.device)
-    model = build_backbone(args.weights, layer=args.layer, seed=args.weights_seed).to(device)
+    model = build_feature_model(args.weights, args.layer, args.weights_seed, device, args.engine)
     for i, path in enumerate(paths, 1):
         log.info("features %d/%d: %s", i, len(paths), path.name)
         extract_features(path, feature_path(features_dir, path.stem), model,
@@ -144,6 +144,7 @@ def run_protocol(args: argparse.Namespace) -> dict:
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
+    from training.features import ENGINES
     from training.fit import add_tracking_args
     from training.heads import HEAD_KINDS
 
@@ -169,6 +170,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--engine", choices=ENGINES, default="auto",
+                        help="ResNet-50 runtime: auto = onnxruntime on the CPU, torch on a GPU")
     parser.add_argument("--limit-tiles", type=int, default=None, help="first N tiles per slide")
     parser.add_argument("--experiment", default="camelyon16")
     add_tracking_args(parser)

@@ -20,6 +20,7 @@ TorchScript exporter gives the same graph and numbers here but is deprecated, so
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 import json
@@ -66,14 +67,39 @@ class ParityError(WsiError):
 def _export(module: nn.Module, example: torch.Tensor, path: Path, input_name: str,
             output_names: tuple[str, ...], dynamic_batch: bool, opset: int) -> None:
     dynamic_shapes = {input_name: {0: torch.export.Dim("batch")}} if dynamic_batch else None
-    # dynamo's translation steps print progress on stdout; keep the command output clean.
-    with open(os.devnull, "w") as devnull, _redirect_stdout(devnull):
+    # dynamo's translation steps print progress on stdout and its graph passes log every
+    # rewrite at INFO; keep the command output clean.
+    with open(os.devnull, "w") as devnull, _redirect_stdout(devnull), _quiet(EXPORTER_LOGGERS):
         program = torch.onnx.export(
             module.eval(), (example,), input_names=[input_name], output_names=list(output_names),
             dynamic_shapes=dynamic_shapes, opset_version=opset, dynamo=True, verbose=False)
     # One self-contained file per graph (ResNet-50 is ~95 MB, far below protobuf's 2 GB limit).
     program.save(str(path), external_data=False)
     onnx.checker.check_model(str(path), full_check=True)
+
+
+def export_backbone(backbone: Backbone, path: Path, opset: int = DEFAULT_OPSET) -> None:
+    """backbone.onnx: input "tiles" uint8 [N, 224, 224, 3], output "features", dynamic N."""
+    tiles = torch.zeros((2, TILE_SIZE, TILE_SIZE, 3), dtype=torch.uint8)
+    _export(backbone.cpu().eval(), tiles, path, "tiles", ("features",), dynamic_batch=True,
+            opset=opset)
+
+
+EXPORTER_LOGGERS = ("onnx_ir", "onnxscript")
+
+
+@contextlib.contextmanager
+def _quiet(names: tuple[str, ...]):
+    """Raise these loggers to WARNING for the duration, then restore their levels."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 class _redirect_stdout:
@@ -232,9 +258,7 @@ def export_bundle(out_dir: str | os.PathLike, backbone: Backbone, head: nn.Modul
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the bundle is meant to be shared
     try:
-        tiles = torch.zeros((2, TILE_SIZE, TILE_SIZE, 3), dtype=torch.uint8)
-        _export(backbone, tiles, staging / FILES["backbone"], "tiles", ("features",),
-                dynamic_batch=True, opset=opset)
+        export_backbone(backbone, staging / FILES["backbone"], opset=opset)
         features = torch.randn(_patch_example_count(), backbone.feature_dim)
         _export(head.patch_module(), features, staging / FILES["head"], "features",
                 tuple(head.patch_output_names), dynamic_batch=True, opset=opset)

@@ -3,6 +3,11 @@
 The tiles are the server's: `wsi.grid.tiles_for_slide` (same tissue mask, same grid), read by
 `wsi.tiles.TileReader` in background threads while the model runs on the previous batch.
 
+The engine (`--engine`): on the CPU the ResNet-50 runs in onnxruntime, as the exported
+backbone.onnx the server runs (`training.onnx_backbone`; 1.6x torch eager end to end on 2
+cores, benchmarks/README.md); on a GPU it runs in torch. Both give the same features to within the export's parity
+tolerance (1e-4); the h5 attribute `feature_engine` says which one made a file.
+
 Output, the CLAM/TRIDENT layout: FEATURES_DIR/h5_files/<slide>.h5 with `features` float32 [N, D],
 `coords` int64 [N, 2] (level-0 top-left x, y, grid order) and `tissue_fraction` float32 [N];
 the slide and extraction facts as attributes on the file and on `coords` (where CLAM reads
@@ -23,12 +28,14 @@ import torch
 from tqdm import tqdm
 
 from training.backbone import LAYERS, Backbone, build_backbone
+from training.onnx_backbone import OnnxBackbone
 from wsi.cli import add_ray_arguments
 from wsi.errors import SlideError, WsiError
 
 log = logging.getLogger(__name__)
 
 H5_SUBDIR = "h5_files"
+ENGINES = ("auto", "onnxruntime", "torch")
 
 
 def feature_path(features_dir: str | os.PathLike, slide_name: str) -> Path:
@@ -44,20 +51,43 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def build_feature_model(weights: str, layer: str, seed: int, device: torch.device,
+                        engine: str = "auto", threads: int | None = None
+                        ) -> Backbone | OnnxBackbone:
+    """The ResNet-50 feature extractor for `extract_features`: `auto` is onnxruntime on the CPU
+    and torch on a GPU. `threads`: onnxruntime's intra-op threads (default: every core this
+    process may use)."""
+    if engine not in ENGINES:
+        raise WsiError(f"unknown feature engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if threads is not None and threads < 1:
+        raise WsiError(f"--threads must be at least 1, got {threads}")
+    if engine == "auto":
+        engine = "onnxruntime" if device.type == "cpu" else "torch"
+    if engine == "onnxruntime" and device.type != "cpu":
+        raise WsiError(f"--engine onnxruntime runs on the CPU; for --device {device} use "
+                       f"--engine torch")
+    backbone = build_backbone(weights, layer=layer, seed=seed)
+    if engine == "onnxruntime":
+        return OnnxBackbone(backbone, threads=threads)
+    return backbone.to(device)
+
+
 def _temp_path(out_h5: Path) -> Path:
     # Hidden and not ending in .h5: never mistaken for a finished file by a reader or a rerun.
     return out_h5.with_name(f".{out_h5.name}.partial")
 
 
-def extract_features(slide_path: str | os.PathLike, out_h5: str | os.PathLike, model: Backbone,
+def extract_features(slide_path: str | os.PathLike, out_h5: str | os.PathLike,
+                     model: Backbone | OnnxBackbone,
                      *, tile_size: int = 224, min_tissue: float = 0.25, batch_size: int = 64,
                      workers: int = 4, device: str | torch.device = "cpu",
                      limit_tiles: int | None = None, fallback_mpp: float | None = None,
                      progress: bool = True) -> dict[str, Any]:
     """Features of every tissue tile of one slide into `out_h5`; returns a summary dict.
 
-    `model` is a `training.backbone.Backbone` (uint8 NHWC in), already on `device`. An
-    existing `out_h5` is a finished slide: it is skipped (summary `skipped=True`).
+    `model` is a `training.backbone.Backbone` (uint8 NHWC in, torch), already on `device`, or
+    a `training.onnx_backbone.OnnxBackbone` (`build_feature_model` picks). An existing `out_h5`
+    is a finished slide: it is skipped (summary `skipped=True`).
     Raises `wsi.errors.SlideError` for a slide that cannot be read.
     """
     from wsi.grid import tiles_for_slide
@@ -99,27 +129,40 @@ def extract_features(slide_path: str | os.PathLike, out_h5: str | os.PathLike, m
     return {"slide": slide.name, "path": out_h5, "tiles": len(coords), "skipped": False}
 
 
-def _model_attrs(model: Backbone) -> dict[str, Any]:
+def _model_attrs(model: Backbone | OnnxBackbone) -> dict[str, Any]:
     facts = model.describe()
-    return {k: facts[k] for k in ("backbone_layer", "weights", "weights_seed")}
+    return {k: facts[k] for k in ("backbone_layer", "weights", "weights_seed", "feature_engine")}
 
 
-def _fill(features: h5py.Dataset, slide, coords: np.ndarray, model: Backbone, tile_size: int,
-          batch_size: int, workers: int, device: torch.device, progress: bool, desc: str) -> None:
+def _tile_features(model: Backbone | OnnxBackbone, device: torch.device):
+    """uint8 tiles [n, s, s, 3] (numpy) -> float32 features [n, D] (numpy) with `model`."""
+    if isinstance(model, OnnxBackbone):
+        return model
+    pin = device.type == "cuda"
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        tiles = torch.from_numpy(batch)
+        if pin:
+            tiles = tiles.pin_memory().to(device, non_blocking=True)
+        return model(tiles).float().cpu().numpy()
+
+    return run
+
+
+def _fill(features: h5py.Dataset, slide, coords: np.ndarray, model: Backbone | OnnxBackbone,
+          tile_size: int, batch_size: int, workers: int, device: torch.device, progress: bool,
+          desc: str) -> None:
     """Stream tile batches through the model into the (preallocated) h5 dataset."""
     from wsi.tiles import TileReader
 
     reader = TileReader(slide, coords, tile_size=tile_size, level=0, workers=workers,
                         batch_size=batch_size)
-    pin = device.type == "cuda"
+    tile_features = _tile_features(model, device)
     try:
         with torch.inference_mode(), tqdm(total=len(coords), desc=desc, unit="tile",
                                           disable=not progress, leave=False) as bar:
             for batch in reader:
-                tiles = torch.from_numpy(batch.tiles)
-                if pin:
-                    tiles = tiles.pin_memory().to(device, non_blocking=True)
-                out = model(tiles).float().cpu().numpy()
+                out = tile_features(batch.tiles)
                 # Batches come in grid order as one contiguous index run: a slice write.
                 features[int(batch.index[0]):int(batch.index[-1]) + 1] = out
                 bar.update(len(out))
@@ -175,6 +218,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="tiles per batch (64)")
     parser.add_argument("--workers", type=int, default=4, help="tile reader threads (4)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default auto)")
+    parser.add_argument("--engine", choices=ENGINES, default="auto",
+                        help="what runs the ResNet-50: auto = onnxruntime on the CPU (the "
+                             "served graph, faster there), torch on a GPU (default auto)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="onnxruntime threads (default: every core this process may use; "
+                             "with --ray: --ray-num-cpus per actor)")
     parser.add_argument("--limit-tiles", type=int, default=None,
                         help="only the first N tiles of each slide (quick runs)")
     parser.add_argument("--fallback-mpp", type=float, default=None,
@@ -202,8 +251,10 @@ def run(args: argparse.Namespace) -> int:
 
         return extract_on_ray(args, slides)
     device = resolve_device(args.device)
-    model = build_backbone(args.weights, layer=args.layer, seed=args.weights_seed).to(device)
-    log.info("%d slides, ResNet-50 %s (%s) on %s", len(slides), args.layer, args.weights, device)
+    model = build_feature_model(args.weights, args.layer, args.weights_seed, device, args.engine,
+                                args.threads)
+    log.info("%d slides, ResNet-50 %s (%s) in %s on %s", len(slides), args.layer, args.weights,
+             model.describe()["feature_engine"], device)
     failed = []
     done = skipped_count = 0
     for path in tqdm(slides, desc="slides", unit="slide", disable=args.no_progress):

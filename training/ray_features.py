@@ -1,6 +1,7 @@
 """`milroi-train features ... --ray ADDRESS|auto|local`: feature extraction over Ray actors.
 
-Each actor builds the backbone once (torch, on its GPU when it has one) and runs
+Each actor builds the backbone once (`training.features.build_feature_model`: onnxruntime on
+its CPUs, torch on its GPU when it has one) and runs
 `training.features.extract_features` on whole slides, writing FEATURES_DIR/h5_files/<slide>.h5
 itself. Unlike the scoring job, the actors write: a slide's features are large (100k tiles x
 1024 float32 = 400 MB for a Camelyon slide) and shipping them through the driver would double
@@ -31,12 +32,12 @@ log = logging.getLogger(__name__)
 class FeatureActor:
     """The work of one Ray actor: one backbone, whole slides in, one h5 per slide written."""
 
-    def __init__(self, weights: str, layer: str, seed: int, device: str):
-        from training.backbone import build_backbone
-        from training.features import resolve_device
+    def __init__(self, weights: str, layer: str, seed: int, device: str, engine: str = "auto",
+                 threads: int | None = None):
+        from training.features import build_feature_model, resolve_device
 
         self.device = resolve_device(device)
-        self.model = build_backbone(weights, layer=layer, seed=seed).to(self.device)
+        self.model = build_feature_model(weights, layer, seed, self.device, engine, threads)
 
     def extract(self, slide_path: str, out_h5: str, options: dict) -> dict:
         from training.features import extract_features
@@ -67,8 +68,12 @@ def extract_on_ray(args: argparse.Namespace, slides: list[Path],
             max_restarts=args.ray_max_restarts, max_task_retries=args.ray_max_restarts)
         device = args.device if args.device != "auto" else ("cuda" if args.ray_num_gpus else "cpu")
 
+        # an actor's onnxruntime threads: its CPU share, not every core of its node
+        threads = args.threads or max(1, int(args.ray_num_cpus))
+
         def new_actor():
-            return remote.remote(weights, args.layer, args.weights_seed, device)
+            return remote.remote(weights, args.layer, args.weights_seed, device, args.engine,
+                                 threads)
 
         count = args.ray_actors or default_actor_count(args.ray_num_cpus, args.ray_num_gpus)
         if count < 1:

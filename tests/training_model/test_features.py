@@ -10,6 +10,7 @@ import torch
 
 from training.cli import main as train_main
 from training.features import extract_features, feature_path
+from wsi.errors import WsiError
 
 from .conftest import DATA
 
@@ -17,7 +18,14 @@ pytest.importorskip("wsi.grid")  # the slide core's grid and tile reader
 pytest.importorskip("wsi.tiles")
 
 ATTRS = ("patch_size", "patch_level", "level0_width", "level0_height", "mpp", "mpp_source",
-         "backbone_layer", "weights", "weights_seed", "slide", "min_tissue")
+         "backbone_layer", "weights", "weights_seed", "feature_engine", "slide", "min_tissue")
+
+
+@pytest.fixture(scope="module")
+def layer3_onnx(layer3_backbone):
+    from training.onnx_backbone import OnnxBackbone
+
+    return OnnxBackbone(layer3_backbone)
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +53,7 @@ def test_h5_layout_attrs_and_grid(tmp_path, synthetic_slide, layer3_backbone, gr
         assert f.attrs["level0_width"] == 1792 and f.attrs["level0_height"] == 1344
         assert f.attrs["mpp"] == pytest.approx(0.243) and f.attrs["mpp_source"] == "metadata"
         assert f.attrs["backbone_layer"] == "layer3" and f.attrs["weights"] == "none"
+        assert f.attrs["feature_engine"] == "torch"
         assert f.attrs["slide"] == "synth_001" and f.attrs["patch_size"] == 224
     # the stored features are the model's features of those exact tiles
     from wsi.slide import open_slide
@@ -55,6 +64,43 @@ def test_h5_layout_attrs_and_grid(tmp_path, synthetic_slide, layer3_backbone, gr
     with torch.inference_mode():
         ref = layer3_backbone(torch.from_numpy(tiles)).numpy()
     np.testing.assert_allclose(feats[picks], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_onnxruntime_engine_writes_the_torch_features(tmp_path, synthetic_slide, layer3_backbone,
+                                                      layer3_onnx, grid):
+    """The CPU default: the exported graph in onnxruntime gives torch's features of the very
+    same tiles to the export's parity tolerance, in the same layout."""
+    from training.export import FEATURE_ATOL
+
+    assert layer3_onnx.parity <= FEATURE_ATOL
+    by_engine = {}
+    for name, model in (("onnxruntime", layer3_onnx), ("torch", layer3_backbone)):
+        out = tmp_path / name / "h5_files" / "synth_001.h5"
+        extract_features(synthetic_slide, out, model, batch_size=8, workers=2, progress=False)
+        with h5py.File(out) as f:
+            assert f.attrs["feature_engine"] == f["coords"].attrs["feature_engine"] == name
+            by_engine[name] = (f["features"][:], f["coords"][:])
+    (ort_feats, ort_coords), (torch_feats, torch_coords) = by_engine["onnxruntime"], by_engine["torch"]
+    np.testing.assert_array_equal(ort_coords, grid.coords)
+    np.testing.assert_array_equal(ort_coords, torch_coords)
+    assert ort_feats.shape == torch_feats.shape == (len(grid.coords), 1024)
+    assert np.abs(ort_feats - torch_feats).max() <= FEATURE_ATOL
+    assert np.abs(torch_feats).max() > 100 * FEATURE_ATOL  # not a comparison of zeros
+
+
+def test_build_feature_model_engines(layer3_backbone):
+    from training.features import build_feature_model
+
+    model = build_feature_model("none", "layer3", 0, torch.device("cpu"), "torch")
+    assert model.describe()["feature_engine"] == "torch"
+    for a, b in zip(model.state_dict().values(), layer3_backbone.state_dict().values()):
+        assert torch.equal(a, b)  # the same seeded network whichever engine runs it
+    with pytest.raises(WsiError, match="unknown feature engine 'tensorrt'"):
+        build_feature_model("none", "layer3", 0, torch.device("cpu"), "tensorrt")
+    with pytest.raises(WsiError, match="--threads must be at least 1"):
+        build_feature_model("none", "layer3", 0, torch.device("cpu"), "onnxruntime", threads=0)
+    with pytest.raises(WsiError, match="onnxruntime runs on the CPU"):
+        build_feature_model("none", "layer3", 0, torch.device("cuda"), "onnxruntime")
 
 
 class _Exploding(torch.nn.Module):
@@ -106,6 +152,7 @@ def test_cli_walks_folder_skips_non_slides_reports_corrupt(tmp_path, synthetic_s
     assert done.is_file() and sorted(p.name for p in (out / "h5_files").iterdir()) == ["a_slide.h5"]
     with h5py.File(done) as f:
         assert f["features"].shape == (3, 1024)
+        assert f.attrs["feature_engine"] == "onnxruntime"  # the default on a CPU
     caplog.clear()
     with caplog.at_level("INFO"):
         assert train_main(argv) == 1
