@@ -5,8 +5,8 @@ The tiles are the server's: `wsi.grid.tiles_for_slide` (same tissue mask, same g
 
 The engine (`--engine`): on the CPU the ResNet-50 runs in onnxruntime, as the exported
 backbone.onnx the server runs (`training.onnx_backbone`; 1.6x torch eager end to end on 2
-cores, benchmarks/README.md); on a GPU it runs in torch. Both give the same features to within the export's parity
-tolerance (1e-4); the h5 attribute `feature_engine` says which one made a file.
+cores, benchmarks/README.md); on a GPU it runs in torch. Both give the same features to within
+the export's parity tolerance (1e-4); the h5 attribute `feature_engine` says which one made a file.
 
 Output, the CLAM/TRIDENT layout: FEATURES_DIR/h5_files/<slide>.h5 with `features` float32 [N, D],
 `coords` int64 [N, 2] (level-0 top-left x, y, grid order) and `tissue_fraction` float32 [N];

@@ -69,7 +69,7 @@ def extract_on_ray(args: argparse.Namespace, slides: list[Path],
         device = args.device if args.device != "auto" else ("cuda" if args.ray_num_gpus else "cpu")
 
         # an actor's onnxruntime threads: its CPU share, not every core of its node
-        threads = args.threads or max(1, int(args.ray_num_cpus))
+        threads = args.threads if args.threads is not None else max(1, int(args.ray_num_cpus))
 
         def new_actor():
             return remote.remote(weights, args.layer, args.weights_seed, device, args.engine,

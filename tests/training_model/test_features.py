@@ -80,7 +80,8 @@ def test_onnxruntime_engine_writes_the_torch_features(tmp_path, synthetic_slide,
         with h5py.File(out) as f:
             assert f.attrs["feature_engine"] == f["coords"].attrs["feature_engine"] == name
             by_engine[name] = (f["features"][:], f["coords"][:])
-    (ort_feats, ort_coords), (torch_feats, torch_coords) = by_engine["onnxruntime"], by_engine["torch"]
+    (ort_feats, ort_coords), (torch_feats, torch_coords) = (by_engine["onnxruntime"],
+                                                            by_engine["torch"])
     np.testing.assert_array_equal(ort_coords, grid.coords)
     np.testing.assert_array_equal(ort_coords, torch_coords)
     assert ort_feats.shape == torch_feats.shape == (len(grid.coords), 1024)
