@@ -16,15 +16,15 @@ from __future__ import annotations
 import logging
 import os
 import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import shapely
 from shapely.geometry import MultiPolygon, Polygon
 
-from wsi.errors import WsiError
+from core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +77,14 @@ def _float(text: str | None) -> float:
 
 
 def read_asap_xml(path: str | os.PathLike) -> Annotations:
-    """Read an ASAP XML file; a missing or malformed file raises WsiError naming it."""
+    """Read an ASAP XML file; a missing or malformed file raises ConfigError naming it."""
     path = Path(path)
     try:
         root = ET.parse(path).getroot()
     except (OSError, ET.ParseError) as exc:
-        raise WsiError(f"cannot read annotations {path}: {exc}") from exc
+        raise ConfigError(f"cannot read annotations {path}: {exc}") from exc
     if root.tag != "ASAP_Annotations":
-        raise WsiError(f"cannot read annotations {path}: root element is <{root.tag}>, "
+        raise ConfigError(f"cannot read annotations {path}: root element is <{root.tag}>, "
                        "not <ASAP_Annotations>")
     tumor, exclusion, ignored, vertices = [], [], {}, 0
     for i, annotation in enumerate(root.iter("Annotation")):
@@ -93,7 +93,7 @@ def read_asap_xml(path: str | os.PathLike) -> Annotations:
             points = sorted(((int(c.get("Order", k)), _float(c.get("X")), _float(c.get("Y")))
                              for k, c in enumerate(annotation.iter("Coordinate"))))
         except (TypeError, ValueError) as exc:
-            raise WsiError(f"cannot read annotations {path}: annotation {i} "
+            raise ConfigError(f"cannot read annotations {path}: annotation {i} "
                            f"({annotation.get('Name')!r}) has a bad coordinate: {exc}") from exc
         if group not in TUMOR_GROUPS | EXCLUSION_GROUPS:
             ignored[group] = ignored.get(group, 0) + 1
@@ -118,7 +118,7 @@ def write_asap_xml(path: str | os.PathLike, tumor_polygons: Sequence[Polygon],
                    exclusion_polygons: Sequence[Polygon] = ()) -> Path:
     """Write polygons as ASAP XML: tumour in group `_0`, exclusions in `_2` (Camelyon16 style).
     Holes of tumour polygons are written as `_2` polygons, which is how ASAP expresses them."""
-    from wsi.outputs import atomic_write
+    from core.files import atomic_write
 
     root = ET.Element("ASAP_Annotations")
     annotations = ET.SubElement(root, "Annotations")
@@ -155,7 +155,8 @@ def rasterize(geometry, shape: tuple[int, int], downsample: float) -> np.ndarray
     mask = np.zeros(shape, bool)
     for poly in _polygonal(geometry):
         minx, miny, maxx, maxy = poly.bounds
-        r0, c0 = max(int(np.floor(miny / downsample - 0.5)), 0), max(int(np.floor(minx / downsample - 0.5)), 0)
+        r0 = max(int(np.floor(miny / downsample - 0.5)), 0)
+        c0 = max(int(np.floor(minx / downsample - 0.5)), 0)
         r1 = min(int(np.ceil(maxy / downsample - 0.5)) + 1, shape[0])
         c1 = min(int(np.ceil(maxx / downsample - 0.5)) + 1, shape[1])
         if r0 >= r1 or c0 >= c1:

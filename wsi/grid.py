@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +21,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from wsi.errors import WsiError
+from core.cli import add_fallback_mpp_argument, add_tiling_arguments, tiling_from_args
+from core.errors import ConfigError, RequestError
+from core.files import atomic_write
+from core.tiling import DEFAULT_TILING, TilingParams
 from wsi.tissue import TissueMask, TissueParams, compute_tissue_mask
 
 log = logging.getLogger(__name__)
@@ -59,9 +60,10 @@ def integral_image(mask: np.ndarray) -> np.ndarray:
     return table
 
 
-def make_tile_grid(tissue: TissueMask, slide_dimensions, tile_size: int = 224,
-                   stride: int | None = None, level: int = 0, level_downsample: float = 1.0,
-                   min_tissue: float = 0.25) -> TileGrid:
+def make_tile_grid(tissue: TissueMask, slide_dimensions,
+                   tile_size: int = DEFAULT_TILING.tile_size, stride: int | None = None,
+                   level: int = DEFAULT_TILING.level, level_downsample: float = 1.0,
+                   min_tissue: float = DEFAULT_TILING.min_tissue) -> TileGrid:
     """Every tile of the level-0 grid whose tissue fraction is >= `min_tissue`.
 
     `stride` defaults to `tile_size` (no overlap); both are in px at `level`, whose downsample
@@ -69,9 +71,9 @@ def make_tile_grid(tissue: TissueMask, slide_dimensions, tile_size: int = 224,
     """
     stride = tile_size if stride is None else stride
     if tile_size <= 0 or stride <= 0:
-        raise WsiError(f"tile size and stride must be positive, got {tile_size} and {stride}")
+        raise ConfigError(f"tile size and stride must be positive, got {tile_size} and {stride}")
     if not 0.0 <= min_tissue <= 1.0:
-        raise WsiError(f"min_tissue must be in [0, 1], got {min_tissue}")
+        raise ConfigError(f"min_tissue must be in [0, 1], got {min_tissue}")
     width, height = (int(v) for v in slide_dimensions)
     footprint = tile_size * level_downsample     # tile side in level-0 px
     step = stride * level_downsample             # grid step in level-0 px
@@ -103,32 +105,19 @@ def make_tile_grid(tissue: TissueMask, slide_dimensions, tile_size: int = 224,
                     slide_dimensions=(width, height), level_downsample=float(level_downsample))
 
 
-def tiles_for_slide(slide, tile_size: int = 224, min_tissue: float = 0.25,
-                    params: TissueParams | None = None, stride: int | None = None,
-                    level: int = 0) -> tuple[TissueMask, TileGrid]:
+def tiles_for_slide(slide, tiling: TilingParams = DEFAULT_TILING,
+                    params: TissueParams | None = None, stride: int | None = None
+                    ) -> tuple[TissueMask, TileGrid]:
     """Tissue mask and tile grid of an open slide (the first step of features and scoring)."""
+    level = tiling.level
     if not 0 <= level < slide.level_count:
-        raise WsiError(f"{slide.path}: level {level} does not exist "
+        raise RequestError(f"{slide.path}: level {level} does not exist "
                        f"(the slide has levels 0..{slide.level_count - 1})")
     tissue = compute_tissue_mask(slide, params or TissueParams())
-    grid = make_tile_grid(tissue, slide.dimensions, tile_size=tile_size, stride=stride,
+    grid = make_tile_grid(tissue, slide.dimensions, tile_size=tiling.tile_size, stride=stride,
                           level=level, level_downsample=slide.level_downsamples[level],
-                          min_tissue=min_tissue)
+                          min_tissue=tiling.min_tissue)
     return tissue, grid
-
-
-def _replace_atomically(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: never a half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)   # mkstemp creates 0600; outputs are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_grid_csv(path, grid: TileGrid) -> None:
@@ -136,17 +125,17 @@ def write_grid_csv(path, grid: TileGrid) -> None:
     n = len(grid)
     table = np.column_stack([grid.coords.astype(np.float64), np.full(n, grid.tile_size),
                              np.full(n, grid.level), grid.tissue_fraction])
-    def write(tmp):
+    with atomic_write(path, "w") as f:
         # float64 holds every level-0 coordinate exactly (< 2**53), so %d prints it unchanged.
-        np.savetxt(tmp, table.reshape(-1, 5), fmt="%d,%d,%d,%d,%.4f", comments="",
+        np.savetxt(f, table.reshape(-1, 5), fmt="%d,%d,%d,%d,%.4f", comments="",
                    header="x,y,size,level,tissue_fraction")
-    _replace_atomically(Path(path), write)
 
 
 def write_mask_png(path, tissue: TissueMask) -> None:
     """The tissue mask as a black-and-white PNG (white = tissue), one px per mask px."""
     image = Image.fromarray(tissue.mask.astype(np.uint8) * 255)
-    _replace_atomically(Path(path), lambda tmp: image.save(tmp, format="PNG"))
+    with atomic_write(path, "wb") as f:
+        image.save(f, format="PNG")
 
 
 def grid_overlay(thumb: np.ndarray, grid: TileGrid) -> np.ndarray:
@@ -189,22 +178,20 @@ def write_grid_png(path, slide, tissue: TissueMask, grid: TileGrid, max_size: in
     tile_px = grid.tile_size_level0
     size = min(max_size, max(512, int(3 * max(slide.dimensions) / max(tile_px, 1))))
     image = Image.fromarray(grid_overlay(slide.thumbnail(size), grid))
-    _replace_atomically(Path(path), lambda tmp: image.save(tmp, format="PNG"))
+    with atomic_write(path, "wb") as f:
+        image.save(f, format="PNG")
 
 
 # -- milroi-train tiles ------------------------------------------------------------------------
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("slide", type=Path, help="slide file (anything OpenSlide reads)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--tile-size", type=int, default=224, help="tile side in px at --level")
+    add_tiling_arguments(parser)
     parser.add_argument("--stride", type=int, default=None, help="grid step in px (default: tile size)")
-    parser.add_argument("--level", type=int, default=0, help="pyramid level of the tiles (default 0)")
-    parser.add_argument("--min-tissue", type=float, default=0.25,
-                        help="keep tiles whose tissue fraction is at least this (default 0.25)")
     parser.add_argument("--target-downsample", type=float, default=TissueParams.target_downsample,
-                        help="level-0 px per tissue-mask px (default 32)")
-    parser.add_argument("--fallback-mpp", type=float, default=None,
-                        help="pixel size (um) to assume when the slide has none (default 0.243)")
+                        help=f"level-0 px per tissue-mask px (default "
+                             f"{TissueParams.target_downsample:g})")
+    add_fallback_mpp_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -213,8 +200,8 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     params = TissueParams(target_downsample=args.target_downsample)
     with open_slide(args.slide, fallback_mpp=args.fallback_mpp) as slide:
-        tissue, grid = tiles_for_slide(slide, tile_size=args.tile_size, min_tissue=args.min_tissue,
-                                       params=params, stride=args.stride, level=args.level)
+        tissue, grid = tiles_for_slide(slide, tiling_from_args(args), params=params,
+                                       stride=args.stride)
         paths = {kind: args.out / f"{slide.name}_{kind}" for kind in ("tiles.csv", "mask.png", "grid.png")}
         write_grid_csv(paths["tiles.csv"], grid)
         write_mask_png(paths["mask.png"], tissue)

@@ -8,18 +8,17 @@ through `atomic_write`, so a job killed mid-write never leaves a half-written ou
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import json
-import os
-import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Iterator, Sequence
 
 import numpy as np
 import shapely
 
-from wsi.errors import WsiError
+from core.bundle import DEFAULT_ROI_THRESHOLD
+from core.errors import RequestError
+from core.files import atomic_write
 
 TUMOR_CLASS = {"name": "Tumor", "color": [200, 0, 0]}  # QuPath's own colour for "Tumor"
 HEATMAP_MAX_SIZE = 2048
@@ -27,37 +26,11 @@ HEATMAP_ALPHA = 0.5
 HEATMAP_CMAP = "jet"
 
 
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Iterator[IO]:
-    """Open a temp file beside `path`; on success it replaces `path` (os.replace, atomic on one
-    file system), on an exception it is deleted and `path` is left as it was.
-
-    The temp file is named `.<name>.<random>.tmp` in the same folder, so a crash can be cleaned
-    up by name and the rename never crosses file systems.
-    """
-    if "w" not in mode:
-        raise WsiError(f"atomic_write needs a write mode, not {mode!r}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode, **open_kwargs) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are ordinary files
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _check(coords, scores) -> tuple[np.ndarray, np.ndarray]:
     coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     if len(coords) != len(scores):
-        raise WsiError(f"{len(coords)} tile coordinates but {len(scores)} scores")
+        raise RequestError(f"{len(coords)} tile coordinates but {len(scores)} scores")
     return coords, scores
 
 
@@ -95,7 +68,7 @@ def _polygons(geometry) -> list:
     return [g for part in geometry.geoms for g in _polygons(part)]
 
 
-def roi_polygons(coords, scores, tile_size: int, threshold: float = 0.5,
+def roi_polygons(coords, scores, tile_size: int, threshold: float = DEFAULT_ROI_THRESHOLD,
                  min_area_px: float = 0.0) -> list:
     """Tumour ROIs (shapely Polygons in level-0 px, largest first): the union of the squares of
     the tiles scored >= threshold, one polygon per connected component, holes kept, collinear
@@ -247,7 +220,8 @@ def write_spatiopath_json(path, slide_name: str, rois: Sequence, mpp: float,
 
 
 def write_slide_outputs(out_dir, slide, coords, scores, tile_size: int,
-                        threshold: float = 0.5, min_area_px: float = 0.0) -> dict[str, Path]:
+                        threshold: float = DEFAULT_ROI_THRESHOLD, min_area_px: float = 0.0
+                        ) -> dict[str, Path]:
     """All four outputs of one scored slide in `out_dir`, named after the slide; returns
     {"csv", "geojson", "heatmap", "spatiopath"} -> path."""
     coords, scores = _check(coords, scores)

@@ -25,12 +25,14 @@ import numpy as np
 import openslide
 from PIL import Image
 
-from wsi.errors import SlideError, WsiError
+from core.errors import ConfigError, RequestError, SlideError, SlideMissing
+from core.tiling import CAMELYON16_MPP
+from wsi.discovery import dicom_files, slide_name
 
 log = logging.getLogger(__name__)
 
-# Camelyon16 slides are scanned at 40x, 0.243 um/px at level 0 (Litjens et al. 2018).
-DEFAULT_FALLBACK_MPP = 0.243
+# The pixel size assumed for a slide without one: Camelyon16's, at 40x.
+DEFAULT_FALLBACK_MPP = CAMELYON16_MPP
 
 # Micrometres per TIFF ResolutionUnit: 2 = inch, 3 = centimetre (1 = no unit: meaningless).
 _UM_PER_RESOLUTION_UNIT = {"inch": 25_400.0, "centimeter": 10_000.0}
@@ -85,10 +87,13 @@ class Slide:
 
     def __init__(self, path: str | os.PathLike, fallback_mpp: float | None = None):
         self.path = Path(path)
-        self.name = self.path.stem
-        _check_is_readable_file(self.path)
+        self.name = slide_name(self.path)
+        # A DICOM WSI is a folder of .dcm files; OpenSlide opens the series from any one of them.
+        dicom = dicom_files(self.path) if self.path.is_dir() else []
+        source = dicom[0] if dicom else self.path
+        _check_is_readable_file(source)
         try:
-            self._osr = openslide.OpenSlide(str(self.path))
+            self._osr = openslide.OpenSlide(str(source))
         except _OPENSLIDE_ERRORS as exc:
             raise SlideError(self.path, _describe_open_error(exc)) from exc
         try:
@@ -118,13 +123,13 @@ class Slide:
             self.mpp = float(fallback_mpp if fallback_mpp is not None else DEFAULT_FALLBACK_MPP)
             if self.mpp <= 0:
                 self._osr.close()
-                raise WsiError(f"fallback_mpp must be > 0, got {fallback_mpp}")
+                raise ConfigError(f"fallback_mpp must be > 0, got {fallback_mpp}")
             self.mpp_source = "fallback"
             log.warning("%s: no pixel size in its metadata; assuming %.3f um/px (fallback)",
                         self.path, self.mpp)
 
     # -- context manager -------------------------------------------------------------------
-    def __enter__(self) -> "Slide":
+    def __enter__(self) -> Slide:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -140,7 +145,7 @@ class Slide:
     # -- reads -----------------------------------------------------------------------------
     def _check_level(self, level: int) -> None:
         if not 0 <= level < self.level_count:
-            raise WsiError(f"{self.path}: level {level} does not exist "
+            raise RequestError(f"{self.path}: level {level} does not exist "
                            f"(the slide has levels 0..{self.level_count - 1})")
 
     def read_region(self, x: int, y: int, w: int, h: int, level: int = 0) -> np.ndarray:
@@ -148,7 +153,7 @@ class Slide:
         w x h pixels at `level`. Areas outside the slide or transparent are white."""
         self._check_level(level)
         if w <= 0 or h <= 0:
-            raise WsiError(f"{self.path}: region size must be positive, got {w}x{h}")
+            raise RequestError(f"{self.path}: region size must be positive, got {w}x{h}")
         try:
             image = self._osr.read_region((int(x), int(y)), level, (int(w), int(h)))
         except _OPENSLIDE_ERRORS as exc:
@@ -208,9 +213,9 @@ class Slide:
 def _check_is_readable_file(path: Path) -> None:
     """The causes OpenSlide reports badly (or not at all), checked up front for a clear message."""
     if not path.exists():
-        raise SlideError(path, "no such file")
+        raise SlideMissing(path)
     if path.is_dir():
-        raise SlideError(path, "is a directory, not a slide file")
+        raise SlideError(path, "is a directory, not a slide file (nor a DICOM WSI folder)")
     if not path.is_file():
         raise SlideError(path, "not a regular file")
     if path.stat().st_size == 0:

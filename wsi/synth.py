@@ -31,12 +31,13 @@ import shapely
 from scipy import ndimage
 from shapely.geometry import Polygon
 
+from core.errors import ConfigError
+from core.tiling import CAMELYON16_MPP
 from wsi.annotations import rasterize, write_asap_xml
-from wsi.errors import WsiError
 
 log = logging.getLogger(__name__)
 
-MPP = 0.243                 # um per level-0 px (Camelyon16, 40x)
+MPP = CAMELYON16_MPP        # um per level-0 px (Camelyon16, 40x)
 TILE = 256                  # TIFF tile side
 PLAN_DOWNSAMPLE = 16        # level-0 px per cell of the tissue plan (and of SyntheticTruth.tissue)
 STRIP = 512                 # rows rendered at once (bounds the float temporaries)
@@ -103,7 +104,8 @@ def _nucleus_distance(cells: dict, spacing: int, y: np.ndarray, x: np.ndarray, w
     edge = None
     if with_edge:  # separable: distance to the nearest horizontal and vertical cell border
         ey, ex = y - r * spacing, x - c * spacing
-        edge = np.minimum(np.minimum(ey, spacing - 1 - ey)[:, None], np.minimum(ex, spacing - 1 - ex)[None, :])
+        edge = np.minimum(np.minimum(ey, spacing - 1 - ey)[:, None],
+                          np.minimum(ex, spacing - 1 - ex)[None, :])
     return d, cells["shade"][R, C], edge
 
 
@@ -275,7 +277,7 @@ def write_synthetic_slide(path, width: int = 4096, height: int = 4096, seed: int
     """Write one slide (pyramidal JPEG-tiled TIFF, 0.243 um/px) and return what was drawn."""
     path = Path(path)
     if width < 512 or height < 512:
-        raise WsiError(f"synthetic slide {path}: {width} x {height} px is too small (>= 512 x 512)")
+        raise ConfigError(f"synthetic slide {path}: {width} x {height} px is too small (>= 512 x 512)")
     rng = np.random.default_rng([seed, 1])
     ds = PLAN_DOWNSAMPLE
     plan_shape = (-(-height // ds), -(-width // ds))
@@ -348,7 +350,7 @@ def write_camelyon_size_slide(path, width: int = 98_304, height: int = 196_608, 
 
     path = Path(path)
     if width % TILE or height % TILE or width < 8 * TILE or height < 8 * TILE:
-        raise WsiError(f"camelyon-size slide {path}: {width} x {height} must be multiples of "
+        raise ConfigError(f"camelyon-size slide {path}: {width} x {height} must be multiples of "
                        f"{TILE} and at least {8 * TILE}")
     rng = np.random.default_rng([seed, 2])
     rows, cols = height // TILE, width // TILE
@@ -387,7 +389,8 @@ def write_camelyon_size_slide(path, width: int = 98_304, height: int = 196_608, 
     axis = np.arange(block)
     for v in range(variants):
         renderer = TextureRenderer(seed * 100 + v, block, block)
-        textures[0, v] = np.clip(GLASS + np.random.default_rng([seed, v]).normal(0, 1.5, (block, block, 1)), 0, 255)
+        noise = np.random.default_rng([seed, v]).normal(0, 1.5, (block, block, 1))
+        textures[0, v] = np.clip(GLASS + noise, 0, 255)
         textures[1, v] = np.clip(renderer.lymph_rgb(axis, axis), 0, 255)
         textures[2, v] = np.clip(renderer.tumor_rgb(axis, axis), 0, 255)
         for cls, colour in INK_COLOURS.items():
@@ -451,7 +454,7 @@ def make_dataset(out, n_tumor: int, n_normal: int, size: tuple[int, int] = (4096
                  seed: int = 0) -> dict[str, SyntheticTruth]:
     """Camelyon16 layout in `out`: tumor_001.tif + tumor_001.xml, ..., normal_001.tif, ...,
     reference.csv (columns slide,label; label tumor|normal). Returns name -> SyntheticTruth."""
-    from wsi.outputs import atomic_write
+    from core.files import atomic_write
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -479,7 +482,8 @@ def _size(text: str) -> tuple[int, int]:
     try:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"size must be WIDTHxHEIGHT, e.g. 4096x4096, not {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"size must be WIDTHxHEIGHT, e.g. 4096x4096, not {text!r}") from None
     return w, h
 
 
@@ -487,13 +491,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", type=Path, help="output folder")
     parser.add_argument("--tumor", type=int, default=2, help="tumour slides (default 2)")
     parser.add_argument("--normal", type=int, default=2, help="normal slides (default 2)")
-    parser.add_argument("--size", type=_size, default=(4096, 4096), help="WIDTHxHEIGHT level 0 (default 4096x4096)")
+    parser.add_argument("--size", type=_size, default=(4096, 4096),
+                        help="WIDTHxHEIGHT level 0 (default 4096x4096)")
     parser.add_argument("--seed", type=int, default=0)
 
 
 def run(args) -> int:
     if args.tumor < 0 or args.normal < 0 or args.tumor + args.normal == 0:
-        raise WsiError("synth: --tumor and --normal must be >= 0, and at least one slide")
+        raise ConfigError("synth: --tumor and --normal must be >= 0, and at least one slide")
     truths = make_dataset(args.out, args.tumor, args.normal, args.size, args.seed)
     print(f"wrote {len(truths)} slides and reference.csv to {args.out}")
     return 0

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import collections
 import threading
+from collections.abc import Iterator
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 
-from wsi.errors import SlideError, WsiError
+from core.errors import ConfigError, MilroiError, RequestError, SlideError
+from core.tiling import DEFAULT_TILING
 
 
 @dataclass
@@ -40,10 +41,11 @@ class _PendingBatch:
 class TileReader:
     """Iterable of TileBatch over `coords` (level-0 top-left corners), in their order."""
 
-    def __init__(self, slide, coords, tile_size: int = 224, level: int = 0, workers: int = 4,
+    def __init__(self, slide, coords, tile_size: int = DEFAULT_TILING.tile_size,
+                 level: int = DEFAULT_TILING.level, workers: int = 4,
                  batch_size: int = 64, queue_batches: int = 4):
         if workers < 1 or batch_size < 1 or queue_batches < 1:
-            raise WsiError(f"workers, batch_size and queue_batches must be >= 1, got "
+            raise ConfigError(f"workers, batch_size and queue_batches must be >= 1, got "
                            f"{workers}, {batch_size}, {queue_batches}")
         self.slide = slide
         self.coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
@@ -61,7 +63,7 @@ class TileReader:
         """Number of batches."""
         return -(-len(self.coords) // self.batch_size)
 
-    def __enter__(self) -> "TileReader":
+    def __enter__(self) -> TileReader:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -84,7 +86,7 @@ class TileReader:
 
     def __iter__(self) -> Iterator[TileBatch]:
         if self._iterated:
-            raise WsiError("a TileReader can be iterated only once")
+            raise RequestError("a TileReader can be iterated only once")
         self._iterated = True
         try:
             while not self._closed.is_set():
@@ -114,7 +116,7 @@ class TileReader:
                 future.result()
             except CancelledError:
                 return False
-            except WsiError:
+            except MilroiError:
                 raise
             except Exception as exc:   # anything else a worker hit: still one clear slide error
                 raise SlideError(getattr(self.slide, "path", "?"), f"tile read failed: {exc!r}") from exc

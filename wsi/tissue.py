@@ -29,7 +29,6 @@ benchmarks/bench_wsi.py for the measured time.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -37,34 +36,10 @@ import numpy as np
 from skimage import morphology
 from skimage.filters import threshold_otsu
 
-from wsi.errors import WsiError
+from core.errors import RequestError
+from core.tiling import CAMELYON16_MPP, TissueParams
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TissueParams:
-    """Parameters of the tissue mask; saved in the model bundle manifest (`asdict`)."""
-
-    target_downsample: float = 32.0   # level-0 px per mask px (32 ~ 1.25x for a 40x slide)
-    min_mask_side: int = 512           # small slides: use a finer mask so it has this many px
-    black_value_max: int = 50          # V (0..255) at or below this is black ink / debris
-    pen_min_saturation: int = 40       # S (0..255) from which green >= red means pen ink
-    pen_green_minus_red: int = 0       # G - R (>= 0) at or above this, with enough S, is pen ink
-    min_saturation: int = 20           # floor of the Otsu thresholds (empty slides stay empty)
-    min_object_um2: float = 10_000.0   # objects smaller than this are dropped (~ 100 um square)
-    min_hole_um2: float = 10_000.0     # holes smaller than this are filled
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "TissueParams":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise WsiError(f"unknown tissue parameters: {sorted(unknown)}")
-        return cls(**values)
 
 
 @dataclass
@@ -152,10 +127,11 @@ def tissue_mask_from_rgb(rgb: np.ndarray, params: TissueParams = TissueParams(),
     """Boolean tissue mask of an RGB uint8 image (steps 1-5 of the module docstring).
 
     `um_per_px` is the size of one pixel of `rgb` in microns, used to turn the clean-up areas
-    (um^2) into pixels; without it the image is taken to be at 32 x 0.243 um/px.
+    (um^2) into pixels; without it the image is taken to be a Camelyon16 slide at the mask's
+    `params.target_downsample`.
     """
     if rgb.ndim != 3 or rgb.shape[-1] != 3 or rgb.dtype != np.uint8:
-        raise WsiError(f"tissue mask needs an RGB uint8 image [h, w, 3], got {rgb.dtype} {rgb.shape}")
+        raise RequestError(f"tissue mask needs an RGB uint8 image [h, w, 3], got {rgb.dtype} {rgb.shape}")
     sat, value = saturation_value(rgb)
     hist = histogram_uint8(sat)
     foreground = sat > otsu_uint8(hist=hist, floor=params.min_saturation)
@@ -165,7 +141,7 @@ def tissue_mask_from_rgb(rgb: np.ndarray, params: TissueParams = TissueParams(),
     hist_without_ink = hist - np.bincount(sat[ink], minlength=256)
     threshold = otsu_uint8(hist=hist_without_ink, floor=params.min_saturation)
     tissue = (sat > threshold) & ~ink
-    px_area = (um_per_px if um_per_px else 32 * 0.243) ** 2
+    px_area = (um_per_px if um_per_px else params.target_downsample * CAMELYON16_MPP) ** 2
     min_object = max(int(params.min_object_um2 / px_area), 1)
     min_hole = max(int(params.min_hole_um2 / px_area), 1)
     # Ink counts as tissue during the clean-up, then is cut out again: a pen stroke across a

@@ -1,0 +1,150 @@
+"""The model bundle contract: what `milroi-train export` writes and every server reads.
+
+A bundle is a folder with three ONNX graphs and `manifest.json` (docs/INTERFACES.md). The
+manifest is one typed object, `BundleManifest`: export builds and writes it, the engine, the
+pipeline, the model source and the gRPC server read it through `BundleManifest.read`, which
+checks it once; nobody indexes the JSON by hand, so each default (thresholds, tiling, tissue
+parameters) is stated once, here or in `core.tiling`.
+
+The JSON keeps the flat layout of format `milroi-bundle/1`: `tile_size`, `level` and
+`min_tissue` at the top level (the `TilingParams`), `tissue` as the `TissueParams` dict. Keys
+this version does not know are kept (`extra`) and written back, so a newer exporter's manifest
+survives being read and rewritten.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from core.errors import BundleError, ConfigError
+from core.tiling import CAMELYON16_MPP, DEFAULT_TILING, TilingParams, TissueParams
+
+BUNDLE_FORMAT = "milroi-bundle/1"
+MANIFEST_NAME = "manifest.json"
+# The three graphs every bundle has (role -> file name); `backbone_int8` is optional.
+GRAPH_FILES = {"backbone": "backbone.onnx", "head": "head.onnx", "aggregator": "aggregator.onnx"}
+INT8_ROLE = "backbone_int8"
+POOLING_KINDS = ("extremes", "attention")
+# Where `milroi-train export` logs a bundle in its MLflow run (the registered version's source).
+BUNDLE_ARTIFACT_PATH = "bundle"
+
+# A slide is called tumour when its probability reaches `threshold`; tiles scored at or above
+# `patch_threshold` form tumour ROIs. `milroi-train fit` chooses both from held-out slides; these
+# are the values of a bundle made without a fit run (the tests' small bundles).
+DEFAULT_SLIDE_THRESHOLD = 0.5
+DEFAULT_ROI_THRESHOLD = 0.5
+
+# Keys a manifest must have; every other one has a default below.
+REQUIRED_KEYS = ("format", "name", "tile_size", "level", "feature_dim", "pooling", "threshold",
+                 "files")
+
+
+@dataclass(frozen=True)
+class BundleManifest:
+    """manifest.json of a model bundle."""
+
+    name: str
+    feature_dim: int
+    pooling: dict[str, Any]                # {"kind": "extremes", "k": K} | {"kind": "attention"}
+    threshold: float = DEFAULT_SLIDE_THRESHOLD
+    patch_threshold: float = DEFAULT_ROI_THRESHOLD
+    tiling: TilingParams = DEFAULT_TILING
+    tissue: TissueParams = field(default_factory=TissueParams)
+    files: dict[str, str] = field(default_factory=lambda: dict(GRAPH_FILES))
+    head: str = ""
+    head_config: dict[str, Any] = field(default_factory=dict)
+    backbone_layer: str = ""
+    weights: str = ""
+    weights_seed: int | None = None
+    target_mpp: float = CAMELYON16_MPP
+    fingerprint: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    run_id: str | None = None
+    versions: dict[str, Any] = field(default_factory=dict)
+    parity: dict[str, float] = field(default_factory=dict)
+    int8: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)   # keys this version does not know
+
+    # -- the JSON form ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.name not in ("tiling", "tissue", "extra", "int8")}
+        out.update(self.extra)
+        out.update(format=BUNDLE_FORMAT, tissue=self.tissue.to_dict(), **self.tiling.to_dict())
+        if self.int8 is not None:
+            out["int8"] = self.int8
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str | os.PathLike = "manifest") -> BundleManifest:
+        """Parse and check a manifest's JSON object; BundleError naming `where` otherwise."""
+        if not isinstance(values, dict):
+            raise BundleError(where, f"manifest.json holds a {type(values).__name__}, not an object")
+        missing = [k for k in REQUIRED_KEYS if k not in values]
+        if missing:
+            raise BundleError(where, f"manifest.json lacks {missing}")
+        if values["format"] != BUNDLE_FORMAT:
+            raise BundleError(where, f"format {values['format']!r}, expected {BUNDLE_FORMAT!r}")
+        pooling = values["pooling"]
+        if not isinstance(pooling, dict) or pooling.get("kind") not in POOLING_KINDS:
+            raise BundleError(where, f"unknown pooling {pooling!r}")
+        known = {f.name for f in dataclasses.fields(cls)} | set(DEFAULT_TILING.to_dict())
+        known |= {"format"}
+        fields = {k: v for k, v in values.items()
+                  if k in known and k not in ("format", "tissue", *DEFAULT_TILING.to_dict())}
+        try:
+            tiling = DEFAULT_TILING.replace(**{k: values.get(k) for k in DEFAULT_TILING.to_dict()})
+            tissue = TissueParams.from_dict(values.get("tissue") or {})
+            return cls(**fields, tiling=tiling, tissue=tissue,
+                       extra={k: v for k, v in values.items() if k not in known})
+        except (ConfigError, TypeError) as exc:
+            raise BundleError(where, f"bad manifest.json: {exc}") from None
+
+    def replace(self, **changes) -> BundleManifest:
+        return dataclasses.replace(self, **changes)
+
+    # -- the folder ------------------------------------------------------------------------
+    @classmethod
+    def read(cls, bundle_dir: str | os.PathLike) -> BundleManifest:
+        """The manifest of a bundle folder, checked for the graphs it lists."""
+        bundle_dir = Path(bundle_dir)
+        if not bundle_dir.is_dir():
+            raise BundleError(bundle_dir, "not a folder")
+        try:
+            values = json.loads((bundle_dir / MANIFEST_NAME).read_text())
+        except FileNotFoundError:
+            raise BundleError(bundle_dir, f"no {MANIFEST_NAME}") from None
+        except (OSError, ValueError) as exc:
+            raise BundleError(bundle_dir, f"unreadable {MANIFEST_NAME}: {exc}") from None
+        manifest = cls.from_dict(values, bundle_dir)
+        for role in GRAPH_FILES:
+            name = manifest.files.get(role)
+            if not name or not (bundle_dir / name).is_file():
+                raise BundleError(bundle_dir, f"{role} graph {name!r} is missing")
+        int8 = manifest.files.get(INT8_ROLE)
+        if int8 is not None and not (bundle_dir / int8).is_file():
+            raise BundleError(bundle_dir, f"{INT8_ROLE} graph {int8!r} is missing")
+        return manifest
+
+    def write(self, bundle_dir: str | os.PathLike) -> Path:
+        path = Path(bundle_dir) / MANIFEST_NAME
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+        return path
+
+
+def bundle_digest(bundle_dir: str | os.PathLike, length: int = 12) -> str:
+    """Short sha256 of the manifest and the graphs: the version of an unregistered bundle."""
+    bundle_dir = Path(bundle_dir)
+    manifest = BundleManifest.read(bundle_dir)
+    digest = hashlib.sha256()
+    for name in [MANIFEST_NAME, *sorted(manifest.files.values())]:
+        digest.update(name.encode())
+        with open(bundle_dir / name, "rb") as f:
+            while block := f.read(1 << 22):
+                digest.update(block)
+    return digest.hexdigest()[:length]

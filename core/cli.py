@@ -1,0 +1,95 @@
+"""The sub-command dispatcher of `milroi-train` and `milroi-serve`, and the option groups both
+sides declare (Ray, MLflow tracking URI), defined once.
+
+Each sub-command lives in its own module, which exposes `configure_parser(parser)` and
+`run(args) -> int`. Only the module of the command being run is imported, so `milroi-train tiles`
+starts without importing torch and `milroi-serve --help` without onnxruntime.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Mapping, Sequence
+
+from core.errors import MilroiError
+from core.ray_cluster import DEFAULT_ACTOR_CPUS, DEFAULT_ACTOR_GPUS, DEFAULT_MAX_RESTARTS
+from core.tiling import CAMELYON16_MPP, DEFAULT_TILING, TilingParams
+from core.tracking import tracking_uri_help
+
+
+def dispatch(prog: str, description: str, commands: Mapping[str, tuple[str, str]],
+             argv: Sequence[str] | None = None) -> int:
+    """Run `prog COMMAND ...`; `commands` maps a name to (module path, one-line help)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help"} or argv[0] not in commands:
+        listing = "\n".join(f"  {name:<15} {summary}" for name, (_, summary) in commands.items())
+        print(f"usage: {prog} COMMAND [options]\n\n{description}\n\ncommands:\n{listing}\n\n"
+              f"Run '{prog} COMMAND --help' for the options of one command.")
+        if argv and argv[0] not in {"-h", "--help"}:
+            print(f"\n{prog}: error: unknown command {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    module = importlib.import_module(commands[name][0])
+    parser = argparse.ArgumentParser(prog=f"{prog} {name}", description=commands[name][1])
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    module.configure_parser(parser)
+    args = parser.parse_args(rest)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(module.run(args) or 0)
+    except MilroiError as exc:  # a bad slide or parameter: one clear line, no traceback
+        print(f"{prog} {name}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def add_ray_arguments(parser: argparse.ArgumentParser, actor_holds: str) -> None:
+    """The `--ray*` options of the commands that can spread slides over a Ray cluster
+    (`milroi-serve score`, `milroi-train features`); Ray itself is imported only when used."""
+    parser.add_argument("--ray", metavar="ADDRESS", default=None,
+                        help="spread the slides over Ray actors: auto (the cluster of this "
+                             "node), HOST:6379, ray://HOST:10001 or local (docs/scale-out.md)")
+    parser.add_argument("--ray-actors", type=int, default=None,
+                        help=f"with --ray: actors, each holding one {actor_holds} (default: as "
+                             "many as the cluster fits)")
+    parser.add_argument("--ray-num-cpus", type=float, default=DEFAULT_ACTOR_CPUS,
+                        help=f"with --ray: CPUs per actor ({DEFAULT_ACTOR_CPUS})")
+    parser.add_argument("--ray-num-gpus", type=float, default=DEFAULT_ACTOR_GPUS,
+                        help=f"with --ray: GPUs per actor (default {DEFAULT_ACTOR_GPUS}; 1 on a "
+                             "GPU cluster)")
+    parser.add_argument("--ray-max-restarts", type=int, default=DEFAULT_MAX_RESTARTS,
+                        help="with --ray: restarts of a dead actor, each re-running its slide "
+                             f"({DEFAULT_MAX_RESTARTS})")
+
+
+def add_tracking_uri_argument(parser: argparse.ArgumentParser) -> None:
+    """`--tracking-uri`: resolved by core.tracking.resolve_tracking_uri (flag, env, default)."""
+    parser.add_argument("--tracking-uri", default=None, help=tracking_uri_help())
+
+
+def add_tiling_arguments(parser: argparse.ArgumentParser, level: bool = True) -> None:
+    """`--tile-size`, `--level`, `--min-tissue`: the tile grid (core.tiling.TilingParams)."""
+    d = DEFAULT_TILING
+    parser.add_argument("--tile-size", type=int, default=d.tile_size,
+                        help=f"tile side in px at the tile level (default {d.tile_size})")
+    if level:
+        parser.add_argument("--level", type=int, default=d.level,
+                            help=f"pyramid level of the tiles (default {d.level})")
+    parser.add_argument("--min-tissue", type=float, default=d.min_tissue,
+                        help=f"keep tiles whose tissue fraction is at least this "
+                             f"(default {d.min_tissue:g})")
+
+
+def tiling_from_args(args: argparse.Namespace) -> TilingParams:
+    """The TilingParams of `add_tiling_arguments`' flags (ConfigError when out of range)."""
+    return TilingParams(tile_size=args.tile_size, level=getattr(args, "level", DEFAULT_TILING.level),
+                        min_tissue=args.min_tissue)
+
+
+def add_fallback_mpp_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--fallback-mpp", type=float, default=None,
+                        help=f"pixel size (um) to assume when a slide has none (default "
+                             f"{CAMELYON16_MPP}, Camelyon16 at 40x)")

@@ -1,0 +1,71 @@
+"""The parameters that decide which pixels are scored: tissue mask and tile grid.
+
+Features at training time and scores at serving time must come from the same tiles, so these
+two objects travel in the model bundle's manifest (`core.bundle.BundleManifest`) and in the
+feature files' attributes (`training.feature_file.FeatureAttrs`). Their defaults are stated here
+and nowhere else: Camelyon16 level-0 tiles of 224 px (ResNet-50's input) with at least a quarter
+of tissue, and a mask at ~1.25x.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from core.errors import ConfigError
+
+# Camelyon16 slides are scanned at 40x, 0.243 um/px at level 0 (Litjens et al. 2018): the
+# pixel size assumed for a slide that carries none, and the one the models are trained at.
+CAMELYON16_MPP = 0.243
+
+
+@dataclass(frozen=True)
+class TissueParams:
+    """Parameters of the tissue mask (wsi.tissue); saved in the model bundle manifest."""
+
+    target_downsample: float = 32.0   # level-0 px per mask px (32 ~ 1.25x for a 40x slide)
+    min_mask_side: int = 512           # small slides: use a finer mask so it has this many px
+    black_value_max: int = 50          # V (0..255) at or below this is black ink / debris
+    pen_min_saturation: int = 40       # S (0..255) from which green >= red means pen ink
+    pen_green_minus_red: int = 0       # G - R (>= 0) at or above this, with enough S, is pen ink
+    min_saturation: int = 20           # floor of the Otsu thresholds (empty slides stay empty)
+    min_object_um2: float = 10_000.0   # objects smaller than this are dropped (~ 100 um square)
+    min_hole_um2: float = 10_000.0     # holes smaller than this are filled
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TissueParams:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ConfigError(f"unknown tissue parameters: {sorted(unknown)}")
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class TilingParams:
+    """The tile grid (wsi.grid): `tile_size` px squares at pyramid `level`, kept when the
+    tissue mask covers at least `min_tissue` of them."""
+
+    tile_size: int = 224       # px at `level`; ResNet-50's input size
+    level: int = 0             # Camelyon16's tumour cells need full resolution
+    min_tissue: float = 0.25   # share of a tile the tissue mask must cover
+
+    def __post_init__(self) -> None:
+        if self.tile_size <= 0:
+            raise ConfigError(f"tile size must be positive, got {self.tile_size}")
+        if self.level < 0:
+            raise ConfigError(f"level must be >= 0, got {self.level}")
+        if not 0.0 <= self.min_tissue <= 1.0:
+            raise ConfigError(f"min_tissue must be in [0, 1], got {self.min_tissue}")
+
+    def replace(self, **changes) -> TilingParams:
+        """A copy with the given fields changed; `None` values keep the current one."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+DEFAULT_TILING = TilingParams()
