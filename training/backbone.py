@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models import ResNet50_Weights, resnet50
 
-from wsi.errors import WsiError
+from core.errors import ConfigError
 
 LAYERS = {"pool": 2048, "layer3": 1024}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -75,7 +75,7 @@ def _imagenet_state_dict() -> dict:
     for name in names:
         if (folder / name).is_file():
             return _load_state_dict(folder / name)
-    raise WsiError(
+    raise ConfigError(
         f"ImageNet weights for ResNet-50 not found (this machine does not download them): put "
         f"{names[0]} (IMAGENET1K_V2, {IMAGENET_WEIGHTS[0].url}) or {names[1]} (IMAGENET1K_V1) "
         f"in {folder} (set TORCH_HOME to use another cache), or pass --weights none or a "
@@ -86,11 +86,11 @@ def _load_state_dict(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for a bad file
-        raise WsiError(f"cannot load weights file {path}: {exc}") from None
+        raise ConfigError(f"cannot load weights file {path}: {exc}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # a training checkpoint that wraps the state_dict
     if not isinstance(state, dict):
-        raise WsiError(f"weights file {path} holds a {type(state).__name__}, not a state_dict")
+        raise ConfigError(f"weights file {path} holds a {type(state).__name__}, not a state_dict")
     return state
 
 
@@ -106,7 +106,7 @@ def _trunk(net: nn.Module, layer: str) -> nn.Sequential:
 def build_backbone(weights: str = "none", layer: str = "pool", seed: int = 0) -> Backbone:
     """A ResNet-50 `Backbone` (eval mode, CPU); see the module docstring for `weights`, `layer`."""
     if layer not in LAYERS:
-        raise WsiError(f"unknown backbone layer {layer!r}; choose one of {', '.join(LAYERS)}")
+        raise ConfigError(f"unknown backbone layer {layer!r}; choose one of {', '.join(LAYERS)}")
     weights = str(weights)
     # Random init under a private RNG state: the same seed gives the same network, and the
     # caller's global RNG is left untouched.
@@ -118,7 +118,7 @@ def build_backbone(weights: str = "none", layer: str = "pool", seed: int = 0) ->
     elif weights != "none":
         path = Path(weights)
         if not path.is_file():
-            raise WsiError(f"weights file {path} does not exist (use imagenet, none or a "
+            raise ConfigError(f"weights file {path} does not exist (use imagenet, none or a "
                            f"state_dict path)")
         _load_into(net, layer, _load_state_dict(path), path)
     return Backbone(_trunk(net, layer), layer, weights, seed)
@@ -138,6 +138,6 @@ def _load_into(net: nn.Module, layer: str, state: dict, path: Path) -> None:
     if layer == "layer3":  # layer4 is not used by the truncated network
         missing = [k for k in missing if "layer4" not in k]
     if missing or unexpected:
-        raise WsiError(f"weights file {path} is not a ResNet-50 state_dict: "
+        raise ConfigError(f"weights file {path} is not a ResNet-50 state_dict: "
                        f"{len(missing)} missing keys (e.g. {missing[:3]}), "
                        f"{len(unexpected)} unexpected (e.g. {list(unexpected)[:3]})")

@@ -22,12 +22,28 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi.errors import WsiError
+from core.cli import add_ray_arguments, add_tracking_uri_argument
+from core.errors import ConfigError
+from core.ray_cluster import RayOptions
+from core.tracking import resolve_tracking_uri
+from training.evaluate import DEFAULT_BOOTSTRAP, add_evaluation_arguments, evaluate_run, format_result
+from training.extraction import (
+    ExtractionOptions,
+    FeatureModelOptions,
+    add_feature_arguments,
+    extract_features,
+    feature_model,
+)
+from training.feature_file import feature_path
+from training.fit import FitOptions, add_training_arguments, fit
+from training.labels import read_labels
+from wsi.discovery import find_slides, slide_name
 
 log = logging.getLogger(__name__)
 
-SLIDE_SUFFIXES = {".tif", ".tiff", ".svs", ".ndpi", ".mrxs"}
 PROJECT_PER_CLASS = 60
+SPLITS = ("project", "full")
+DEFAULT_EXPERIMENT = "camelyon16"
 
 
 @dataclass
@@ -44,7 +60,7 @@ class Layout:
 
 
 def _slides(folder: Path) -> dict[str, Path]:
-    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in SLIDE_SUFFIXES}
+    return {slide_name(p): p for p in find_slides(folder).slides}
 
 
 def read_layout(root: str | Path) -> Layout:
@@ -55,24 +71,24 @@ def read_layout(root: str | Path) -> Layout:
              "testing/images": root / "testing" / "images"}
     for label, folder in parts.items():
         if not folder.is_dir():
-            raise WsiError(f"{root} is not a Camelyon16 folder: {label}/ is missing")
+            raise ConfigError(f"{root} is not a Camelyon16 folder: {label}/ is missing")
     reference = root / "testing" / "reference.csv"
     if not reference.is_file():
-        raise WsiError(f"{root} is not a Camelyon16 folder: testing/reference.csv is missing")
+        raise ConfigError(f"{root} is not a Camelyon16 folder: testing/reference.csv is missing")
     layout = Layout(root, _slides(parts["training/normal"]), _slides(parts["training/tumor"]),
                     _slides(parts["testing/images"]), reference,
                     root / "training" / "lesion_annotations",
                     root / "testing" / "lesion_annotations")
     if not layout.normal or not layout.tumor or not layout.test:
-        raise WsiError(f"{root}: no slides in training/normal, training/tumor or testing/images")
+        raise ConfigError(f"{root}: no slides in training/normal, training/tumor or testing/images")
     return layout
 
 
 def training_split(layout: Layout, split: str = "project", per_class: int = PROJECT_PER_CLASS,
                    seed: int = 0) -> dict[str, int]:
     """Training slide name -> label; `project` samples `per_class` of each class (seeded)."""
-    if split not in {"project", "full"}:
-        raise WsiError(f"unknown split {split!r}; choose project or full")
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split {split!r}; choose project or full")
     chosen: dict[str, int] = {}
     rng = np.random.default_rng(seed)
     for label, slides in ((0, layout.normal), (1, layout.tumor)):
@@ -89,49 +105,76 @@ def write_labels(path: Path, labels: dict[str, int]) -> Path:
     return path
 
 
-def extract_all(paths: list[Path], features_dir: Path, args: argparse.Namespace) -> None:
-    """Features of every slide that has none yet (training.features, one h5 per slide)."""
-    from training.features import (build_feature_model, extract_features, feature_path,
-                                   resolve_device)
+def extract_all(paths: list[Path], features_dir: Path, model_options: FeatureModelOptions,
+                options: ExtractionOptions, ray_options: RayOptions | None = None) -> None:
+    """Features of every slide that has none yet (training.extraction, one h5 per slide), here
+    or over Ray actors (training.ray_features)."""
+    if ray_options is not None:
+        from training.ray_features import extract_on_ray  # imports ray: only with --ray
 
-    device = resolve_device(args.device)
-    model = build_feature_model(args.weights, args.layer, args.weights_seed, device, args.engine)
+        if extract_on_ray(paths, features_dir, model_options, options, ray_options) != 0:
+            raise ConfigError("features failed for some slides (named in the log above); the "
+                              "protocol needs every slide of the split")
+        return
+    model, device = feature_model(model_options)
     for i, path in enumerate(paths, 1):
         log.info("features %d/%d: %s", i, len(paths), path.name)
-        extract_features(path, feature_path(features_dir, path.stem), model,
-                         tile_size=args.tile_size, min_tissue=args.min_tissue,
-                         batch_size=args.batch_size, workers=args.workers, device=device,
-                         limit_tiles=args.limit_tiles, progress=False)
+        extract_features(path, feature_path(features_dir, slide_name(path)), model, options,
+                         device=device, progress=False)
 
 
-def run_protocol(args: argparse.Namespace) -> dict:
-    from training.evaluate import evaluate_run, format_result
-    from training.fit import fit, read_labels
+@dataclass(frozen=True)
+class ProtocolOptions:
+    """The whole run: which split, and the options of each step it runs."""
 
-    layout = read_layout(args.root)
-    out = Path(args.out)
+    root: Path
+    out: Path
+    split: str = SPLITS[0]
+    per_class: int = PROJECT_PER_CLASS
+    fit: FitOptions = FitOptions()
+    features: FeatureModelOptions = FeatureModelOptions()
+    extraction: ExtractionOptions = ExtractionOptions()
+    bootstrap: int = DEFAULT_BOOTSTRAP
+    roi_threshold: float | None = None   # default: the run's patch_threshold
+    ray: RayOptions | None = None        # features over Ray actors
+    experiment: str = DEFAULT_EXPERIMENT
+    tracking_uri: str | None = None   # default: OUT/mlflow.db (after $MLFLOW_TRACKING_URI)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ProtocolOptions:
+        return cls(Path(args.root), Path(args.out), args.split, args.per_class,
+                   FitOptions.from_args(args), FeatureModelOptions.from_args(args),
+                   ExtractionOptions.from_args(args), args.bootstrap, args.roi_threshold,
+                   RayOptions.from_args(args), args.experiment, args.tracking_uri)
+
+
+def run_protocol(options: ProtocolOptions) -> dict:
+    o = options
+    layout = read_layout(o.root)
+    out = o.out
     out.mkdir(parents=True, exist_ok=True)
-    train = training_split(layout, args.split, args.per_class, args.seed)
+    train = training_split(layout, o.split, o.per_class, o.fit.seed)
     test_labels = read_labels(layout.reference)
     missing = sorted(set(test_labels) - set(layout.test))
     if missing:
-        raise WsiError(f"{layout.reference} lists slides not in testing/images: {missing[:5]}")
-    log.info("%s split: %d training slides (%d tumour), %d test slides", args.split, len(train),
+        raise ConfigError(f"{layout.reference} lists slides not in testing/images: {missing[:5]}")
+    log.info("%s split: %d training slides (%d tumour), %d test slides", o.split, len(train),
              sum(train.values()), len(test_labels))
     slides = {**layout.normal, **layout.tumor}
     features_dir = out / "features"
     extract_all([slides[n] for n in sorted(train)] + [layout.test[n] for n in sorted(test_labels)],
-                features_dir, args)
+                features_dir, o.features, o.extraction, o.ray)
     labels_csv = write_labels(out / "train_labels.csv", train)
-    tracking_uri = args.tracking_uri or f"sqlite:///{(out / 'mlflow.db').resolve()}"
-    result = fit(features_dir, labels_csv, head=args.head, folds=args.folds, seed=args.seed,
-                 epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
-                 patience=args.patience, tracking_uri=tracking_uri, experiment=args.experiment,
-                 slides_dir=layout.root / "training", run_name=f"camelyon16-{args.split}-{args.head}")
+    tracking_uri = resolve_tracking_uri(o.tracking_uri,
+                                        default=f"sqlite:///{(out / 'mlflow.db').resolve()}")
+    result = fit(features_dir, labels_csv, o.fit, tracking_uri=tracking_uri,
+                 experiment=o.experiment, slides_dir=layout.root / "training",
+                 run_name=f"camelyon16-{o.split}-{o.fit.head}")
     evaluation = evaluate_run(result.run_id, features_dir, layout.reference,
                               layout.test_annotations if layout.test_annotations.is_dir() else None,
-                              tracking_uri, n_bootstrap=args.bootstrap)
-    summary = {"split": args.split, "head": args.head, "run_id": result.run_id,
+                              tracking_uri, n_bootstrap=o.bootstrap,
+                              roi_threshold=o.roi_threshold)
+    summary = {"split": o.split, "head": o.fit.head, "run_id": result.run_id,
                "tracking_uri": tracking_uri, "train_slides": len(train),
                "train_tumor": int(sum(train.values())), "test_slides": len(test_labels),
                "validation": {k: v for k, v in result.metrics.items()
@@ -144,41 +187,23 @@ def run_protocol(args: argparse.Namespace) -> dict:
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from training.features import ENGINES
-    from training.fit import add_tracking_args
-    from training.heads import HEAD_KINDS
-
+    """Every option of the steps it runs (features, fit, evaluate), from their own definitions."""
     parser.add_argument("root", help="Camelyon16 folder (training/, testing/) as distributed")
     parser.add_argument("--out", default="camelyon16-out", help="features, labels, results, mlflow")
-    parser.add_argument("--split", choices=["project", "full"], default="project",
-                        help="project: 60 normal + 60 tumour training slides; full: all 270")
+    parser.add_argument("--split", choices=SPLITS, default=SPLITS[0],
+                        help=f"project: {PROJECT_PER_CLASS} normal + {PROJECT_PER_CLASS} tumour "
+                             "training slides; full: all 270")
     parser.add_argument("--per-class", type=int, default=PROJECT_PER_CLASS,
-                        help="training slides per class in the project split (60)")
-    parser.add_argument("--head", choices=HEAD_KINDS, default="chowder")
-    parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=50)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--weight-decay", type=float, default=1e-4)
-    parser.add_argument("--patience", type=int, default=10)
-    parser.add_argument("--bootstrap", type=int, default=1000)
-    parser.add_argument("--weights", default="imagenet", help="imagenet | none | state_dict path")
-    parser.add_argument("--weights-seed", type=int, default=0)
-    parser.add_argument("--layer", default="pool", help="pool (2048-d) | layer3 (1024-d)")
-    parser.add_argument("--tile-size", type=int, default=224)
-    parser.add_argument("--min-tissue", type=float, default=0.25)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--engine", choices=ENGINES, default="auto",
-                        help="ResNet-50 runtime: auto = onnxruntime on the CPU, torch on a GPU")
-    parser.add_argument("--limit-tiles", type=int, default=None, help="first N tiles per slide")
-    parser.add_argument("--experiment", default="camelyon16")
-    add_tracking_args(parser)
-    parser.set_defaults(tracking_uri=None)  # default: OUT/mlflow.db
+                        help=f"training slides per class in the project split ({PROJECT_PER_CLASS})")
+    add_training_arguments(parser)
+    add_feature_arguments(parser)
+    add_ray_arguments(parser, actor_holds="backbone")
+    add_evaluation_arguments(parser)
+    parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT)
+    add_tracking_uri_argument(parser)   # default after $MLFLOW_TRACKING_URI: OUT/mlflow.db
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = run_protocol(args)
+    summary = run_protocol(ProtocolOptions.from_args(args))
     print(f"run_id={summary['run_id']}")
     return 0

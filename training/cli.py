@@ -1,7 +1,7 @@
 """`milroi-train`: the model side, from slides and slide labels to a registered ONNX bundle."""
 from __future__ import annotations
 
-from wsi.cli import dispatch
+from core.cli import dispatch
 
 COMMANDS = {
     "synth": ("wsi.synth", "write a synthetic Camelyon16-like dataset (pyramidal TIFFs + XML)"),

@@ -22,9 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -34,7 +35,13 @@ from skimage.measure import regionprops
 from sklearn.metrics import accuracy_score, precision_score, recall_score, roc_auc_score
 from sklearn.utils import resample
 
-from wsi.errors import WsiError
+from core.bundle import DEFAULT_SLIDE_THRESHOLD
+from core.cli import add_tracking_uri_argument
+from core.errors import ConfigError
+from core.tracking import mlflow_client, resolve_tracking_uri
+from training.feature_file import feature_path, load_bag
+from training.labels import read_labels
+from training.runs import FitRun, load_run_head
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +49,8 @@ FROC_FP_RATES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 EVAL_DOWNSAMPLE = 32        # Camelyon16 evaluation mask level 5
 LESION_MARGIN_UM = 75.0     # lesions grown by half of it
 ITC_MAX_UM = 275.0          # isolated tumour cells: major axis below this
+DEFAULT_BOOTSTRAP = 1000    # resamples of the bootstrap intervals
+TUMOR_TILE_MIN_FRACTION = 0.5   # a tile is tumour when at least half of it lies in tumour
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,12 +70,13 @@ def bootstrap_ci(y: np.ndarray, p: np.ndarray, metric: Callable[[np.ndarray, np.
     return float(lo), float(hi)
 
 
-def slide_metrics(y: Sequence[int], p: Sequence[float], threshold: float = 0.5,
-                  n_bootstrap: int = 1000, seed: int = 0) -> dict[str, float]:
+def slide_metrics(y: Sequence[int], p: Sequence[float],
+                  threshold: float = DEFAULT_SLIDE_THRESHOLD, n_bootstrap: int = DEFAULT_BOOTSTRAP,
+                  seed: int = 0) -> dict[str, float]:
     """AUC and accuracy (at `threshold`) with 95% bootstrap intervals."""
     y, p = np.asarray(y, int), np.asarray(p, float)
     if len(np.unique(y)) < 2:
-        raise WsiError("slide AUC needs tumour and normal slides among the evaluated ones")
+        raise ConfigError("slide AUC needs tumour and normal slides among the evaluated ones")
 
     def accuracy(yy, pp):
         return accuracy_score(yy, pp >= threshold)
@@ -83,7 +93,7 @@ def slide_metrics(y: Sequence[int], p: Sequence[float], threshold: float = 0.5,
 
 
 def patch_targets(tumor_fraction: np.ndarray, excluded: np.ndarray | None = None,
-                  min_fraction: float = 0.5) -> np.ndarray:
+                  min_fraction: float = TUMOR_TILE_MIN_FRACTION) -> np.ndarray:
     """1 tumour, 0 normal, -1 left out (ambiguous or touching an exclusion region)."""
     f = np.asarray(tumor_fraction, float)
     target = np.full(f.shape, -1, np.int8)
@@ -99,7 +109,7 @@ def patch_auc(scores: np.ndarray, targets: np.ndarray) -> float:
     keep = np.asarray(targets) >= 0
     t = np.asarray(targets)[keep]
     if len(np.unique(t)) < 2:
-        raise WsiError("patch AUC needs tumour and normal tiles")
+        raise ConfigError("patch AUC needs tumour and normal tiles")
     return float(roc_auc_score(t, np.asarray(scores)[keep]))
 
 
@@ -114,9 +124,10 @@ def patch_precision_recall(scores: np.ndarray, targets: np.ndarray,
 
 
 def annotation_targets(annotations, coords: np.ndarray, tile_size: int,
-                       min_fraction: float = 0.5) -> np.ndarray:
+                       min_fraction: float = TUMOR_TILE_MIN_FRACTION) -> np.ndarray:
     """`patch_targets` of a slide's tiles from its wsi.annotations.Annotations."""
     import shapely
+
     from wsi.annotations import tile_tumor_fraction
 
     fraction = tile_tumor_fraction(annotations, coords, tile_size)
@@ -191,7 +202,7 @@ def froc(slides: Sequence[SlideHits], fp_rates: Sequence[float] = FROC_FP_RATES)
     """FROC curve and the Camelyon16 score (mean sensitivity at the given FP per slide rates)."""
     total = sum(s.n_lesions for s in slides)
     if total == 0:
-        raise WsiError("lesion FROC needs at least one annotated lesion")
+        raise ConfigError("lesion FROC needs at least one annotated lesion")
     fps = np.concatenate([s.fp_probs for s in slides])
     tps = np.concatenate([s.tp_probs for s in slides])
     # every distinct positive probability; the official script skips its lowest value, which is
@@ -254,20 +265,19 @@ def roi_metrics(slides: Sequence[SlideRois], threshold: float) -> dict[str, Any]
 
 def evaluate_run(run_id: str, features_dir: str | Path, labels_path: str | Path,
                  annotations_dir: str | Path | None = None, tracking_uri: str | None = None,
-                 n_bootstrap: int = 1000, log_to_run: bool = True,
+                 n_bootstrap: int = DEFAULT_BOOTSTRAP, log_to_run: bool = True,
                  roi_threshold: float | None = None) -> dict[str, Any]:
     """Score every labelled slide with the run's head; slide, patch, lesion and ROI metrics
     (ROIs at `roi_threshold`, by default the run's `patch_threshold`, which export puts in the
     manifest)."""
     import torch
 
-    from training.fit import DEFAULT_TRACKING_URI, load_bag, feature_path, load_run_head, read_labels
-
-    tracking_uri = tracking_uri or DEFAULT_TRACKING_URI
-    head, run = load_run_head(run_id, tracking_uri)
-    threshold = float(run.data.params.get("threshold", 0.5))
+    tracking_uri = resolve_tracking_uri(tracking_uri)
+    run = FitRun.load(run_id, tracking_uri)
+    head = load_run_head(run_id, tracking_uri)
+    threshold = run.threshold
     if roi_threshold is None:
-        roi_threshold = float(run.data.params.get("patch_threshold", 0.5))
+        roi_threshold = run.patch_threshold
     labels = read_labels(labels_path)
     names = sorted(labels)
     y, p = [], []
@@ -279,19 +289,19 @@ def evaluate_run(run_id: str, features_dir: str | Path, labels_path: str | Path,
         y.append(labels[name])
         p.append(torch.sigmoid(out.slide_logit).item())
         scores = out.patch_scores.numpy()
-        tile = int(bag.attrs.get("patch_size", 224))
+        tile = bag.attrs.tiling.tile_size
         if annotations_dir is None:
             rois.append(slide_rois(bag.coords, scores, tile, roi_threshold, labels[name]))
             continue
-        mpp = float(bag.attrs.get("mpp", 0.243))
+        mpp = bag.attrs.mpp
         xml = Path(annotations_dir) / f"{name}.xml"
         if xml.is_file():
             from wsi.annotations import rasterize, read_asap_xml
 
             ann = read_asap_xml(xml)
             tgt = annotation_targets(ann, bag.coords, tile)
-            shape = (int(np.ceil(bag.attrs["level0_height"] / EVAL_DOWNSAMPLE)),
-                     int(np.ceil(bag.attrs["level0_width"] / EVAL_DOWNSAMPLE)))
+            shape = (int(np.ceil(bag.attrs.level0_height / EVAL_DOWNSAMPLE)),
+                     int(np.ceil(bag.attrs.level0_width / EVAL_DOWNSAMPLE)))
             lesions = evaluation_mask(rasterize(ann.tumor, shape, EVAL_DOWNSAMPLE), mpp)
             itc = itc_labels(lesions, mpp)
         else:
@@ -329,9 +339,7 @@ def evaluate_run(run_id: str, features_dir: str | Path, labels_path: str | Path,
 
 
 def _log_evaluation(run_id: str, tracking_uri: str, result: dict[str, Any]) -> None:
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri)
+    client = mlflow_client(tracking_uri)
     metrics = {f"test_{k}": v for k, v in result["slide"].items()}
     if "patch_auc" in result:
         metrics["test_patch_auc"] = result["patch_auc"]
@@ -347,18 +355,22 @@ def _log_evaluation(run_id: str, tracking_uri: str, result: dict[str, Any]) -> N
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from training.fit import add_tracking_args
-
     parser.add_argument("run_id", help="MLflow run id printed by `milroi-train fit`")
     parser.add_argument("--features", required=True, help="features folder of the test slides")
     parser.add_argument("--labels", required=True, help="reference CSV of the test slides")
     parser.add_argument("--annotations", default=None,
                         help="folder of <slide>.xml lesion annotations (patch AUC and FROC)")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    add_evaluation_arguments(parser)
     parser.add_argument("--no-log", action="store_true", help="do not log metrics to the run")
+    add_tracking_uri_argument(parser)
+
+
+def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
+    """--bootstrap and --roi-threshold (shared by `evaluate` and `camelyon16`)."""
+    parser.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP,
+                        help=f"bootstrap resamples of the slide metrics ({DEFAULT_BOOTSTRAP})")
     parser.add_argument("--roi-threshold", type=float, default=None,
                         help="patch score for tumour ROIs (default the run's patch_threshold)")
-    add_tracking_args(parser)
 
 
 def format_result(result: dict[str, Any]) -> str:

@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
-from dataclasses import dataclass
-import json
 import logging
 import os
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -38,25 +36,27 @@ import onnx
 import torch
 from torch import nn
 
+from core.bundle import BUNDLE_ARTIFACT_PATH, GRAPH_FILES, INT8_ROLE, BundleManifest
+from core.cli import add_tracking_uri_argument
+from core.errors import ConfigError, ExportError
+from core.tiling import DEFAULT_TILING, TissueParams
+from core.tracking import mlflow_client, resolve_tracking_uri
 from training.backbone import Backbone
-from wsi.errors import WsiError
+from training.runs import FitRun, load_run_head
 
 log = logging.getLogger(__name__)
 
-BUNDLE_FORMAT = "milroi-bundle/1"
-FILES = {"backbone": "backbone.onnx", "head": "head.onnx", "aggregator": "aggregator.onnx"}
+FILES = GRAPH_FILES   # the bundle's graphs, role -> file name (core.bundle)
 DEFAULT_OPSET = 18
-TILE_SIZE = 224
-TARGET_MPP = 0.243
+TILE_SIZE = DEFAULT_TILING.tile_size   # the backbone's input: the tile grid's tiles
 # Parity tolerances between torch and onnxruntime (float32, CPU): probabilities to 1e-5;
 # features and the unbounded outputs (logits, attention, embeddings, tens in size) to 1e-4.
 FEATURE_ATOL = 1e-4
 SCORE_ATOL = 1e-5
 PROBABILITIES = ("patch_scores", "slide_score")
-BUNDLE_ARTIFACT_PATH = "bundle"
 
 
-class ParityError(WsiError):
+class ParityError(ExportError):
     """The exported ONNX graph does not reproduce the torch model."""
 
 
@@ -192,42 +192,24 @@ def _package_version(name: str) -> str | None:
         return None
 
 
-def _tissue_params() -> dict[str, Any]:
-    """The tissue-mask parameters the server must reproduce (wsi.tissue defaults)."""
-    from wsi.tissue import TissueParams
-
-    return dataclasses.asdict(TissueParams())
+DEFAULT_BUNDLE_NAME = "milroi"
 
 
 def build_manifest(backbone: Backbone, head: nn.Module, opset: int,
-                   manifest_extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """manifest.json of docs/INTERFACES.md; `manifest_extra` overrides or adds keys."""
-    manifest: dict[str, Any] = {
-        "format": BUNDLE_FORMAT,
-        "name": "milroi",
-        "head": head.kind,
-        "head_config": head.config,
-        "tile_size": TILE_SIZE,
-        "level": 0,
-        "target_mpp": TARGET_MPP,
-        "feature_dim": backbone.feature_dim,
-        "backbone_layer": backbone.layer,
-        "weights": backbone.weights,
-        "weights_seed": backbone.seed,
-        "pooling": head.pooling,
-        "threshold": 0.5,
-        "patch_threshold": 0.5,
-        "min_tissue": 0.25,
-        "tissue": _tissue_params(),
-        "files": dict(FILES),
-        "fingerprint": None,
-        "metrics": {},
-        "run_id": None,
-        "versions": {"milroi": _package_version("milroi"), "torch": torch.__version__,
-                     "onnx": onnx.__version__, "opset": opset},
-    }
-    manifest.update(manifest_extra or {})
-    return manifest
+                   manifest_extra: dict[str, Any] | None = None) -> BundleManifest:
+    """The manifest of docs/INTERFACES.md for these modules (the tiling, tissue and threshold
+    defaults are core.tiling's and core.bundle's); `manifest_extra` overrides or adds keys of
+    its JSON form."""
+    manifest = BundleManifest(
+        name=DEFAULT_BUNDLE_NAME, head=head.kind, head_config=head.config,
+        feature_dim=backbone.feature_dim, backbone_layer=backbone.layer,
+        weights=backbone.weights, weights_seed=backbone.seed, pooling=head.pooling,
+        tiling=DEFAULT_TILING, tissue=TissueParams(), files=dict(FILES),
+        versions={"milroi": _package_version("milroi"), "torch": torch.__version__,
+                  "onnx": onnx.__version__, "opset": opset})
+    if not manifest_extra:
+        return manifest
+    return BundleManifest.from_dict({**manifest.to_dict(), **manifest_extra}, "manifest_extra")
 
 
 def export_bundle(out_dir: str | os.PathLike, backbone: Backbone, head: nn.Module,
@@ -249,9 +231,9 @@ def export_bundle(out_dir: str | os.PathLike, backbone: Backbone, head: nn.Modul
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         if not overwrite:
-            raise WsiError(f"bundle folder {out_dir} is not empty (pass overwrite=True)")
+            raise ExportError(f"bundle folder {out_dir} is not empty (pass overwrite=True)")
     if backbone.feature_dim != head.config["in_dim"]:
-        raise WsiError(f"head expects {head.config['in_dim']}-d features but the backbone "
+        raise ConfigError(f"head expects {head.config['in_dim']}-d features but the backbone "
                        f"({backbone.layer}) gives {backbone.feature_dim}")
     backbone, head = backbone.cpu().eval(), head.cpu().eval()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -268,15 +250,14 @@ def export_bundle(out_dir: str | os.PathLike, backbone: Backbone, head: nn.Modul
                 "pooled", ("slide_logit",), dynamic_batch=False, opset=opset)
         diffs = check_parity(staging, backbone, head,
                              synthetic_parity_tiles() if parity_tiles is None else parity_tiles)
-        manifest = build_manifest(backbone, head, opset, manifest_extra)
-        manifest["parity"] = diffs
+        manifest = build_manifest(backbone, head, opset, manifest_extra).replace(parity=diffs)
         if int8_calibration is not None:
             from training.quantize import add_int8_backbone
 
             int8 = add_int8_backbone(staging, int8_calibration)
-            manifest["files"]["backbone_int8"] = int8.pop("file")
-            manifest["int8"] = int8
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+            manifest = manifest.replace(files={**manifest.files, INT8_ROLE: int8.pop("file")},
+                                        int8=int8)
+        manifest.write(staging)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(staging, out_dir)
@@ -291,45 +272,18 @@ def export_bundle(out_dir: str | os.PathLike, backbone: Backbone, head: nn.Modul
 # From an MLflow run to a registered model version
 
 
-def parity_tiles_from_slide(slide_path: str | os.PathLike, n: int = 8,
-                            min_tissue: float = 0.25) -> np.ndarray:
+def parity_tiles_from_slide(slide_path: str | os.PathLike, n: int = 8) -> np.ndarray:
     """n real tissue tiles (uint8 [n, 224, 224, 3]) spread over a slide's tile grid."""
     from wsi.grid import tiles_for_slide
     from wsi.slide import open_slide
 
     with open_slide(slide_path) as slide:
-        _, grid = tiles_for_slide(slide, tile_size=TILE_SIZE, min_tissue=min_tissue)
+        _, grid = tiles_for_slide(slide, DEFAULT_TILING)
         if len(grid.coords) == 0:
-            raise WsiError(f"parity slide {slide_path} has no tissue tiles")
+            raise ConfigError(f"parity slide {slide_path} has no tissue tiles")
         picks = grid.coords[np.linspace(0, len(grid.coords) - 1, n).astype(int)]
         return np.stack([slide.read_region(int(x), int(y), TILE_SIZE, TILE_SIZE)
                          for x, y in picks])
-
-
-def _load_run_head(client, run_id: str):
-    """The head a fit run logged under `head/` (head_config.json + head.pt state_dict)."""
-    from training.heads import build_head
-
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            local = Path(client.download_artifacts(run_id, "head", tmp))
-            config = json.loads((local / "head_config.json").read_text())
-            state = torch.load(local / "head.pt", map_location="cpu", weights_only=True)
-        except Exception as exc:  # MlflowException, OSError: the run has no usable head
-            raise WsiError(f"run {run_id} has no usable head/ artifact (head_config.json + "
-                           f"head.pt): {exc}") from None
-    head = build_head(config)
-    head.load_state_dict(state)
-    return head.eval()
-
-
-def _run_number(run, key: str) -> float | None:
-    """A value the fit run logged as a metric or a param (threshold is both)."""
-    if key in run.data.metrics:
-        return float(run.data.metrics[key])
-    if key in run.data.params:
-        return float(run.data.params[key])
-    return None
 
 
 @dataclass
@@ -346,25 +300,13 @@ def export_run(run_id: str, name: str, *, alias: str | None = None,
                opset: int = DEFAULT_OPSET, parity_slide: str | os.PathLike | None = None,
                int8: bool = False, calibration_slides: list | None = None) -> Registered:
     """Export a fit run to a bundle, log it to the run under `bundle/`, register one version."""
-    from mlflow.exceptions import MlflowException
-
     from training.backbone import build_backbone
-    from training.registry import DEFAULT_TRACKING_URI, client as registry_client
 
-    tracking_uri = tracking_uri or DEFAULT_TRACKING_URI
-    client = registry_client(tracking_uri)
-    try:
-        run = client.get_run(run_id)
-    except MlflowException as exc:
-        raise WsiError(f"no MLflow run {run_id!r} at {tracking_uri}: {exc.message}") from None
-    params = run.data.params
-    missing = [k for k in ("backbone_layer", "weights", "weights_seed") if k not in params]
-    if missing:
-        raise WsiError(f"run {run_id} lacks the feature params {missing}: was it made by "
-                       f"milroi-train fit?")
-    head = _load_run_head(client, run_id)
-    backbone = build_backbone(params["weights"], layer=params["backbone_layer"],
-                              seed=int(params["weights_seed"]))
+    tracking_uri = resolve_tracking_uri(tracking_uri)
+    run = FitRun.load(run_id, tracking_uri)
+    client = mlflow_client(tracking_uri)
+    head = load_run_head(run_id, tracking_uri)
+    backbone = build_backbone(run.weights, layer=run.backbone_layer, seed=run.weights_seed)
     if parity_slide is not None:
         tiles = parity_tiles_from_slide(parity_slide)
     else:
@@ -380,20 +322,11 @@ def export_run(run_id: str, name: str, *, alias: str | None = None,
         else:
             log.warning("--int8 without --calibration-slide: calibrating on a synthetic slide")
             int8_tiles = synthetic_calibration_tiles()
-    val_auc = _run_number(run, "val_auc")
-    threshold = _run_number(run, "threshold")
-    # runs from before fit chose it keep the old fixed ROI threshold
-    patch_threshold = _run_number(run, "patch_threshold")
-    fingerprint = run.data.tags.get("data_fingerprint")
-    extra = {"name": name, "run_id": run_id, "fingerprint": fingerprint,
-             "metrics": dict(run.data.metrics),
-             "threshold": threshold if threshold is not None else 0.5,
-             "patch_threshold": patch_threshold if patch_threshold is not None else 0.5,
-             "tile_size": int(params.get("tile_size", TILE_SIZE)),
-             "level": int(params.get("patch_level", 0)),
-             "min_tissue": float(params.get("min_tissue", 0.25))}
-    tags = {"val_auc": "" if val_auc is None else repr(val_auc), "head": head.kind,
-            "fingerprint": fingerprint or ""}
+    extra = {"name": name, "run_id": run_id, "fingerprint": run.fingerprint,
+             "metrics": run.metrics, "threshold": run.threshold,
+             "patch_threshold": run.patch_threshold, **run.tiling.to_dict()}
+    tags = {"val_auc": "" if run.val_auc is None else repr(run.val_auc), "head": head.kind,
+            "fingerprint": run.fingerprint or ""}
     with tempfile.TemporaryDirectory() as tmp:
         bundle = export_bundle(Path(out_dir) if out_dir else Path(tmp) / "bundle", backbone,
                                head, extra, opset=opset, parity_tiles=tiles,
@@ -427,8 +360,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alias", default=None,
                         help="alias to point at the new version (e.g. champion); unconditional, "
                              "use `milroi-train promote` for the AUC-guarded move")
-    parser.add_argument("--tracking-uri", default=None,
-                        help="MLflow tracking/registry URI (default sqlite:///mlflow.db)")
+    add_tracking_uri_argument(parser)
     parser.add_argument("--out", type=Path, default=None,
                         help="also keep the bundle folder here (replaced if present)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wsi.errors import WsiError
+from core.errors import ConfigError, RequestError
 
 HEAD_KINDS = ("chowder", "abmil")
 
@@ -55,7 +55,7 @@ def extremes_pool(patch_logits: Tensor, k: int) -> Tensor:
     """
     n = patch_logits.shape[0]
     if n == 0:
-        raise WsiError("cannot pool an empty bag (a slide without tissue tiles)")
+        raise RequestError("cannot pool an empty bag (a slide without tissue tiles)")
     if n < k:
         patch_logits = patch_logits.repeat(math.ceil(k / n))
     top = torch.topk(patch_logits, k, largest=True, sorted=True).values
@@ -66,7 +66,7 @@ def extremes_pool(patch_logits: Tensor, k: int) -> Tensor:
 def attention_pool(attention: Tensor, embeddings: Tensor) -> Tensor:
     """softmax(attention)-weighted sum of the embeddings: [N], [N, H] -> [H]."""
     if attention.shape[0] == 0:
-        raise WsiError("cannot pool an empty bag (a slide without tissue tiles)")
+        raise RequestError("cannot pool an empty bag (a slide without tissue tiles)")
     return torch.softmax(attention, dim=0) @ embeddings
 
 
@@ -107,9 +107,9 @@ class MILHead(nn.Module):
         super().__init__()
         unknown = set(config) - set(self.defaults) - {"kind", "in_dim"}
         if unknown:
-            raise WsiError(f"unknown {self.kind} head option(s): {sorted(unknown)}")
+            raise ConfigError(f"unknown {self.kind} head option(s): {sorted(unknown)}")
         if int(config.get("in_dim", 0)) <= 0:
-            raise WsiError(f"{self.kind} head needs a positive 'in_dim' (feature dimension)")
+            raise ConfigError(f"{self.kind} head needs a positive 'in_dim' (feature dimension)")
         self.config = {"kind": self.kind, "in_dim": int(config["in_dim"]),
                        **copy.deepcopy(self.defaults),
                        **{k: v for k, v in config.items() if k not in {"kind", "in_dim"}}}
@@ -200,7 +200,7 @@ class ChowderHead(MILHead):
         c = self.config
         self.k = int(c["k"])
         if self.k < 1:
-            raise WsiError("chowder head needs k >= 1")
+            raise ConfigError("chowder head needs k >= 1")
         # no dropout on the features themselves: the paper regularises the 1x1 conv with L2
         # (weight decay) and uses dropout in the MLP only
         self._patches = _ChowderPatches(_Standardize(c["in_dim"]),
@@ -269,7 +269,7 @@ class AbmilHead(MILHead):
         c = self.config
         hidden = list(c["hidden"])
         if not hidden:
-            raise WsiError("abmil head needs at least one embedding width in 'hidden'")
+            raise ConfigError("abmil head needs at least one embedding width in 'hidden'")
         layers: list[nn.Module] = []
         in_dim = c["in_dim"]
         for width in hidden:
@@ -333,5 +333,5 @@ def build_head(config: dict[str, Any]) -> MILHead:
     """A fresh head from its config; `build_head(head.config)` recreates the same architecture."""
     kind = config.get("kind")
     if kind not in _KINDS:
-        raise WsiError(f"unknown MIL head {kind!r}; choose one of {', '.join(_KINDS)}")
+        raise ConfigError(f"unknown MIL head {kind!r}; choose one of {', '.join(_KINDS)}")
     return _KINDS[kind](config)

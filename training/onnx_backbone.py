@@ -4,7 +4,7 @@
 `training.export.export_bundle` writes `backbone.onnx` (uint8 NHWC tiles in, normalisation in the
 graph, dynamic batch), checks it against torch on H&E-like tiles (max abs feature difference
 <= `training.export.FEATURE_ATOL`, else `ParityError`), and runs it on the CPU with the server's
-session options (`serving.engine.session_options`).
+session options (`core.runtime.session_options`).
 
 Why: on the CPU onnxruntime runs ResNet-50 faster than torch eager (BatchNorm folded into the
 convolutions, blocked-layout kernels: 1.6x end to end on 2 cores, `python -m
@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.runtime import available_cores, session_options
 from training.backbone import Backbone
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,6 @@ class OnnxBackbone:
     def __init__(self, backbone: Backbone, threads: int | None = None):
         import onnxruntime as ort
 
-        from serving.engine import available_cores, session_options
         from training.export import export_backbone
 
         self.feature_dim = backbone.feature_dim

@@ -26,19 +26,22 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
-from wsi.errors import WsiError
+from core.errors import ExportError
+from core.tiling import DEFAULT_TILING
 
 INT8_FILE = "backbone_int8.onnx"
 MIN_COSINE = 0.99
-TILE_SIZE = 224
+TILE_SIZE = DEFAULT_TILING.tile_size
+# Calibration wants tiles that are mostly tissue, more than the grid's own minimum.
+CALIBRATION_MIN_TISSUE = 0.5
 
 
-class QuantizationError(WsiError):
+class QuantizationError(ExportError):
     """The int8 backbone could not be built or does not agree with the fp32 one."""
 
 
@@ -47,7 +50,7 @@ def _reader_class():
     from onnxruntime.quantization import CalibrationDataReader
 
     class TileCalibrationReader(CalibrationDataReader):
-        """Feeds uint8 tiles [n, 224, 224, 3] to the backbone's "tiles" input in batches."""
+        """Feeds uint8 tiles [n, s, s, 3] to the backbone's "tiles" input in batches."""
 
         def __init__(self, tiles: np.ndarray, batch_size: int = 16):
             self.batches = [np.ascontiguousarray(tiles[i:i + batch_size])
@@ -67,7 +70,8 @@ def _reader_class():
 
 
 def calibration_tiles_from_slides(slides: Iterable[str | os.PathLike], n: int = 64,
-                                  seed: int = 0, min_tissue: float = 0.5) -> np.ndarray:
+                                  seed: int = 0,
+                                  min_tissue: float = CALIBRATION_MIN_TISSUE) -> np.ndarray:
     """n tissue tiles drawn evenly at random (fixed seed) from the tissue grids of the slides."""
     from wsi.grid import tiles_for_slide
     from wsi.slide import open_slide
@@ -80,7 +84,7 @@ def calibration_tiles_from_slides(slides: Iterable[str | os.PathLike], n: int = 
     tiles = []
     for path in slides:
         with open_slide(path) as slide:
-            _, grid = tiles_for_slide(slide, tile_size=TILE_SIZE, min_tissue=min_tissue)
+            _, grid = tiles_for_slide(slide, DEFAULT_TILING.replace(min_tissue=min_tissue))
             if len(grid.coords) == 0:
                 raise QuantizationError(f"calibration slide {path} has no tissue tiles")
             picks = rng.choice(len(grid.coords), min(per_slide, len(grid.coords)), replace=False)
@@ -104,8 +108,7 @@ def quantize_backbone(fp32_path: str | os.PathLike, out_path: str | os.PathLike,
                       calibration: np.ndarray, *, per_channel: bool = True,
                       batch_size: int = 16) -> Path:
     """backbone.onnx -> static int8 QDQ graph at out_path, calibrated on uint8 tiles."""
-    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     calibration = np.asarray(calibration)

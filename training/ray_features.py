@@ -1,8 +1,8 @@
 """`milroi-train features ... --ray ADDRESS|auto|local`: feature extraction over Ray actors.
 
-Each actor builds the backbone once (`training.features.build_feature_model`: onnxruntime on
+Each actor builds the backbone once (`training.extraction.feature_model`: onnxruntime on
 its CPUs, torch on its GPU when it has one) and runs
-`training.features.extract_features` on whole slides, writing FEATURES_DIR/h5_files/<slide>.h5
+`training.extraction.extract_features` on whole slides, writing FEATURES_DIR/h5_files/<slide>.h5
 itself. Unlike the scoring job, the actors write: a slide's features are large (100k tiles x
 1024 float32 = 400 MB for a Camelyon slide) and shipping them through the driver would double
 the traffic, while each slide has its own file, written under a temp name and renamed when
@@ -17,14 +17,18 @@ as failed, the actor replaced, and the other slides go on.
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import logging
 from pathlib import Path
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from wsi.errors import WsiError
+from core.errors import ConfigError, MilroiError
+from core.ray_cluster import RayOptions, connect, default_actor_count, first_line
+from training.extraction import ExtractionOptions, FeatureModelOptions, extract_features, feature_model
+from training.feature_file import feature_path
+from wsi.discovery import slide_name
 
 log = logging.getLogger(__name__)
 
@@ -32,61 +36,48 @@ log = logging.getLogger(__name__)
 class FeatureActor:
     """The work of one Ray actor: one backbone, whole slides in, one h5 per slide written."""
 
-    def __init__(self, weights: str, layer: str, seed: int, device: str, engine: str = "auto",
-                 threads: int | None = None):
-        from training.features import build_feature_model, resolve_device
+    def __init__(self, model_options: FeatureModelOptions):
+        self.model, self.device = feature_model(model_options)
 
-        self.device = resolve_device(device)
-        self.model = build_feature_model(weights, layer, seed, self.device, engine, threads)
-
-    def extract(self, slide_path: str, out_h5: str, options: dict) -> dict:
-        from training.features import extract_features
-
-        try:
-            summary = extract_features(slide_path, out_h5, self.model, device=self.device,
-                                       progress=False, **options)
-        except WsiError as exc:  # SlideError(path, cause) does not pickle: send its message
-            raise WsiError(str(exc)) from None
+    def extract(self, slide_path: str, out_h5: str, options: ExtractionOptions) -> dict:
+        summary = extract_features(slide_path, out_h5, self.model, options, device=self.device,
+                                   progress=False)
         return {**summary, "path": str(summary["path"])}
 
 
-def extract_on_ray(args: argparse.Namespace, slides: list[Path],
+def extract_on_ray(slides: list[Path], out: Path, model_options: FeatureModelOptions,
+                   options: ExtractionOptions, ray_options: RayOptions,
                    actor_class: type = FeatureActor) -> int:
-    """Features of `slides` into args.out over Ray actors; the exit code of `features.run`."""
-    from serving.ray_batch import connect, default_actor_count
-    from training.features import feature_path
-
-    if args.ray_max_restarts < 0:
-        raise WsiError(f"--ray-max-restarts must be >= 0, got {args.ray_max_restarts}")
-    owns_ray = connect(args.ray)
+    """Features of `slides` into `out` over Ray actors; the exit code of `features.run`."""
+    if model_options.threads is not None and model_options.threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {model_options.threads}")
+    owns_ray = connect(ray_options.address)
     try:
-        weights = args.weights
+        weights = model_options.weights
         if weights not in ("imagenet", "none") and Path(weights).exists():
             weights = str(Path(weights).absolute())  # as the other nodes see it
         remote = ray.remote(actor_class).options(
-            num_cpus=args.ray_num_cpus, num_gpus=args.ray_num_gpus,
-            max_restarts=args.ray_max_restarts, max_task_retries=args.ray_max_restarts)
-        device = args.device if args.device != "auto" else ("cuda" if args.ray_num_gpus else "cpu")
-
+            num_cpus=ray_options.num_cpus, num_gpus=ray_options.num_gpus,
+            max_restarts=ray_options.max_restarts, max_task_retries=ray_options.max_restarts)
+        device = (model_options.device if model_options.device != "auto"
+                  else ("cuda" if ray_options.num_gpus else "cpu"))
         # an actor's onnxruntime threads: its CPU share, not every core of its node
-        threads = args.threads if args.threads is not None else max(1, int(args.ray_num_cpus))
+        threads = (model_options.threads if model_options.threads is not None
+                   else max(1, int(ray_options.num_cpus)))
+        actor_options = dataclasses.replace(model_options, weights=weights, device=device,
+                                            threads=threads)
 
         def new_actor():
-            return remote.remote(weights, args.layer, args.weights_seed, device, args.engine,
-                                 threads)
+            return remote.remote(actor_options)
 
-        count = args.ray_actors or default_actor_count(args.ray_num_cpus, args.ray_num_gpus)
-        if count < 1:
-            raise WsiError(f"--ray-actors must be at least 1, got {count}")
-        options = {"tile_size": args.tile_size, "min_tissue": args.min_tissue,
-                   "batch_size": args.batch_size, "workers": args.workers,
-                   "limit_tiles": args.limit_tiles, "fallback_mpp": args.fallback_mpp}
-        todo = [(str(path.absolute()), str(feature_path(args.out, path.stem).absolute()))
+        count = ray_options.actors or default_actor_count(ray_options.num_cpus,
+                                                          ray_options.num_gpus)
+        todo = [(str(path.absolute()), str(feature_path(out, slide_name(path)).absolute()))
                 for path in slides]
         log.info("%d slides over %d Ray actors (%s CPU, %s GPU each)", len(todo), count,
-                 args.ray_num_cpus, args.ray_num_gpus)
+                 ray_options.num_cpus, ray_options.num_gpus)
         failed, written, skipped = _run_pool(new_actor, count, todo, options,
-                                             args.ray_max_restarts)
+                                             ray_options.max_restarts)
     finally:
         if owns_ray:
             ray.shutdown()
@@ -98,7 +89,7 @@ def extract_on_ray(args: argparse.Namespace, slides: list[Path],
     return 0
 
 
-def _run_pool(new_actor, count: int, todo: list[tuple[str, str]], options: dict,
+def _run_pool(new_actor, count: int, todo: list[tuple[str, str]], options: ExtractionOptions,
               max_restarts: int) -> tuple[list[str], int, int]:
     """One slide in flight per actor; an actor takes the next slide when it returns one."""
     actors = [new_actor() for _ in range(min(count, len(todo)))]
@@ -122,11 +113,11 @@ def _run_pool(new_actor, count: int, todo: list[tuple[str, str]], options: dict,
                 skipped += summary["skipped"]
                 written += not summary["skipped"]
             except RayTaskError as exc:  # the slide's own error (corrupt file ...)
-                log.error("%s", exc.cause if isinstance(exc.cause, WsiError) else exc)
+                log.error("%s", exc.cause if isinstance(exc.cause, MilroiError) else exc)
                 failed.append(path)
             except RayActorError as exc:  # the worker died more than max_restarts times
                 log.error("%s: the Ray worker extracting it died (%d restarts): %s", path,
-                          max_restarts, str(exc).strip().splitlines()[0])
+                          max_restarts, first_line(exc))
                 failed.append(path)
                 ray.kill(actor, no_restart=True)
                 actors[actors.index(actor)] = actor = new_actor()

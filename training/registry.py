@@ -10,27 +10,19 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import re
 from dataclasses import dataclass
 
-from wsi.errors import WsiError
+from core.cli import add_tracking_uri_argument
+from core.errors import RegistryError
+from core.tracking import ModelUri, mlflow_client, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # the same default as `milroi-train fit`
-MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+DEFAULT_ALIAS = "champion"
 
 
-class PromotionRefused(WsiError):
+class PromotionRefused(RegistryError):
     """The candidate version is worse than the alias holder (and --force was not given)."""
-
-
-def client(tracking_uri: str | None = None):
-    """An MlflowClient whose tracking and registry stores are both `tracking_uri`."""
-    from mlflow import MlflowClient
-
-    uri = tracking_uri or DEFAULT_TRACKING_URI
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def _not_found(exc: Exception) -> bool:
@@ -43,36 +35,34 @@ def version_by_alias(name: str, alias: str, tracking_uri: str | None = None):
     from mlflow.exceptions import MlflowException
 
     try:
-        return client(tracking_uri).get_model_version_by_alias(name, alias)
+        return mlflow_client(tracking_uri).get_model_version_by_alias(name, alias)
     except MlflowException as exc:
         if _not_found(exc):
             return None
-        raise WsiError(f"MLflow registry {tracking_uri}: cannot resolve {name}@{alias}: "
+        raise RegistryError(f"MLflow registry {resolve_tracking_uri(tracking_uri)}: cannot "
+                            f"resolve {name}@{alias}: "
                        f"{exc.message}") from None
 
 
 def resolve_model_uri(uri: str, tracking_uri: str | None = None):
     """`models:/NAME@ALIAS` or `models:/NAME/VERSION` -> its ModelVersion (`.version`,
-    `.source`, `.run_id`, `.tags`); a WsiError naming the URI when there is none."""
+    `.source`, `.run_id`, `.tags`); a RegistryError naming the URI when there is none."""
     from mlflow.exceptions import MlflowException
 
-    match = MODEL_URI.match(uri)
-    if not match:
-        raise WsiError(f"not a model URI: {uri!r} (expected models:/NAME@ALIAS or "
-                       f"models:/NAME/VERSION)")
-    name = match["name"]
-    if match["alias"]:
-        found = version_by_alias(name, match["alias"], tracking_uri)
+    parsed = ModelUri.parse(uri)
+    name = parsed.name
+    if parsed.alias:
+        found = version_by_alias(name, parsed.alias, tracking_uri)
     else:
         try:
-            found = client(tracking_uri).get_model_version(name, match["version"])
+            found = mlflow_client(tracking_uri).get_model_version(name, parsed.version)
         except MlflowException as exc:
             if not _not_found(exc):
-                raise WsiError(f"MLflow registry: cannot resolve {uri}: {exc.message}") from None
+                raise RegistryError(f"MLflow registry: cannot resolve {uri}: {exc.message}") from None
             found = None
     if found is None:
-        raise WsiError(f"no model version at {uri} in the MLflow registry "
-                       f"{tracking_uri or DEFAULT_TRACKING_URI}")
+        raise RegistryError(f"no model version at {uri} in the MLflow registry "
+                            f"{resolve_tracking_uri(tracking_uri)}")
     return found
 
 
@@ -85,7 +75,7 @@ def validation_auc(version, tracking_uri: str | None = None) -> float:
         from mlflow.exceptions import MlflowException
 
         try:
-            metrics = client(tracking_uri).get_run(version.run_id).data.metrics
+            metrics = mlflow_client(tracking_uri).get_run(version.run_id).data.metrics
         except MlflowException:
             return math.nan
         return float(metrics.get("val_auc", math.nan))
@@ -108,20 +98,20 @@ class Promotion:
                 f"@{self.alias}{was}")
 
 
-def promote(name: str, version: str | int, alias: str = "champion", force: bool = False,
+def promote(name: str, version: str | int, alias: str = DEFAULT_ALIAS, force: bool = False,
             tracking_uri: str | None = None) -> Promotion:
     """Point `alias` at `version` unless its validation AUC is below the current holder's.
 
-    Raises PromotionRefused (a WsiError) then, and also when the candidate's AUC is unknown
+    Raises PromotionRefused (a RegistryError) then, and also when the candidate's AUC is unknown
     while the holder's is known; `force=True` promotes anyway.
     """
     from mlflow.exceptions import MlflowException
 
-    c = client(tracking_uri)
+    c = mlflow_client(tracking_uri)
     try:
         candidate = c.get_model_version(name, str(version))
     except MlflowException as exc:
-        raise WsiError(f"no version {version} of model {name!r} in the MLflow registry: "
+        raise RegistryError(f"no version {version} of model {name!r} in the MLflow registry: "
                        f"{exc.message}") from None
     auc = validation_auc(candidate, tracking_uri)
     holder = version_by_alias(name, alias, tracking_uri)
@@ -144,11 +134,10 @@ def promote(name: str, version: str | int, alias: str = "champion", force: bool 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", help="registered model name")
     parser.add_argument("version", help="model version to promote")
-    parser.add_argument("--alias", default="champion", help="alias to move (default champion)")
+    parser.add_argument("--alias", default=DEFAULT_ALIAS, help=f"alias to move (default {DEFAULT_ALIAS})")
     parser.add_argument("--force", action="store_true",
                         help="promote even if its validation AUC is below the current holder's")
-    parser.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI,
-                        help=f"MLflow tracking/registry URI (default {DEFAULT_TRACKING_URI})")
+    add_tracking_uri_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:

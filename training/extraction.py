@@ -1,0 +1,236 @@
+"""ResNet-50 features of the tissue tiles of one slide into its h5 file (the library of
+`milroi-train features`, also run by its Ray actors and by `camelyon16`).
+
+The tiles are the server's: `wsi.grid.tiles_for_slide` (same tissue mask, same grid), read by
+`wsi.tiles.TileReader` in background threads while the model runs on the previous batch.
+
+The engine: on the CPU the ResNet-50 runs in onnxruntime, as the exported backbone.onnx the
+server runs (`training.onnx_backbone`; 1.6x torch eager end to end on 2 cores,
+benchmarks/README.md); on a GPU it runs in torch. Both give the same features to within the
+export's parity tolerance (1e-4); the h5 attribute `feature_engine` says which one made a file.
+
+Each file is written under a temporary name and renamed when complete, so a killed run never
+leaves a truncated .h5, and a rerun skips the slides that are done.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from core.cli import add_fallback_mpp_argument, add_tiling_arguments, tiling_from_args
+from core.errors import ConfigError
+from core.tiling import DEFAULT_TILING, TilingParams
+from training.backbone import LAYERS, Backbone, build_backbone
+from training.feature_file import FeatureAttrs
+from training.onnx_backbone import OnnxBackbone
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("auto", "onnxruntime", "torch")
+
+
+@dataclass(frozen=True)
+class FeatureModelOptions:
+    """Which ResNet-50 computes the features, and where (`build_feature_model`)."""
+
+    weights: str = "imagenet"     # imagenet (torch hub cache) | none (seeded) | state_dict path
+    layer: str = "pool"           # pool: 2048-d after layer4; layer3: CLAM's 1024-d
+    weights_seed: int = 0         # seed of the random init for weights "none"
+    device: str = "auto"          # auto | cpu | cuda[:N]
+    engine: str = "auto"          # auto = onnxruntime on the CPU, torch on a GPU
+    threads: int | None = None    # onnxruntime threads (default: every usable core)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> FeatureModelOptions:
+        return cls(args.weights, args.layer, args.weights_seed, args.device, args.engine,
+                   args.threads)
+
+
+@dataclass(frozen=True)
+class ExtractionOptions:
+    """How the tiles of one slide are chosen, read and batched (`extract_features`)."""
+
+    tiling: TilingParams = DEFAULT_TILING
+    batch_size: int = 64
+    workers: int = 4                  # tile reader threads
+    limit_tiles: int | None = None    # only the first N tiles (quick runs)
+    fallback_mpp: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.workers < 1:
+            raise ConfigError(f"--batch-size and --workers must be >= 1, got {self.batch_size} "
+                              f"and {self.workers}")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ExtractionOptions:
+        return cls(tiling_from_args(args), args.batch_size, args.workers, args.limit_tiles,
+                   args.fallback_mpp)
+
+
+def add_feature_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of FeatureModelOptions and ExtractionOptions (`features`, `camelyon16`)."""
+    m, e = FeatureModelOptions(), ExtractionOptions()
+    parser.add_argument("--weights", default=m.weights,
+                        help="imagenet (torch hub cache, no download) | none (random, seeded) | "
+                             f"path to a state_dict (default {m.weights})")
+    parser.add_argument("--weights-seed", type=int, default=m.weights_seed,
+                        help=f"seed of the random init for --weights none (default {m.weights_seed})")
+    parser.add_argument("--layer", choices=sorted(LAYERS), default=m.layer,
+                        help=f"pool: 2048-d after layer4; layer3: CLAM's 1024-d (default {m.layer})")
+    add_tiling_arguments(parser, level=False)
+    parser.add_argument("--batch-size", type=int, default=e.batch_size,
+                        help=f"tiles per batch ({e.batch_size})")
+    parser.add_argument("--workers", type=int, default=e.workers,
+                        help=f"tile reader threads ({e.workers})")
+    parser.add_argument("--device", default=m.device,
+                        help=f"auto | cpu | cuda[:N] (default {m.device})")
+    parser.add_argument("--engine", choices=ENGINES, default=m.engine,
+                        help="what runs the ResNet-50: auto = onnxruntime on the CPU (the "
+                             "served graph, faster there), torch on a GPU (default auto)")
+    parser.add_argument("--threads", type=int, default=m.threads,
+                        help="onnxruntime threads (default: every core this process may use; "
+                             "with --ray: --ray-num-cpus per actor)")
+    parser.add_argument("--limit-tiles", type=int, default=e.limit_tiles,
+                        help="only the first N tiles of each slide (quick runs)")
+    add_fallback_mpp_argument(parser)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} asked for but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def build_feature_model(weights: str, layer: str, seed: int, device: torch.device,
+                        engine: str = "auto", threads: int | None = None
+                        ) -> Backbone | OnnxBackbone:
+    """The ResNet-50 feature extractor for `extract_features`: `auto` is onnxruntime on the CPU
+    and torch on a GPU. `threads`: onnxruntime's intra-op threads (default: every core this
+    process may use)."""
+    if engine not in ENGINES:
+        raise ConfigError(f"unknown feature engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {threads}")
+    if engine == "auto":
+        engine = "onnxruntime" if device.type == "cpu" else "torch"
+    if engine == "onnxruntime" and device.type != "cpu":
+        raise ConfigError(f"--engine onnxruntime runs on the CPU; for --device {device} use "
+                          f"--engine torch")
+    backbone = build_backbone(weights, layer=layer, seed=seed)
+    if engine == "onnxruntime":
+        return OnnxBackbone(backbone, threads=threads)
+    return backbone.to(device)
+
+
+def feature_model(options: FeatureModelOptions) -> tuple[Backbone | OnnxBackbone, torch.device]:
+    """`build_feature_model` for a FeatureModelOptions: (model, the device it runs on)."""
+    device = resolve_device(options.device)
+    model = build_feature_model(options.weights, options.layer, options.weights_seed, device,
+                                options.engine, options.threads)
+    return model, device
+
+
+def _temp_path(out_h5: Path) -> Path:
+    # Hidden and not ending in .h5: never mistaken for a finished file by a reader or a rerun.
+    return out_h5.with_name(f".{out_h5.name}.partial")
+
+
+def extract_features(slide_path: str | os.PathLike, out_h5: str | os.PathLike,
+                     model: Backbone | OnnxBackbone,
+                     options: ExtractionOptions = ExtractionOptions(), *,
+                     device: str | torch.device = "cpu", progress: bool = True) -> dict[str, Any]:
+    """Features of every tissue tile of one slide into `out_h5`; returns a summary dict.
+
+    `model` is a `training.backbone.Backbone` (uint8 NHWC in, torch), already on `device`, or
+    a `training.onnx_backbone.OnnxBackbone` (`build_feature_model` picks). An existing `out_h5`
+    is a finished slide: it is skipped (summary `skipped=True`).
+    Raises `core.errors.SlideError` for a slide that cannot be read.
+    """
+    from wsi.grid import tiles_for_slide
+    from wsi.slide import open_slide
+
+    o = options
+    out_h5 = Path(out_h5)
+    if out_h5.exists():
+        log.info("%s: features already in %s, skipped", Path(slide_path).name, out_h5)
+        return {"slide": Path(slide_path).stem, "path": out_h5, "tiles": None, "skipped": True}
+    device = torch.device(device)
+    out_h5.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path(out_h5)
+    with open_slide(slide_path, fallback_mpp=o.fallback_mpp) as slide:
+        _, grid = tiles_for_slide(slide, o.tiling)
+        coords, fraction = grid.coords, grid.tissue_fraction
+        if o.limit_tiles is not None:
+            coords, fraction = coords[:o.limit_tiles], fraction[:o.limit_tiles]
+        width, height = slide.dimensions
+        facts = model.describe()
+        attrs = FeatureAttrs(slide=slide.name, level0_width=width, level0_height=height,
+                             mpp=slide.mpp, mpp_source=slide.mpp_source, tiling=o.tiling,
+                             backbone_layer=facts["backbone_layer"], weights=facts["weights"],
+                             weights_seed=facts["weights_seed"],
+                             feature_engine=facts["feature_engine"]).to_h5()
+        try:
+            with h5py.File(tmp, "w") as f:
+                f.attrs.update(attrs)
+                f.create_dataset("coords", data=coords.astype(np.int64)).attrs.update(attrs)
+                f.create_dataset("tissue_fraction", data=fraction.astype(np.float32))
+                features = f.create_dataset(
+                    "features", shape=(len(coords), model.feature_dim), dtype=np.float32,
+                    chunks=(max(1, min(len(coords), o.batch_size)), model.feature_dim))
+                if len(coords):
+                    _fill(features, slide, coords, model, o, device, progress, desc=slide.name)
+            os.replace(tmp, out_h5)
+        except BaseException:  # also KeyboardInterrupt: never leave a partial file behind
+            tmp.unlink(missing_ok=True)
+            raise
+    log.info("%s: %d tiles -> %s", slide.name, len(coords), out_h5)
+    return {"slide": slide.name, "path": out_h5, "tiles": len(coords), "skipped": False}
+
+
+def _tile_features(model: Backbone | OnnxBackbone, device: torch.device):
+    """uint8 tiles [n, s, s, 3] (numpy) -> float32 features [n, D] (numpy) with `model`."""
+    if isinstance(model, OnnxBackbone):
+        return model
+    pin = device.type == "cuda"
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        tiles = torch.from_numpy(batch)
+        if pin:
+            tiles = tiles.pin_memory().to(device, non_blocking=True)
+        return model(tiles).float().cpu().numpy()
+
+    return run
+
+
+def _fill(features: h5py.Dataset, slide, coords: np.ndarray, model: Backbone | OnnxBackbone,
+          options: ExtractionOptions, device: torch.device, progress: bool, desc: str) -> None:
+    """Stream tile batches through the model into the (preallocated) h5 dataset."""
+    from wsi.tiles import TileReader
+
+    reader = TileReader(slide, coords, tile_size=options.tiling.tile_size,
+                        level=options.tiling.level, workers=options.workers,
+                        batch_size=options.batch_size)
+    tile_features = _tile_features(model, device)
+    try:
+        with torch.inference_mode(), tqdm(total=len(coords), desc=desc, unit="tile",
+                                          disable=not progress, leave=False) as bar:
+            for batch in reader:
+                out = tile_features(batch.tiles)
+                # Batches come in grid order as one contiguous index run: a slice write.
+                features[int(batch.index[0]):int(batch.index[-1]) + 1] = out
+                bar.update(len(out))
+    finally:
+        reader.close()
+
+

@@ -1,0 +1,118 @@
+"""The feature files: one h5 per slide in the CLAM/TRIDENT layout, and their typed attributes.
+
+FEATURES_DIR/h5_files/<slide>.h5 holds `features` float32 [N, D], `coords` int64 [N, 2] (level-0
+top-left x, y, grid order) and `tissue_fraction` float32 [N]. The slide and extraction facts
+(`FeatureAttrs`) are attributes of the file and of `coords` (where CLAM reads them), under
+CLAM's names (`patch_size`, `patch_level`). `training.extraction` writes them; `fit`, `evaluate`
+and `camelyon16` read them back as `Bag`s.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from core.errors import ConfigError
+from core.tiling import TilingParams
+
+H5_SUBDIR = "h5_files"
+
+
+def feature_path(features_dir: str | os.PathLike, slide_name: str) -> Path:
+    """Where the features of slide `slide_name` live."""
+    return Path(features_dir) / H5_SUBDIR / f"{slide_name}.h5"
+
+
+@dataclass(frozen=True)
+class FeatureAttrs:
+    """What a feature file says about its slide and how its features were made."""
+
+    slide: str
+    level0_width: int
+    level0_height: int
+    mpp: float
+    mpp_source: str
+    tiling: TilingParams
+    backbone_layer: str
+    weights: str
+    weights_seed: int
+    feature_engine: str
+
+    def to_h5(self) -> dict[str, Any]:
+        """The attributes as written (CLAM's names for the tile size and level)."""
+        return {"patch_size": self.tiling.tile_size, "patch_level": self.tiling.level,
+                "level0_width": self.level0_width, "level0_height": self.level0_height,
+                "mpp": float(self.mpp), "mpp_source": self.mpp_source, "slide": self.slide,
+                "min_tissue": float(self.tiling.min_tissue), "backbone_layer": self.backbone_layer,
+                "weights": self.weights, "weights_seed": self.weights_seed,
+                "feature_engine": self.feature_engine}
+
+    @classmethod
+    def from_h5(cls, attrs: Mapping[str, Any], where: str | os.PathLike) -> FeatureAttrs:
+        values = {k: (v.item() if hasattr(v, "item") else v) for k, v in attrs.items()}
+        values = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in values.items()}
+        try:
+            return cls(slide=str(values["slide"]), level0_width=int(values["level0_width"]),
+                       level0_height=int(values["level0_height"]), mpp=float(values["mpp"]),
+                       mpp_source=str(values["mpp_source"]),
+                       tiling=TilingParams(int(values["patch_size"]), int(values["patch_level"]),
+                                           float(values["min_tissue"])),
+                       backbone_layer=str(values["backbone_layer"]), weights=str(values["weights"]),
+                       weights_seed=int(values["weights_seed"]),
+                       feature_engine=str(values.get("feature_engine", "torch")))
+        except (KeyError, ValueError, ConfigError) as exc:
+            raise ConfigError(f"feature file {where} lacks or garbles attribute {exc} "
+                              f"(was it written by `milroi-train features`?)") from None
+
+
+@dataclass
+class Bag:
+    """One slide's features in memory (a MIL bag)."""
+
+    name: str
+    features: torch.Tensor              # [N, D] float32
+    coords: np.ndarray                  # [N, 2] int64, level-0 top-left
+    attrs: FeatureAttrs | None = None   # None for bags that come from no slide (MUSK)
+    digest: str = ""                    # sha256 of the h5 file
+
+
+def load_bag(path: str | os.PathLike) -> Bag:
+    """Read one features h5 file into memory."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"feature file {path} does not exist (run `milroi-train features` first)")
+    try:
+        with h5py.File(path, "r") as f:
+            features = np.asarray(f["features"], dtype=np.float32)
+            coords = np.asarray(f["coords"], dtype=np.int64)
+            raw_attrs = dict(f.attrs)
+    except (OSError, KeyError) as exc:
+        raise ConfigError(f"feature file {path} is not a readable features h5: {exc}") from exc
+    if features.ndim != 2 or len(features) == 0 or len(coords) != len(features):
+        raise ConfigError(f"feature file {path} holds no tiles or mismatched features/coords")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return Bag(path.stem, torch.from_numpy(features), coords, FeatureAttrs.from_h5(raw_attrs, path),
+               digest)
+
+
+def load_bags(features_dir: str | os.PathLike, names: Sequence[str]) -> list[Bag]:
+    bags = [load_bag(feature_path(features_dir, n)) for n in names]
+    dims = {b.features.shape[1] for b in bags}
+    if len(dims) > 1:
+        raise ConfigError(f"feature files in {features_dir} have different dimensions {sorted(dims)}")
+    return bags
+
+
+def data_fingerprint(bags: Sequence[Bag], labels: dict[str, int]) -> str:
+    """sha256 over (slide name, label, feature file digest), in name order."""
+    h = hashlib.sha256()
+    for bag in sorted(bags, key=lambda b: b.name):
+        h.update(f"{bag.name}\t{labels[bag.name]}\t{bag.digest}\n".encode())
+    return h.hexdigest()

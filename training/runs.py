@@ -1,0 +1,136 @@
+"""The MLflow runs of `milroi-train fit`: what a run holds, written once and read back typed.
+
+A fit run logs the feature provenance (`provenance_params`, from the feature files'
+`FeatureAttrs`), the hyperparameters, the two thresholds it chose, `head/head_config.json` +
+`head/head.pt`, and the tag `data_fingerprint`. `evaluate` and `export` read it back through
+`FitRun.load` and `load_run_head`; the parameter names are stated here only.
+"""
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from core.bundle import DEFAULT_ROI_THRESHOLD, DEFAULT_SLIDE_THRESHOLD
+from core.errors import ConfigError, RegistryError
+from core.tiling import DEFAULT_TILING, TilingParams
+from core.tracking import mlflow_client, resolve_tracking_uri
+from training.feature_file import Bag
+
+HEAD_ARTIFACT_PATH = "head"
+HEAD_STATE, HEAD_CONFIG = "head.pt", "head_config.json"
+FINGERPRINT_TAG = "data_fingerprint"
+
+
+def provenance_params(bags: Sequence[Bag]) -> dict[str, Any]:
+    """The run params of the feature extraction settings (the same for every bag, else the
+    features do not mix): what `export` needs to rebuild the backbone and the tile grid."""
+    rows = []
+    for bag in bags:
+        a = bag.attrs
+        rows.append({"backbone_layer": a.backbone_layer, "weights": a.weights,
+                     "weights_seed": a.weights_seed, "tile_size": a.tiling.tile_size,
+                     "patch_level": a.tiling.level, "min_tissue": a.tiling.min_tissue,
+                     "mpp": a.mpp})
+    params: dict[str, Any] = {}
+    for key in rows[0]:
+        values = {str(row[key]) for row in rows}
+        if len(values) > 1:
+            raise ConfigError(f"feature files disagree on {key}: {sorted(values)}")
+        params[key] = values.pop()
+    params["feature_dim"] = int(bags[0].features.shape[1])
+    return params
+
+
+@dataclass(frozen=True)
+class FitRun:
+    """A fit run as export and evaluate need it."""
+
+    run_id: str
+    backbone_layer: str
+    weights: str
+    weights_seed: int
+    tiling: TilingParams
+    threshold: float          # slide probability threshold (Youden on held-out slides)
+    patch_threshold: float    # ROI threshold (runs from before fit chose it: the old fixed one)
+    val_auc: float | None
+    fingerprint: str | None
+    metrics: dict[str, float]
+
+    @classmethod
+    def load(cls, run_id: str, tracking_uri: str | None = None) -> FitRun:
+        from mlflow.exceptions import MlflowException
+
+        uri = resolve_tracking_uri(tracking_uri)
+        try:
+            run = mlflow_client(uri).get_run(run_id)
+        except MlflowException as exc:
+            raise RegistryError(f"no MLflow run {run_id!r} at {uri}: {exc.message}") from None
+        params, metrics = run.data.params, dict(run.data.metrics)
+        missing = [k for k in ("backbone_layer", "weights", "weights_seed") if k not in params]
+        if missing:
+            raise RegistryError(f"run {run_id} lacks the feature params {missing}: was it made "
+                                f"by milroi-train fit?")
+
+        def number(key: str) -> float | None:   # threshold is logged as metric and param
+            if key in metrics:
+                return float(metrics[key])
+            return float(params[key]) if key in params else None
+
+        tiling = DEFAULT_TILING.replace(
+            tile_size=int(params["tile_size"]) if "tile_size" in params else None,
+            level=int(params["patch_level"]) if "patch_level" in params else None,
+            min_tissue=float(params["min_tissue"]) if "min_tissue" in params else None)
+        threshold, patch_threshold = number("threshold"), number("patch_threshold")
+        return cls(run_id, params["backbone_layer"], params["weights"],
+                   int(params["weights_seed"]), tiling,
+                   DEFAULT_SLIDE_THRESHOLD if threshold is None else threshold,
+                   DEFAULT_ROI_THRESHOLD if patch_threshold is None else patch_threshold,
+                   number("val_auc"), run.data.tags.get(FINGERPRINT_TAG), metrics)
+
+
+def load_run_head(run_id: str, tracking_uri: str | None = None):
+    """The MIL head a fit run logged under `head/` (eval mode)."""
+    import torch
+
+    from training.trainer import head_from_state
+
+    client = mlflow_client(tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = Path(client.download_artifacts(run_id, HEAD_ARTIFACT_PATH, tmp))
+            config = json.loads((local / HEAD_CONFIG).read_text())
+            state = torch.load(local / HEAD_STATE, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - MlflowException, OSError: no usable head
+            raise RegistryError(f"run {run_id} has no usable {HEAD_ARTIFACT_PATH}/ artifact "
+                                f"({HEAD_CONFIG} + {HEAD_STATE}) at "
+                                f"{resolve_tracking_uri(tracking_uri)}: {exc}") from None
+    return head_from_state(config, state)
+
+
+def ensure_experiment(tracking_uri: str, name: str) -> str:
+    """Experiment id; a new experiment on a sqlite store keeps artifacts beside the db file."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///"):]).resolve()
+        location = (db.parent / "mlartifacts").as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def history_metrics(prefix: str, history: list[dict[str, float]]):
+    """Per-epoch rows as MLflow Metric objects (step = epoch), for one log_batch call."""
+    from mlflow.entities import Metric
+
+    return [Metric(f"{prefix}{k}", v, 0, step) for step, row in enumerate(history, 1)
+            for k, v in row.items() if math.isfinite(v)]
