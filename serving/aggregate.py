@@ -20,7 +20,7 @@ import math
 
 import numpy as np
 
-from wsi.errors import WsiError
+from core.errors import ConfigError, RequestError
 
 
 class ExtremesState:
@@ -28,7 +28,7 @@ class ExtremesState:
 
     def __init__(self, k: int):
         if k < 1:
-            raise WsiError(f"extremes pooling needs k >= 1, got {k}")
+            raise ConfigError(f"extremes pooling needs k >= 1, got {k}")
         self.k = int(k)
         self.count = 0
         self._top = np.empty(0, np.float32)      # up to k largest, unordered
@@ -49,7 +49,7 @@ class ExtremesState:
     def pooled(self) -> np.ndarray:
         """float32 [1, 2k]: the k highest then the k lowest logits, each descending."""
         if self.count == 0:
-            raise WsiError("cannot pool an empty bag (a slide without tissue tiles)")
+            raise RequestError("cannot pool an empty bag (a slide without tissue tiles)")
         k = self.k
         top, bottom = self._top, self._bottom
         if self.count < k:   # every logit is in both; repeat them as the torch pooling does
@@ -75,7 +75,7 @@ class AttentionState:
         if attention.size == 0:
             return
         if embeddings.shape[0] != attention.size:
-            raise WsiError(f"attention has {attention.size} patches but embeddings {embeddings.shape[0]}")
+            raise RequestError(f"attention has {attention.size} patches but embeddings {embeddings.shape[0]}")
         self.count += attention.size
         new_max = max(self._max, float(attention.max()))
         scale = math.exp(self._max - new_max) if self._sum is not None else 0.0
@@ -88,7 +88,7 @@ class AttentionState:
     def pooled(self) -> np.ndarray:
         """float32 [1, H]: the attention-weighted mean embedding."""
         if self.count == 0:
-            raise WsiError("cannot pool an empty bag (a slide without tissue tiles)")
+            raise RequestError("cannot pool an empty bag (a slide without tissue tiles)")
         return (self._sum / self._weight).astype(np.float32)[None]
 
 
@@ -99,7 +99,7 @@ def make_state(pooling: dict) -> ExtremesState | AttentionState:
         return ExtremesState(int(pooling["k"]))
     if kind == "attention":
         return AttentionState()
-    raise WsiError(f"unknown pooling {pooling!r}")
+    raise ConfigError(f"unknown pooling {pooling!r}")
 
 
 def sigmoid(x: float) -> float:

@@ -1,7 +1,7 @@
 """`milroi-serve`: score slides with an exported bundle, as a gRPC server or a batch job."""
 from __future__ import annotations
 
-from wsi.cli import dispatch
+from core.cli import dispatch
 
 COMMANDS = {
     "serve": ("serving.server", "gRPC server streaming per-patch tumour scores"),

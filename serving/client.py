@@ -23,17 +23,20 @@ import logging
 import random
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from shapely.geometry import Polygon
 
+from core.errors import AuthError, ConfigError, MilroiError, RequestError
 from milroi.v1 import scoring_pb2, scoring_pb2_grpc
-from wsi.errors import WsiError
+from serving.options import add_scoring_arguments
+from serving.security import read_token
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +50,12 @@ _BACKOFF_MAX_S = 8.0
 T = TypeVar("T")
 
 
-class ScoringError(WsiError):
+class ScoringError(MilroiError):
     """A failed call to the scoring service: the gRPC status code and the server's message."""
 
     def __init__(self, code: grpc.StatusCode, message: str, *, target: str = "", method: str = "",
                  attempts: int = 1):
+        self._init = (code, message, target, method, attempts)
         self.code = code
         self.message = message
         self.target = target
@@ -60,12 +64,22 @@ class ScoringError(WsiError):
         where = f"{method} on {target}" if target else method
         super().__init__(f"{where} failed: {code.name}: {message}")
 
+    def __reduce__(self):   # keyword-only arguments: pickle what __init__ was given
+        code, message, target, method, attempts = self._init
+        return _scoring_error, (code.name, message, target, method, attempts)
+
     @classmethod
-    def from_rpc(cls, exc: grpc.RpcError, target: str, method: str, attempts: int) -> "ScoringError":
+    def from_rpc(cls, exc: grpc.RpcError, target: str, method: str, attempts: int) -> ScoringError:
         code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
         details = exc.details() if hasattr(exc, "details") else str(exc)
         return cls(code or grpc.StatusCode.UNKNOWN, details or "", target=target, method=method,
                    attempts=attempts)
+
+
+def _scoring_error(code_name: str, message: str, target: str, method: str,
+                   attempts: int) -> ScoringError:
+    return ScoringError(grpc.StatusCode[code_name], message, target=target, method=method,
+                        attempts=attempts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,7 +94,7 @@ class ModelRef:
     run_id: str = ""
 
     @classmethod
-    def from_proto(cls, ref: scoring_pb2.ModelRef) -> "ModelRef":
+    def from_proto(cls, ref: scoring_pb2.ModelRef) -> ModelRef:
         return cls(ref.name, ref.version, ref.alias, ref.run_id)
 
 
@@ -98,7 +112,7 @@ class SlideHeader:
     model: ModelRef
 
     @classmethod
-    def from_proto(cls, h: scoring_pb2.SlideHeader) -> "SlideHeader":
+    def from_proto(cls, h: scoring_pb2.SlideHeader) -> SlideHeader:
         return cls(h.slide_path, h.width, h.height, h.level_count, h.mpp, h.mpp_source,
                    h.tile_size, h.tile_level, h.tile_count, ModelRef.from_proto(h.model))
 
@@ -145,7 +159,7 @@ class SlideSummary:
         return [roi.polygon for roi in self.rois]
 
     @classmethod
-    def from_proto(cls, s: scoring_pb2.SlideSummary) -> "SlideSummary":
+    def from_proto(cls, s: scoring_pb2.SlideSummary) -> SlideSummary:
         rois = [Roi(_polygon_from_proto(p), p.area_um2, p.max_score, p.mean_score) for p in s.rois]
         timings = {f.name: getattr(s.timings, f.name) for f in s.timings.DESCRIPTOR.fields}
         return cls(s.slide_score, s.label, s.threshold, s.tile_count, rois, s.mpp,
@@ -184,7 +198,7 @@ class ServedModel:
     manifest: dict = field(default_factory=dict)
 
     @classmethod
-    def from_proto(cls, m: scoring_pb2.ModelInfo) -> "ServedModel":
+    def from_proto(cls, m: scoring_pb2.ModelInfo) -> ServedModel:
         manifest = json.loads(m.manifest_json) if m.manifest_json else {}
         return cls(ModelRef.from_proto(m.model), m.head, m.tile_size, m.tile_level,
                    m.feature_dim, m.threshold, m.roi_threshold, m.provider, list(m.providers),
@@ -278,7 +292,7 @@ class SlideScoringStream:
     def cancel(self) -> None:
         self._call.cancel()
 
-    def __enter__(self) -> "SlideScoringStream":
+    def __enter__(self) -> SlideScoringStream:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -313,7 +327,7 @@ class ScoringClient:
             try:
                 roots = Path(tls_ca).read_bytes() if tls_ca is not None else None
             except OSError as exc:
-                raise WsiError(f"cannot read TLS CA file {tls_ca}: {exc.strerror or exc}") from None
+                raise AuthError(f"cannot read TLS CA file {tls_ca}: {exc.strerror or exc}") from None
             creds = grpc.ssl_channel_credentials(root_certificates=roots)
             self._channel = grpc.secure_channel(target, creds, options=options)
         else:
@@ -326,7 +340,7 @@ class ScoringClient:
     def close(self) -> None:
         self._channel.close()
 
-    def __enter__(self) -> "ScoringClient":
+    def __enter__(self) -> ScoringClient:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -421,7 +435,7 @@ class ScoringClient:
         tiles = np.ascontiguousarray(tiles)
         if tiles.dtype != np.uint8 or tiles.ndim != 4 or tiles.shape[3] != 3 \
                 or tiles.shape[1] != tiles.shape[2]:
-            raise WsiError(f"tiles must be uint8 [N, size, size, 3], got {tiles.dtype} "
+            raise RequestError(f"tiles must be uint8 [N, size, size, 3], got {tiles.dtype} "
                            f"{list(tiles.shape)}")
         if coords is not None:
             coords = np.asarray(coords, np.int64).reshape(len(tiles), 2)
@@ -514,15 +528,7 @@ def add_connection_arguments(parser: argparse.ArgumentParser, required: bool = T
 
 
 def client_from_args(args: argparse.Namespace) -> ScoringClient:
-    token = None
-    if args.token_file is not None:
-        try:
-            token = args.token_file.read_text().strip()
-        except OSError as exc:
-            raise WsiError(f"cannot read token file {args.token_file}: "
-                           f"{exc.strerror or exc}") from None
-        if not token:
-            raise WsiError(f"token file {args.token_file} is empty")
+    token = read_token(args.token_file) if args.token_file is not None else None
     return ScoringClient(args.server, token=token, tls_ca=args.tls_ca, timeout=args.timeout,
                          retries=args.retries)
 
@@ -534,11 +540,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_connection_arguments(score)
     score.add_argument("--chunk-size", type=int, default=0,
                        help="patches per streamed message (default: the server's)")
-    score.add_argument("--min-tissue", type=float, default=None,
-                       help="minimum tissue fraction of a tile (default: the model's)")
-    score.add_argument("--roi-threshold", type=float, default=None,
-                       help="patch score that makes a tile part of a tumour ROI "
-                            "(default: the model's)")
+    add_scoring_arguments(score)
     score.add_argument("--out", type=Path,
                        help="write the per-slide outputs (patch CSV, GeoJSON, heatmap, "
                             "Spatiopath JSON) to this folder; needs the slide file locally")
@@ -580,7 +582,7 @@ def _run_score(client: ScoringClient, args) -> int:
     if args.out is not None:
         local_slide = args.local_slide or Path(args.slide)
         if not local_slide.is_file():  # fail before the server spends time on the slide
-            raise WsiError(f"--out needs the slide locally: {local_slide} is not a file "
+            raise ConfigError(f"--out needs the slide locally: {local_slide} is not a file "
                            "(give --local-slide)")
     with client.score_slide(args.slide, chunk_size=args.chunk_size, min_tissue=args.min_tissue,
                             roi_threshold=args.roi_threshold) as stream:

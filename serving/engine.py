@@ -26,39 +26,31 @@ alone never waits (a full request runs at once). Requests larger than `batch_siz
 from __future__ import annotations
 
 import collections
-import hashlib
-import json
 import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from wsi.errors import WsiError
+from core.bundle import INT8_ROLE, BundleManifest, bundle_digest
+from core.errors import BundleError, ConfigError, RequestError
+from core.runtime import available_cores, session_options
 
 log = logging.getLogger(__name__)
 
-BUNDLE_FORMAT = "milroi-bundle/1"
 TRT, CUDA, CPU = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
 PROVIDER_CHOICES = {"auto": (TRT, CUDA, CPU), "tensorrt": (TRT,), "cuda": (CUDA,), "cpu": (CPU,)}
 PROVIDER_NAMES = {TRT: "tensorrt", CUDA: "cuda", CPU: "cpu"}
 # int8: the statically quantised backbone of the bundle (training.quantize), when it has one.
 PRECISIONS = ("fp32", "fp16", "int8")
-REQUIRED_MANIFEST_KEYS = ("format", "name", "tile_size", "level", "feature_dim", "pooling",
-                          "threshold", "files")
-
-
-class BundleError(WsiError):
-    """A model bundle that cannot be used: missing files, bad manifest, graph that will not load."""
-
-    def __init__(self, path, cause: str):
-        self.path, self.cause = str(path), cause
-        super().__init__(f"cannot load model bundle {path}: {cause}")
+DEFAULT_PROVIDER, DEFAULT_PRECISION = "auto", "fp32"
+DEFAULT_BATCH_SIZE = 64      # tiles per model run
+DEFAULT_MAX_WAIT_S = 0.005   # how long the batcher waits to fill a batch
 
 
 @dataclass(frozen=True)
@@ -69,48 +61,6 @@ class ModelRef:
     version: str
     alias: str = ""
     run_id: str = ""
-
-
-def read_manifest(bundle_dir: str | os.PathLike) -> dict:
-    """manifest.json of a bundle folder, checked for the keys and files the server relies on."""
-    bundle_dir = Path(bundle_dir)
-    path = bundle_dir / "manifest.json"
-    if not bundle_dir.is_dir():
-        raise BundleError(bundle_dir, "not a folder")
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise BundleError(bundle_dir, "no manifest.json") from None
-    except (OSError, ValueError) as exc:
-        raise BundleError(bundle_dir, f"unreadable manifest.json: {exc}") from None
-    missing = [k for k in REQUIRED_MANIFEST_KEYS if k not in manifest]
-    if missing:
-        raise BundleError(bundle_dir, f"manifest.json lacks {missing}")
-    if manifest["format"] != BUNDLE_FORMAT:
-        raise BundleError(bundle_dir, f"format {manifest['format']!r}, expected {BUNDLE_FORMAT!r}")
-    for role in ("backbone", "head", "aggregator"):
-        name = manifest["files"].get(role)
-        if not name or not (bundle_dir / name).is_file():
-            raise BundleError(bundle_dir, f"{role} graph {name!r} is missing")
-    int8 = manifest["files"].get("backbone_int8")   # optional (export --int8)
-    if int8 is not None and not (bundle_dir / int8).is_file():
-        raise BundleError(bundle_dir, f"backbone_int8 graph {int8!r} is missing")
-    if manifest["pooling"].get("kind") not in ("extremes", "attention"):
-        raise BundleError(bundle_dir, f"unknown pooling {manifest['pooling']!r}")
-    return manifest
-
-
-def bundle_digest(bundle_dir: str | os.PathLike, length: int = 12) -> str:
-    """Short sha256 of the manifest and the graphs: the version of an unregistered bundle."""
-    bundle_dir = Path(bundle_dir)
-    manifest = read_manifest(bundle_dir)
-    digest = hashlib.sha256()
-    for name in ["manifest.json", *sorted(manifest["files"].values())]:
-        digest.update(name.encode())
-        with open(bundle_dir / name, "rb") as f:
-            while block := f.read(1 << 22):
-                digest.update(block)
-    return digest.hexdigest()[:length]
 
 
 def _tensorrt_loadable() -> bool:
@@ -124,29 +74,6 @@ def _tensorrt_loadable() -> bool:
         except OSError:
             continue
     return False
-
-
-def available_cores() -> int:
-    """Cores this process may run on (respects taskset/cgroup affinity, unlike os.cpu_count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def session_options(ort, threads: int):
-    """onnxruntime session options for a model that shares the cores with tile decoding threads
-    (the server's and `milroi-train features`'): full graph optimisation, `threads` intra-op
-    threads that sleep rather than spin between runs."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    # Spinning threads would steal the cores the tile decoders need between runs.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.log_severity_level = 3  # CUDA/TRT fallback chatter: we report the outcome ourselves
-    return options
 
 
 @dataclass
@@ -170,35 +97,36 @@ class _Request:
 class Engine:
     """Backbone + head (+ aggregator) sessions of one bundle, and the batcher that feeds them."""
 
-    def __init__(self, bundle_dir: str | os.PathLike, *, provider: str = "auto",
-                 precision: str = "fp32", batch_size: int = 64, max_wait_s: float = 0.005,
-                 threads: int | None = None, model: ModelRef | None = None,
+    def __init__(self, bundle_dir: str | os.PathLike, *, provider: str = DEFAULT_PROVIDER,
+                 precision: str = DEFAULT_PRECISION, batch_size: int = DEFAULT_BATCH_SIZE,
+                 max_wait_s: float = DEFAULT_MAX_WAIT_S, threads: int | None = None,
+                 model: ModelRef | None = None,
                  on_batch: Callable[[int, int, float], None] | None = None):
         import onnxruntime as ort
 
         if provider not in PROVIDER_CHOICES:
-            raise WsiError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDER_CHOICES)}")
+            raise ConfigError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDER_CHOICES)}")
         if precision not in PRECISIONS:
-            raise WsiError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         if batch_size < 1 or max_wait_s < 0:
-            raise WsiError(f"batch_size must be >= 1 and max_wait_s >= 0, got {batch_size}, {max_wait_s}")
+            raise ConfigError(f"batch_size must be >= 1 and max_wait_s >= 0, got {batch_size}, {max_wait_s}")
         self._ort = ort
         self.bundle_dir = Path(bundle_dir)
-        self.manifest = read_manifest(self.bundle_dir)
-        self.model = model or ModelRef(self.manifest["name"], bundle_digest(self.bundle_dir),
-                                       run_id=self.manifest.get("run_id") or "")
+        self.manifest = BundleManifest.read(self.bundle_dir)
+        self.model = model or ModelRef(self.manifest.name, bundle_digest(self.bundle_dir),
+                                       run_id=self.manifest.run_id or "")
         self.batch_size = int(batch_size)
         self.max_wait_s = float(max_wait_s)
         self.threads = int(threads or available_cores())
-        self.tile_size = int(self.manifest["tile_size"])
-        self.pooling = dict(self.manifest["pooling"])
+        self.tile_size = self.manifest.tiling.tile_size
+        self.pooling = dict(self.manifest.pooling)
         self._on_batch = on_batch
 
-        files = self.manifest["files"]
-        if precision == "int8" and "backbone_int8" not in files:
+        files = self.manifest.files
+        if precision == "int8" and INT8_ROLE not in files:
             raise BundleError(self.bundle_dir, "precision int8 needs an int8 backbone "
                                                "(export with --int8: files.backbone_int8)")
-        backbone_file = files["backbone_int8"] if precision == "int8" else files["backbone"]
+        backbone_file = files[INT8_ROLE] if precision == "int8" else files["backbone"]
         self.backbone, self.providers = self._open(backbone_file, provider, precision,
                                                    backbone=True)
         self.provider = self.providers[0]
@@ -256,7 +184,7 @@ class Engine:
         available = set(self._ort.get_available_providers())
         wanted = [p for p in PROVIDER_CHOICES[provider] if p in available or p == CPU]
         if provider != "auto" and wanted[0] not in available:
-            raise WsiError(f"provider {provider} is not in this onnxruntime build "
+            raise ConfigError(f"provider {provider} is not in this onnxruntime build "
                            f"(available: {sorted(available)})")
         errors = []
         if TRT in wanted and not _tensorrt_loadable():
@@ -324,7 +252,7 @@ class Engine:
         tiles = np.asarray(tiles)
         expected = (self.tile_size, self.tile_size, 3)
         if tiles.dtype != np.uint8 or tiles.ndim != 4 or tiles.shape[1:] != expected:
-            raise WsiError(f"tiles must be uint8 [n, {self.tile_size}, {self.tile_size}, 3], "
+            raise RequestError(f"tiles must be uint8 [n, {self.tile_size}, {self.tile_size}, 3], "
                            f"got {tiles.dtype} {list(tiles.shape)}")
         return tiles
 
@@ -366,7 +294,7 @@ class Engine:
         request = _Request(tiles, Future())
         with self._cond:
             if self._closed:
-                raise WsiError(f"engine of model {self.model.name} {self.model.version} is closed")
+                raise RequestError(f"engine of model {self.model.name} {self.model.version} is closed")
             self._queue.append(request)
             self._cond.notify()
         return request.future
@@ -426,7 +354,7 @@ class Engine:
         if wait and threading.current_thread() is not self._runner:
             self._runner.join()
 
-    def __enter__(self) -> "Engine":
+    def __enter__(self) -> Engine:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -6,7 +6,7 @@
 - a bundle folder        version = short content digest of its files (re-hashed every poll).
 
 Registry access is plain MlflowClient on any tracking URI (`--tracking-uri`, else
-MLFLOW_TRACKING_URI, else the embedded `sqlite:///mlflow.db`): `get_model_version_by_alias` /
+MLFLOW_TRACKING_URI, else the embedded `sqlite:///mlflow.db`: core.tracking): `get_model_version_by_alias` /
 `get_model_version`, then the version's `source` is downloaded with
 `mlflow.artifacts.download_artifacts` into a temporary folder, which is removed once the ONNX
 sessions are built (onnxruntime keeps the graphs in memory).
@@ -20,26 +20,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import re
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
-from serving.engine import Engine, ModelRef, bundle_digest, read_manifest
-from wsi.errors import WsiError
+from core.bundle import BUNDLE_ARTIFACT_PATH, MANIFEST_NAME, BundleManifest, bundle_digest
+from core.errors import ModelNotReady, RegistryError
+from core.tracking import ModelUri, mlflow_client, resolve_tracking_uri
+from serving.engine import Engine, ModelRef
 
 log = logging.getLogger(__name__)
-
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
-
-
-class ModelNotReady(WsiError):
-    """No model is loaded yet (UNAVAILABLE)."""
 
 
 @dataclass(frozen=True)
@@ -53,14 +46,12 @@ class ModelSpec:
     folder: Path | None = None    # local bundle
 
     @classmethod
-    def parse(cls, uri: str) -> "ModelSpec":
-        if uri.startswith("models:/"):
-            match = MODEL_URI.match(uri)
-            if not match:
-                raise WsiError(f"bad model URI {uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
-            return cls(uri, match["name"], match["alias"], match["version"])
+    def parse(cls, uri: str) -> ModelSpec:
+        if ModelUri.is_model_uri(uri):
+            parsed = ModelUri.parse(uri)
+            return cls(uri, parsed.name, parsed.alias, parsed.version)
         folder = Path(uri)
-        read_manifest(folder)   # a clear error now rather than at the first poll
+        BundleManifest.read(folder)   # a clear error now rather than at the first poll
         return cls(uri, folder=folder)
 
     @property
@@ -106,12 +97,6 @@ class LoadedModel:
         return self._leases
 
 
-def _client(tracking_uri: str):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-
-
 class ModelSource:
     """Loads the model of a ModelSpec, follows it, and hands out leases of the current one."""
 
@@ -120,7 +105,7 @@ class ModelSource:
                  on_change: Callable[[LoadedModel], None] | None = None,
                  on_error: Callable[[Exception], None] | None = None):
         self.spec = ModelSpec.parse(spec) if isinstance(spec, str) else spec
-        self.tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+        self.tracking_uri = resolve_tracking_uri(tracking_uri)
         self.poll_interval = float(poll_interval)
         self._factory = engine_factory
         self._on_change = on_change
@@ -135,19 +120,19 @@ class ModelSource:
         """The ModelRef the spec names now, and where its bundle is (folder or artifact URI)."""
         spec = self.spec
         if spec.folder is not None:
-            manifest = read_manifest(spec.folder)
-            return (ModelRef(manifest["name"], bundle_digest(spec.folder),
-                             run_id=manifest.get("run_id") or ""), str(spec.folder))
+            manifest = BundleManifest.read(spec.folder)
+            return (ModelRef(manifest.name, bundle_digest(spec.folder),
+                             run_id=manifest.run_id or ""), str(spec.folder))
         from mlflow.exceptions import MlflowException
 
-        client = _client(self.tracking_uri)
+        client = mlflow_client(self.tracking_uri)
         try:
             if spec.alias:
                 mv = client.get_model_version_by_alias(spec.name, spec.alias)
             else:
                 mv = client.get_model_version(spec.name, spec.version)
         except MlflowException as exc:
-            raise WsiError(f"{spec.uri} at {self.tracking_uri}: {exc.message}") from None
+            raise RegistryError(f"{spec.uri} at {self.tracking_uri}: {exc.message}") from None
         return ModelRef(spec.name, str(mv.version), spec.alias or "", mv.run_id or ""), mv.source
 
     def _load(self, ref: ModelRef, location: str) -> LoadedModel:
@@ -160,8 +145,9 @@ class ModelSource:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=tmp,
                                                             tracking_uri=self.tracking_uri))
             # The source is the bundle folder itself or a folder holding it (bundle/).
-            if not (local / "manifest.json").exists() and (local / "bundle" / "manifest.json").exists():
-                local = local / "bundle"
+            nested = local / BUNDLE_ARTIFACT_PATH
+            if not (local / MANIFEST_NAME).exists() and (nested / MANIFEST_NAME).exists():
+                local = nested
             return LoadedModel(self._factory(local, ref))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)   # sessions hold the graphs in memory now

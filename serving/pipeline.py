@@ -28,20 +28,20 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import Future, TimeoutError as FutureTimeout
+from collections.abc import Iterator
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 
+from core.errors import Cancelled, RequestError
 from serving.aggregate import make_state, slide_score
 from serving.engine import Engine, ModelRef
-from wsi.errors import WsiError
 from wsi.grid import tiles_for_slide
 from wsi.outputs import roi_polygons, roi_tile_stats
 from wsi.slide import open_slide
 from wsi.tiles import TileReader
-from wsi.tissue import TissueParams
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +111,6 @@ class SlideSummary:
 SlideEvent = SlideHeader | PatchChunk | SlideSummary
 
 
-class Cancelled(WsiError):
-    """Raised by `score_slide` (not the generator) when scoring was cancelled."""
-
-
 def roi_summaries(coords: np.ndarray, scores: np.ndarray, tile_size: int, threshold: float,
                   mpp: float) -> list[Roi]:
     """Tumour ROI polygons of the patch scores, with area and the scores of the tiles inside
@@ -137,12 +133,12 @@ class SlideScorer:
                  fallback_mpp: float | None = None):
         self.engine = engine
         manifest = engine.manifest
-        self.tile_size = int(manifest["tile_size"])
-        self.level = int(manifest.get("level", 0))
-        self.min_tissue = float(manifest.get("min_tissue", 0.25))
-        self.threshold = float(manifest["threshold"])
-        self.roi_threshold = float(manifest.get("patch_threshold", 0.5))
-        self.tissue_params = TissueParams.from_dict(manifest.get("tissue") or {})
+        self.tiling = manifest.tiling
+        self.tile_size, self.level = self.tiling.tile_size, self.tiling.level
+        self.min_tissue = self.tiling.min_tissue
+        self.threshold = manifest.threshold
+        self.roi_threshold = manifest.patch_threshold
+        self.tissue_params = manifest.tissue
         self.reader_workers = reader_workers or max(2, min(8, os.cpu_count() or 2))
         self.queue_batches = int(queue_batches)
         self.in_flight = max(1, int(in_flight))
@@ -156,11 +152,11 @@ class SlideScorer:
         min_tissue = self.min_tissue if min_tissue is None else float(min_tissue)
         roi_threshold = self.roi_threshold if roi_threshold is None else float(roi_threshold)
         if not 1 <= chunk_size <= 1_000_000:
-            raise WsiError(f"chunk_size must be in [1, 1000000], got {chunk_size}")
+            raise RequestError(f"chunk_size must be in [1, 1000000], got {chunk_size}")
         if not 0.0 < min_tissue <= 1.0:
-            raise WsiError(f"min_tissue must be in (0, 1], got {min_tissue}")
+            raise RequestError(f"min_tissue must be in (0, 1], got {min_tissue}")
         if not 0.0 < roi_threshold < 1.0:
-            raise WsiError(f"roi_threshold must be in (0, 1), got {roi_threshold}")
+            raise RequestError(f"roi_threshold must be in (0, 1), got {roi_threshold}")
         return chunk_size, min_tissue, roi_threshold
 
     def score(self, slide_path: str | os.PathLike, *, chunk_size: int | None = None,
@@ -169,7 +165,7 @@ class SlideScorer:
               ) -> Iterator[SlideEvent]:
         """Header, PatchChunks, Summary for one slide; returns early (no summary) on cancel.
 
-        Raises SlideError (bad slide) or WsiError (bad parameter) before or while streaming.
+        Raises SlideError (bad slide) or RequestError (bad parameter) before or while streaming.
         `display_path` is the name reported back (the server passes the client's relative path).
         """
         chunk_size, min_tissue, roi_threshold = self.check_parameters(chunk_size, min_tissue,
@@ -179,8 +175,8 @@ class SlideScorer:
         started = time.perf_counter()
         with open_slide(slide_path, fallback_mpp=self.fallback_mpp) as slide:
             timings = Timings(open_s=time.perf_counter() - started)
-            _, grid = tiles_for_slide(slide, tile_size=self.tile_size, min_tissue=min_tissue,
-                                      params=self.tissue_params, level=self.level)
+            _, grid = tiles_for_slide(slide, self.tiling.replace(min_tissue=min_tissue),
+                                      params=self.tissue_params)
             timings.tissue_s = time.perf_counter() - started - timings.open_s
             n = len(grid)
             tile_size0 = grid.tile_size_level0

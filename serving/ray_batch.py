@@ -1,7 +1,7 @@
 """`milroi-serve score ... --ray ADDRESS|auto|local`: the batch job with slides spread over Ray actors.
 
-Each actor holds one onnxruntime engine (`serving.batch.LocalBackend`, the in-process scorer)
-and scores whole slides; `RayBackend` is a `serving.batch.SlideScoringBackend`, so the folder
+Each actor holds one onnxruntime engine (`serving.backends.LocalBackend`, the in-process scorer)
+and scores whole slides; `RayBackend` is a `serving.backends.SlideScoringBackend`, so the folder
 job is `serving.batch.score_folder` unchanged: same slide discovery, done markers, resumability,
 summary.csv and failed rows, and the same output files byte for byte.
 
@@ -24,7 +24,7 @@ Failures:
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import logging
 import os
 import queue
@@ -33,12 +33,12 @@ from pathlib import Path
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from serving.batch import LocalBackend, ScoredSlide
-from wsi.errors import WsiError
+from core.errors import ClusterError
+from core.ray_cluster import RayOptions, connect, default_actor_count, first_line
+from serving.backends import LocalBackend, ScoredSlide
+from serving.options import EngineOptions, ScoringOverrides
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MAX_RESTARTS = 2
 
 
 class ScoringActor(LocalBackend):
@@ -48,70 +48,18 @@ class ScoringActor(LocalBackend):
     per core of the node, so N actors on a node would start N x cores threads; here each engine
     gets the CPUs Ray reserved for its actor."""
 
-    def __init__(self, model_uri: str, tracking_uri: str | None, provider: str,
-                 min_tissue: float | None, roi_threshold: float | None,
-                 threads: int | None = None, precision: str = "fp32"):
-        if threads is None:  # in an actor: the CPUs Ray reserved for it
+    def __init__(self, model_uri: str, engine: EngineOptions, overrides: ScoringOverrides,
+                 tracking_uri: str | None = None):
+        if engine.threads is None:  # in an actor: the CPUs Ray reserved for it
             cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-            threads = max(1, round(cpus))
-        super().__init__(model_uri, tracking_uri=tracking_uri, provider=provider,
-                         precision=precision, min_tissue=min_tissue, roi_threshold=roi_threshold,
-                         threads=threads)
+            engine = dataclasses.replace(engine, threads=max(1, round(cpus)))
+        super().__init__(model_uri, engine, overrides, tracking_uri=tracking_uri)
 
     def describe(self) -> tuple[str, str, int]:
         return self.model, self.model_version, self.engine.threads
 
     def score(self, path: str, key: str) -> ScoredSlide:
-        try:
-            return super().score(Path(path), key)
-        except WsiError as exc:
-            # SlideError(path, cause) does not survive pickling to the driver; its message is
-            # what the summary row shows, so send that as a plain WsiError.
-            raise WsiError(str(exc)) from None
-
-
-def connect(address: str, num_cpus: int | None = None) -> bool:
-    """Join the Ray cluster at `address` ("auto": the one this node belongs to, `ray://host:10001`,
-    `host:6379`) or start a local one ("local"); returns True when this call started the
-    connection (the caller then shuts it down). An already initialised Ray is used as it is."""
-    if ray.is_initialized():
-        return False
-    if address not in ("auto", "local"):
-        _check_reachable(address)
-    try:
-        if address == "local":
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
-        else:
-            ray.init(address=address, log_to_driver=False)
-    except (ConnectionError, ValueError, RuntimeError) as exc:
-        raise WsiError(f"cannot connect to the Ray cluster at {address!r}: {exc}") from exc
-    return True
-
-
-def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
-    """Fail fast on an address nobody listens on: ray.init would retry for minutes."""
-    import socket
-
-    host, sep, port = address.removeprefix("ray://").rpartition(":")
-    if not sep or not port.isdigit():
-        raise WsiError(f"--ray {address!r}: give auto, local, HOST:PORT or ray://HOST:PORT")
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
-    except OSError as exc:
-        raise WsiError(f"cannot reach the Ray cluster at {address!r}: {exc}") from None
-
-
-def default_actor_count(num_cpus: float, num_gpus: float) -> int:
-    """As many actors as the cluster can hold at once: one per `num_gpus` GPUs when actors take
-    GPUs, else one per `num_cpus` CPUs."""
-    resources = ray.cluster_resources()
-    if num_gpus > 0:
-        count = int(resources.get("GPU", 0) // num_gpus)
-        if count < 1:
-            raise WsiError(f"the Ray cluster has no GPU for actors of {num_gpus} GPU(s) "
-                           f"(resources: {resources})")
-        return count
-    return max(1, int(resources.get("CPU", 1) // num_cpus))
+        return super().score(Path(path), key)   # its errors pickle: the driver gets the same
 
 
 def _absolute(uri: str) -> str:
@@ -131,41 +79,37 @@ class RayBackend:
     """`SlideScoringBackend` over a pool of Ray actors; thread safe: `score_folder` calls
     `score` from as many threads as there are actors, each call borrows one idle actor."""
 
-    def __init__(self, model_uri: str, *, actors: int | None = None, num_cpus: float = 1,
-                 num_gpus: float = 0, max_restarts: int = DEFAULT_MAX_RESTARTS,
-                 tracking_uri: str | None = None, provider: str = "auto",
-                 min_tissue: float | None = None, roi_threshold: float | None = None,
-                 precision: str = "fp32", actor_class: type = ScoringActor):
-        if max_restarts < 0:
-            raise WsiError(f"--ray-max-restarts must be >= 0, got {max_restarts}")
-        self.max_restarts = max_restarts
-        count = actors or default_actor_count(num_cpus, num_gpus)
-        if count < 1:
-            raise WsiError(f"--ray-actors must be at least 1, got {count}")
+    def __init__(self, model_uri: str, ray_options: RayOptions,
+                 engine: EngineOptions = EngineOptions(),
+                 overrides: ScoringOverrides = ScoringOverrides(), *,
+                 tracking_uri: str | None = None, actor_class: type = ScoringActor):
+        r = ray_options
+        self.max_restarts = r.max_restarts
+        count = r.actors or default_actor_count(r.num_cpus, r.num_gpus)
         remote = ray.remote(actor_class).options(
-            num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
-            max_task_retries=max_restarts, runtime_env=_actor_env() or None)
-        args = (_absolute(model_uri), tracking_uri, provider, min_tissue, roi_threshold)
-        self._new_actor = lambda: remote.remote(*args, precision=precision)
+            num_cpus=r.num_cpus, num_gpus=r.num_gpus, max_restarts=r.max_restarts,
+            max_task_retries=r.max_restarts, runtime_env=_actor_env() or None)
+        args = (_absolute(model_uri), engine, overrides, tracking_uri)
+        self._new_actor = lambda: remote.remote(*args)
         self.actors = [self._new_actor() for _ in range(count)]
         try:
             described = ray.get([actor.describe.remote() for actor in self.actors])
         except (RayTaskError, RayActorError) as exc:
             self.close()
             cause = exc.cause if isinstance(exc, RayTaskError) else exc
-            raise WsiError(f"Ray actors could not load model {model_uri}: {cause}") from None
+            raise ClusterError(f"Ray actors could not load model {model_uri}: {cause}") from None
         models = {(name, version) for name, version, _ in described}
         self.engine_threads = [threads for _, _, threads in described]
         if len(models) != 1:  # an alias moved while the actors started: one version per job
             self.close()
-            raise WsiError(f"Ray actors loaded different versions of {model_uri}: "
+            raise ClusterError(f"Ray actors loaded different versions of {model_uri}: "
                            f"{sorted(models)}; run the job again")
         (self.model, self.model_version), = models
         self._idle: queue.Queue = queue.Queue()
         for actor in self.actors:
             self._idle.put(actor)
         log.info("Ray: %d actors (%s CPU, %s GPU each) scoring with %s version %s", count,
-                 num_cpus, num_gpus, self.model, self.model_version)
+                 r.num_cpus, r.num_gpus, self.model, self.model_version)
 
     @property
     def workers(self) -> int:
@@ -182,12 +126,12 @@ class RayBackend:
             replacement = self._new_actor()
             self.actors[self.actors.index(actor)] = replacement
             actor = replacement
-            raise WsiError(f"{path}: the Ray worker scoring it died "
-                           f"({self.max_restarts} restarts): {_first_line(exc)}") from None
+            raise ClusterError(f"{path}: the Ray worker scoring it died "
+                              f"({self.max_restarts} restarts): {first_line(exc)}") from None
         finally:
             self._idle.put(actor)
         if scored.model_version != self.model_version:  # a restarted actor re-resolved an alias
-            raise WsiError(f"{path}: scored by model version {scored.model_version}, the job "
+            raise ClusterError(f"{path}: scored by model version {scored.model_version}, the job "
                            f"runs {self.model_version}; run the job again")
         return scored
 
@@ -201,25 +145,13 @@ class RayBackend:
             ray.shutdown()
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI: the --ray options are serving.batch's; this builds the backend they ask for
-
-
-def backend_from_args(args: argparse.Namespace) -> RayBackend:
+def open_ray_backend(model_uri: str, ray_options: RayOptions, engine: EngineOptions,
+                     overrides: ScoringOverrides, tracking_uri: str | None = None) -> RayBackend:
     """The actor pool of one `score` command; its close() also ends the Ray connection when
     this call opened it."""
-    owns_ray = connect(args.ray)
+    owns_ray = connect(ray_options.address)
     try:
-        backend = RayBackend(
-            args.model, actors=args.ray_actors, num_cpus=args.ray_num_cpus,
-            num_gpus=args.ray_num_gpus, max_restarts=args.ray_max_restarts,
-            tracking_uri=args.tracking_uri, provider=args.provider, min_tissue=args.min_tissue,
-            roi_threshold=args.roi_threshold, precision=getattr(args, "precision", "fp32"))
+        backend = RayBackend(model_uri, ray_options, engine, overrides, tracking_uri=tracking_uri)
     except BaseException:
         if owns_ray:
             ray.shutdown()

@@ -11,15 +11,7 @@ import hmac
 import os
 from pathlib import Path, PurePosixPath
 
-from wsi.errors import WsiError
-
-
-class PathDenied(WsiError):
-    """A slide path that would leave the slide roots (PERMISSION_DENIED)."""
-
-
-class SlideNotFound(WsiError):
-    """A well-formed slide path that exists under none of the roots (NOT_FOUND)."""
+from core.errors import AuthError, ConfigError, PathDenied, SlideNotFound
 
 
 class SlideRoots:
@@ -29,9 +21,9 @@ class SlideRoots:
         self.roots = [Path(r).resolve(strict=True) for r in roots]
         for root in self.roots:
             if not root.is_dir():
-                raise WsiError(f"slide root {root} is not a folder")
+                raise ConfigError(f"slide root {root} is not a folder")
         if not self.roots:
-            raise WsiError("at least one slide root is needed")
+            raise ConfigError("at least one slide root is needed")
 
     def resolve(self, requested: str) -> Path:
         """The file under a root that `requested` names; PathDenied or SlideNotFound otherwise."""
@@ -58,9 +50,9 @@ def read_token(path: str | os.PathLike) -> str:
     try:
         token = Path(path).read_text().strip()
     except OSError as exc:
-        raise WsiError(f"cannot read token file {path}: {exc.strerror or exc}") from None
+        raise AuthError(f"cannot read token file {path}: {exc.strerror or exc}") from None
     if not token:
-        raise WsiError(f"token file {path} is empty")
+        raise AuthError(f"token file {path} is empty")
     return token
 
 
@@ -84,5 +76,5 @@ def server_credentials(cert_file: str | os.PathLike, key_file: str | os.PathLike
     try:
         cert, key = Path(cert_file).read_bytes(), Path(key_file).read_bytes()
     except OSError as exc:
-        raise WsiError(f"cannot read TLS certificate or key: {exc}") from None
+        raise AuthError(f"cannot read TLS certificate or key: {exc}") from None
     return grpc.ssl_server_credentials([(key, cert)])

@@ -36,15 +36,35 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from core.cli import add_fallback_mpp_argument, add_tracking_uri_argument
+from core.errors import (
+    AuthError,
+    Busy,
+    Cancelled,
+    ConfigError,
+    MilroiError,
+    ModelNotReady,
+    PathDenied,
+    RequestError,
+    SlideMissing,
+    SlideNotFound,
+)
 from milroi.v1 import scoring_pb2 as pb
 from milroi.v1 import scoring_pb2_grpc as pb_grpc
-from serving.engine import PROVIDER_CHOICES, PROVIDER_NAMES, Engine, ModelRef
+from serving.engine import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_WAIT_S,
+    DEFAULT_PRECISION,
+    DEFAULT_PROVIDER,
+    PROVIDER_NAMES,
+    Engine,
+    ModelRef,
+)
 from serving.metrics import ServerMetrics
-from serving.model_source import LoadedModel, ModelNotReady, ModelSource, ModelSpec
+from serving.model_source import LoadedModel, ModelSource, ModelSpec
+from serving.options import EngineOptions, add_engine_arguments
 from serving.pipeline import PatchChunk, SlideHeader, SlideScorer, SlideSummary
-from serving.security import (PathDenied, SlideNotFound, SlideRoots, bearer_ok, read_token,
-                              server_credentials)
-from wsi.errors import SlideError, WsiError
+from serving.security import SlideRoots, bearer_ok, read_token, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -54,30 +74,26 @@ MAX_TILES_PER_REQUEST = 4096
 MAX_BUFFERED_EVENTS = 16
 
 
-class Unauthenticated(WsiError):
-    pass
-
-
-class Busy(WsiError):
-    pass
+# The gRPC status of each error type (docs/errors.md); the most specific class listed wins,
+# so a subclass needs a row only when its code differs from its parent's.
+STATUS_OF_ERROR: dict[type[MilroiError], grpc.StatusCode] = {
+    AuthError: grpc.StatusCode.UNAUTHENTICATED,
+    PathDenied: grpc.StatusCode.PERMISSION_DENIED,
+    SlideNotFound: grpc.StatusCode.NOT_FOUND,
+    SlideMissing: grpc.StatusCode.NOT_FOUND,
+    ModelNotReady: grpc.StatusCode.UNAVAILABLE,
+    Busy: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Cancelled: grpc.StatusCode.CANCELLED,
+    MilroiError: grpc.StatusCode.INVALID_ARGUMENT,   # a bad slide, request or parameter
+}
 
 
 def status_of(exc: BaseException) -> grpc.StatusCode:
-    """The gRPC status code of an error raised while serving a call."""
-    if isinstance(exc, Unauthenticated):
-        return grpc.StatusCode.UNAUTHENTICATED
-    if isinstance(exc, PathDenied):
-        return grpc.StatusCode.PERMISSION_DENIED
-    if isinstance(exc, SlideNotFound):
-        return grpc.StatusCode.NOT_FOUND
-    if isinstance(exc, SlideError):
-        return grpc.StatusCode.NOT_FOUND if exc.cause == "no such file" else grpc.StatusCode.INVALID_ARGUMENT
-    if isinstance(exc, ModelNotReady):
-        return grpc.StatusCode.UNAVAILABLE
-    if isinstance(exc, Busy):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED
-    if isinstance(exc, WsiError):
-        return grpc.StatusCode.INVALID_ARGUMENT
+    """The gRPC status code of an error raised while serving a call: by its type (the first
+    class of its method resolution order in STATUS_OF_ERROR); INTERNAL for anything else."""
+    for cls in type(exc).__mro__:
+        if cls in STATUS_OF_ERROR:
+            return STATUS_OF_ERROR[cls]
     return grpc.StatusCode.INTERNAL
 
 
@@ -122,15 +138,15 @@ def decode_tiles(request: pb.ScoreTilesRequest, tile_size: int) -> np.ndarray:
     """uint8 [count, s, s, 3] from a ScoreTilesRequest, checked against the model's tile size."""
     count, size = int(request.count), int(request.tile_size)
     if not 1 <= count <= MAX_TILES_PER_REQUEST:
-        raise WsiError(f"count must be in [1, {MAX_TILES_PER_REQUEST}], got {count}")
+        raise RequestError(f"count must be in [1, {MAX_TILES_PER_REQUEST}], got {count}")
     if size != tile_size:
-        raise WsiError(f"tile_size {size} does not match the model's {tile_size}")
+        raise RequestError(f"tile_size {size} does not match the model's {tile_size}")
     expected = count * size * size * 3
     if len(request.tiles) != expected:
-        raise WsiError(f"tiles holds {len(request.tiles)} bytes, expected {expected} "
+        raise RequestError(f"tiles holds {len(request.tiles)} bytes, expected {expected} "
                        f"({count} RGB tiles of {size}x{size})")
     if len(request.x) != len(request.y) or len(request.x) not in (0, count):
-        raise WsiError(f"x and y must both be empty or hold {count} values, got "
+        raise RequestError(f"x and y must both be empty or hold {count} values, got "
                        f"{len(request.x)} and {len(request.y)}")
     return np.frombuffer(request.tiles, np.uint8).reshape(count, size, size, 3)
 
@@ -164,7 +180,7 @@ class SlideScoringService(pb_grpc.SlideScoringServicer):
 
     def _authorize(self, context) -> None:
         if not bearer_ok(context.invocation_metadata(), self.options.token):
-            raise Unauthenticated("missing or wrong bearer token (metadata 'authorization: Bearer <token>')")
+            raise AuthError("missing or wrong bearer token (metadata 'authorization: Bearer <token>')")
 
     async def _fail(self, method: str, context, exc: BaseException, started: float):
         code = status_of(exc)
@@ -278,12 +294,12 @@ class SlideScoringService(pb_grpc.SlideScoringServicer):
 def model_info(model: LoadedModel) -> pb.ModelInfo:
     engine, manifest = model.engine, model.engine.manifest
     return pb.ModelInfo(
-        model=model_ref_pb(model.ref), head=str(manifest.get("head", "")),
-        tile_size=int(manifest["tile_size"]), tile_level=int(manifest.get("level", 0)),
-        feature_dim=int(manifest["feature_dim"]), threshold=float(manifest["threshold"]),
-        roi_threshold=float(manifest.get("patch_threshold", 0.5)),
+        model=model_ref_pb(model.ref), head=manifest.head,
+        tile_size=manifest.tiling.tile_size, tile_level=manifest.tiling.level,
+        feature_dim=manifest.feature_dim, threshold=manifest.threshold,
+        roi_threshold=manifest.patch_threshold,
         provider=PROVIDER_NAMES[engine.provider], providers=list(engine.providers),
-        manifest_json=json.dumps(manifest, sort_keys=True))
+        manifest_json=json.dumps(manifest.to_dict(), sort_keys=True))
 
 
 async def _in_thread(make_events, cancel: threading.Event):
@@ -338,10 +354,10 @@ class ServerConfig:
     tls_key: str | None = None
     metrics_port: int | None = None
     max_concurrent: int = 16
-    provider: str = "auto"
-    precision: str = "fp32"
-    batch_size: int = 64
-    max_wait_ms: float = 5.0
+    provider: str = DEFAULT_PROVIDER
+    precision: str = DEFAULT_PRECISION
+    batch_size: int = DEFAULT_BATCH_SIZE
+    max_wait_ms: float = DEFAULT_MAX_WAIT_S * 1000
     threads: int | None = None
     reader_workers: int | None = None
     tracking_uri: str | None = None
@@ -350,13 +366,23 @@ class ServerConfig:
     fallback_mpp: float | None = None
     engine_kwargs: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.max_concurrent < 1 or self.poll_interval <= 0:
+            raise ConfigError("--max-concurrent must be >= 1 and --poll-interval > 0")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("--tls-cert and --tls-key go together")
+        self.engine  # noqa: B018 - checks the engine options now, not at the first model load
+
+    @property
+    def engine(self) -> EngineOptions:
+        return EngineOptions(self.provider, self.precision, self.batch_size, self.threads,
+                             self.max_wait_ms / 1000)
+
 
 class ScoringServer:
     """The grpc.aio server with its model source, health, reflection and metrics."""
 
     def __init__(self, config: ServerConfig):
-        if (config.tls_cert is None) != (config.tls_key is None):
-            raise WsiError("--tls-cert and --tls-key go together")
         self.config = config
         self.roots = SlideRoots(config.slide_roots)
         token = read_token(config.token_file) if config.token_file else None
@@ -378,10 +404,8 @@ class ScoringServer:
         self.ready = asyncio.Event()
 
     def _make_engine(self, bundle_dir: Path, ref: ModelRef) -> Engine:
-        c = self.config
-        return Engine(bundle_dir, provider=c.provider, precision=c.precision,
-                      batch_size=c.batch_size, max_wait_s=c.max_wait_ms / 1000, threads=c.threads,
-                      model=ref, on_batch=self.metrics.on_batch, **c.engine_kwargs)
+        return self.config.engine.engine(bundle_dir, model=ref, on_batch=self.metrics.on_batch,
+                                         **self.config.engine_kwargs)
 
     def _model_changed(self, model: LoadedModel) -> None:
         """From the poll thread: metrics now, health on the loop."""
@@ -416,7 +440,7 @@ class ScoringServer:
         else:
             self.port = self.server.add_insecure_port(address)
         if not self.port:
-            raise WsiError(f"cannot listen on {address}")
+            raise ConfigError(f"cannot listen on {address}")
         await self.server.start()
         if c.metrics_port is not None:
             self.metrics.serve(c.metrics_port, c.host)
@@ -438,52 +462,43 @@ class ScoringServer:
 
 # -- command line ------------------------------------------------------------------------------
 def configure_parser(parser: argparse.ArgumentParser) -> None:
+    d = ServerConfig(model="", slide_roots=[])   # the defaults, stated once in ServerConfig
     parser.add_argument("--model", required=True,
                         help="models:/NAME@ALIAS, models:/NAME/VERSION or a bundle folder")
     parser.add_argument("--slide-root", action="append", required=True, dest="slide_roots",
                         help="folder slides are read from (repeatable); request paths are relative to it")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=50051, help="port (default 50051, 0 = any free)")
+    parser.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host})")
+    parser.add_argument("--port", type=int, default=d.port,
+                        help=f"port (default {d.port}, 0 = any free)")
     parser.add_argument("--token-file", default=None,
                         help="file holding the bearer token clients must send")
     parser.add_argument("--tls-cert", default=None, help="PEM certificate chain (with --tls-key)")
     parser.add_argument("--tls-key", default=None, help="PEM private key")
     parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port")
-    parser.add_argument("--max-concurrent", type=int, default=16,
-                        help="streams served at once; more get RESOURCE_EXHAUSTED (default 16)")
-    parser.add_argument("--provider", choices=sorted(PROVIDER_CHOICES), default="auto",
-                        help="onnxruntime execution provider (default auto: TensorRT, CUDA, CPU)")
-    parser.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
-                        help="backbone precision: fp16 on GPUs, int8 (the bundle's backbone_int8.onnx "
-                             "from `milroi-train export --int8`) on CPUs with VNNI (default fp32)")
-    parser.add_argument("--batch-size", type=int, default=64, help="tiles per model run (default 64)")
-    parser.add_argument("--max-wait-ms", type=float, default=5.0,
-                        help="how long the batcher waits to fill a batch (default 5 ms)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="onnxruntime intra-op threads on CPU (default: all usable cores)")
+    parser.add_argument("--max-concurrent", type=int, default=d.max_concurrent,
+                        help="streams served at once; more get RESOURCE_EXHAUSTED "
+                             f"(default {d.max_concurrent})")
+    add_engine_arguments(parser, batching=True)
     parser.add_argument("--reader-workers", type=int, default=None,
                         help="tile-reading threads per slide (default: cores, 2..8)")
-    parser.add_argument("--tracking-uri", default=None,
-                        help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
-    parser.add_argument("--poll-interval", type=float, default=30.0,
-                        help="seconds between checks of the model alias (default 30)")
-    parser.add_argument("--grace", type=float, default=30.0,
-                        help="seconds in-flight streams get to finish on SIGTERM (default 30)")
-    parser.add_argument("--fallback-mpp", type=float, default=None,
-                        help="pixel size (um) assumed for slides without one (default 0.243)")
+    add_tracking_uri_argument(parser)
+    parser.add_argument("--poll-interval", type=float, default=d.poll_interval,
+                        help=f"seconds between checks of the model alias (default {d.poll_interval:g})")
+    parser.add_argument("--grace", type=float, default=d.grace,
+                        help=f"seconds in-flight streams get to finish on SIGTERM (default {d.grace:g})")
+    add_fallback_mpp_argument(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    if args.max_concurrent < 1 or args.batch_size < 1 or args.poll_interval <= 0:
-        raise WsiError("--max-concurrent and --batch-size must be >= 1, --poll-interval > 0")
+    engine = EngineOptions.from_args(args)
     return ServerConfig(
         model=args.model, slide_roots=args.slide_roots, host=args.host, port=args.port,
         token_file=args.token_file, tls_cert=args.tls_cert, tls_key=args.tls_key,
         metrics_port=args.metrics_port, max_concurrent=args.max_concurrent,
-        provider=args.provider, precision=args.precision, batch_size=args.batch_size,
-        max_wait_ms=args.max_wait_ms, threads=args.threads, reader_workers=args.reader_workers,
-        tracking_uri=args.tracking_uri, poll_interval=args.poll_interval, grace=args.grace,
-        fallback_mpp=args.fallback_mpp)
+        provider=engine.provider, precision=engine.precision, batch_size=engine.batch_size,
+        max_wait_ms=engine.max_wait_s * 1000, threads=engine.threads,
+        reader_workers=args.reader_workers, tracking_uri=args.tracking_uri,
+        poll_interval=args.poll_interval, grace=args.grace, fallback_mpp=args.fallback_mpp)
 
 
 async def serve(config: ServerConfig) -> int:
