@@ -3,7 +3,7 @@
 Four numbers in tiles/s, same tiles, same batch size, same process, median of `--repeats`
 (the four take turns within each repeat):
 
-- milroi end to end with each engine: `training.features.extract_features` on a synthetic
+- milroi end to end with each engine: `training.extraction.extract_features` on a synthetic
   slide (open, tissue mask, grid, background tile reading, ResNet-50, h5 write), the ResNet-50
   in onnxruntime (`training.onnx_backbone.OnnxBackbone`, the CPU default) and in torch eager;
 - the bare backbone in onnxruntime (that same session) and in torch eager (inference_mode):
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     import onnxruntime as ort
 
     from training.backbone import build_backbone
-    from training.features import extract_features
+    from training.extraction import ExtractionOptions, extract_features
     from training.onnx_backbone import OnnxBackbone
     from wsi.grid import tiles_for_slide
     from wsi.slide import open_slide
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
         else:
             slide_path = args.slide
         with open_slide(slide_path) as slide:
-            _, grid = tiles_for_slide(slide, tile_size=224)
+            _, grid = tiles_for_slide(slide)
             coords = grid.coords[:args.tiles]
             tiles = np.stack([slide.read_region(int(x), int(y), 224, 224) for x, y in coords])
         n = len(tiles)
@@ -93,8 +93,10 @@ def main(argv=None) -> int:
             def run():
                 out = tmp / "h5_files" / "bench_slide.h5"
                 out.unlink(missing_ok=True)
-                extract_features(slide_path, out, model, batch_size=args.batch_size,
-                                 workers=args.workers, limit_tiles=n, progress=False)
+                extract_features(slide_path, out, model,
+                                 ExtractionOptions(batch_size=args.batch_size,
+                                                   workers=args.workers, limit_tiles=n),
+                                 progress=False)
             return run
 
         def onnxruntime_backbone():
@@ -116,7 +118,8 @@ def main(argv=None) -> int:
             "backbone, torch eager": torch_backbone})
 
     result = {
-        "benchmark": "features", "slide": str(args.slide or "wsi.synth 4096 x 4096"), "tiles": n, "batch_size": args.batch_size,
+        "benchmark": "features", "slide": str(args.slide or "wsi.synth 4096 x 4096"), "tiles": n,
+        "batch_size": args.batch_size,
         "repeats": args.repeats, "layer": args.layer, "weights": "none",
         "tile_reader_workers": args.workers, "results": rows,
         "onnxruntime_engine_setup_s": round(export_seconds, 1),

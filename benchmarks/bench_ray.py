@@ -72,7 +72,9 @@ def main(argv=None) -> int:
 
     import ray
 
-    from serving.batch import LocalBackend
+    from core.ray_cluster import RayOptions
+    from serving.backends import LocalBackend
+    from serving.options import EngineOptions, ScoringOverrides
     from serving.ray_batch import RayBackend, ScoringActor
 
     results = {}
@@ -81,7 +83,8 @@ def main(argv=None) -> int:
         bundle, slides_dir = make_inputs(root, args.slides, args.size)
 
         start = time.perf_counter()
-        local = LocalBackend(str(bundle), provider="cpu")
+        cpu = EngineOptions(provider="cpu")
+        local = LocalBackend(str(bundle), cpu)
         load = time.perf_counter() - start
         try:
             timed_folder(slides_dir, root / "warm-up", local, 1)  # page cache, first session runs
@@ -95,7 +98,8 @@ def main(argv=None) -> int:
         init = time.perf_counter() - start
         try:
             # Ray's own cost, isolated: the actor's code and thread count, in this process.
-            same = ScoringActor(str(bundle), None, "cpu", None, None, threads=1)
+            same = ScoringActor(str(bundle), EngineOptions(provider="cpu", threads=1),
+                                ScoringOverrides())
             try:
                 assert same.engine.threads == 1
                 results["local, 1 engine thread (as an actor)"] = timed_folder(
@@ -104,7 +108,7 @@ def main(argv=None) -> int:
                 same.close()
             for actors in (1, 2):
                 start = time.perf_counter()
-                backend = RayBackend(str(bundle), actors=actors, provider="cpu")
+                backend = RayBackend(str(bundle), RayOptions("auto", actors=actors), cpu)
                 started = time.perf_counter() - start
                 try:
                     results[f"ray, {actors} actor{'s' if actors > 1 else ''}"] = {
@@ -117,7 +121,7 @@ def main(argv=None) -> int:
             ray.shutdown()
 
     base = results["local (in process)"]["tiles_per_s"]
-    for name, r in results.items():
+    for r in results.values():
         r["vs_local"] = round(r["tiles_per_s"] / base, 3)
     report = {"benchmark": "ray batch scoring", "slides": args.slides,
               "slide_px": [args.size, args.size], "model": "ResNet-50 layer3 + CHOWDER (ONNX, CPU)",
@@ -128,7 +132,8 @@ def main(argv=None) -> int:
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")
     print(f"ray.init (local cluster, {args.cpus} CPUs): {init:.2f} s\n")
-    print("| run | tiles | start s | score s (runs) | tiles/s (fastest) | vs local |\n|---|---|---|---|---|---|")
+    print("| run | tiles | start s | score s (runs) | tiles/s (fastest) | vs local |\n"
+          "|---|---|---|---|---|---|")
     for name, r in results.items():
         start_s = r.get("actor_start_s", r.get("model_load_s", ""))
         print(f"| {name} | {r['tiles']} | {start_s} | {r['score_seconds']} | "

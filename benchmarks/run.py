@@ -251,7 +251,7 @@ def main(argv=None) -> int:
     naive_device = args.naive_device or ("cpu" if on_cpu else "cuda")
     started, load_before = time.perf_counter(), _load()
 
-    from serving.engine import available_cores
+    from core.runtime import available_cores
     from training.quantize import feature_agreement
     from wsi.synth import write_synthetic_slide
 
@@ -285,9 +285,10 @@ def main(argv=None) -> int:
         reference = ort.InferenceSession(str(bundle / "backbone.onnx"),
                                          providers=["CPUExecutionProvider"])
         fp32_features = reference.run(["features"], {"tiles": read_tiles(slide, naive_coords[:16])})[0]
+        naive16 = naive["features"][:16]
         result["naive_cosine_min"] = float(
-            ((fp32_features * naive["features"][:16]).sum(1)
-             / (np.linalg.norm(fp32_features, axis=1) * np.linalg.norm(naive["features"][:16], axis=1))).min())
+            ((fp32_features * naive16).sum(1)
+             / (np.linalg.norm(fp32_features, axis=1) * np.linalg.norm(naive16, axis=1))).min())
         result["naive"] = {k: v for k, v in naive.items() if k != "features"}
 
         serving_precision = "int8" if "int8" in precisions else precisions[-1]

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-
 from mlflow_testing import running_mlflow_server
 
 

@@ -60,7 +60,7 @@ def register_bundle(client, name: str, bundle: Path, experiment: str = "tests") 
     """Register a bundle folder as a new version of `name` through the product's own
     training.export.register_bundle, on a fresh run of `experiment`; returns the version."""
     from training.export import register_bundle as register
-    from training.fit import ensure_experiment
+    from training.runs import ensure_experiment
 
     run_id = client.create_run(ensure_experiment(client.tracking_uri, experiment)).info.run_id
     version = register(client, name, run_id, bundle)
@@ -79,7 +79,7 @@ def log_fit_run(tracking_uri: str, head, val_auc: float | None = None, threshold
     import torch
     from mlflow import MlflowClient
 
-    from training.fit import ensure_experiment
+    from training.runs import ensure_experiment
 
     client = MlflowClient(tracking_uri=tracking_uri)
     run_id = client.create_run(ensure_experiment(tracking_uri, experiment)).info.run_id

@@ -17,8 +17,13 @@ import pytest
 
 from serving.engine import BundleError, Engine
 from serving.pipeline import SlideScorer
-from training.quantize import (INT8_FILE, QuantizationError, calibration_tiles_from_slides,
-                               feature_agreement, quantize_backbone)
+from training.quantize import (
+    INT8_FILE,
+    QuantizationError,
+    calibration_tiles_from_slides,
+    feature_agreement,
+    quantize_backbone,
+)
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 CMU = DATA / "CMU-1-Small-Region.svs"
@@ -144,8 +149,8 @@ def test_cli_export_int8_registers_a_bundle_with_the_int8_graph(tmp_path, capsys
     """`milroi-train export RUN --int8 --calibration-slide SLIDE`: the registered bundle has
     backbone_int8.onnx in its manifest and the Engine serves it with precision int8."""
     import torch
-
     from mlflow_testing import log_fit_run
+
     from training.cli import main as train_main
     from training.heads import build_head
 

@@ -22,9 +22,15 @@ import time
 from pathlib import Path
 
 import pytest
-
-from containers_support import (BASE_IMAGE, NO_TOOLS, SCRIPTS, SERVE_IMAGE, WITH_CUDA, Container,
-                                image_size_bytes)
+from containers_support import (
+    BASE_IMAGE,
+    NO_TOOLS,
+    SCRIPTS,
+    SERVE_IMAGE,
+    WITH_CUDA,
+    Container,
+    image_size_bytes,
+)
 
 
 @pytest.fixture(scope="session")

@@ -38,14 +38,15 @@ class Container:
         self.name = f"milroi-test-{uuid.uuid4().hex[:8]}"
         buildah("from", "--pull-never", "--name", self.name, image)
 
-    def command(self, *args: str, volumes: dict[Path, str] = {}, user: str | None = None) -> list[str]:
+    def command(self, *args: str, volumes: dict[Path, str] | None = None,
+                user: str | None = None) -> list[str]:
         """`buildah run` of args, as the image's user unless `user` is given."""
-        options = [f"--volume={host}:{target}" for host, target in volumes.items()]
+        options = [f"--volume={host}:{target}" for host, target in (volumes or {}).items()]
         if user is not None:
             options.append(f"--user={user}")
         return [*BUILDAH, "run", "--isolation", "chroot", *options, self.name, "--", *args]
 
-    def run(self, *args: str, volumes: dict[Path, str] = {}, user: str | None = None,
+    def run(self, *args: str, volumes: dict[Path, str] | None = None, user: str | None = None,
             timeout: float = 600):
         return subprocess.run(self.command(*args, volumes=volumes, user=user),
                               capture_output=True, text=True, timeout=timeout)

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from batch_testing import read_summary
 from containers_support import SERVE_IMAGE, WITH_CUDA, buildah
 from server_testing import free_port
@@ -96,7 +95,8 @@ def test_server_in_image_scores_for_a_host_client(container, slides, bundle, out
                 client.wait_until_serving(timeout=180)
             except Exception:
                 server.kill()
-                raise AssertionError(f"server in the image never served:\n{server.stdout.read()[-3000:]}")
+                raise AssertionError(f"server in the image never served:\n"
+                                     f"{server.stdout.read()[-3000:]}") from None
             # the host reaches the container's port: one network namespace
             result = client.score_slide_all("a.tif")
         assert result.summary.tile_count == len(result.scores) > 0

@@ -20,10 +20,16 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from hardening_helpers import (GOOD_SIZE, GOOD_SLIDES, InProcessServer, ServeProcess,
-                               write_bad_files, write_blank_slide, write_corrupt_tiles_slide,
-                               write_single_level_tiff)
+from hardening_helpers import (
+    GOOD_SIZE,
+    GOOD_SLIDES,
+    InProcessServer,
+    ServeProcess,
+    write_bad_files,
+    write_blank_slide,
+    write_corrupt_tiles_slide,
+    write_single_level_tiff,
+)
 
 
 @pytest.fixture(scope="session")

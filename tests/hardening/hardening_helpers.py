@@ -17,7 +17,6 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-
 from server_testing import free_port, wait_serving
 
 DATA = Path(__file__).resolve().parents[1] / "data"

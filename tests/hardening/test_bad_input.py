@@ -92,8 +92,9 @@ def test_single_level_tiled_tiff_is_scored_like_its_pyramidal_source(stub):
     good = list(stub.ScoreSlide(pb.ScoreSlideRequest(slide_path="good.tif"), timeout=60))
     assert one[0].header.level_count == 1 and good[0].header.level_count > 1
     assert one[-1].summary.tile_count > 0
-    xy = lambda rs: np.concatenate([np.stack([r.patches.x, r.patches.y], 1)
-                                    for r in rs if r.HasField("patches")])
+    def xy(rs):
+        return np.concatenate([np.stack([r.patches.x, r.patches.y], 1)
+                               for r in rs if r.HasField("patches")])
     # Tissue is the same up to the mask's level (one level: it is computed from level 0 resized).
     a, b = {tuple(p) for p in xy(one)}, {tuple(p) for p in xy(good)}
     assert len(a & b) >= 0.8 * max(len(a), len(b))
@@ -157,11 +158,13 @@ def test_token_missing_or_wrong_is_unauthenticated(make_in_process_server, bad_r
     stub = pb_grpc.SlideScoringStub(grpc.insecure_channel(server.address))
     for metadata in (None, [("authorization", "Bearer wrong")], [("authorization", "s3cret-token")],
                      [("authorization", "Basic s3cret-token")], [("authorization", "Bearer ")]):
-        for call in (lambda: stub.GetModel(pb.GetModelRequest(), metadata=metadata, timeout=10),
+        # each call runs within this iteration (rpc_error below): `metadata` is current
+        for call in (lambda: stub.GetModel(pb.GetModelRequest(), metadata=metadata,  # noqa: B023
+                                           timeout=10),
                      lambda: list(stub.ScoreSlide(pb.ScoreSlideRequest(slide_path="good.tif"),
-                                                  metadata=metadata, timeout=10)),
-                     lambda: list(stub.ScoreTiles(iter([tiles_request()]), metadata=metadata,
-                                                  timeout=10))):
+                                                  metadata=metadata, timeout=10)),  # noqa: B023
+                     lambda: list(stub.ScoreTiles(iter([tiles_request()]),
+                                                  metadata=metadata, timeout=10))):  # noqa: B023
             code, details = rpc_error(call)
             assert code == Code.UNAUTHENTICATED and "bearer token" in details
     ok = [("authorization", "Bearer s3cret-token")]

@@ -8,9 +8,9 @@ import time
 
 import numpy as np
 import pytest
-
 from batch_testing import read_summary, slide_files, stable_summary
 from hardening_helpers import BIN, write_bad_files
+
 from serving.batch import DONE_MARKER
 from serving.cli import main as serve_main
 

@@ -9,8 +9,8 @@ import time
 import grpc
 import numpy as np
 import pytest
-
 from hardening_helpers import GOOD_SLIDES
+
 from milroi.v1 import scoring_pb2 as pb
 from milroi.v1 import scoring_pb2_grpc as pb_grpc
 

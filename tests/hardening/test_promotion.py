@@ -12,10 +12,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from mlflow_testing import register_bundle
 
 from milroi.v1 import scoring_pb2 as pb
 from milroi.v1 import scoring_pb2_grpc as pb_grpc
-from mlflow_testing import register_bundle
 
 
 def register(client, bundle: Path) -> str:

@@ -3,10 +3,12 @@ worker killed mid-slide, on a real local Ray cluster."""
 from __future__ import annotations
 
 import pytest
-
 from ray_test_helpers import crashing, done_markers, output_files, summary_rows
+
+from core.ray_cluster import RayOptions
 from serving.batch import score_folder
 from serving.cli import main as serve_main
+from serving.options import EngineOptions
 from serving.ray_batch import RayBackend, ScoringActor
 
 pytestmark = pytest.mark.slow
@@ -65,7 +67,8 @@ def test_rerun_skips_finished_slides(ray_cluster, bundle, slides_dir, ray_out, l
 def test_worker_killed_mid_slide_is_restarted_and_the_slide_completes(
         ray_cluster, bundle, slides_dir, local_out, tmp_path):
     marker = tmp_path / "crashed"
-    backend = RayBackend(str(bundle), actors=1, max_restarts=1, provider="cpu",
+    backend = RayBackend(str(bundle), RayOptions("auto", actors=1, max_restarts=1),
+                         EngineOptions(provider="cpu"),
                          actor_class=crashing(ScoringActor, "score", "synth_normal", marker))
     try:
         first_actor = backend.actors[0]
@@ -83,7 +86,8 @@ def test_worker_killed_mid_slide_is_restarted_and_the_slide_completes(
 def test_worker_dying_past_its_restarts_fails_only_that_slide(
         ray_cluster, bundle, slides_dir, local_out, tmp_path):
     # Slides go in order broken, sub/synth_tumor, synth_normal: the crash is not the last one.
-    backend = RayBackend(str(bundle), actors=1, max_restarts=1, provider="cpu",
+    backend = RayBackend(str(bundle), RayOptions("auto", actors=1, max_restarts=1),
+                         EngineOptions(provider="cpu"),
                          actor_class=crashing(ScoringActor, "score", "synth_tumor", None))
     try:
         rows = {r["slide"]: r for r in score_folder(slides_dir, tmp_path / "out", backend,

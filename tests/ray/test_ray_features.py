@@ -5,11 +5,14 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import pytest
-
 from ray_test_helpers import crashing
+
+from core.ray_cluster import RayOptions
 from training.cli import main as train_main
-from training.features import configure_parser, find_slides
+from training.extraction import ExtractionOptions, FeatureModelOptions
+from training.features import configure_parser
 from training.ray_features import FeatureActor, extract_on_ray
+from wsi.discovery import find_slides
 
 pytestmark = pytest.mark.slow
 
@@ -69,7 +72,8 @@ def test_rerun_skips_finished_slides(ray_cluster, slides_dir, ray_features, capl
     assert "0 slides written, 2 already done, 1 failed" in caplog.text
 
 
-def _args(slides_dir, out, **ray):
+def _run_on_ray(slides_dir, out, actor_class, **ray) -> int:
+    """extract_on_ray with the options the command line would give (`--ray auto`, `ray`)."""
     import argparse
 
     parser = argparse.ArgumentParser()
@@ -78,17 +82,18 @@ def _args(slides_dir, out, **ray):
             "--workers", "2", "--no-progress", "--ray", "auto"]
     for key, value in ray.items():
         argv += [f"--ray-{key.replace('_', '-')}", str(value)]
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    return extract_on_ray(find_slides(slides_dir).slides, out, FeatureModelOptions.from_args(args),
+                          ExtractionOptions.from_args(args), RayOptions.from_args(args),
+                          actor_class=actor_class)
 
 
 def test_worker_killed_mid_slide_is_restarted_and_the_slide_completes(
         ray_cluster, slides_dir, local_features, tmp_path, caplog):
     marker = tmp_path / "crashed"
-    slides, _ = find_slides(slides_dir)
     actor = crashing(FeatureActor, "extract", "synth_tumor", marker)
     with caplog.at_level("INFO", logger="training.ray_features"):
-        code = extract_on_ray(_args(slides_dir, tmp_path / "out", actors=1, max_restarts=1),
-                              slides, actor_class=actor)
+        code = _run_on_ray(slides_dir, tmp_path / "out", actor, actors=1, max_restarts=1)
     assert code == 1 and marker.exists()
     assert "2 slides written, 0 already done, 1 failed" in caplog.text
     for name in OK_SLIDES:
@@ -98,12 +103,10 @@ def test_worker_killed_mid_slide_is_restarted_and_the_slide_completes(
 
 def test_worker_dying_past_its_restarts_fails_only_that_slide(
         ray_cluster, slides_dir, tmp_path, caplog):
-    slides, _ = find_slides(slides_dir)
     # Slides go in order broken, sub/synth_tumor, synth_normal: the crash is not the last one.
     actor = crashing(FeatureActor, "extract", "synth_tumor", None)
     with caplog.at_level("INFO", logger="training.ray_features"):
-        code = extract_on_ray(_args(slides_dir, tmp_path / "out", actors=1, max_restarts=0),
-                              slides, actor_class=actor)
+        code = _run_on_ray(slides_dir, tmp_path / "out", actor, actors=1, max_restarts=0)
     assert code == 1
     assert "synth_tumor.tif: the Ray worker extracting it died (0 restarts)" in caplog.text
     # broken and synth_tumor failed; the replacement actor still did the slide after them.

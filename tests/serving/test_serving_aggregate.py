@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
+from core.errors import MilroiError
 from serving.aggregate import AttentionState, ExtremesState, make_state, sigmoid
 from training.heads import attention_pool, build_head, extremes_pool
-from wsi.errors import WsiError
 
 
 def _feed(state, arrays, chunk_sizes, rng):
@@ -62,11 +62,11 @@ def test_streaming_slide_logit_equals_torch_head_forward():
 
 
 def test_empty_state_and_bad_pooling_are_clear_errors():
-    with pytest.raises(WsiError, match="empty bag"):
+    with pytest.raises(MilroiError, match="empty bag"):
         ExtremesState(3).pooled()
-    with pytest.raises(WsiError, match="empty bag"):
+    with pytest.raises(MilroiError, match="empty bag"):
         AttentionState().pooled()
-    with pytest.raises(WsiError, match="unknown pooling"):
+    with pytest.raises(MilroiError, match="unknown pooling"):
         make_state({"kind": "max"})
 
 

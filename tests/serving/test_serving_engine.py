@@ -5,10 +5,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from core.bundle import BundleManifest, bundle_digest
+from core.errors import BundleError, MilroiError
 from serving.aggregate import make_state, slide_score
-from serving.engine import CPU, BundleError, Engine, bundle_digest, read_manifest
+from serving.engine import CPU, Engine
 from training.export import synthetic_parity_tiles
-from wsi.errors import WsiError
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def test_explicit_gpu_provider_that_does_not_initialise_is_an_error(chowder_bund
     probe.close()
     if probe.provider != CPU:
         pytest.skip("a GPU provider initialises on this machine")
-    with pytest.raises(WsiError, match="cuda"):
+    with pytest.raises(MilroiError, match="cuda"):
         Engine(chowder_bundle, provider="cuda")
 
 
@@ -102,23 +103,23 @@ def test_lone_full_request_does_not_wait(chowder_bundle, tiles):
 
 def test_bad_tiles_and_closed_engine(chowder_bundle):
     engine = Engine(chowder_bundle, provider="cpu", batch_size=4)
-    with pytest.raises(WsiError, match="uint8"):
+    with pytest.raises(MilroiError, match="uint8"):
         engine.submit(np.zeros((2, 224, 224, 3), np.float32))
-    with pytest.raises(WsiError, match="224"):
+    with pytest.raises(MilroiError, match="224"):
         engine.submit(np.zeros((2, 100, 100, 3), np.uint8))
     engine.close()
-    with pytest.raises(WsiError, match="closed"):
+    with pytest.raises(MilroiError, match="closed"):
         engine.submit(np.zeros((1, 224, 224, 3), np.uint8))
 
 
 def test_bundle_checks(chowder_bundle, tmp_path):
-    assert read_manifest(chowder_bundle)["format"] == "milroi-bundle/1"
+    assert BundleManifest.read(chowder_bundle).to_dict()["format"] == "milroi-bundle/1"
     digest = bundle_digest(chowder_bundle)
     assert len(digest) == 12 and digest == bundle_digest(chowder_bundle)
     with pytest.raises(BundleError, match="no manifest.json"):
-        read_manifest(tmp_path)
+        BundleManifest.read(tmp_path)
     (tmp_path / "manifest.json").write_text('{"format": "milroi-bundle/1"}')
     with pytest.raises(BundleError, match="lacks"):
-        read_manifest(tmp_path)
-    with pytest.raises(WsiError, match="unknown provider"):
+        BundleManifest.read(tmp_path)
+    with pytest.raises(MilroiError, match="unknown provider"):
         Engine(chowder_bundle, provider="rocm")

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-
-from milroi.v1 import scoring_pb2 as pb
-from milroi.v1 import scoring_pb2_grpc as pb_grpc
 from mlflow_testing import register_bundle
 from server_testing import free_port as _free_port
 from server_testing import wait_serving
+
+from milroi.v1 import scoring_pb2 as pb
+from milroi.v1 import scoring_pb2_grpc as pb_grpc
 
 BIN = Path(sys.executable).parent
 

@@ -5,13 +5,12 @@ import time
 import numpy as np
 import pytest
 
+from core.errors import MilroiError, SlideError
 from serving.aggregate import make_state, slide_score
 from serving.engine import Engine
 from serving.pipeline import PatchChunk, SlideHeader, SlideScorer, SlideSummary
-from wsi.errors import SlideError, WsiError
 from wsi.grid import tiles_for_slide
 from wsi.slide import open_slide
-from wsi.tissue import TissueParams
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +23,7 @@ def _direct(engine, path):
     """Grid and scores computed without the pipeline: read every tile, one engine.infer."""
     manifest = engine.manifest
     with open_slide(path) as slide:
-        _, grid = tiles_for_slide(slide, tile_size=manifest["tile_size"],
-                                  min_tissue=manifest["min_tissue"],
-                                  params=TissueParams.from_dict(manifest["tissue"]))
+        _, grid = tiles_for_slide(slide, manifest.tiling, params=manifest.tissue)
         tiles = np.stack([slide.read_region(x, y, 224, 224) for x, y in grid.coords])
     outputs = engine.infer(tiles)
     state = make_state(engine.pooling)
@@ -91,9 +88,9 @@ def test_bad_slides_and_parameters(engine, slide_root):
         list(scorer.score(slide_root / "notes.txt"))
     with pytest.raises(SlideError, match="no such file"):
         list(scorer.score(slide_root / "missing.tiff"))
-    with pytest.raises(WsiError, match="min_tissue"):
+    with pytest.raises(MilroiError, match="min_tissue"):
         list(scorer.score(slide_root / "slide.tiff", min_tissue=0.0))
-    with pytest.raises(WsiError, match="roi_threshold"):
+    with pytest.raises(MilroiError, match="roi_threshold"):
         list(scorer.score(slide_root / "slide.tiff", roi_threshold=1.5))
 
 

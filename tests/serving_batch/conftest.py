@@ -10,7 +10,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from serving_batch_helpers import ServerProcess
 
 DATA = Path(__file__).resolve().parents[1] / "data"

@@ -46,7 +46,7 @@ class ServerProcess:
                 client.wait_until_serving(timeout)
             except ScoringError:
                 self.stop()
-                raise RuntimeError(f"server did not start: {self.log_path.read_text()}")
+                raise RuntimeError(f"server did not start: {self.log_path.read_text()}") from None
 
     def stop(self) -> None:
         if self.proc.poll() is None:

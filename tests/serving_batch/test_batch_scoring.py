@@ -8,12 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from batch_testing import read_summary, slide_files, stable_summary
 from serving_batch_helpers import MILROI_SERVE, wait_for
-from serving.batch import (DONE_MARKER, SUMMARY_NAME, find_slides,
-                           read_done_marker, slide_keys)
+
+from core.errors import MilroiError
+from serving.batch import DONE_MARKER, SUMMARY_NAME, read_done_marker, slide_keys
 from serving.cli import main as serve_main
+from wsi.discovery import find_slides
 
 OK_SLIDES = ["sub/synth_tumor", "synth_normal"]
 ALL_SLIDES = ["blank", "broken", *OK_SLIDES]
@@ -31,7 +32,7 @@ def in_process_out(tmp_path_factory, bundle, slides_dir) -> tuple[Path, int]:
 
 
 def test_find_slides_recurses_and_keeps_only_slides(slides_dir, tmp_path):
-    found = find_slides(slides_dir)
+    found = find_slides(slides_dir).slides
     assert slide_keys(slides_dir, found) == ALL_SLIDES  # notes.txt skipped
     # Names differing only by extension keep it, so their outputs do not collide.
     assert slide_keys(tmp_path, [tmp_path / "a" / "x.svs", tmp_path / "a" / "x.tif",
@@ -41,7 +42,7 @@ def test_find_slides_recurses_and_keeps_only_slides(slides_dir, tmp_path):
     (root / "out").mkdir(parents=True)
     (root / "scan.img").write_bytes((slides_dir / "synth_normal.tif").read_bytes())
     (root / "out" / "copy.tif").write_bytes(b"x")
-    assert find_slides(root, exclude=root / "out") == [root / "scan.img"]
+    assert find_slides(root, exclude=root / "out").slides == [root / "scan.img"]
 
 
 def test_in_process_writes_every_output_and_a_summary_row_per_slide(in_process_out, bundle):
@@ -49,7 +50,7 @@ def test_in_process_writes_every_output_and_a_summary_row_per_slide(in_process_o
     assert code == 1  # broken.svs failed: the job says so
     summary = read_summary(out)
     assert sorted(summary) == ALL_SLIDES
-    from serving.engine import bundle_digest
+    from core.bundle import bundle_digest
 
     for key in OK_SLIDES:
         row = summary[key]
@@ -155,10 +156,9 @@ def test_a_model_change_rescoring_and_clear_errors(in_process_out, bundle, slide
 def test_real_slides_of_tests_data(bundle, tmp_path):
     """tests/data as it is: Aperio JPEG (CMU-1), Aperio JPEG 2000 without MPP (TCGA), a corrupt
     SVS, and files that are not slides (README, XML)."""
-    from serving.engine import read_manifest
+    from core.bundle import BundleManifest
     from wsi.grid import tiles_for_slide
     from wsi.slide import open_slide
-    from wsi.tissue import TissueParams
 
     data = Path(__file__).resolve().parents[1] / "data"
     out = tmp_path / "out"
@@ -166,10 +166,31 @@ def test_real_slides_of_tests_data(bundle, tmp_path):
     summary = read_summary(out)
     assert sorted(summary) == ["CMU-1-Small-Region", "TCGA-CR-7395-01A-01-TS1", "broken"]
     assert summary["broken"]["status"] == "failed"
-    manifest = read_manifest(bundle)
+    manifest = BundleManifest.read(bundle)
     for key in ("CMU-1-Small-Region", "TCGA-CR-7395-01A-01-TS1"):
         assert summary[key]["status"] == "ok"
         with open_slide(data / f"{key}.svs") as slide:
-            _, grid = tiles_for_slide(slide, min_tissue=manifest["min_tissue"],
-                                      params=TissueParams.from_dict(manifest["tissue"]))
+            _, grid = tiles_for_slide(slide, manifest.tiling, params=manifest.tissue)
         assert int(summary[key]["tiles"]) == len(grid) > 10
+
+
+def test_score_sets_the_engine_batch_size_and_threads(bundle, slides_dir, tmp_path):
+    """`score --model` takes the engine options the server takes (one declaration of them)."""
+    import argparse
+
+    from serving import batch as batch_command
+
+    parser = argparse.ArgumentParser()
+    batch_command.configure_parser(parser)
+    args = parser.parse_args([str(slides_dir), "--out", str(tmp_path / "out"), "--model",
+                              str(bundle), "--provider", "cpu", "--batch-size", "8",
+                              "--threads", "1"])
+    backend, workers = batch_command.backend_from_args(args)
+    try:
+        assert (backend.engine.batch_size, backend.engine.threads, workers) == (8, 1, 1)
+    finally:
+        backend.close()
+    with pytest.raises(MilroiError, match="--threads must be at least 1"):
+        batch_command.backend_from_args(parser.parse_args(
+            [str(slides_dir), "--out", str(tmp_path / "out"), "--model", str(bundle),
+             "--threads", "0"]))

@@ -9,10 +9,10 @@ import time
 import grpc
 import numpy as np
 import pytest
-from shapely.geometry import Polygon
-
 from server_testing import free_port, write_self_signed_cert
 from serving_batch_helpers import ServerProcess
+from shapely.geometry import Polygon
+
 from serving.cli import main as serve_main
 from serving.client import ScoringClient, ScoringError, SlideResult
 
@@ -69,7 +69,7 @@ def test_summary_only_after_the_stream_is_exhausted(server):
     with ScoringClient(server.target, timeout=120) as client:
         with client.score_slide(SLIDE, chunk_size=5) as stream:
             with pytest.raises(RuntimeError, match="exhaust"):
-                stream.summary
+                stream.summary  # noqa: B018 - the property raises before the stream is read
             first = next(iter(stream))
             assert first.offset == 0 and len(first) == 5
         # Leaving the block early cancelled the call; the client still works.
@@ -94,7 +94,7 @@ def test_score_tiles_matches_the_slide_scores(server, streamed, slides_dir):
 
 
 def test_get_model_describes_the_bundle(server, bundle):
-    from serving.engine import bundle_digest
+    from core.bundle import bundle_digest
 
     with ScoringClient(server.target) as client:
         model = client.get_model()

@@ -20,8 +20,8 @@ def write_feature_h5(path: Path, features: np.ndarray, coords: np.ndarray, slide
         f["coords"] = coords.astype(np.int64)
         f["tissue_fraction"] = np.ones(len(coords), np.float32)
         f.attrs.update(patch_size=TILE, patch_level=0, level0_width=width, level0_height=height,
-                       mpp=0.243, backbone_layer="pool", weights="none", weights_seed=0,
-                       slide=slide, min_tissue=0.25)
+                       mpp=0.243, mpp_source="metadata", backbone_layer="pool", weights="none",
+                       weights_seed=0, feature_engine="onnxruntime", slide=slide, min_tissue=0.25)
 
 
 def make_bag_dataset(root: Path, n_pos: int = 10, n_neg: int = 10, seed: int = 0,

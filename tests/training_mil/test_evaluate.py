@@ -4,9 +4,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.evaluate import (SlideHits, detections, evaluation_mask, froc, itc_labels,
-                               lesion_hits, patch_auc, patch_targets, slide_metrics)
-from wsi.errors import WsiError
+from core.errors import MilroiError
+from training.evaluate import (
+    SlideHits,
+    detections,
+    evaluation_mask,
+    froc,
+    itc_labels,
+    lesion_hits,
+    patch_auc,
+    patch_targets,
+    slide_metrics,
+)
 
 
 def test_slide_metrics_known_auc_and_intervals():
@@ -22,7 +31,7 @@ def test_slide_metrics_known_auc_and_intervals():
     assert m2["auc"] == pytest.approx(0.9) and m2["accuracy"] == pytest.approx(0.95)
     assert m2["auc_ci_low"] < 0.9 <= m2["auc_ci_high"] <= 1.0
     assert m2["accuracy_ci_low"] < 0.95 <= m2["accuracy_ci_high"]
-    with pytest.raises(WsiError, match="tumour and normal"):
+    with pytest.raises(MilroiError, match="tumour and normal"):
         slide_metrics([1, 1], [0.2, 0.3])
 
 
@@ -83,7 +92,7 @@ def test_froc_known_curve():
     assert at[0.25] == pytest.approx(0.5) and at[0.5] == pytest.approx(0.5)
     assert at[1.0] == pytest.approx(1.0) and at[8.0] == pytest.approx(1.0)
     assert f["score"] == pytest.approx((0.5 + 0.5 + 1 + 1 + 1 + 1) / 6)
-    with pytest.raises(WsiError, match="at least one annotated lesion"):
+    with pytest.raises(MilroiError, match="at least one annotated lesion"):
         froc([b])
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import mlflow
@@ -9,14 +10,19 @@ import numpy as np
 import pytest
 import torch
 
+from core.errors import MilroiError
 from training.cli import main as train_main
-from training.fit import fit, load_run_head, read_labels
-from wsi.errors import WsiError
+from training.fit import FitOptions, fit
+from training.labels import read_labels
+from training.runs import load_run_head
 
 # early stopping on 3 validation slides is noise: patience = epochs keeps the best of all epochs
 FAST = dict(epochs=25, lr=3e-3, weight_decay=1e-4, patience=25, val_fraction=0.3)
 # slide separation alone: chowder without its max-instance calibration term (tested below)
 SMALL = {"chowder": {"instance_weight": 0.0}, "abmil": {"hidden": [32], "attn_dim": 16}}
+
+
+CHOWDER_7 = FitOptions(head="chowder", head_config=SMALL["chowder"], folds=2, seed=7, **FAST)
 
 
 def _uri(tmp_path):
@@ -26,8 +32,8 @@ def _uri(tmp_path):
 @pytest.mark.parametrize("head", ["chowder", "abmil"])
 def test_fit_separates_tumour_bags_and_logs_run(bag_dataset, tmp_path, head):
     features_dir, labels = bag_dataset
-    result = fit(features_dir, labels, head=head, head_config=SMALL[head], folds=2, seed=0, tracking_uri=_uri(tmp_path),
-                 experiment="t", **FAST)
+    options = FitOptions(head=head, head_config=SMALL[head], folds=2, seed=0, **FAST)
+    result = fit(features_dir, labels, options, tracking_uri=_uri(tmp_path), experiment="t")
     assert result.metrics["val_auc"] == 1.0
     assert result.metrics["cv_auc_mean"] == 1.0
     # out-of-fold predictions cover every slide once
@@ -66,9 +72,9 @@ def test_fit_separates_tumour_bags_and_logs_run(bag_dataset, tmp_path, head):
         "head/head.pt", "head/head_config.json"}
 
     # the logged head is the returned final model, and it localises the tumour block
-    loaded, _ = load_run_head(result.run_id, _uri(tmp_path))
+    loaded = load_run_head(result.run_id, _uri(tmp_path))
     assert loaded.config == result.head.config
-    from training.fit import load_bag
+    from training.feature_file import load_bag
     bag = load_bag(features_dir / "h5_files" / "tumor_000.h5")
     with torch.no_grad():
         scores = loaded(bag.features).patch_scores.numpy()
@@ -78,17 +84,17 @@ def test_fit_separates_tumour_bags_and_logs_run(bag_dataset, tmp_path, head):
 
 def test_fit_is_reproducible(bag_dataset, tmp_path):
     features_dir, labels = bag_dataset
-    a = fit(features_dir, labels, head="chowder", head_config=SMALL["chowder"], folds=2, seed=7, tracking_uri=_uri(tmp_path),
-            experiment="r", **FAST)
-    b = fit(features_dir, labels, head="chowder", head_config=SMALL["chowder"], folds=2, seed=7, tracking_uri=_uri(tmp_path),
-            experiment="r", **FAST)
+    a = fit(features_dir, labels, CHOWDER_7,
+            tracking_uri=_uri(tmp_path), experiment="r")
+    b = fit(features_dir, labels, CHOWDER_7,
+            tracking_uri=_uri(tmp_path), experiment="r")
     assert a.run_id != b.run_id
     assert [r["score"] for r in a.predictions] == [r["score"] for r in b.predictions]
     assert a.metrics == b.metrics
     for k, v in a.head.state_dict().items():
         assert torch.equal(v, b.head.state_dict()[k])
-    c = fit(features_dir, labels, head="chowder", head_config=SMALL["chowder"], folds=2, seed=8, tracking_uri=_uri(tmp_path),
-            experiment="r", **FAST)
+    c = fit(features_dir, labels, dataclasses.replace(CHOWDER_7, seed=8),
+            tracking_uri=_uri(tmp_path), experiment="r")
     assert [r["score"] for r in c.predictions] != [r["score"] for r in a.predictions]
 
 
@@ -114,8 +120,28 @@ def test_cli_prints_run_id_last_and_holds_out_test_slides(bag_dataset, tmp_path,
     assert {r["slide"] for r in rows if r["fold"] == "test"} == {"tumor_000", "normal_019"}
 
 
+def test_training_commands_take_the_tracking_uri_from_the_environment(bag_dataset, tmp_path,
+                                                                      monkeypatch, capsys):
+    """No --tracking-uri: fit, evaluate and export all use $MLFLOW_TRACKING_URI (one resolution,
+    core.tracking), never the ./mlflow.db default."""
+    features_dir, labels = bag_dataset
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'env.db'}")
+    assert train_main(["fit", str(features_dir), "--labels", str(labels), "--folds", "1",
+                       "--epochs", "2", "--experiment", "env"]) == 0
+    run_id = capsys.readouterr().out.strip().splitlines()[-1].split("=", 1)[1]
+    assert mlflow.MlflowClient(f"sqlite:///{tmp_path / 'env.db'}").get_run(run_id)
+    assert train_main(["evaluate", run_id, "--features", str(features_dir), "--labels",
+                       str(labels), "--bootstrap", "10"]) == 0
+    assert not (tmp_path / "mlflow.db").exists()   # the default store was never touched
+    # the flag still wins over the environment
+    assert train_main(["evaluate", run_id, "--features", str(features_dir), "--labels",
+                       str(labels), "--tracking-uri", f"sqlite:///{tmp_path / 'other.db'}"]) == 1
+    assert "no MLflow run" in capsys.readouterr().err
+
+
 def test_fingerprint_changes_with_labels_and_features(bag_dataset, tmp_path):
-    from training.fit import data_fingerprint, load_bags
+    from training.feature_file import data_fingerprint, load_bags
 
     features_dir, labels_path = bag_dataset
     labels = read_labels(labels_path)
@@ -131,15 +157,15 @@ def test_bad_inputs_are_clear_errors(bag_dataset, tmp_path):
     features_dir, labels = bag_dataset
     bad = tmp_path / "bad.csv"
     bad.write_text("tumor_000,Tumor\nnormal_001,Maybe\n")
-    with pytest.raises(WsiError, match=r"bad.csv, line 2"):
+    with pytest.raises(MilroiError, match=r"bad.csv, line 2"):
         read_labels(bad)
     missing = tmp_path / "missing.csv"
     missing.write_text("ghost_slide,Tumor\n")
-    with pytest.raises(WsiError, match=r"ghost_slide.h5 does not exist"):
+    with pytest.raises(MilroiError, match=r"ghost_slide.h5 does not exist"):
         fit(features_dir, missing, tracking_uri=_uri(tmp_path))
     corrupt = features_dir / "h5_files" / "normal_012.h5"
     corrupt.write_bytes(b"not an h5 file")
-    with pytest.raises(WsiError, match="normal_012.h5 is not a readable features h5"):
+    with pytest.raises(MilroiError, match="normal_012.h5 is not a readable features h5"):
         fit(features_dir, labels, tracking_uri=_uri(tmp_path))
 
 
@@ -151,8 +177,8 @@ def test_chowder_patch_scores_are_calibrated_probabilities(bag_dataset, tmp_path
     from sklearn.metrics import roc_auc_score
 
     features_dir, labels = bag_dataset
-    result = fit(features_dir, labels, head="chowder", folds=1, seed=0,
-                 tracking_uri=_uri(tmp_path), experiment="t", **{**FAST, "epochs": 40, "patience": 40})
+    options = FitOptions(head="chowder", folds=1, seed=0, **{**FAST, "epochs": 40, "patience": 40})
+    result = fit(features_dir, labels, options, tracking_uri=_uri(tmp_path), experiment="t")
     scores, targets, normal_scores = [], [], []
     for name, label in read_labels(labels).items():
         with h5py.File(features_dir / "h5_files" / f"{name}.h5") as f:
@@ -169,7 +195,7 @@ def test_chowder_patch_scores_are_calibrated_probabilities(bag_dataset, tmp_path
 
 
 def test_youden_threshold_sits_between_the_classes():
-    from training.fit import youden_threshold
+    from training.thresholds import youden_threshold
 
     # perfectly separated: any threshold in (0.2, 0.8] is optimal; the midpoint keeps both margins
     assert youden_threshold(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.8, 1.0])) == pytest.approx(0.5)
@@ -182,7 +208,7 @@ def test_youden_threshold_sits_between_the_classes():
 def test_roi_threshold_is_the_youden_cut_on_slide_maxima_in_logit_space():
     from scipy.special import expit, logit
 
-    from training.fit import ROI_THRESHOLD_RANGE, roi_threshold
+    from training.thresholds import ROI_THRESHOLD_RANGE, roi_threshold
 
     y = np.array([0, 0, 0, 1, 1])
     # separated: halfway between the highest normal (2) and the lowest tumour maximum (10) in

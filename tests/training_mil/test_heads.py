@@ -6,8 +6,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from core.errors import MilroiError
 from training.heads import HEAD_KINDS, attention_pool, build_head, extremes_pool
-from wsi.errors import WsiError
 
 D = 12
 
@@ -86,7 +86,7 @@ def test_extremes_pool_order_and_padding():
     assert extremes_pool(logits, 2).tolist() == [3.0, 2.0, -1.0, -2.0]
     # N < k: tiled until k, each group descending
     assert extremes_pool(torch.tensor([1.0, 3.0, 2.0]), 5).tolist() == [3, 3, 2, 2, 1, 3, 2, 2, 1, 1]
-    with pytest.raises(WsiError, match="empty bag"):
+    with pytest.raises(MilroiError, match="empty bag"):
         extremes_pool(torch.empty(0), 5)
 
 
@@ -109,11 +109,11 @@ def test_config_rebuilds_same_architecture(kind):
 
 
 def test_bad_configs_are_clear_errors():
-    with pytest.raises(WsiError, match="unknown MIL head 'gnn'"):
+    with pytest.raises(MilroiError, match="unknown MIL head 'gnn'"):
         build_head({"kind": "gnn", "in_dim": 4})
-    with pytest.raises(WsiError, match="in_dim"):
+    with pytest.raises(MilroiError, match="in_dim"):
         build_head({"kind": "chowder"})
-    with pytest.raises(WsiError, match="unknown chowder head option"):
+    with pytest.raises(MilroiError, match="unknown chowder head option"):
         build_head({"kind": "chowder", "in_dim": 4, "heads": 3})
 
 

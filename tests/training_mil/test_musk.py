@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
+from core.errors import MilroiError
 from training import musk
 from training.musk import choose_epochs, cross_validate, load_musk, remove_class_weighting
-from wsi.errors import WsiError
 
 
 def test_musk_datasets_have_the_published_sizes():
@@ -17,7 +17,7 @@ def test_musk_datasets_have_the_published_sizes():
     assert all(b.shape[1] == 166 for b in bags)
     bags2, y2 = load_musk("musk2")
     assert len(bags2) == 102 and int(y2.sum()) == 39 and sum(len(b) for b in bags2) == 6598
-    with pytest.raises(WsiError, match="unknown MIL dataset"):
+    with pytest.raises(MilroiError, match="unknown MIL dataset"):
         load_musk("musk3")
 
 
@@ -89,7 +89,7 @@ def test_on_epoch_sees_the_head_as_a_run_of_exactly_that_many_epochs():
     # after epoch e of a long run is the head a run of exactly e epochs returns
     from sklearn.preprocessing import StandardScaler
 
-    from training.fit import head_from_state, predict, train_head
+    from training.trainer import head_from_state, predict, train_head
 
     bags, y = _witness_bags()
     idx = np.arange(len(y))
@@ -109,7 +109,7 @@ def test_schedule_length_is_chosen_from_the_training_fold_only():
     bags, y = _witness_bags()
     config = {"kind": "abmil", "in_dim": 4, **QUICK}
     labels = {f"bag{i}": int(v) for i, v in enumerate(y)}
-    train_idx, test_idx = np.arange(12), np.arange(12, 20)
+    train_idx = np.arange(12)
     training = {"lr": 5e-4, "weight_decay": 5e-4}
     # 1 epoch barely moves the witness logit, 15 separate it: the inner folds prefer the longer
     epochs, accuracy = choose_epochs(bags, y, train_idx, config, labels, training, fold_seed=0,
@@ -134,7 +134,7 @@ def test_fixed_cv_schedule_separates_a_planted_witness_and_reports_its_choices(m
 def test_unknown_inner_protocol_is_a_clear_error():
     bags, y = _witness_bags()
     for inner in ("early", "fixed_cv", 1):
-        with pytest.raises(WsiError, match="inner must be"):
+        with pytest.raises(MilroiError, match="inner must be"):
             cross_validate(bags, y, "abmil", head_config=QUICK, repeats=1, folds=2, inner=inner)
 
 
@@ -155,7 +155,7 @@ def test_nested_selection_picks_on_the_training_fold_and_scores_with_the_winner(
     assert alone["candidate_alone"]["good"]["aucs"] == alone["aucs"]
     assert both["candidate_alone"]["crippled"]["auc_mean"] < both["auc_mean"]
     assert both["candidates"]["good"]["training"]["epochs"] == 15
-    with pytest.raises(WsiError, match="inner folds"):
+    with pytest.raises(MilroiError, match="inner folds"):
         cross_validate(bags, y, "abmil", head_config=QUICK, repeats=1, folds=2, inner="refit",
                        candidates={"good": good})
 

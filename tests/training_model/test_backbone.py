@@ -6,13 +6,13 @@ import pytest
 import torch
 from torchvision.models import resnet50
 
+from core.errors import MilroiError
 from training.backbone import IMAGENET_MEAN, IMAGENET_STD, build_backbone
-from wsi.errors import WsiError
 
 
 def test_imagenet_absent_names_file_and_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    with pytest.raises(WsiError) as err:
+    with pytest.raises(MilroiError) as err:
         build_backbone("imagenet")
     message = str(err.value)
     assert "resnet50-11ad3fa6.pth" in message  # IMAGENET1K_V2, torchvision's cache name
@@ -60,17 +60,17 @@ def test_state_dict_path_loads(tmp_path, real_tiles):
 
 
 def test_bad_weights_files(tmp_path):
-    with pytest.raises(WsiError, match="does not exist"):
+    with pytest.raises(MilroiError, match="does not exist"):
         build_backbone(str(tmp_path / "missing.pt"))
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(WsiError, match=f"cannot load weights file {junk}"):
+    with pytest.raises(MilroiError, match=f"cannot load weights file {junk}"):
         build_backbone(str(junk))
     other = tmp_path / "other.pt"
     torch.save({"w": torch.zeros(3)}, other)
-    with pytest.raises(WsiError, match="not a ResNet-50 state_dict"):
+    with pytest.raises(MilroiError, match="not a ResNet-50 state_dict"):
         build_backbone(str(other))
-    with pytest.raises(WsiError, match="unknown backbone layer"):
+    with pytest.raises(MilroiError, match="unknown backbone layer"):
         build_backbone("none", layer="layer9")
 
 

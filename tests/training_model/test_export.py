@@ -9,9 +9,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from core.errors import MilroiError
 from training.export import FILES, ParityError, check_parity, export_bundle
 from training.heads import build_head
-from wsi.errors import WsiError
 
 
 def _session(path):
@@ -92,9 +92,9 @@ def test_parity_failure_is_loud(chowder_bundle, layer3_backbone, real_tiles):
 
 def test_refuses_mismatched_head_and_nonempty_folder(chowder_bundle, layer3_backbone):
     out, head = chowder_bundle
-    with pytest.raises(WsiError, match="not empty"):
+    with pytest.raises(MilroiError, match="not empty"):
         export_bundle(out, layer3_backbone, head)
-    with pytest.raises(WsiError, match="2048-d features"):
+    with pytest.raises(MilroiError, match="2048-d features"):
         export_bundle(out.parent / "x", layer3_backbone, build_head({"kind": "chowder",
                                                                      "in_dim": 2048}))
     assert not (out.parent / "x").exists()

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from core.errors import MilroiError
 from training.cli import main as train_main
-from training.features import extract_features, feature_path
-from wsi.errors import WsiError
+from training.extraction import ExtractionOptions, extract_features
+from training.feature_file import feature_path
 
 from .conftest import DATA
 
@@ -34,13 +35,13 @@ def grid(synthetic_slide):
     from wsi.slide import open_slide
 
     with open_slide(synthetic_slide) as slide:
-        return tiles_for_slide(slide, tile_size=224, min_tissue=0.25)[1]
+        return tiles_for_slide(slide)[1]
 
 
 def test_h5_layout_attrs_and_grid(tmp_path, synthetic_slide, layer3_backbone, grid):
     out = tmp_path / "h5_files" / "synth_001.h5"
-    summary = extract_features(synthetic_slide, out, layer3_backbone, batch_size=8, workers=2,
-                               progress=False)
+    summary = extract_features(synthetic_slide, out, layer3_backbone,
+                               ExtractionOptions(batch_size=8, workers=2), progress=False)
     assert summary["tiles"] == len(grid.coords) > 4 and not summary["skipped"]
     with h5py.File(out) as f:
         feats, coords = f["features"][:], f["coords"][:]
@@ -76,7 +77,8 @@ def test_onnxruntime_engine_writes_the_torch_features(tmp_path, synthetic_slide,
     by_engine = {}
     for name, model in (("onnxruntime", layer3_onnx), ("torch", layer3_backbone)):
         out = tmp_path / name / "h5_files" / "synth_001.h5"
-        extract_features(synthetic_slide, out, model, batch_size=8, workers=2, progress=False)
+        extract_features(synthetic_slide, out, model, ExtractionOptions(batch_size=8, workers=2),
+                         progress=False)
         with h5py.File(out) as f:
             assert f.attrs["feature_engine"] == f["coords"].attrs["feature_engine"] == name
             by_engine[name] = (f["features"][:], f["coords"][:])
@@ -90,17 +92,17 @@ def test_onnxruntime_engine_writes_the_torch_features(tmp_path, synthetic_slide,
 
 
 def test_build_feature_model_engines(layer3_backbone):
-    from training.features import build_feature_model
+    from training.extraction import build_feature_model
 
     model = build_feature_model("none", "layer3", 0, torch.device("cpu"), "torch")
     assert model.describe()["feature_engine"] == "torch"
     for a, b in zip(model.state_dict().values(), layer3_backbone.state_dict().values()):
         assert torch.equal(a, b)  # the same seeded network whichever engine runs it
-    with pytest.raises(WsiError, match="unknown feature engine 'tensorrt'"):
+    with pytest.raises(MilroiError, match="unknown feature engine 'tensorrt'"):
         build_feature_model("none", "layer3", 0, torch.device("cpu"), "tensorrt")
-    with pytest.raises(WsiError, match="--threads must be at least 1"):
+    with pytest.raises(MilroiError, match="--threads must be at least 1"):
         build_feature_model("none", "layer3", 0, torch.device("cpu"), "onnxruntime", threads=0)
-    with pytest.raises(WsiError, match="onnxruntime runs on the CPU"):
+    with pytest.raises(MilroiError, match="onnxruntime runs on the CPU"):
         build_feature_model("none", "layer3", 0, torch.device("cuda"), "onnxruntime")
 
 
@@ -124,11 +126,12 @@ def test_interrupted_write_leaves_no_h5_and_rerun_resumes(tmp_path, synthetic_sl
                                                           layer3_backbone):
     out = tmp_path / "h5_files" / "synth_001.h5"
     with pytest.raises(KeyboardInterrupt):
-        extract_features(synthetic_slide, out, _Exploding(layer3_backbone), batch_size=4,
-                         workers=1, progress=False, limit_tiles=12)
+        extract_features(synthetic_slide, out, _Exploding(layer3_backbone),
+                         ExtractionOptions(batch_size=4, workers=1, limit_tiles=12), progress=False)
     assert list(out.parent.iterdir()) == []  # neither the .h5 nor its partial file
-    first = extract_features(synthetic_slide, out, layer3_backbone, batch_size=4, workers=1,
-                             progress=False, limit_tiles=12)
+    first = extract_features(synthetic_slide, out, layer3_backbone,
+                             ExtractionOptions(batch_size=4, workers=1, limit_tiles=12),
+                             progress=False)
     assert first["tiles"] == 12 and out.is_file()
     stamp = out.stat().st_mtime_ns
     second = extract_features(synthetic_slide, out, layer3_backbone, progress=False)

@@ -9,14 +9,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from mlflow_testing import log_fit_run
 
+from core.errors import MilroiError
 from training.cli import main as train_main
 from training.export import export_run
 from training.heads import build_head
 from training.registry import resolve_model_uri, validation_auc
-from wsi.errors import WsiError
-
-from mlflow_testing import log_fit_run
 
 from .conftest import CMU_SMALL
 
@@ -112,12 +111,12 @@ def test_export_with_default_sqlite_file_uri(tmp_path, monkeypatch, trained_head
 
 
 def test_clear_errors(mlflow_server, tmp_path, trained_head):
-    with pytest.raises(WsiError, match="no MLflow run"):
+    with pytest.raises(MilroiError, match="no MLflow run"):
         export_run("0" * 32, "x", tracking_uri=mlflow_server)
-    with pytest.raises(WsiError, match="no model version at models:/nope@champion"):
+    with pytest.raises(MilroiError, match="no model version at models:/nope@champion"):
         resolve_model_uri("models:/nope@champion", mlflow_server)
-    with pytest.raises(WsiError, match="not a model URI"):
+    with pytest.raises(MilroiError, match="not a model URI"):
         resolve_model_uri("runs:/abc/bundle", mlflow_server)
-    with pytest.raises(WsiError, match="no version 99"):
+    with pytest.raises(MilroiError, match="no version 99"):
         from training.registry import promote
         promote("milroi-test", 99, tracking_uri=mlflow_server)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from wsi_slides import synthetic_he, write_pyramid_tiff
 
 

@@ -6,14 +6,14 @@ import csv
 import numpy as np
 import pytest
 from PIL import Image
+from wsi_slides import BROKEN_SVS, CMU_SMALL
 
+from core.errors import MilroiError
+from core.tiling import TilingParams
 from training.cli import main as milroi_train
-from wsi.errors import WsiError
 from wsi.grid import TileGrid, grid_overlay, make_tile_grid, tiles_for_slide, write_grid_csv
 from wsi.slide import open_slide
 from wsi.tissue import TissueMask
-
-from wsi_slides import BROKEN_SVS, CMU_SMALL
 
 
 def _random_mask(shape, seed) -> np.ndarray:
@@ -47,7 +47,7 @@ def test_fractions_match_brute_force(tile, stride, min_tissue):
 
 def test_grid_invariants_on_a_real_slide():
     with open_slide(CMU_SMALL) as slide:
-        tissue, grid = tiles_for_slide(slide, tile_size=224, min_tissue=0.25, stride=112)
+        tissue, grid = tiles_for_slide(slide, TilingParams(224, 0, 0.25), stride=112)
     width, height = slide.dimensions
     assert grid.coords.dtype == np.int64 and grid.tissue_fraction.dtype == np.float32
     assert len(grid) > 50
@@ -77,9 +77,9 @@ def test_slide_smaller_than_a_tile_has_no_tiles():
 
 def test_bad_grid_parameters():
     tissue = TissueMask(np.ones((4, 4), bool), 32.0, 0)
-    with pytest.raises(WsiError, match="positive"):
+    with pytest.raises(MilroiError, match="positive"):
         make_tile_grid(tissue, (128, 128), tile_size=0)
-    with pytest.raises(WsiError, match="min_tissue"):
+    with pytest.raises(MilroiError, match="min_tissue"):
         make_tile_grid(tissue, (128, 128), min_tissue=1.5)
 
 
@@ -113,7 +113,7 @@ def test_tiles_command_writes_csv_mask_and_grid(tmp_path, he_tiff, capsys):
                          "--stride", "112"]) == 0
     assert "tiles of 224 px" in capsys.readouterr().out
     with open_slide(he_tiff) as slide:
-        _, grid = tiles_for_slide(slide, min_tissue=0.5, stride=112)
+        _, grid = tiles_for_slide(slide, TilingParams(min_tissue=0.5), stride=112)
     with open(tmp_path / "he_slide_tiles.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(grid) > 100

@@ -8,11 +8,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import tifffile
-
-from wsi.errors import SlideError, WsiError
-from wsi.slide import DEFAULT_FALLBACK_MPP, open_slide, rgba_to_rgb_on_white
-
 from wsi_slides import BROKEN_SVS, CMU_SMALL, TCGA_JP2K, write_pyramid_tiff
+
+from core.errors import MilroiError, SlideError
+from wsi.slide import DEFAULT_FALLBACK_MPP, open_slide, rgba_to_rgb_on_white
 
 
 def test_generic_tiff_metadata_and_exact_pixels(lossless_tiff):
@@ -142,9 +141,9 @@ def test_corrupt_tile_data_is_a_slide_error_at_read_time(tmp_path, he_tiff):
 def test_bad_parameters(lossless_tiff):
     path, _ = lossless_tiff
     with open_slide(path) as slide:
-        with pytest.raises(WsiError, match="level 5"):
+        with pytest.raises(MilroiError, match="level 5"):
             slide.read_region(0, 0, 10, 10, level=5)
-        with pytest.raises(WsiError, match="positive"):
+        with pytest.raises(MilroiError, match="positive"):
             slide.read_region(0, 0, 0, 10)
 
 
@@ -170,7 +169,8 @@ def test_concurrent_reads_match_serial_reads(he_tiff):
     ({"tiff.ResolutionUnit": "centimeter", "tiff.XResolution": "40000", "tiff.YResolution": "40000"}, 0.25),
     ({"tiff.ResolutionUnit": "inch", "tiff.XResolution": "101600", "tiff.YResolution": "101600"}, 0.25),
     ({"tiff.ResolutionUnit": "none", "tiff.XResolution": "40000", "tiff.YResolution": "40000"}, None),
-    ({"tiff.ResolutionUnit": "inch", "tiff.XResolution": "72", "tiff.YResolution": "72"}, None),  # 353 um/px: a placeholder
+    # 353 um/px: a placeholder
+    ({"tiff.ResolutionUnit": "inch", "tiff.XResolution": "72", "tiff.YResolution": "72"}, None),
     ({"tiff.ResolutionUnit": "inch"}, None),                      # TCGA-CR-7395: unit, no value
     ({"openslide.mpp-x": "0", "openslide.mpp-y": "0"}, None),
 ])

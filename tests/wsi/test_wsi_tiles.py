@@ -9,7 +9,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from wsi.errors import SlideError, WsiError
+from core.errors import MilroiError, SlideError
 from wsi.slide import open_slide
 from wsi.tiles import TileReader
 
@@ -124,10 +124,10 @@ def test_a_worker_error_is_a_slide_error_in_the_consumer(tmp_path, he_tiff):
 
 def test_bad_parameters_and_single_use(he_tiff):
     with open_slide(he_tiff) as slide:
-        with pytest.raises(WsiError):
+        with pytest.raises(MilroiError):
             TileReader(slide, _grid(2, 2), workers=0)
         reader = TileReader(slide, _grid(2, 2))
         assert len(reader) == 1
         list(reader)
-        with pytest.raises(WsiError, match="once"):
+        with pytest.raises(MilroiError, match="once"):
             list(reader)

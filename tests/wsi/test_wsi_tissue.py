@@ -15,13 +15,11 @@ from PIL import Image
 from scipy import ndimage as ndi
 from skimage.color import rgb2hsv
 from skimage.morphology import remove_small_objects
-
-from wsi.errors import WsiError
-from wsi.slide import open_slide
-from wsi.tissue import (TissueParams, compute_tissue_mask, otsu_uint8, saturation_value,
-                        tissue_mask_from_rgb)
-
 from wsi_slides import CMU_SMALL, TCGA_JP2K, dice, synthetic_he
+
+from core.errors import MilroiError
+from wsi.slide import open_slide
+from wsi.tissue import TissueParams, compute_tissue_mask, otsu_uint8, saturation_value, tissue_mask_from_rgb
 
 
 def _resize_bool(mask: np.ndarray, shape) -> np.ndarray:
@@ -90,9 +88,9 @@ def test_blank_glass_gives_an_empty_mask():
 
 
 def test_bad_input_and_params():
-    with pytest.raises(WsiError, match="RGB uint8"):
+    with pytest.raises(MilroiError, match="RGB uint8"):
         tissue_mask_from_rgb(np.zeros((10, 10), np.uint8))
-    with pytest.raises(WsiError, match="unknown tissue parameters"):
+    with pytest.raises(MilroiError, match="unknown tissue parameters"):
         TissueParams.from_dict({"target_downsample": 16, "bogus": 1})
     params = TissueParams(target_downsample=16)
     assert TissueParams.from_dict(params.to_dict()) == params
@@ -134,8 +132,9 @@ def test_real_jpeg2000_slide_excludes_grey_stitching_background():
 
 def test_a_level_too_big_for_one_read_is_read_in_strips(tmp_path, he_image):
     """A slide without a pyramid: the mask comes from level 0 in strips, same as in one read."""
-    from wsi.tissue import mask_level_and_size
     from wsi_slides import write_pyramid_tiff
+
+    from wsi.tissue import mask_level_and_size
 
     rgb, truth = he_image
     path = write_pyramid_tiff(tmp_path / "flat.tif", rgb[:1536, :2048], levels=1)

@@ -8,9 +8,15 @@ import pytest
 import shapely
 from shapely.geometry import Polygon, box
 
-from wsi.annotations import (Annotations, read_asap_xml, rasterize, tile_labels,
-                             tile_tumor_fraction, write_asap_xml)
-from wsi.errors import WsiError
+from core.errors import MilroiError
+from wsi.annotations import (
+    Annotations,
+    rasterize,
+    read_asap_xml,
+    tile_labels,
+    tile_tumor_fraction,
+    write_asap_xml,
+)
 
 MPP = 0.243
 
@@ -110,13 +116,13 @@ def test_self_intersecting_polygon_is_made_valid_and_other_groups_ignored(tmp_pa
 def test_malformed_xml_raises_naming_the_file(tmp_path, text, cause):
     path = tmp_path / "bad.xml"
     path.write_text(text)
-    with pytest.raises(WsiError, match=cause) as info:
+    with pytest.raises(MilroiError, match=cause) as info:
         read_asap_xml(path)
     assert str(path) in str(info.value)
 
 
 def test_missing_xml_raises(tmp_path):
-    with pytest.raises(WsiError, match="missing.xml"):
+    with pytest.raises(MilroiError, match="missing.xml"):
         read_asap_xml(tmp_path / "missing.xml")
 
 

@@ -10,9 +10,18 @@ import shapely
 from PIL import Image
 from shapely.geometry import box, shape
 
-from wsi.errors import WsiError
-from wsi.outputs import (atomic_write, roi_polygons, score_map, write_geojson, write_heatmap_png,
-                         write_patch_csv, write_slide_outputs, write_spatiopath_json)
+from core.errors import MilroiError
+from core.tiling import TilingParams
+from wsi.outputs import (
+    atomic_write,
+    roi_polygons,
+    score_map,
+    write_geojson,
+    write_heatmap_png,
+    write_patch_csv,
+    write_slide_outputs,
+    write_spatiopath_json,
+)
 
 TILE = 224
 
@@ -45,7 +54,7 @@ def test_atomic_write_replaces_only_on_success(tmp_path):
     assert target.read_text() == "first"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]  # no temp file left
     assert oct(target.stat().st_mode & 0o777) == "0o644"
-    with pytest.raises(WsiError):
+    with pytest.raises(MilroiError):
         with atomic_write(target, "r"):
             pass
 
@@ -58,7 +67,7 @@ def test_patch_csv_header_and_values(tmp_path):
     assert rows[0] == ["x", "y", "size", "score"]
     assert [r[:3] for r in rows[1:]] == [["0", "0", "224"], ["224", "0", "224"], ["448", "672", "224"]]
     np.testing.assert_allclose([float(r[3]) for r in rows[1:]], scores, atol=1e-6)
-    with pytest.raises(WsiError, match="3 tile coordinates but 2 scores"):
+    with pytest.raises(MilroiError, match="3 tile coordinates but 2 scores"):
         write_patch_csv(tmp_path / "q.csv", coords, scores[:2], TILE)
 
 
@@ -133,7 +142,7 @@ def test_heatmap_and_slide_outputs_on_a_synthetic_slide(tmp_path, tumor_slide):
     from wsi.slide import open_slide
 
     with open_slide(tumor_slide.path) as slide:
-        _, grid = tiles_for_slide(slide, tile_size=TILE)
+        _, grid = tiles_for_slide(slide, TilingParams(tile_size=TILE))
         # Scores = true tumour fraction: the ROIs must then fall on the drawn tumour.
         scores = tile_tumor_fraction(tumor_slide.region, grid.coords, TILE)
         paths = write_slide_outputs(tmp_path / "out", slide, grid.coords, scores, TILE, 0.5)

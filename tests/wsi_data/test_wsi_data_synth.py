@@ -9,8 +9,8 @@ import openslide
 import pytest
 from scipy import ndimage
 
+from core.errors import MilroiError
 from wsi.annotations import rasterize, read_asap_xml
-from wsi.errors import WsiError
 from wsi.synth import make_dataset, write_synthetic_slide
 
 
@@ -93,7 +93,8 @@ def test_dataset_layout_xml_round_trip_and_cli(tmp_path):
     from training.cli import main
 
     out = tmp_path / "ds"
-    assert main(["synth", str(out), "--tumor", "1", "--normal", "2", "--size", "1024x768", "--seed", "4"]) == 0
+    assert main(["synth", str(out), "--tumor", "1", "--normal", "2", "--size", "1024x768",
+                 "--seed", "4"]) == 0
     names = sorted(p.name for p in out.iterdir())
     assert names == ["normal_001.tif", "normal_002.tif", "reference.csv", "tumor_001.tif", "tumor_001.xml"]
     with (out / "reference.csv").open() as f:
@@ -116,7 +117,7 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
         main(["synth", str(tmp_path), "--size", "big"])
     assert "WIDTHxHEIGHT" in capsys.readouterr().err
     assert main(["synth", str(tmp_path), "--tumor", "0", "--normal", "0"]) == 1
-    with pytest.raises(WsiError, match="too small"):
+    with pytest.raises(MilroiError, match="too small"):
         write_synthetic_slide(tmp_path / "x.tif", 100, 100, seed=0)
 
 
@@ -146,8 +147,10 @@ def test_camelyon_layout_slide(camelyon_layout_slide):
         assert thumb.shape == (h, w, 3)
     with open_slide(truth.path) as s:
         tissue = compute_tissue_mask(s)
-    rows = np.minimum((np.arange(tissue.mask.shape[0]) + 0.5) * tissue.downsample // 256, truth.tissue_mask.shape[0] - 1).astype(int)
-    cols = np.minimum((np.arange(tissue.mask.shape[1]) + 0.5) * tissue.downsample // 256, truth.tissue_mask.shape[1] - 1).astype(int)
+    rows = np.minimum((np.arange(tissue.mask.shape[0]) + 0.5) * tissue.downsample // 256,
+                      truth.tissue_mask.shape[0] - 1).astype(int)
+    cols = np.minimum((np.arange(tissue.mask.shape[1]) + 0.5) * tissue.downsample // 256,
+                      truth.tissue_mask.shape[1] - 1).astype(int)
     assert _dice(tissue.mask, truth.tissue_mask[rows[:, None], cols[None, :]]) > 0.9
     inside = truth.region.buffer(-64)
     assert not inside.is_empty
@@ -160,5 +163,5 @@ def test_camelyon_layout_slide(camelyon_layout_slide):
 def test_camelyon_layout_rejects_odd_sizes(tmp_path):
     from wsi.synth import write_camelyon_size_slide
 
-    with pytest.raises(WsiError, match="multiples of 256"):
+    with pytest.raises(MilroiError, match="multiples of 256"):
         write_camelyon_size_slide(tmp_path / "x.tif", 5000, 8192)
