@@ -14,6 +14,7 @@ PORT=${DEMO_PORT:-50077}
 HEAD=${DEMO_HEAD:-chowder}
 MODEL=milroi-demo
 mkdir -p "$OUT"
+# Every milroi command (and MLflow itself) reads the tracking URI from here: set once.
 export MLFLOW_TRACKING_URI="sqlite:///$(cd "$OUT" && pwd)/mlflow.db"   # absolute, from anywhere
 
 step() { printf '\n==> %s\n' "$*"; }
@@ -28,20 +29,20 @@ milroi-train features "$OUT/heldout" --out "$OUT/features/heldout" --weights non
 
 step "3/7 MIL training on slide labels, tracked in MLflow ($MLFLOW_TRACKING_URI)"
 milroi-train fit "$OUT/features/train" --labels "$OUT/train/reference.csv" --head "$HEAD" \
-    --folds 4 --seed 0 --tracking-uri "$MLFLOW_TRACKING_URI" --experiment milroi-demo | tee "$OUT/fit.log"
+    --folds 4 --seed 0 --experiment milroi-demo | tee "$OUT/fit.log"
 RUN_ID=$(sed -n 's/^run_id=//p' "$OUT/fit.log" | tail -n 1)
 
 step "4/7 evaluation on held-out slides (slide AUC, patch AUC against the XML, FROC)"
 milroi-train evaluate "$RUN_ID" --features "$OUT/features/heldout" --labels "$OUT/heldout/reference.csv" \
-    --annotations "$OUT/heldout" --tracking-uri "$MLFLOW_TRACKING_URI" | tee "$OUT/evaluate.log"
+    --annotations "$OUT/heldout" | tee "$OUT/evaluate.log"
 
 step "5/7 ONNX export, registration as a model version, promotion to @champion"
-milroi-train export "$RUN_ID" --name "$MODEL" --tracking-uri "$MLFLOW_TRACKING_URI" | tee "$OUT/export.log"
+milroi-train export "$RUN_ID" --name "$MODEL" | tee "$OUT/export.log"
 VERSION=$(sed -n "s/^$MODEL version \([0-9]*\) .*/\1/p" "$OUT/export.log" | tail -n 1)
-milroi-train promote "$MODEL" "$VERSION" --alias champion --tracking-uri "$MLFLOW_TRACKING_URI" --force
+milroi-train promote "$MODEL" "$VERSION" --alias champion --force
 
 step "6/7 gRPC server on 127.0.0.1:$PORT serving models:/$MODEL@champion"
-milroi-serve serve --model "models:/$MODEL@champion" --tracking-uri "$MLFLOW_TRACKING_URI" \
+milroi-serve serve --model "models:/$MODEL@champion" \
     --slide-root "$OUT/heldout" --host 127.0.0.1 --port "$PORT" > "$OUT/server.log" 2>&1 &
 SERVER_PID=$!
 trap 'kill -TERM $SERVER_PID 2>/dev/null; wait $SERVER_PID 2>/dev/null || true' EXIT
