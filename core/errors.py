@@ -22,15 +22,24 @@ class ConfigError(MilroiError):
     the user's, an unreachable cluster address."""
 
 
-class SlideError(MilroiError):
-    """A slide file that cannot be opened or read: missing, empty, corrupt, not a slide."""
+class _FileError(MilroiError):
+    """An error about one file or folder: its `path` and the `cause`, kept as the exception's
+    arguments (so it pickles); `_message` says how they read."""
+
+    _message = "{path}: {cause}"
 
     def __init__(self, path: str | os.PathLike, cause: str):
         super().__init__(os.fspath(path), cause)
         self.path, self.cause = os.fspath(path), cause
 
     def __str__(self) -> str:
-        return f"cannot read slide {self.path}: {self.cause}"
+        return self._message.format(path=self.path, cause=self.cause)
+
+
+class SlideError(_FileError):
+    """A slide file that cannot be opened or read: missing, empty, corrupt, not a slide."""
+
+    _message = "cannot read slide {path}: {cause}"
 
 
 class SlideMissing(SlideError):
@@ -40,16 +49,11 @@ class SlideMissing(SlideError):
         super().__init__(path, cause)
 
 
-class BundleError(MilroiError):
-    """A model bundle that cannot be used or made: missing files, bad manifest, a graph that
-    will not load, an export that does not reproduce the torch model."""
+class BundleError(_FileError):
+    """A model bundle that cannot be used: missing files, a bad manifest, a graph that will not
+    load on the asked provider."""
 
-    def __init__(self, path: str | os.PathLike, cause: str):
-        super().__init__(os.fspath(path), cause)
-        self.path, self.cause = os.fspath(path), cause
-
-    def __str__(self) -> str:
-        return f"cannot load model bundle {self.path}: {self.cause}"
+    _message = "cannot load model bundle {path}: {cause}"
 
 
 class ExportError(MilroiError):

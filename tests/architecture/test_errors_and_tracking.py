@@ -18,7 +18,8 @@ from core.errors import MilroiError, RegistryError, RequestError
 from core.tracking import DEFAULT_TRACKING_URI, TRACKING_URI_ENV, ModelUri, resolve_tracking_uri
 
 ERROR_TYPES = sorted((cls for _, cls in inspect.getmembers(errors, inspect.isclass)
-                      if issubclass(cls, BaseException) and cls.__module__ == errors.__name__),
+                      if issubclass(cls, BaseException) and cls.__module__ == errors.__name__
+                      and not cls.__name__.startswith("_")),   # public types only
                      key=lambda cls: cls.__name__)
 
 # Constructor arguments of the types that take more than a message.
