@@ -11,3 +11,17 @@ def mlflow_server(tmp_path):
     tests/training_model overrides it with one server per session."""
     with running_mlflow_server(tmp_path / "mlflow") as uri:
         yield uri
+
+
+@pytest.fixture(autouse=True)
+def isolated_tracking_uri():
+    """Every test starts without $MLFLOW_TRACKING_URI and leaves none behind: the commands take
+    the tracking URI from it (core.tracking), and mlflow.set_tracking_uri writes it process-wide,
+    so one test's (dead) MLflow server would otherwise become the next test's store."""
+    import os
+
+    saved = os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    if saved is not None:
+        os.environ["MLFLOW_TRACKING_URI"] = saved

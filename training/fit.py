@@ -62,8 +62,9 @@ from training.runs import (
     HEAD_ARTIFACT_PATH,
     HEAD_CONFIG,
     HEAD_STATE,
-    ensure_experiment,
+    fit_run,
     history_metrics,
+    log_params,
     provenance_params,
 )
 from training.thresholds import roi_threshold, safe_auc, youden_threshold
@@ -150,7 +151,6 @@ def fit(features_dir: str | Path, labels_path: str | Path, options: FitOptions =
         run_name: str | None = None) -> FitResult:
     """Run the protocol in the module docstring and log it to one MLflow run
     (`tracking_uri` resolved by core.tracking.resolve_tracking_uri)."""
-    import mlflow
     from mlflow.entities import Metric
 
     o = options
@@ -171,16 +171,13 @@ def fit(features_dir: str | Path, labels_path: str | Path, options: FitOptions =
     preds: list[dict[str, Any]] = []
     metrics: dict[str, float] = {}
 
-    experiment_id = ensure_experiment(tracking_uri, experiment)
-    client = mlflow.MlflowClient()
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run:
-        run_id = run.info.run_id
-        mlflow.log_params({**provenance_params(bags), "head": o.head,
-                           "head_config": json.dumps(config, sort_keys=True), **hyper,
-                           "patience": patience, "val_fraction": val_fraction, "folds": folds,
-                           "seed": seed, "n_slides": len(bags), "n_tumor": int(y.sum()),
-                           "n_test_slides": len(held_out)})
-        mlflow.set_tag(FINGERPRINT_TAG, data_fingerprint(bags, labels))
+    with fit_run(tracking_uri, experiment, run_name) as (client, run_id):
+        log_params(client, run_id, {
+            **provenance_params(bags), "head": o.head,
+            "head_config": json.dumps(config, sort_keys=True), **hyper, "patience": patience,
+            "val_fraction": val_fraction, "folds": folds, "seed": seed, "n_slides": len(bags),
+            "n_tumor": int(y.sum()), "n_test_slides": len(held_out)})
+        client.set_tag(run_id, FINGERPRINT_TAG, data_fingerprint(bags, labels))
 
         if folds >= 2:
             skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
@@ -226,8 +223,8 @@ def fit(features_dir: str | Path, labels_path: str | Path, options: FitOptions =
         threshold = youden_threshold(y_pred, p_pred)
         metrics["threshold"] = threshold
         metrics["val_accuracy"] = float(np.mean((p_pred >= threshold) == y_pred))
-        mlflow.log_param("threshold", threshold)
-        patch_threshold = _log_patch_threshold(preds, metrics)
+        client.log_param(run_id, "threshold", threshold)
+        patch_threshold = _log_patch_threshold(client, run_id, preds, metrics)
         if held_out:
             test_bags = load_bags(features_dir, sorted(held_out))
             y_test = np.array([labels[b.name] for b in test_bags])
@@ -240,12 +237,13 @@ def fit(features_dir: str | Path, labels_path: str | Path, options: FitOptions =
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             _write_artifacts(tmp, model, final.state, preds, y_pred, p_pred, bags, slides_dir)
-            mlflow.log_artifacts(str(tmp / HEAD_ARTIFACT_PATH), artifact_path=HEAD_ARTIFACT_PATH)
+            client.log_artifacts(run_id, str(tmp / HEAD_ARTIFACT_PATH),
+                                 artifact_path=HEAD_ARTIFACT_PATH)
             for extra in sorted(tmp.iterdir()):
                 if extra.is_file():
-                    mlflow.log_artifact(str(extra))
+                    client.log_artifact(run_id, str(extra))
                 elif extra.name != HEAD_ARTIFACT_PATH:
-                    mlflow.log_artifacts(str(extra), artifact_path=extra.name)
+                    client.log_artifacts(run_id, str(extra), artifact_path=extra.name)
     return FitResult(run_id, metrics, preds, model, threshold, patch_threshold)
 
 
@@ -257,12 +255,11 @@ def _prediction(head: MILHead, bag: Bag, labels: dict[str, int], score: float, f
             "fold": fold}
 
 
-def _log_patch_threshold(preds: list[dict], metrics: dict[str, float]) -> float:
+def _log_patch_threshold(client, run_id: str, preds: list[dict],
+                         metrics: dict[str, float]) -> float:
     """`roi_threshold` on the out-of-fold / validation slides, logged as param and metrics,
     with how many of those slides it gets wrong (a normal slide with an ROI, a tumour slide
     without one)."""
-    import mlflow
-
     y = np.array([r["label"] for r in preds])
     logits = np.array([r["max_patch_logit"] for r in preds])
     patch_threshold = roi_threshold(logits, y)
@@ -270,7 +267,7 @@ def _log_patch_threshold(preds: list[dict], metrics: dict[str, float]) -> float:
     metrics["patch_threshold"] = patch_threshold
     metrics["val_normal_slides_with_roi"] = int(np.sum(hot & (y == 0)))
     metrics["val_tumor_slides_without_roi"] = int(np.sum(~hot & (y == 1)))
-    mlflow.log_param("patch_threshold", patch_threshold)
+    client.log_param(run_id, "patch_threshold", patch_threshold)
     log.info("patch_threshold %.6g: %d of %d held-out normal slides with an ROI, %d of %d "
              "tumour slides without one", patch_threshold, metrics["val_normal_slides_with_roi"],
              int(np.sum(y == 0)), metrics["val_tumor_slides_without_roi"], int(np.sum(y == 1)))

@@ -7,6 +7,7 @@ A fit run logs the feature provenance (`provenance_params`, from the feature fil
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import tempfile
@@ -114,10 +115,7 @@ def load_run_head(run_id: str, tracking_uri: str | None = None):
 
 def ensure_experiment(tracking_uri: str, name: str) -> str:
     """Experiment id; a new experiment on a sqlite store keeps artifacts beside the db file."""
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking_uri)
-    client = mlflow.MlflowClient()
+    client = mlflow_client(tracking_uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
@@ -126,6 +124,32 @@ def ensure_experiment(tracking_uri: str, name: str) -> str:
         db = Path(tracking_uri[len("sqlite:///"):]).resolve()
         location = (db.parent / "mlartifacts").as_uri()
     return client.create_experiment(name, artifact_location=location)
+
+
+@contextlib.contextmanager
+def fit_run(tracking_uri: str, experiment: str, run_name: str | None = None):
+    """A new run of `experiment` for the block: yields (client, run_id); FINISHED at the end,
+    FAILED on an exception. Through MlflowClient on `tracking_uri` only: mlflow's fluent API
+    (start_run, log_param) works on a process-wide URI, and `mlflow.set_tracking_uri` also
+    writes $MLFLOW_TRACKING_URI, which would redirect every later command of the process."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    client = mlflow_client(tracking_uri)
+    run = client.create_run(ensure_experiment(tracking_uri, experiment), run_name=run_name,
+                            tags=resolve_tags())   # source and user tags, as start_run sets
+    try:
+        yield client, run.info.run_id
+    except BaseException:
+        client.set_terminated(run.info.run_id, "FAILED")
+        raise
+    client.set_terminated(run.info.run_id, "FINISHED")
+
+
+def log_params(client, run_id: str, params: dict[str, Any]) -> None:
+    """Params as strings in one call (what mlflow.log_params sends)."""
+    from mlflow.entities import Param
+
+    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
 
 
 def history_metrics(prefix: str, history: list[dict[str, float]]):
