@@ -282,8 +282,13 @@ def evaluate_run(run_id: str, features_dir: str | Path, labels_path: str | Path,
     names = sorted(labels)
     y, p = [], []
     patch_scores, patch_tgts, hits, rois = [], [], [], []
+    scored, no_tissue = [], []
     for name in names:
         bag = load_bag(feature_path(features_dir, name))
+        if bag.no_tissue:   # nothing to score: left out of every metric, and said so
+            no_tissue.append(name)
+            continue
+        scored.append(name)
         with torch.no_grad():
             out = head(bag.features)
         y.append(labels[name])
@@ -319,8 +324,12 @@ def evaluate_run(run_id: str, features_dir: str | Path, labels_path: str | Path,
     result: dict[str, Any] = {"run_id": run_id, "threshold": threshold,
                               "slide": slide_metrics(y, p, threshold, n_bootstrap),
                               "predictions": [{"slide": n, "label": int(t), "score": float(s)}
-                                              for n, t, s in zip(names, y, p)],
+                                              for n, t, s in zip(scored, y, p)],
                               "roi": roi_metrics(rois, roi_threshold)}
+    if no_tissue:
+        result["no_tissue"] = no_tissue
+        log.warning("%d slide(s) without a tissue tile left out of the evaluation (no_tissue): %s",
+                    len(no_tissue), ", ".join(no_tissue))
     if patch_scores:
         targets = np.concatenate(patch_tgts)
         if {0, 1} <= set(np.unique(targets).tolist()):

@@ -187,15 +187,23 @@ def extract_features(slide_path: str | os.PathLike, out_h5: str | os.PathLike,
                 f.create_dataset("tissue_fraction", data=fraction.astype(np.float32))
                 features = f.create_dataset(
                     "features", shape=(len(coords), model.feature_dim), dtype=np.float32,
-                    chunks=(max(1, min(len(coords), o.batch_size)), model.feature_dim))
+                    # h5py refuses a chunk larger than the data: a 0-tile file is not chunked
+                    chunks=(min(len(coords), o.batch_size), model.feature_dim) if len(coords)
+                    else None)
                 if len(coords):
                     _fill(features, slide, coords, model, o, device, progress, desc=slide.name)
             os.replace(tmp, out_h5)
         except BaseException:  # also KeyboardInterrupt: never leave a partial file behind
             tmp.unlink(missing_ok=True)
             raise
-    log.info("%s: %d tiles -> %s", slide.name, len(coords), out_h5)
-    return {"slide": slide.name, "path": out_h5, "tiles": len(coords), "skipped": False}
+    if len(coords):
+        log.info("%s: %d tiles -> %s", slide.name, len(coords), out_h5)
+    else:
+        log.warning("%s: no tissue tile (no tile has %g of tissue under the mask): recorded as "
+                    "no_tissue, a features file of 0 tiles -> %s", slide.name,
+                    o.tiling.min_tissue, out_h5)
+    return {"slide": slide.name, "path": out_h5, "tiles": len(coords), "skipped": False,
+            "no_tissue": not len(coords)}
 
 
 def _tile_features(model: Backbone | OnnxBackbone, device: torch.device):

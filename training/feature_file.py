@@ -9,6 +9,7 @@ and `camelyon16` read them back as `Bag`s.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ import torch
 
 from core.errors import ConfigError
 from core.tiling import TilingParams
+
+log = logging.getLogger(__name__)
 
 H5_SUBDIR = "h5_files"
 
@@ -82,6 +85,11 @@ class Bag:
     attrs: FeatureAttrs | None = None   # None for bags that come from no slide (MUSK)
     digest: str = ""                    # sha256 of the h5 file
 
+    @property
+    def no_tissue(self) -> bool:
+        """A slide without a tissue tile: features recorded it with 0 tiles."""
+        return len(self.features) == 0
+
 
 def load_bag(path: str | os.PathLike) -> Bag:
     """Read one features h5 file into memory."""
@@ -95,15 +103,26 @@ def load_bag(path: str | os.PathLike) -> Bag:
             raw_attrs = dict(f.attrs)
     except (OSError, KeyError) as exc:
         raise ConfigError(f"feature file {path} is not a readable features h5: {exc}") from exc
-    if features.ndim != 2 or len(features) == 0 or len(coords) != len(features):
-        raise ConfigError(f"feature file {path} holds no tiles or mismatched features/coords")
+    # 0 tiles is a slide without tissue (no_tissue), which callers skip; a mismatch is damage
+    if features.ndim != 2 or coords.shape != (len(features), 2):
+        raise ConfigError(f"feature file {path} holds mismatched features {features.shape} and "
+                          f"coords {coords.shape}")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     return Bag(path.stem, torch.from_numpy(features), coords, FeatureAttrs.from_h5(raw_attrs, path),
                digest)
 
 
-def load_bags(features_dir: str | os.PathLike, names: Sequence[str]) -> list[Bag]:
+def load_bags(features_dir: str | os.PathLike, names: Sequence[str],
+              skip_no_tissue: bool = False) -> list[Bag]:
+    """The bags of `names`; with `skip_no_tissue`, slides without a tissue tile are left out
+    with a warning (there is nothing to learn from or score in them)."""
     bags = [load_bag(feature_path(features_dir, n)) for n in names]
+    if skip_no_tissue:
+        empty = [b.name for b in bags if b.no_tissue]
+        if empty:
+            log.warning("%d slide(s) without a tissue tile left out (no_tissue): %s", len(empty),
+                        ", ".join(empty))
+        bags = [b for b in bags if not b.no_tissue]
     dims = {b.features.shape[1] for b in bags}
     if len(dims) > 1:
         raise ConfigError(f"feature files in {features_dir} have different dimensions {sorted(dims)}")

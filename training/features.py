@@ -54,7 +54,7 @@ def extract_folder(slides: list[Path], out: Path, model_options: FeatureModelOpt
     model, device = feature_model(model_options)
     log.info("%d slides, ResNet-50 %s (%s) in %s on %s", len(slides), model_options.layer,
              model_options.weights, model.describe()["feature_engine"], device)
-    failed = []
+    failed, no_tissue = [], []
     done = skipped = 0
     for path in tqdm(slides, desc="slides", unit="slide", disable=not progress):
         try:
@@ -66,8 +66,13 @@ def extract_folder(slides: list[Path], out: Path, model_options: FeatureModelOpt
             continue
         skipped += summary["skipped"]
         done += not summary["skipped"]
+        if summary.get("no_tissue"):
+            no_tissue.append(path)
     log.info("features: %d slides written, %d already done, %d failed", done, skipped,
              len(failed))
+    if no_tissue:
+        log.warning("features: %d of the slides written have no tissue tile (no_tissue): %s",
+                    len(no_tissue), ", ".join(str(p) for p in no_tissue))
     if failed:
         log.error("failed slides: %s", ", ".join(str(p) for p in failed))
         return 1

@@ -159,7 +159,8 @@ def fit(features_dir: str | Path, labels_path: str | Path, options: FitOptions =
     labels = read_labels(labels_path)
     held_out = {Path(s).stem for s in test_slides}
     names = sorted(n for n in labels if n not in held_out)
-    bags = load_bags(features_dir, names)
+    bags = load_bags(features_dir, names, skip_no_tissue=True)
+    no_tissue = len(names) - len(bags)
     y = np.array([labels[b.name] for b in bags])
     if min(np.bincount(y, minlength=2)) < max(2, folds):
         raise ConfigError(f"labels file {labels_path}: need at least {max(2, folds)} tumour and "
@@ -176,7 +177,7 @@ def fit(features_dir: str | Path, labels_path: str | Path, options: FitOptions =
             **provenance_params(bags), "head": o.head,
             "head_config": json.dumps(config, sort_keys=True), **hyper, "patience": patience,
             "val_fraction": val_fraction, "folds": folds, "seed": seed, "n_slides": len(bags),
-            "n_tumor": int(y.sum()), "n_test_slides": len(held_out)})
+            "n_tumor": int(y.sum()), "n_test_slides": len(held_out), "n_no_tissue": no_tissue})
         client.set_tag(run_id, FINGERPRINT_TAG, data_fingerprint(bags, labels))
 
         if folds >= 2:
@@ -226,7 +227,7 @@ def fit(features_dir: str | Path, labels_path: str | Path, options: FitOptions =
         client.log_param(run_id, "threshold", threshold)
         patch_threshold = _log_patch_threshold(client, run_id, preds, metrics)
         if held_out:
-            test_bags = load_bags(features_dir, sorted(held_out))
+            test_bags = load_bags(features_dir, sorted(held_out), skip_no_tissue=True)
             y_test = np.array([labels[b.name] for b in test_bags])
             p_test = predict(model, test_bags)
             metrics["test_auc"] = safe_auc(y_test, p_test)

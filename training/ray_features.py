@@ -112,6 +112,8 @@ def _run_pool(new_actor, count: int, todo: list[tuple[str, str]], options: Extra
                 summary = ray.get(ref)
                 skipped += summary["skipped"]
                 written += not summary["skipped"]
+                if summary.get("no_tissue"):
+                    log.warning("%s: no tissue tile, recorded as no_tissue (0 tiles)", path)
             except RayTaskError as exc:  # the slide's own error (corrupt file ...)
                 log.error("%s", exc.cause if isinstance(exc.cause, MilroiError) else exc)
                 failed.append(path)

@@ -225,3 +225,32 @@ def test_roi_threshold_is_the_youden_cut_on_slide_maxima_in_logit_space():
     t = roi_threshold(np.array([0.0, 1.0, 2.0, 60.0, 80.0]), y)
     assert t == pytest.approx(ROI_THRESHOLD_RANGE[1]) and np.float32(t) < np.float32(1.0)
     assert roi_threshold(np.array([0.0, 3.0]), np.array([1, 1])) == 0.5  # one class: default
+
+
+def test_fit_and_evaluate_leave_out_slides_without_tissue(bag_dataset, tmp_path, caplog):
+    """A slide `features` recorded with 0 tiles (no_tissue) is left out with a warning and
+    counted, not a crash of the whole fit."""
+    import h5py
+
+    from training.evaluate import evaluate_run
+
+    features_dir, labels = bag_dataset
+    h5 = features_dir / "h5_files"
+    with h5py.File(h5 / "normal_010.h5") as src, h5py.File(h5 / "glass_001.h5", "w") as f:
+        f["features"] = np.zeros((0, src["features"].shape[1]), np.float32)
+        f["coords"] = np.zeros((0, 2), np.int64)
+        f["tissue_fraction"] = np.zeros(0, np.float32)
+        f.attrs.update({**src.attrs, "slide": "glass_001"})
+    with open(labels, "a") as f:
+        f.write("glass_001,Normal\n")
+    with caplog.at_level("WARNING"):
+        result = fit(features_dir, labels, FitOptions(folds=2, epochs=3, seed=0),
+                     tracking_uri=_uri(tmp_path), experiment="glass")
+    assert "without a tissue tile left out (no_tissue): glass_001" in caplog.text
+    params = mlflow.MlflowClient(_uri(tmp_path)).get_run(result.run_id).data.params
+    assert params["n_no_tissue"] == "1" and params["n_slides"] == "20"
+    assert "glass_001" not in {r["slide"] for r in result.predictions}
+    evaluation = evaluate_run(result.run_id, features_dir, labels, tracking_uri=_uri(tmp_path),
+                              n_bootstrap=10, log_to_run=False)
+    assert evaluation["no_tissue"] == ["glass_001"]
+    assert len(evaluation["predictions"]) == 20

@@ -161,3 +161,41 @@ def test_cli_walks_folder_skips_non_slides_reports_corrupt(tmp_path, synthetic_s
     with caplog.at_level("INFO"):
         assert train_main(argv) == 1
     assert "already" in caplog.text
+
+
+def _write_glass_slide(path):
+    """A two-level JPEG-tiled TIFF of empty glass: a slide without a tissue tile."""
+    import tifffile
+
+    glass = np.full((640, 768, 3), 243, np.uint8)
+    with tifffile.TiffWriter(path) as tif:
+        for i, level in enumerate((glass, glass[::2, ::2])):
+            tif.write(level, tile=(256, 256), compression="jpeg", photometric="rgb",
+                      subfiletype=int(i > 0), resolution=(1e4 / 0.243 / 2**i,) * 2,
+                      resolutionunit="CENTIMETER")
+    return path
+
+
+def test_a_slide_without_tissue_is_recorded_and_the_folder_goes_on(tmp_path, synthetic_slide,
+                                                                   caplog):
+    """A 0-tile slide once crashed the run in h5py ("Chunk shape must not be greater than data
+    shape") and the slides after it were never done. Now it is a features file of 0 tiles, a
+    warning names it no_tissue, and the next slide is extracted."""
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    _write_glass_slide(slides / "a_glass.tif")           # sorted first: the others come after
+    shutil.copy(synthetic_slide, slides / "b_slide.tif")
+    out = tmp_path / "features"
+    with caplog.at_level("INFO"):
+        assert train_main(["features", str(slides), "--out", str(out), "--weights", "none",
+                           "--layer", "layer3", "--limit-tiles", "3", "--workers", "1",
+                           "--no-progress"]) == 0
+    assert "a_glass: no tissue tile" in caplog.text and "no_tissue" in caplog.text
+    with h5py.File(feature_path(out, "a_glass")) as f:
+        assert f["features"].shape == (0, 1024) and f["coords"].shape == (0, 2)
+        assert f.attrs["slide"] == "a_glass"
+    with h5py.File(feature_path(out, "b_slide")) as f:
+        assert f["features"].shape == (3, 1024)
+    from training.feature_file import load_bag
+
+    assert load_bag(feature_path(out, "a_glass")).no_tissue
