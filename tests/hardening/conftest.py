@@ -26,10 +26,10 @@ from hardening_helpers import (
     InProcessServer,
     ServeProcess,
     write_bad_files,
-    write_blank_slide,
     write_corrupt_tiles_slide,
     write_single_level_tiff,
 )
+from slide_testing import write_blank_slide
 
 
 @pytest.fixture(scope="session")

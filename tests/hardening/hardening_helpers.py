@@ -96,19 +96,6 @@ def write_single_level_tiff(path: Path, source: Path) -> Path:
     return path
 
 
-def write_blank_slide(path: Path, width: int = 768, height: int = 640) -> Path:
-    """Two-level JPEG-tiled TIFF of empty glass: no tissue tile."""
-    import tifffile
-
-    image = np.full((height, width, 3), 243, np.uint8)
-    with tifffile.TiffWriter(path) as tif:
-        for i, level in enumerate((image, image[::2, ::2])):
-            tif.write(level, tile=(256, 256), compression="jpeg", photometric="rgb",
-                      subfiletype=int(i > 0), resolution=(1e4 / 0.243 / 2**i,) * 2,
-                      resolutionunit="CENTIMETER")
-    return path
-
-
 def write_corrupt_tiles_slide(path: Path, source: Path) -> Path:
     """`source` with the JPEG data of the second half of its level-0 tiles zeroed: it opens, its
     tissue mask (from a lower level) and first tiles read fine, later tile reads fail."""

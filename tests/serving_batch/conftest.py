@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from serving_batch_helpers import ServerProcess
+from slide_testing import write_blank_slide
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 # Small slides: a few dozen tiles each, so a whole folder scores in seconds on two CPU cores.
@@ -22,22 +23,6 @@ def bundle(tmp_path_factory) -> Path:
     from bundle_testing import export_test_bundle
 
     return export_test_bundle(tmp_path_factory.mktemp("bundle") / "chowder", "batch-test")
-
-
-def write_blank_slide(path: Path, width: int = 1024, height: int = 768) -> Path:
-    """A two-level JPEG-tiled TIFF of empty glass at 0.243 um/px."""
-    import numpy as np
-    import tifffile
-
-    image = np.full((height, width, 3), 243, np.uint8)
-    res = 1e4 / 0.243  # pixels per centimetre
-    with tifffile.TiffWriter(path) as tif:
-        for level in (image, image[::2, ::2]):
-            tif.write(level, tile=(256, 256), compression="jpeg", photometric="rgb",
-                      subfiletype=0 if level is image else 1, resolution=(res, res),
-                      resolutionunit="CENTIMETER")
-            res /= 2
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -56,7 +41,7 @@ def slides_dir(tmp_path_factory) -> Path:
     (root / "sub").mkdir()
     write_synthetic_slide(root / "synth_normal.tif", *SLIDE_SIZE, seed=1, tumor=False)
     write_synthetic_slide(root / "sub" / "synth_tumor.tif", *SLIDE_SIZE, seed=2, tumor=True)
-    write_blank_slide(root / "blank.tif")
+    write_blank_slide(root / "blank.tif", 1024, 768)
     shutil.copy(DATA / "broken.svs", root / "broken.svs")
     (root / "notes.txt").write_text("not a slide\n")
     return root

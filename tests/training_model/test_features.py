@@ -7,6 +7,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from slide_testing import write_blank_slide
 
 from core.errors import MilroiError
 from training.cli import main as train_main
@@ -163,19 +164,6 @@ def test_cli_walks_folder_skips_non_slides_reports_corrupt(tmp_path, synthetic_s
     assert "already" in caplog.text
 
 
-def _write_glass_slide(path):
-    """A two-level JPEG-tiled TIFF of empty glass: a slide without a tissue tile."""
-    import tifffile
-
-    glass = np.full((640, 768, 3), 243, np.uint8)
-    with tifffile.TiffWriter(path) as tif:
-        for i, level in enumerate((glass, glass[::2, ::2])):
-            tif.write(level, tile=(256, 256), compression="jpeg", photometric="rgb",
-                      subfiletype=int(i > 0), resolution=(1e4 / 0.243 / 2**i,) * 2,
-                      resolutionunit="CENTIMETER")
-    return path
-
-
 def test_a_slide_without_tissue_is_recorded_and_the_folder_goes_on(tmp_path, synthetic_slide,
                                                                    caplog):
     """A 0-tile slide once crashed the run in h5py ("Chunk shape must not be greater than data
@@ -183,7 +171,7 @@ def test_a_slide_without_tissue_is_recorded_and_the_folder_goes_on(tmp_path, syn
     warning names it no_tissue, and the next slide is extracted."""
     slides = tmp_path / "slides"
     slides.mkdir()
-    _write_glass_slide(slides / "a_glass.tif")           # sorted first: the others come after
+    write_blank_slide(slides / "a_glass.tif")           # sorted first: the others come after
     shutil.copy(synthetic_slide, slides / "b_slide.tif")
     out = tmp_path / "features"
     with caplog.at_level("INFO"):
