@@ -84,7 +84,7 @@ def default_actor_count(num_cpus: float, num_gpus: float) -> int:
         count = int(resources.get("GPU", 0) // num_gpus)
         if count < 1:
             raise ClusterError(f"the Ray cluster has no GPU for actors of {num_gpus} GPU(s) "
-                              f"(resources: {resources})")
+                               f"(resources: {resources})")
         return count
     return max(1, int(resources.get("CPU", 1) // num_cpus))
 

@@ -436,7 +436,7 @@ class ScoringClient:
         if tiles.dtype != np.uint8 or tiles.ndim != 4 or tiles.shape[3] != 3 \
                 or tiles.shape[1] != tiles.shape[2]:
             raise RequestError(f"tiles must be uint8 [N, size, size, 3], got {tiles.dtype} "
-                           f"{list(tiles.shape)}")
+                               f"{list(tiles.shape)}")
         if coords is not None:
             coords = np.asarray(coords, np.int64).reshape(len(tiles), 2)
         n, size = len(tiles), tiles.shape[1]
@@ -583,7 +583,7 @@ def _run_score(client: ScoringClient, args) -> int:
         local_slide = args.local_slide or Path(args.slide)
         if not local_slide.is_file():  # fail before the server spends time on the slide
             raise ConfigError(f"--out needs the slide locally: {local_slide} is not a file "
-                           "(give --local-slide)")
+                              "(give --local-slide)")
     with client.score_slide(args.slide, chunk_size=args.chunk_size, min_tissue=args.min_tissue,
                             roi_threshold=args.roi_threshold) as stream:
         h = stream.header

@@ -185,7 +185,7 @@ class Engine:
         wanted = [p for p in PROVIDER_CHOICES[provider] if p in available or p == CPU]
         if provider != "auto" and wanted[0] not in available:
             raise ConfigError(f"provider {provider} is not in this onnxruntime build "
-                           f"(available: {sorted(available)})")
+                              f"(available: {sorted(available)})")
         errors = []
         if TRT in wanted and not _tensorrt_loadable():
             # onnxruntime would print a page of "EP Error" and retry; say it in one line instead.
@@ -253,7 +253,7 @@ class Engine:
         expected = (self.tile_size, self.tile_size, 3)
         if tiles.dtype != np.uint8 or tiles.ndim != 4 or tiles.shape[1:] != expected:
             raise RequestError(f"tiles must be uint8 [n, {self.tile_size}, {self.tile_size}, 3], "
-                           f"got {tiles.dtype} {list(tiles.shape)}")
+                               f"got {tiles.dtype} {list(tiles.shape)}")
         return tiles
 
     def submit(self, tiles: np.ndarray) -> Future:

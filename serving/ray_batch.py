@@ -103,7 +103,7 @@ class RayBackend:
         if len(models) != 1:  # an alias moved while the actors started: one version per job
             self.close()
             raise ClusterError(f"Ray actors loaded different versions of {model_uri}: "
-                           f"{sorted(models)}; run the job again")
+                               f"{sorted(models)}; run the job again")
         (self.model, self.model_version), = models
         self._idle: queue.Queue = queue.Queue()
         for actor in self.actors:
@@ -127,12 +127,12 @@ class RayBackend:
             self.actors[self.actors.index(actor)] = replacement
             actor = replacement
             raise ClusterError(f"{path}: the Ray worker scoring it died "
-                              f"({self.max_restarts} restarts): {first_line(exc)}") from None
+                               f"({self.max_restarts} restarts): {first_line(exc)}") from None
         finally:
             self._idle.put(actor)
         if scored.model_version != self.model_version:  # a restarted actor re-resolved an alias
             raise ClusterError(f"{path}: scored by model version {scored.model_version}, the job "
-                           f"runs {self.model_version}; run the job again")
+                               f"runs {self.model_version}; run the job again")
         return scored
 
     owns_ray = False  # set when this backend opened the Ray connection: close() ends it

@@ -144,10 +144,10 @@ def decode_tiles(request: pb.ScoreTilesRequest, tile_size: int) -> np.ndarray:
     expected = count * size * size * 3
     if len(request.tiles) != expected:
         raise RequestError(f"tiles holds {len(request.tiles)} bytes, expected {expected} "
-                       f"({count} RGB tiles of {size}x{size})")
+                           f"({count} RGB tiles of {size}x{size})")
     if len(request.x) != len(request.y) or len(request.x) not in (0, count):
         raise RequestError(f"x and y must both be empty or hold {count} values, got "
-                       f"{len(request.x)} and {len(request.y)}")
+                           f"{len(request.x)} and {len(request.y)}")
     return np.frombuffer(request.tiles, np.uint8).reshape(count, size, size, 3)
 
 

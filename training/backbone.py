@@ -119,7 +119,7 @@ def build_backbone(weights: str = "none", layer: str = "pool", seed: int = 0) ->
         path = Path(weights)
         if not path.is_file():
             raise ConfigError(f"weights file {path} does not exist (use imagenet, none or a "
-                           f"state_dict path)")
+                              f"state_dict path)")
         _load_into(net, layer, _load_state_dict(path), path)
     return Backbone(_trunk(net, layer), layer, weights, seed)
 
@@ -139,5 +139,5 @@ def _load_into(net: nn.Module, layer: str, state: dict, path: Path) -> None:
         missing = [k for k in missing if "layer4" not in k]
     if missing or unexpected:
         raise ConfigError(f"weights file {path} is not a ResNet-50 state_dict: "
-                       f"{len(missing)} missing keys (e.g. {missing[:3]}), "
-                       f"{len(unexpected)} unexpected (e.g. {list(unexpected)[:3]})")
+                          f"{len(missing)} missing keys (e.g. {missing[:3]}), "
+                          f"{len(unexpected)} unexpected (e.g. {list(unexpected)[:3]})")

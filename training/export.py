@@ -234,7 +234,7 @@ def export_bundle(out_dir: str | os.PathLike, backbone: Backbone, head: nn.Modul
             raise ExportError(f"bundle folder {out_dir} is not empty (pass overwrite=True)")
     if backbone.feature_dim != head.config["in_dim"]:
         raise ConfigError(f"head expects {head.config['in_dim']}-d features but the backbone "
-                       f"({backbone.layer}) gives {backbone.feature_dim}")
+                          f"({backbone.layer}) gives {backbone.feature_dim}")
     backbone, head = backbone.cpu().eval(), head.cpu().eval()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))

@@ -26,7 +26,7 @@ def read_labels(path: str | Path) -> dict[str, int]:
                 continue  # header line
             if value not in _POSITIVE | _NEGATIVE:
                 raise ConfigError(f"labels file {path}, line {lineno}: label {row[1:2]} is neither "
-                               "Tumor nor Normal")
+                                  "Tumor nor Normal")
             labels[Path(name).stem] = int(value in _POSITIVE)
     if not labels:
         raise ConfigError(f"labels file {path} lists no slides")

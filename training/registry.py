@@ -41,7 +41,7 @@ def version_by_alias(name: str, alias: str, tracking_uri: str | None = None):
             return None
         raise RegistryError(f"MLflow registry {resolve_tracking_uri(tracking_uri)}: cannot "
                             f"resolve {name}@{alias}: "
-                       f"{exc.message}") from None
+                            f"{exc.message}") from None
 
 
 def resolve_model_uri(uri: str, tracking_uri: str | None = None):
@@ -112,7 +112,7 @@ def promote(name: str, version: str | int, alias: str = DEFAULT_ALIAS, force: bo
         candidate = c.get_model_version(name, str(version))
     except MlflowException as exc:
         raise RegistryError(f"no version {version} of model {name!r} in the MLflow registry: "
-                       f"{exc.message}") from None
+                            f"{exc.message}") from None
     auc = validation_auc(candidate, tracking_uri)
     holder = version_by_alias(name, alias, tracking_uri)
     holder_auc = validation_auc(holder, tracking_uri) if holder is not None else None

@@ -85,7 +85,7 @@ def read_asap_xml(path: str | os.PathLike) -> Annotations:
         raise ConfigError(f"cannot read annotations {path}: {exc}") from exc
     if root.tag != "ASAP_Annotations":
         raise ConfigError(f"cannot read annotations {path}: root element is <{root.tag}>, "
-                       "not <ASAP_Annotations>")
+                          "not <ASAP_Annotations>")
     tumor, exclusion, ignored, vertices = [], [], {}, 0
     for i, annotation in enumerate(root.iter("Annotation")):
         group = annotation.get("PartOfGroup", "")
@@ -94,7 +94,7 @@ def read_asap_xml(path: str | os.PathLike) -> Annotations:
                              for k, c in enumerate(annotation.iter("Coordinate"))))
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"cannot read annotations {path}: annotation {i} "
-                           f"({annotation.get('Name')!r}) has a bad coordinate: {exc}") from exc
+                              f"({annotation.get('Name')!r}) has a bad coordinate: {exc}") from exc
         if group not in TUMOR_GROUPS | EXCLUSION_GROUPS:
             ignored[group] = ignored.get(group, 0) + 1
             continue

@@ -112,7 +112,7 @@ def tiles_for_slide(slide, tiling: TilingParams = DEFAULT_TILING,
     level = tiling.level
     if not 0 <= level < slide.level_count:
         raise RequestError(f"{slide.path}: level {level} does not exist "
-                       f"(the slide has levels 0..{slide.level_count - 1})")
+                           f"(the slide has levels 0..{slide.level_count - 1})")
     tissue = compute_tissue_mask(slide, params or TissueParams())
     grid = make_tile_grid(tissue, slide.dimensions, tile_size=tiling.tile_size, stride=stride,
                           level=level, level_downsample=slide.level_downsamples[level],

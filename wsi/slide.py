@@ -146,7 +146,7 @@ class Slide:
     def _check_level(self, level: int) -> None:
         if not 0 <= level < self.level_count:
             raise RequestError(f"{self.path}: level {level} does not exist "
-                           f"(the slide has levels 0..{self.level_count - 1})")
+                               f"(the slide has levels 0..{self.level_count - 1})")
 
     def read_region(self, x: int, y: int, w: int, h: int, level: int = 0) -> np.ndarray:
         """RGB uint8 array [h, w, 3] of the region whose top-left is (x, y) in level-0 pixels,

@@ -351,7 +351,7 @@ def write_camelyon_size_slide(path, width: int = 98_304, height: int = 196_608, 
     path = Path(path)
     if width % TILE or height % TILE or width < 8 * TILE or height < 8 * TILE:
         raise ConfigError(f"camelyon-size slide {path}: {width} x {height} must be multiples of "
-                       f"{TILE} and at least {8 * TILE}")
+                          f"{TILE} and at least {8 * TILE}")
     rng = np.random.default_rng([seed, 2])
     rows, cols = height // TILE, width // TILE
     tissue = _tissue_plan(rng, (rows, cols)) > 0

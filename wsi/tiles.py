@@ -46,7 +46,7 @@ class TileReader:
                  batch_size: int = 64, queue_batches: int = 4):
         if workers < 1 or batch_size < 1 or queue_batches < 1:
             raise ConfigError(f"workers, batch_size and queue_batches must be >= 1, got "
-                           f"{workers}, {batch_size}, {queue_batches}")
+                              f"{workers}, {batch_size}, {queue_batches}")
         self.slide = slide
         self.coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
         self.tile_size = int(tile_size)
