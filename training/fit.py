@@ -139,8 +139,14 @@ class FitResult:
 
 
 def _split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) indices, stratified when both classes allow it; at least 2
+    validation slides (early stopping on one slide's AUC is undefined) and 1 to train on."""
     idx = np.arange(len(y))
     n_val = max(2, int(round(fraction * len(y))))
+    if n_val >= len(y):
+        raise ConfigError(f"{len(y)} training slides cannot be split into a training part and "
+                          f"{n_val} validation slides for early stopping: use more slides or "
+                          f"fewer --folds")
     stratify = y if min(np.bincount(y, minlength=2)) >= 2 and n_val >= 2 else None
     return train_test_split(idx, test_size=n_val, random_state=seed, stratify=stratify)
 

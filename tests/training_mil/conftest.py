@@ -55,3 +55,9 @@ def make_bag_dataset(root: Path, n_pos: int = 10, n_neg: int = 10, seed: int = 0
 @pytest.fixture
 def bag_dataset(tmp_path):
     return make_bag_dataset(tmp_path)
+
+
+@pytest.fixture
+def tiny_bag_dataset(tmp_path):
+    """Two tumour and two normal slides: the smallest set fit's class checks accept."""
+    return make_bag_dataset(tmp_path, n_pos=2, n_neg=2)

@@ -254,3 +254,11 @@ def test_fit_and_evaluate_leave_out_slides_without_tissue(bag_dataset, tmp_path,
                               n_bootstrap=10, log_to_run=False)
     assert evaluation["no_tissue"] == ["glass_001"]
     assert len(evaluation["predictions"]) == 20
+
+
+def test_too_few_slides_for_the_inner_split_is_a_clear_error(tiny_bag_dataset, tmp_path):
+    """4 slides in 2 folds leave 2 to train on per fold, which cannot give up 2 for early
+    stopping: one clear line, not sklearn's ValueError."""
+    features_dir, labels = tiny_bag_dataset
+    with pytest.raises(MilroiError, match="cannot be split into a training part"):
+        fit(features_dir, labels, FitOptions(folds=2, epochs=2), tracking_uri=_uri(tmp_path))
