@@ -28,8 +28,13 @@ class TissueParams:
     pen_min_saturation: int = 40       # S (0..255) from which green >= red means pen ink
     pen_green_minus_red: int = 0       # G - R (>= 0) at or above this, with enough S, is pen ink
     min_saturation: int = 20           # floor of the Otsu thresholds (empty slides stay empty)
+    optical_density: bool = True       # second cue for pale / faded stains (wsi.tissue step 5)
+    min_optical_density: float = 0.05  # floor of the OD threshold (glass is ~0.02)
+    min_chroma: int = 6                # max - min of R, G, B below this is grey, not pale stain
+    od_closing_um: float = 20.0        # OD cue: closing radius joining nuclei of faded tissue
     min_object_um2: float = 10_000.0   # objects smaller than this are dropped (~ 100 um square)
     min_hole_um2: float = 10_000.0     # holes smaller than this are filled
+    min_fragment_um2: float = 750.0    # pieces left once ink is cut out: ~ 1/4 of a 224 px tile
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -40,6 +45,35 @@ class TissueParams:
         unknown = set(values) - known
         if unknown:
             raise ConfigError(f"unknown tissue parameters: {sorted(unknown)}")
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class ArtefactParams:
+    """Limits past which a tile is an artefact (wsi.tile_quality): scored and reported, but kept
+    out of the slide score, the ROIs and training. Saved in the model bundle manifest and in
+    the feature files, so that training and serving exclude the same tiles."""
+
+    max_ink: float = 0.05         # share of a tile that is pen / marker / black ink
+    max_background: float = 0.90  # share of a tile that is glass at full resolution
+    min_focus: float = 15.0       # variance of the Laplacian below this: out of focus
+
+    def __post_init__(self) -> None:
+        for name in ("max_ink", "max_background"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.min_focus < 0:
+            raise ConfigError(f"min_focus must be >= 0, got {self.min_focus}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ArtefactParams:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ConfigError(f"unknown artefact parameters: {sorted(unknown)}")
         return cls(**values)
 
 

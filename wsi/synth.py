@@ -9,13 +9,23 @@ macro-metastasis holds a normal island, annotated as a `_2` exclusion as in Came
 glass carries what the tissue mask must reject: black marker dots, blue/green pen strokes and
 flat grey scanner-stitching tiles.
 
+The hard profile (`--hard`, `make_dataset(hard=True)`) adds what real slides have and the
+plain one lacks, each drawn per slide from its seed:
+- stain variation (`StainStyle`): haematoxylin and eosin amounts scaled in optical-density
+  space (Beer-Lambert, Ruifrok-Johnston stain vectors), from pale lilac-grey to dark, as two
+  Camelyon16 centres or a faded slide differ;
+- artefacts across tissue (`draw_tissue_artefacts`): translucent blue/green pen strokes and a
+  black marker blot over the tissue (ink multiplies the light, so the tissue stays visible
+  beneath), and an out-of-focus region (Gaussian blur); the truth records where they are;
+- micro-metastases only (1-5 tiles of tumour) on half of the tumour slides.
+
 Sizes are real: 0.243 um/px at level 0, a lymphocyte nucleus ~6 um (~24 px), a tumour nucleus
 ~10 um. Everything is vectorised numpy, cells on a jittered grid (each pixel only looks at the
 nucleus of its own grid cell), deterministic per seed. `write_camelyon_size_slide` writes a
 ~100k x 200k px slide in about a minute by JPEG-encoding a small set of tiles once and writing
 their bytes directly, the tissue layout chosen per tile from a low-resolution plan.
 
-    milroi-train synth OUT --tumor 2 --normal 2 --size 4096x4096 --seed 0
+    milroi-train synth OUT --tumor 2 --normal 2 --size 4096x4096 --seed 0 [--hard]
 """
 from __future__ import annotations
 
@@ -58,6 +68,9 @@ class SyntheticTruth:
     exclusion_polygons: list = field(default_factory=list)
     mpp: float = MPP
     level_count: int = 1
+    ink_mask: np.ndarray | None = None      # bool, same grid as tissue_mask: ink over the slide
+    blur_polygons: list = field(default_factory=list)   # out-of-focus regions (level-0 px)
+    stain: str = "standard"
 
     @property
     def region(self):
@@ -148,6 +161,61 @@ class TextureRenderer:
 
 
 # ---------------------------------------------------------------------------------------------
+# Stain variation
+
+# Ruifrok & Johnston (2001) optical-density vectors of haematoxylin and eosin (as skimage's
+# rgb2hed); the third row completes the basis. Concentrations c = OD @ inv(STAINS).
+_STAINS = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+_STAINS /= np.linalg.norm(_STAINS, axis=1, keepdims=True)
+
+
+@dataclass(frozen=True)
+class StainStyle:
+    """How strongly a slide took up each stain, relative to the texture's standard H&E, and how
+    far its colour faded towards grey (`greying` 0..1: each pixel's optical density moved
+    towards its mean over the three channels, as bleached or poorly fixed slides look)."""
+
+    name: str = "standard"
+    haematoxylin: float = 1.0
+    eosin: float = 1.0
+    greying: float = 0.0
+
+    def od_transform(self) -> np.ndarray:
+        """3x3 matrix T with OD' = OD @ T: the two stains scaled, the residual (what the texture
+        holds outside the H and E vectors) by their mean, then the greying."""
+        scale = np.diag([self.haematoxylin, self.eosin, (self.haematoxylin + self.eosin) / 2])
+        grey = (1 - self.greying) * np.eye(3) + self.greying * np.full((3, 3), 1 / 3)
+        return (np.linalg.inv(_STAINS) @ scale @ _STAINS @ grey).astype(np.float32)
+
+    def apply(self, rgb: np.ndarray) -> np.ndarray:
+        """RGB float (0..255) through the stain change; white glass (OD ~ 0) stays white."""
+        if self == StainStyle(self.name):
+            return rgb
+        od = -np.log(np.clip(rgb, 1.0, 255.0) / 255.0)
+        return 255.0 * np.exp(-np.maximum(od @ self.od_transform(), 0.0))
+
+
+STAIN_PRESETS = {
+    "standard": StainStyle(),
+    "pale": StainStyle("pale", 0.45, 0.30),          # lightly stained
+    "lilac-grey": StainStyle("lilac-grey", 0.40, 0.20, 0.6),   # faded: pale, blue-shifted, grey
+    "faded-eosin": StainStyle("faded-eosin", 0.95, 0.35),
+    "blue": StainStyle("blue", 1.30, 0.55),          # haematoxylin-heavy centre: blue-shifted
+    "dark": StainStyle("dark", 1.35, 1.30),
+}
+
+
+def random_stain(rng: np.random.Generator) -> StainStyle:
+    """A per-slide stain: one slide in five faded (pale, some of it grey), the others
+    log-uniform around standard."""
+    if rng.random() < 0.2:
+        return StainStyle("pale", float(rng.uniform(0.3, 0.5)), float(rng.uniform(0.15, 0.35)),
+                          float(rng.uniform(0.0, 0.7)))
+    h, e = np.exp(rng.uniform(np.log(0.6), np.log(1.4), 2))
+    return StainStyle("random", float(h), float(e))
+
+
+# ---------------------------------------------------------------------------------------------
 # Layout
 
 
@@ -178,12 +246,20 @@ def _blob_polygon(rng: np.random.Generator, cy: float, cx: float, radius: float,
     return Polygon(np.column_stack([cx + r * np.cos(angles), cy + r * np.sin(angles)]))
 
 
-def _tumor_layout(rng, tissue: np.ndarray, width: int, height: int):
-    """Tumour nests (macro, medium, micro) centred on tissue, and one `_2` island in the macro."""
+LESIONS = ("mixed", "micro")
+
+
+def _tumor_layout(rng, tissue: np.ndarray, width: int, height: int, lesions: str = "mixed"):
+    """Tumour nests centred on tissue. "mixed": a macro-metastasis (with one `_2` island), a
+    medium nest and two micro-metastases; "micro": one or two micro-metastases of 1-5 tiles
+    (radius 110-250 px, a 224 px tile is ~50k px^2) and nothing else."""
     ds = PLAN_DOWNSAMPLE
     depth = ndimage.distance_transform_edt(tissue) * ds  # level-0 px to the tissue edge
     side = min(width, height)
-    radii = [max(0.11 * side, 360.0), max(0.05 * side, 220.0)] + [rng.uniform(110, 170) for _ in range(2)]
+    if lesions == "micro":
+        radii = [rng.uniform(110, 250) for _ in range(rng.integers(1, 3))]
+    else:
+        radii = [max(0.11 * side, 360.0), max(0.05 * side, 220.0)] + [rng.uniform(110, 170) for _ in range(2)]
     tumors, exclusions = [], []
     for i, radius in enumerate(radii):
         candidates = np.argwhere(depth > min(radius, depth.max() * 0.8))
@@ -197,13 +273,64 @@ def _tumor_layout(rng, tissue: np.ndarray, width: int, height: int):
         else:
             continue
         tumors.append(blob)
-        if i == 0:  # a normal island inside the macro-metastasis, annotated `_2`
+        if i == 0 and lesions != "micro":  # a normal island inside the macro-metastasis, annotated `_2`
             island = _blob_polygon(rng, blob.centroid.y + 0.25 * radius, blob.centroid.x, 0.28 * radius, 24)
             if blob.buffer(-0.05 * radius).contains(island):
                 exclusions.append(island)
     bounds = shapely.box(0, 0, width, height)
     tumors = [t.intersection(bounds) for t in tumors]
     return [t for t in tumors if t.geom_type == "Polygon" and not t.is_empty], exclusions
+
+
+def _tissue_point(rng, tissue0: np.ndarray, avoid: np.ndarray, margin: int) -> tuple[float, float]:
+    """A random level-0 (y, x) on tissue, `margin` px inside it, off `avoid`, sampled on a
+    coarse grid (no full-resolution distance transform)."""
+    step = 16
+    coarse = tissue0[::step, ::step] & ~avoid[::step, ::step]
+    coarse = ndimage.binary_erosion(coarse, iterations=max(margin // step, 1))
+    candidates = np.argwhere(coarse)
+    if not len(candidates):
+        candidates = np.argwhere(tissue0[::step, ::step])
+    if not len(candidates):
+        return tissue0.shape[0] / 2, tissue0.shape[1] / 2
+    r, c = candidates[rng.integers(len(candidates))]
+    return float(r * step), float(c * step)
+
+
+def draw_tissue_artefacts(rng, image: np.ndarray, tissue0: np.ndarray, tumor0: np.ndarray
+                          ) -> tuple[np.ndarray, list]:
+    """Pen strokes and a marker blot across the tissue, and an out-of-focus region on it.
+
+    Ink is translucent: it multiplies the light through the tissue (the tissue shows beneath,
+    darker and tinted), as a pen mark on the coverslip does. Ink and blur are placed off the
+    tumour, where pathologists' marks next to a lesion usually are; strokes may still cross it.
+    Returns the level-0 ink mask and the blurred regions (shapely polygons).
+    """
+    from shapely.geometry import LineString, Point
+
+    h, w = image.shape[:2]
+    ink = np.zeros((h, w), bool)
+    for colour in ((40, 70, 170), (40, 140, 80)):   # a blue and a green stroke through tissue
+        cy, cx = _tissue_point(rng, tissue0, tumor0, 64)
+        length, amp, phase = rng.uniform(0.4, 0.7) * w, rng.uniform(30, 150), rng.uniform(0, 6)
+        xs = cx + np.linspace(-length / 2, length / 2, 64)
+        ys = cy + amp * np.sin(np.linspace(0, 3, 64) + phase) - amp * np.sin(1.5 + phase)
+        stroke = rasterize(LineString(np.column_stack([xs, ys])).buffer(rng.uniform(35, 60)), (h, w), 1.0)
+        image[stroke] = (image[stroke] * (np.asarray(colour, np.float32) / 255)).astype(np.uint8)
+        ink |= stroke
+    cy, cx = _tissue_point(rng, tissue0, tumor0, 128)
+    blot = rasterize(Point(cx, cy).buffer(rng.uniform(50, 90)), (h, w), 1.0)   # black marker
+    image[blot] = (image[blot] * 0.08).astype(np.uint8)
+    ink |= blot
+    cy, cx = _tissue_point(rng, tissue0, tumor0 | ink, 300)
+    region = Point(cx, cy).buffer(rng.uniform(250, 400))
+    inside = rasterize(region, (h, w), 1.0)
+    r0, c0, r1, c1 = (max(int(region.bounds[1]) - 16, 0), max(int(region.bounds[0]) - 16, 0),
+                      min(int(region.bounds[3]) + 17, h), min(int(region.bounds[2]) + 17, w))
+    box = (slice(r0, r1), slice(c0, c1))
+    blurred = ndimage.gaussian_filter(image[box].astype(np.float32), sigma=(5, 5, 0))
+    image[box] = np.where(inside[box][..., None], blurred + 0.5, image[box]).astype(np.uint8)
+    return ink, [region]
 
 
 def _draw_artifacts(rng, image: np.ndarray, tissue: np.ndarray) -> None:
@@ -273,17 +400,28 @@ def _write_pyramid(path: Path, level0: np.ndarray, levels: int, quality: int) ->
 
 
 def write_synthetic_slide(path, width: int = 4096, height: int = 4096, seed: int = 0,
-                          tumor: bool = True, quality: int = 88) -> SyntheticTruth:
-    """Write one slide (pyramidal JPEG-tiled TIFF, 0.243 um/px) and return what was drawn."""
+                          tumor: bool = True, quality: int = 88, stain: StainStyle | str = "standard",
+                          tissue_artefacts: bool = False, lesions: str = "mixed") -> SyntheticTruth:
+    """Write one slide (pyramidal JPEG-tiled TIFF, 0.243 um/px) and return what was drawn.
+
+    `stain` is a StainStyle or a STAIN_PRESETS name; `tissue_artefacts` draws pen, marker and
+    blur across the tissue (draw_tissue_artefacts); `lesions` is one of LESIONS.
+    """
     path = Path(path)
     if width < 512 or height < 512:
         raise ConfigError(f"synthetic slide {path}: {width} x {height} px is too small (>= 512 x 512)")
+    if isinstance(stain, str):
+        if stain not in STAIN_PRESETS:
+            raise ConfigError(f"unknown stain {stain!r}; one of {sorted(STAIN_PRESETS)}")
+        stain = STAIN_PRESETS[stain]
+    if lesions not in LESIONS:
+        raise ConfigError(f"unknown lesions {lesions!r}; one of {LESIONS}")
     rng = np.random.default_rng([seed, 1])
     ds = PLAN_DOWNSAMPLE
     plan_shape = (-(-height // ds), -(-width // ds))
     field = _tissue_plan(rng, plan_shape)
     tissue_plan = field > 0
-    tumors, exclusions = _tumor_layout(rng, tissue_plan, width, height) if tumor else ([], [])
+    tumors, exclusions = _tumor_layout(rng, tissue_plan, width, height, lesions) if tumor else ([], [])
     region = shapely.union_all(tumors).difference(shapely.union_all(exclusions)) if tumors else Polygon()
     tumor_plan = rasterize(shapely.union_all(tumors) if tumors else Polygon(), plan_shape, ds)
     tissue_plan |= tumor_plan
@@ -307,8 +445,15 @@ def write_synthetic_slide(path, width: int = 4096, height: int = 4096, seed: int
         strip = np.where(is_tissue[..., None], renderer.lymph_rgb(ys, xs), strip)
         if is_tumor.any():
             strip = np.where(is_tumor[..., None], renderer.tumor_rgb(ys, xs), strip)
+        strip = np.where(is_tissue[..., None], stain.apply(strip), strip)
         image[y0:y0 + len(ys)] = np.clip(strip, 0, 255)
         tissue0[y0:y0 + len(ys)] = is_tissue
+    ink_plan, blur_polygons = None, []
+    if tissue_artefacts:   # own generator: the plain slides stay exactly as they were
+        tumor0 = np.repeat(np.repeat(tumor_half, 2, 0), 2, 1)[:height, :width]
+        ink0, blur_polygons = draw_tissue_artefacts(np.random.default_rng([seed, 5]), image,
+                                                    tissue0, tumor0)
+        ink_plan = _block_mean(ink0, ds) > 0.5
     _draw_artifacts(rng, image, tissue0)
 
     levels = _levels(width, height)
@@ -320,7 +465,15 @@ def write_synthetic_slide(path, width: int = 4096, height: int = 4096, seed: int
     finally:
         partial.unlink(missing_ok=True)
     return SyntheticTruth(path, (width, height), tissue_plan, float(ds), tumors, exclusions,
-                          MPP, levels)
+                          MPP, levels, ink_plan, blur_polygons, stain.name)
+
+
+def _block_mean(mask: np.ndarray, ds: int) -> np.ndarray:
+    """Share of each ds x ds block that is set (the last row/column of blocks may be partial)."""
+    h, w = mask.shape
+    padded = np.zeros((-(-h // ds) * ds, -(-w // ds) * ds), np.float32)
+    padded[:h, :w] = mask
+    return padded.reshape(padded.shape[0] // ds, ds, padded.shape[1] // ds, ds).mean(axis=(1, 3))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -451,9 +604,15 @@ def write_camelyon_size_slide(path, width: int = 98_304, height: int = 196_608, 
 
 
 def make_dataset(out, n_tumor: int, n_normal: int, size: tuple[int, int] = (4096, 4096),
-                 seed: int = 0) -> dict[str, SyntheticTruth]:
+                 seed: int = 0, hard: bool = False) -> dict[str, SyntheticTruth]:
     """Camelyon16 layout in `out`: tumor_001.tif + tumor_001.xml, ..., normal_001.tif, ...,
-    reference.csv (columns slide,label; label tumor|normal). Returns name -> SyntheticTruth."""
+    reference.csv (columns slide,label; label tumor|normal) and synth.csv (how each slide was
+    drawn). Returns name -> SyntheticTruth.
+
+    `hard`: every slide gets its own stain (random_stain, pale ones included) and pen, marker
+    and blur across its tissue; every other tumour slide (tumor_001, _003, ...) has
+    micro-metastases only.
+    """
     from core.files import atomic_write
 
     out = Path(out)
@@ -462,19 +621,33 @@ def make_dataset(out, n_tumor: int, n_normal: int, size: tuple[int, int] = (4096
     truths: dict[str, SyntheticTruth] = {}
     jobs = [(f"tumor_{i:03d}", True, i) for i in range(1, n_tumor + 1)]
     jobs += [(f"normal_{i:03d}", False, 1000 + i) for i in range(1, n_normal + 1)]
+    drawn = []
     for name, is_tumor, k in jobs:
-        truth = write_synthetic_slide(out / f"{name}.tif", width, height, seed=seed * 10_000 + k,
-                                      tumor=is_tumor)
+        slide_seed = seed * 10_000 + k
+        style = dict(stain="standard", tissue_artefacts=False, lesions="mixed")
+        if hard:
+            style = dict(stain=random_stain(np.random.default_rng([slide_seed, 9])),
+                         tissue_artefacts=True, lesions="micro" if is_tumor and k % 2 else "mixed")
+        truth = write_synthetic_slide(out / f"{name}.tif", width, height, seed=slide_seed,
+                                      tumor=is_tumor, **style)
         if is_tumor:
             write_asap_xml(out / f"{name}.xml", truth.tumor_polygons, truth.exclusion_polygons)
         truths[name] = truth
-        log.info("%s: %d tumour nest(s), %d exclusion(s)", name, len(truth.tumor_polygons),
-                 len(truth.exclusion_polygons))
+        stain = style["stain"] if isinstance(style["stain"], StainStyle) else STAIN_PRESETS[style["stain"]]
+        drawn.append([name, "tumor" if is_tumor else "normal", stain.name,
+                      f"{stain.haematoxylin:.3f}", f"{stain.eosin:.3f}",
+                      style["lesions"] if is_tumor else "", int(style["tissue_artefacts"])])
+        log.info("%s: %d tumour nest(s), %d exclusion(s), stain %s", name, len(truth.tumor_polygons),
+                 len(truth.exclusion_polygons), stain.name)
     with atomic_write(out / "reference.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["slide", "label"])
         for name, is_tumor, _ in jobs:
             writer.writerow([name, "tumor" if is_tumor else "normal"])
+    with atomic_write(out / "synth.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["slide", "label", "stain", "haematoxylin", "eosin", "lesions", "tissue_artefacts"])
+        writer.writerows(drawn)
     return truths
 
 
@@ -494,11 +667,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=_size, default=(4096, 4096),
                         help="WIDTHxHEIGHT level 0 (default 4096x4096)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hard", action="store_true",
+                        help="per-slide stain variation (pale included), pen/marker/blur across "
+                             "tissue, micro-metastases only on every other tumour slide")
 
 
 def run(args) -> int:
     if args.tumor < 0 or args.normal < 0 or args.tumor + args.normal == 0:
         raise ConfigError("synth: --tumor and --normal must be >= 0, and at least one slide")
-    truths = make_dataset(args.out, args.tumor, args.normal, args.size, args.seed)
-    print(f"wrote {len(truths)} slides and reference.csv to {args.out}")
+    truths = make_dataset(args.out, args.tumor, args.normal, args.size, args.seed, hard=args.hard)
+    print(f"wrote {len(truths)} {'hard ' if args.hard else ''}slides and reference.csv to {args.out}")
     return 0

@@ -13,12 +13,25 @@ lymph-node slides removed):
    ink and everything else and loses pale tissue; without the ink the second threshold separates
    tissue from glass again. It never goes below `min_saturation`, so an empty slide (glass only,
    where Otsu would split noise) gives an empty mask;
-5. clean-up with scikit-image: small objects (dust, specks) removed, small holes (lumen, fat)
-   filled, with the ink counted as tissue meanwhile (a pen stroke across tissue must not cut it
-   into small pieces) and cut out again at the end.
+5. optical density, for stains saturation misses: a faded, pale or greyish (lilac-grey)
+   slide's tissue can be as unsaturated as glass, but it still absorbs light. OD =
+   -log10(I / 255) of the darkest channel is thresholded over the non-ink pixels (floor
+   `min_optical_density`), as HistoQC's and tiatoolbox's brightness/OD maskers do. Glass is a
+   tall narrow peak near OD 0.02 and tissue a long tail above it, so the threshold is the
+   triangle method's (Zack 1977: the foot of the dominant peak), not Otsu's: with two thirds of
+   the pixels in the peak, Otsu splits the tissue tail instead; a closing over
+   `od_closing_um` joins the dense nuclei of faded tissue across its nearly clear stroma. A
+   pixel dark enough but with no colour
+   at all (max - min of R, G, B below `min_chroma`) is grey scanner background or shadow, not
+   stain, and is not taken; nor is a pixel greener than red (both haematoxylin and eosin
+   absorb green more than red, pen ink and its pale fringe do not). Tissue = saturation cue
+   OR OD cue, ink removed;
+6. clean-up with scikit-image: small objects (dust, specks) removed, with the ink counted as
+   tissue meanwhile (a pen stroke across tissue must not cut it into small pieces), then small
+   holes (lumen, fat) of the tissue filled and the ink cut out.
 
-Grey scanner-stitching background (flat grey tiles, R = G = B) has no saturation and so never
-passes step 2 or 4, however dark it is.
+Grey scanner-stitching background (flat grey tiles, R = G = B) has no saturation and no chroma
+and so never passes step 2, 4 or 5, however dark it is.
 
 Speed: a Camelyon16 slide gives a ~3k x 6k mask (18 M pixels). S and V are computed in uint8
 integer arithmetic from max/min of R, G, B (2 bytes per pixel for the intermediate), and Otsu runs
@@ -34,7 +47,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from skimage import morphology
-from skimage.filters import threshold_otsu
+from skimage.filters import threshold_otsu, threshold_triangle
 
 from core.errors import RequestError
 from core.tiling import CAMELYON16_MPP, TissueParams
@@ -66,8 +79,9 @@ def _saturation_table() -> np.ndarray:
 _SATURATION = _saturation_table()
 
 
-def saturation_value(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """HSV saturation and value as uint8 (0..255), without floating point.
+def saturation_value_chroma(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """HSV saturation and value, and chroma (max - min of R, G, B), as uint8 (0..255), without
+    floating point.
 
     S = (max - min) / max, scaled to 0..255 and rounded down; V = max. Equal to skimage's
     rgb2hsv(...)[..., 1:] * 255 within one grey level. Max and min are taken channel by channel
@@ -80,7 +94,25 @@ def saturation_value(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     index = value.astype(np.uint16)
     index <<= 8
     index |= chroma
-    return _SATURATION[index], value
+    return _SATURATION[index], value, chroma
+
+
+def saturation_value(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """HSV saturation and value as uint8 (see saturation_value_chroma)."""
+    sat, value, _ = saturation_value_chroma(rgb)
+    return sat, value
+
+
+# Optical density of a uint8 intensity, quantised to 256 codes over [0, OD_RANGE]: a 256-entry
+# lookup instead of a float log over the image. OD 0.05 (the default floor) is code 13.
+OD_RANGE = 1.0
+_OD_CODE = np.round(np.clip(-np.log10(np.maximum(np.arange(256), 1) / 255.0), 0, OD_RANGE)
+                    * 255 / OD_RANGE).astype(np.uint8)
+
+
+def optical_density_code(darkest: np.ndarray) -> np.ndarray:
+    """OD code (0..255 over OD 0..OD_RANGE) of the darkest channel's intensity (uint8)."""
+    return _OD_CODE[darkest]
 
 
 def histogram_uint8(values: np.ndarray) -> np.ndarray:
@@ -122,6 +154,28 @@ def ink_mask(rgb: np.ndarray, sat: np.ndarray, value: np.ndarray, foreground: np
     return black | pen
 
 
+def optical_density_tissue(rgb: np.ndarray, darkest: np.ndarray, chroma: np.ndarray,
+                           ink: np.ndarray, params: TissueParams, um_per_px: float) -> np.ndarray:
+    """Step 5: pixels whose optical density is above the triangle threshold of the non-ink
+    pixels' (at least `min_optical_density`), that carry some colour (chroma >= `min_chroma`)
+    and whose colour is a stain's (red > green); then a morphological closing over
+    `od_closing_um`, because in faded tissue the nuclei carry the density and the stroma
+    between them is nearly glass: the closing joins nuclei a few cells apart into one region
+    without moving the tissue's outer edge (as a mean filter would)."""
+    od = optical_density_code(darkest)
+    floor = params.min_optical_density * 255 / OD_RANGE
+    values = od[~ink]
+    threshold = threshold_triangle(values) if values.size and values.min() < values.max() else 255
+    coloured = (chroma >= params.min_chroma) & (rgb[..., 0] > rgb[..., 1])
+    dense = (od > max(threshold, floor)) & coloured
+    radius = int(np.ceil(params.od_closing_um / um_per_px))
+    if radius >= 1:
+        # The closing relaxes only the density: what it adds must still be coloured like a stain
+        # (grey scanner background next to tissue stays out).
+        dense = morphology.closing(dense, morphology.disk(radius)) & coloured
+    return dense
+
+
 def tissue_mask_from_rgb(rgb: np.ndarray, params: TissueParams = TissueParams(),
                          um_per_px: float | None = None) -> np.ndarray:
     """Boolean tissue mask of an RGB uint8 image (steps 1-5 of the module docstring).
@@ -132,7 +186,8 @@ def tissue_mask_from_rgb(rgb: np.ndarray, params: TissueParams = TissueParams(),
     """
     if rgb.ndim != 3 or rgb.shape[-1] != 3 or rgb.dtype != np.uint8:
         raise RequestError(f"tissue mask needs an RGB uint8 image [h, w, 3], got {rgb.dtype} {rgb.shape}")
-    sat, value = saturation_value(rgb)
+    um_per_px_mask = um_per_px if um_per_px else params.target_downsample * CAMELYON16_MPP
+    sat, value, chroma = saturation_value_chroma(rgb)
     hist = histogram_uint8(sat)
     foreground = sat > otsu_uint8(hist=hist, floor=params.min_saturation)
     ink = ink_mask(rgb, sat, value, foreground, params)
@@ -140,21 +195,34 @@ def tissue_mask_from_rgb(rgb: np.ndarray, params: TissueParams = TissueParams(),
     # pixels minus that of the (few) ink pixels.
     hist_without_ink = hist - np.bincount(sat[ink], minlength=256)
     threshold = otsu_uint8(hist=hist_without_ink, floor=params.min_saturation)
-    tissue = (sat > threshold) & ~ink
-    px_area = (um_per_px if um_per_px else params.target_downsample * CAMELYON16_MPP) ** 2
+    tissue = sat > threshold
+    if params.optical_density:
+        tissue |= optical_density_tissue(rgb, value - chroma, chroma, ink, params, um_per_px_mask)
+    tissue &= ~ink
+    # Stained tissue is redder than green (see step 5); the pale fringe of a pen stroke is not.
+    tissue &= rgb[..., 0] > rgb[..., 1]
+    px_area = um_per_px_mask ** 2
     min_object = max(int(params.min_object_um2 / px_area), 1)
     min_hole = max(int(params.min_hole_um2 / px_area), 1)
-    # Ink counts as tissue during the clean-up, then is cut out again: a pen stroke across a
-    # tissue piece must neither split it into "small objects" nor leave a "hole" to fill.
+    # Ink counts as tissue while small objects are removed: a pen stroke across a tissue piece
+    # must not split it into "small objects" (a strip of tissue between two strokes stays).
     # remove_small_objects/holes take `max_size` (remove sizes <= max_size) since skimage 0.26.
-    cleaned = tissue | ink
-    morphology.remove_small_objects(cleaned, max_size=min_object, out=cleaned)
-    morphology.remove_small_holes(cleaned, max_size=min_hole, out=cleaned)
+    # The ink is widened by 2 px for this: its anti-aliased fringe is neither ink nor tissue
+    # and would otherwise cut the stroke off the tissue it crosses.
+    joined = tissue | morphology.dilation(ink, morphology.disk(2)) if ink.any() else tissue.copy()
+    morphology.remove_small_objects(joined, max_size=min_object, out=joined)
+    tissue &= joined
+    # Holes are filled in the tissue alone, not in tissue | ink: glass enclosed by a pen loop, or
+    # the pale fringe between a stroke and the tissue edge, is not a hole of the tissue.
+    cleaned = morphology.remove_small_holes(tissue, max_size=min_hole)
     cleaned &= ~ink
-    # The anti-aliased fringe of a pen stroke on glass is pale and saturated enough to pass the
-    # thresholds without being ink; it survived above by touching the stroke. Once the ink is cut
-    # out it stands alone, small: drop it like any other small object.
-    morphology.remove_small_objects(cleaned, max_size=min_object, out=cleaned)
+    # Once the ink is cut out, what survived above by touching a stroke (its anti-aliased
+    # fringe) is a line one pixel wide, alone or along the tissue edge: an opening removes
+    # the lines, then fragments too small to make a tile go; strips of tissue stay.
+    if ink.any():
+        cleaned = morphology.opening(cleaned, morphology.disk(1))
+    min_fragment = max(int(params.min_fragment_um2 / px_area), 1)
+    morphology.remove_small_objects(cleaned, max_size=min_fragment, out=cleaned)
     return cleaned
 
 

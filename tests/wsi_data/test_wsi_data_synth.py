@@ -96,7 +96,12 @@ def test_dataset_layout_xml_round_trip_and_cli(tmp_path):
     assert main(["synth", str(out), "--tumor", "1", "--normal", "2", "--size", "1024x768",
                  "--seed", "4"]) == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["normal_001.tif", "normal_002.tif", "reference.csv", "tumor_001.tif", "tumor_001.xml"]
+    assert names == ["normal_001.tif", "normal_002.tif", "reference.csv", "synth.csv", "tumor_001.tif",
+                     "tumor_001.xml"]
+    with (out / "synth.csv").open() as f:
+        drawn = list(csv.DictReader(f))
+    assert [(d["slide"], d["stain"], d["tissue_artefacts"]) for d in drawn] == [
+        ("tumor_001", "standard", "0"), ("normal_001", "standard", "0"), ("normal_002", "standard", "0")]
     with (out / "reference.csv").open() as f:
         assert list(csv.DictReader(f)) == [{"slide": "tumor_001", "label": "tumor"},
                                            {"slide": "normal_001", "label": "normal"},
@@ -165,3 +170,28 @@ def test_camelyon_layout_rejects_odd_sizes(tmp_path):
 
     with pytest.raises(MilroiError, match="multiples of 256"):
         write_camelyon_size_slide(tmp_path / "x.tif", 5000, 8192)
+
+
+def test_hard_dataset_stains_artefacts_and_micro_metastases(tmp_path):
+    """`synth --hard`: each slide its own stain, ink and blur across the tissue, micro-metastases
+    only on every other tumour slide; the tissue mask still finds every slide's tissue."""
+    from training.cli import main
+    from wsi.slide import open_slide
+    from wsi.tissue import compute_tissue_mask
+
+    out = tmp_path / "hard"
+    assert main(["synth", str(out), "--tumor", "2", "--normal", "2", "--size", "2048x2048",
+                 "--seed", "5", "--hard"]) == 0
+    with (out / "synth.csv").open() as f:
+        drawn = {d["slide"]: d for d in csv.DictReader(f)}
+    assert {d["tissue_artefacts"] for d in drawn.values()} == {"1"}
+    assert len({d["eosin"] for d in drawn.values()}) == 4           # a stain per slide
+    assert drawn["tumor_001"]["lesions"] == "micro" and drawn["tumor_002"]["lesions"] == "mixed"
+    micro = read_asap_xml(out / "tumor_001.xml").region.area
+    tile_area = 224 * 224
+    assert 0 < micro <= 2 * 5 * tile_area        # one or two lesions of 1-5 tiles each
+    assert read_asap_xml(out / "tumor_002.xml").region.area > 6 * tile_area
+    for name in drawn:
+        with open_slide(out / f"{name}.tif") as slide:
+            tissue = compute_tissue_mask(slide)
+        assert tissue.tissue_fraction > 0.1, name   # never an empty mask
