@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import BundleError, ConfigError
-from core.tiling import CAMELYON16_MPP, DEFAULT_TILING, TilingParams, TissueParams
+from core.tiling import CAMELYON16_MPP, DEFAULT_TILING, ArtefactParams, TilingParams, TissueParams
 
 BUNDLE_FORMAT = "milroi-bundle/1"
 MANIFEST_NAME = "manifest.json"
@@ -55,6 +55,7 @@ class BundleManifest:
     patch_threshold: float = DEFAULT_ROI_THRESHOLD
     tiling: TilingParams = DEFAULT_TILING
     tissue: TissueParams = field(default_factory=TissueParams)
+    artefacts: ArtefactParams = field(default_factory=ArtefactParams)   # tiles left out of scores
     files: dict[str, str] = field(default_factory=lambda: dict(GRAPH_FILES))
     head: str = ""
     head_config: dict[str, Any] = field(default_factory=dict)
@@ -73,9 +74,10 @@ class BundleManifest:
     # -- the JSON form ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-               if f.name not in ("tiling", "tissue", "extra", "int8")}
+               if f.name not in ("tiling", "tissue", "artefacts", "extra", "int8")}
         out.update(self.extra)
-        out.update(format=BUNDLE_FORMAT, tissue=self.tissue.to_dict(), **self.tiling.to_dict())
+        out.update(format=BUNDLE_FORMAT, tissue=self.tissue.to_dict(),
+                   artefacts=self.artefacts.to_dict(), **self.tiling.to_dict())
         if self.int8 is not None:
             out["int8"] = self.int8
         return out
@@ -96,11 +98,12 @@ class BundleManifest:
         known = {f.name for f in dataclasses.fields(cls)} | set(DEFAULT_TILING.to_dict())
         known |= {"format"}
         fields = {k: v for k, v in values.items()
-                  if k in known and k not in ("format", "tissue", *DEFAULT_TILING.to_dict())}
+                  if k in known and k not in ("format", "tissue", "artefacts", *DEFAULT_TILING.to_dict())}
         try:
             tiling = DEFAULT_TILING.replace(**{k: values.get(k) for k in DEFAULT_TILING.to_dict()})
             tissue = TissueParams.from_dict(values.get("tissue") or {})
-            return cls(**fields, tiling=tiling, tissue=tissue,
+            artefacts = ArtefactParams.from_dict(values.get("artefacts") or {})
+            return cls(**fields, tiling=tiling, tissue=tissue, artefacts=artefacts,
                        extra={k: v for k, v in values.items() if k not in known})
         except (ConfigError, TypeError) as exc:
             raise BundleError(where, f"bad manifest.json: {exc}") from None

@@ -29,6 +29,11 @@ class ScoredSlide:
     rois: int            # tumour ROI polygons at roi_threshold
     model: str
     model_version: str
+    flags: np.ndarray | None = None   # uint8 [N] artefact bits (wsi.tile_quality), 0 = clean
+
+    @property
+    def artefact_tiles(self) -> int:
+        return 0 if self.flags is None else int(np.count_nonzero(self.flags))
 
 
 class SlideScoringBackend(Protocol):
@@ -61,7 +66,7 @@ class LocalBackend:
         s = self.scorer.score_slide(path, min_tissue=self.min_tissue,
                                     roi_threshold=self.roi_threshold, display_path=key)
         return ScoredSlide(s.coords, s.scores, s.tile_size, s.slide_score, s.label, s.threshold,
-                           s.roi_threshold, len(s.rois), s.model.name, s.model.version)
+                           s.roi_threshold, len(s.rois), s.model.name, s.model.version, s.flags)
 
     def close(self) -> None:
         self.engine.close()
@@ -89,7 +94,7 @@ class RemoteBackend:
         s = result.summary
         return ScoredSlide(result.coords, result.scores, result.header.tile_size, s.slide_score,
                            s.label, s.threshold, s.roi_threshold, len(s.rois), s.model.name,
-                           s.model.version)
+                           s.model.version, result.artefact)
 
     def close(self) -> None:
         self.client.close()

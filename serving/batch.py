@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 DONE_MARKER = "done.json"
 SUMMARY_NAME = "summary.csv"
 SUMMARY_COLUMNS = ("slide", "status", "label", "score", "threshold", "tiles", "rois", "seconds",
-                   "model", "model_version", "error", "path")
+                   "model", "model_version", "error", "path", "artefact_tiles")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,10 +128,11 @@ def score_one(backend: SlideScoringBackend, path: Path, key: str, out_dir: Path)
         scored = backend.score(path, key)
         with open_slide(path) as slide:
             write_slide_outputs(slide_out, slide, scored.coords, scored.scores, scored.tile_size,
-                                scored.roi_threshold)
+                                scored.roi_threshold, flags=scored.flags)
         score = float(scored.slide_score)
         row.update(status="ok", label=scored.label, score=None if np.isnan(score) else score,
                    threshold=float(scored.threshold), tiles=len(scored.scores), rois=scored.rois,
+                   artefact_tiles=scored.artefact_tiles,
                    model=scored.model, model_version=scored.model_version, error="",
                    seconds=round(time.perf_counter() - started, 3))
         with atomic_write(slide_out / DONE_MARKER, "w") as f:  # last: marks the slide finished

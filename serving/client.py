@@ -124,6 +124,7 @@ class ScoreChunk:
     x: np.ndarray      # int64 [n], level-0 top-left corners
     y: np.ndarray      # int64 [n]
     score: np.ndarray  # float32 [n], tumour probability
+    artefact: np.ndarray | None = None   # uint8 [n] artefact bits (0 clean; 1 ink, 2 glass, 4 blur)
 
     @property
     def coords(self) -> np.ndarray:
@@ -153,6 +154,7 @@ class SlideSummary:
     roi_threshold: float
     timings: dict[str, float]
     model: ModelRef
+    artefact_count: int = 0   # patches left out of the score and the ROIs as artefacts
 
     @property
     def polygons(self) -> list[Polygon]:
@@ -163,7 +165,7 @@ class SlideSummary:
         rois = [Roi(_polygon_from_proto(p), p.area_um2, p.max_score, p.mean_score) for p in s.rois]
         timings = {f.name: getattr(s.timings, f.name) for f in s.timings.DESCRIPTOR.fields}
         return cls(s.slide_score, s.label, s.threshold, s.tile_count, rois, s.mpp,
-                   s.roi_threshold, timings, ModelRef.from_proto(s.model))
+                   s.roi_threshold, timings, ModelRef.from_proto(s.model), s.artefact_count)
 
     def to_dict(self) -> dict:
         """JSON-ready: polygons as GeoJSON-like coordinate lists (level-0 px)."""
@@ -182,6 +184,7 @@ class SlideResult:
     coords: np.ndarray  # int64 [N, 2] level-0 (x, y)
     scores: np.ndarray  # float32 [N]
     summary: SlideSummary
+    artefact: np.ndarray | None = None   # uint8 [N] artefact bits, 0 = clean
 
 
 @dataclass(frozen=True)
@@ -270,24 +273,30 @@ class SlideScoringStream:
         if p.offset != self._received or len(p.x) != n or len(p.y) != n:
             raise self._error(None, f"malformed chunk at offset {p.offset} (expected offset "
                                     f"{self._received}, {n} scores, {len(p.x)} x, {len(p.y)} y)")
+        if len(p.artefact) not in (0, n):
+            raise self._error(None, f"malformed chunk at offset {p.offset}: {len(p.artefact)} "
+                                    f"artefact flags for {n} scores")
         self._received += n
+        artefact = np.asarray(p.artefact, np.uint8) if len(p.artefact) else np.zeros(n, np.uint8)
         return ScoreChunk(p.offset, np.asarray(p.x, np.int64), np.asarray(p.y, np.int64),
-                          np.asarray(p.score, np.float32))
+                          np.asarray(p.score, np.float32), artefact)
 
     def collect(self, progress: Callable[[int], None] | None = None) -> SlideResult:
         """Read the rest of the stream into one `SlideResult`; `progress(n)` after each chunk."""
-        xs, ys, scores = [], [], []
+        xs, ys, scores, artefacts = [], [], [], []
         for chunk in self:
             xs.append(chunk.x)
             ys.append(chunk.y)
             scores.append(chunk.score)
+            artefacts.append(chunk.artefact)
             if progress is not None:
                 progress(len(chunk))
         coords = np.column_stack([np.concatenate(xs), np.concatenate(ys)]) if xs \
             else np.zeros((0, 2), np.int64)
         return SlideResult(self.header, coords,
                            np.concatenate(scores) if scores else np.zeros(0, np.float32),
-                           self.summary)
+                           self.summary,
+                           np.concatenate(artefacts) if artefacts else np.zeros(0, np.uint8))
 
     def cancel(self) -> None:
         self._call.cancel()
@@ -599,14 +608,16 @@ def _run_score(client: ScoringClient, args) -> int:
 
         with open_slide(local_slide) as slide:
             paths = write_slide_outputs(args.out, slide, result.coords, result.scores,
-                                        h.tile_size, result.summary.roi_threshold)
+                                        h.tile_size, result.summary.roi_threshold,
+                                        flags=result.artefact)
         log.info("outputs: %s", ", ".join(str(p) for p in paths.values()))
     s = result.summary
     if args.json:
         print(json.dumps({"header": asdict(h), "summary": s.to_dict()}, indent=2))
     else:
         print(f"{h.slide_path}: {s.label} (score {s.slide_score:.4f}, threshold {s.threshold:g}), "
-              f"{s.tile_count} tiles, {len(s.rois)} ROI(s) at patch score >= "
+              f"{s.tile_count} tiles ({s.artefact_count} artefacts left out), {len(s.rois)} ROI(s) "
+              f"at patch score >= "
               f"{s.roi_threshold:g}, {s.timings.get('total_s', 0):.1f} s, "
               f"model {s.model.name} v{s.model.version}")
     return 0

@@ -8,7 +8,13 @@ the gRPC server (which converts them to messages) and in process by the batch jo
                  sent as soon as their batch is scored
     SlideSummary once: slide score and label (aggregator.onnx on the streaming pooling state),
                  tumour ROI polygons (wsi.outputs.roi_polygons, level-0 px) with their area in
-                 um^2, timings, and every patch's coords and score (for the batch job's files)
+                 um^2, timings, and every patch's coords, score and artefact flags (for the
+                 batch job's files)
+
+Artefact tiles (wsi.tile_quality: pen / marker ink, glass, out of focus, under the manifest's
+`artefacts` limits) are measured on the tiles as read, scored and streamed with their flags,
+and left out of the pooling state and the ROIs: a pen stroke across tissue neither raises the
+slide score nor draws an ROI. A slide whose every tile is an artefact is labelled `no_tissue`.
 
 Work overlaps: wsi.tiles.TileReader decodes the next batches in background threads into a
 bounded queue while the engine runs, and two batches are in the engine at once, so the model
@@ -41,6 +47,7 @@ from serving.engine import Engine, ModelRef
 from wsi.grid import tiles_for_slide
 from wsi.outputs import roi_polygons, roi_tile_stats
 from wsi.slide import open_slide
+from wsi.tile_quality import artefact_flags, measure_tiles
 from wsi.tiles import TileReader
 
 log = logging.getLogger(__name__)
@@ -70,6 +77,7 @@ class PatchChunk:
     offset: int              # index of the first patch in grid order
     coords: np.ndarray       # int64 [n, 2] level-0 (x, y) top-left
     scores: np.ndarray       # float32 [n] tumour probability
+    flags: np.ndarray | None = None   # uint8 [n] artefact bits (wsi.tile_quality), 0 = clean
 
 
 @dataclass
@@ -106,6 +114,12 @@ class SlideSummary:
     model: ModelRef
     coords: np.ndarray = field(repr=False)   # int64 [N, 2], grid order
     scores: np.ndarray = field(repr=False)   # float32 [N]
+    flags: np.ndarray = field(repr=False, default=None)   # uint8 [N] artefact bits, 0 = clean
+
+    @property
+    def artefact_count(self) -> int:
+        """Tiles flagged as artefacts: reported, but in no ROI and not in the slide score."""
+        return 0 if self.flags is None else int(np.count_nonzero(self.flags))
 
 
 SlideEvent = SlideHeader | PatchChunk | SlideSummary
@@ -139,6 +153,7 @@ class SlideScorer:
         self.threshold = manifest.threshold
         self.roi_threshold = manifest.patch_threshold
         self.tissue_params = manifest.tissue
+        self.artefacts = manifest.artefacts
         self.reader_workers = reader_workers or max(2, min(8, os.cpu_count() or 2))
         self.queue_batches = int(queue_batches)
         self.in_flight = max(1, int(in_flight))
@@ -187,6 +202,7 @@ class SlideScorer:
             if cancel.is_set():
                 return
             scores = np.empty(n, np.float32)
+            flags = np.zeros(n, np.uint8)
             state = make_state(engine.pooling)
             scoring_started = time.perf_counter()
             reader = TileReader(slide, grid.coords, tile_size=self.tile_size, level=self.level,
@@ -206,7 +222,12 @@ class SlideScorer:
                     # Keep `in_flight` batches in the engine; collect the oldest when full.
                     batch = next(batches, None) if not cancel.is_set() else None
                     if batch is not None:
-                        pending.append((int(batch.index[0]), engine.submit(batch.tiles)))
+                        first = int(batch.index[0])
+                        future = engine.submit(batch.tiles)
+                        # Measured while the engine runs this batch (a few ms of numpy).
+                        flags[first:first + len(batch.index)] = artefact_flags(
+                            measure_tiles(batch.tiles, self.tissue_params), self.artefacts)
+                        pending.append((first, future))
                         if len(pending) < self.in_flight:
                             continue
                     if not pending or cancel.is_set():
@@ -217,14 +238,15 @@ class SlideScorer:
                         break
                     count = len(outputs["patch_scores"])
                     scores[start:start + count] = outputs["patch_scores"]
-                    state.update(outputs)
+                    state.update(select_patches(outputs, flags[start:start + count] == 0))
                     done = start + count
                     if not timings.first_score_s:
                         timings.first_score_s = time.perf_counter() - started
                     # Send every complete chunk now; the last partial one at the end.
                     while done - emitted >= chunk_size or (done == n and emitted < n):
                         stop = min(emitted + chunk_size, done)
-                        yield PatchChunk(emitted, grid.coords[emitted:stop], scores[emitted:stop].copy())
+                        yield PatchChunk(emitted, grid.coords[emitted:stop], scores[emitted:stop].copy(),
+                                         flags[emitted:stop].copy())
                         emitted = stop
             finally:
                 finished.set()
@@ -235,18 +257,23 @@ class SlideScorer:
                 log.info("%s: cancelled after %d of %d tiles", name, done, n)
                 return
             timings.scoring_s = time.perf_counter() - scoring_started
-            if n:
+            clean = flags == 0
+            if state.count:
                 logit, probability = slide_score(engine, state)
                 label = "tumor" if probability >= self.threshold else "normal"
-            else:
+            else:   # no tile, or only artefacts: nothing to base a slide label on
                 logit = probability = float("nan")
                 label = NO_TISSUE
-            rois = roi_summaries(grid.coords, scores, tile_size0, roi_threshold, slide.mpp)
+                if n:
+                    log.warning("%s: all %d tiles are artefacts (ink, glass or blur): %s", name, n,
+                                NO_TISSUE)
+            rois = roi_summaries(grid.coords[clean], scores[clean], tile_size0, roi_threshold,
+                                 slide.mpp)
             timings.total_s = time.perf_counter() - started
             timings.tiles_per_second = n / timings.scoring_s if timings.scoring_s > 0 else 0.0
             yield SlideSummary(name, probability, logit, label, self.threshold, n, rois,
                                slide.mpp, roi_threshold, tile_size0, timings, engine.model,
-                               grid.coords, scores)
+                               grid.coords, scores, flags)
 
     def score_slide(self, slide_path: str | os.PathLike, **kwargs) -> SlideSummary:
         """Run `score` to the end and return its summary (the batch job's in-process call)."""
@@ -257,6 +284,15 @@ class SlideScorer:
         if summary is None:
             raise Cancelled(f"scoring of {slide_path} was cancelled")
         return summary
+
+
+def select_patches(outputs: dict[str, np.ndarray], keep: np.ndarray) -> dict[str, np.ndarray]:
+    """The engine outputs of the patches where `keep` is True (per-patch arrays only)."""
+    if keep.all():
+        return outputs
+    n = len(keep)
+    return {k: (v[keep] if isinstance(v, np.ndarray) and v.ndim and len(v) == n else v)
+            for k, v in outputs.items()}
 
 
 def _wait(future: Future, cancel: threading.Event):

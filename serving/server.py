@@ -111,7 +111,8 @@ def event_pb(event) -> pb.ScoreSlideResponse:
     if isinstance(event, PatchChunk):
         return pb.ScoreSlideResponse(patches=pb.PatchScores(
             offset=event.offset, x=event.coords[:, 0].tolist(), y=event.coords[:, 1].tolist(),
-            score=event.scores.tolist()))
+            score=event.scores.tolist(),
+            artefact=[] if event.flags is None else event.flags.tolist()))
     if isinstance(event, SlideHeader):
         return pb.ScoreSlideResponse(header=pb.SlideHeader(
             slide_path=event.slide_path, width=event.width, height=event.height,
@@ -128,6 +129,7 @@ def event_pb(event) -> pb.ScoreSlideResponse:
             slide_score=event.slide_score, label=event.label, threshold=event.threshold,
             tile_count=event.tile_count, rois=rois, mpp=event.mpp,
             roi_threshold=event.roi_threshold, model=model_ref_pb(event.model),
+            artefact_count=event.artefact_count,
             timings=pb.Timings(open_s=t.open_s, tissue_s=t.tissue_s, scoring_s=t.scoring_s,
                                total_s=t.total_s, first_score_s=t.first_score_s,
                                tiles_per_second=t.tiles_per_second)))

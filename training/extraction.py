@@ -28,10 +28,11 @@ from tqdm import tqdm
 
 from core.cli import add_fallback_mpp_argument, add_tiling_arguments, tiling_from_args
 from core.errors import ConfigError
-from core.tiling import DEFAULT_TILING, TilingParams
+from core.tiling import DEFAULT_TILING, ArtefactParams, TilingParams
 from training.backbone import LAYERS, Backbone, build_backbone
 from training.feature_file import FeatureAttrs
 from training.onnx_backbone import OnnxBackbone
+from wsi.tile_quality import TileQuality, artefact_flags, measure_tiles
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class ExtractionOptions:
     workers: int = 4                  # tile reader threads
     limit_tiles: int | None = None    # only the first N tiles (quick runs)
     fallback_mpp: float | None = None
+    artefacts: ArtefactParams = ArtefactParams()   # which tiles are flagged (wsi.tile_quality)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.workers < 1:
@@ -179,7 +181,7 @@ def extract_features(slide_path: str | os.PathLike, out_h5: str | os.PathLike,
                              mpp=slide.mpp, mpp_source=slide.mpp_source, tiling=o.tiling,
                              backbone_layer=facts["backbone_layer"], weights=facts["weights"],
                              weights_seed=facts["weights_seed"],
-                             feature_engine=facts["feature_engine"]).to_h5()
+                             feature_engine=facts["feature_engine"], artefacts=o.artefacts).to_h5()
         try:
             with h5py.File(tmp, "w") as f:
                 f.attrs.update(attrs)
@@ -190,20 +192,28 @@ def extract_features(slide_path: str | os.PathLike, out_h5: str | os.PathLike,
                     # h5py refuses a chunk larger than the data: a 0-tile file is not chunked
                     chunks=(min(len(coords), o.batch_size), model.feature_dim) if len(coords)
                     else None)
+                quality = TileQuality.empty(len(coords))
                 if len(coords):
-                    _fill(features, slide, coords, model, o, device, progress, desc=slide.name)
+                    quality = _fill(features, slide, coords, model, o, device, progress,
+                                    desc=slide.name)
+                flags = artefact_flags(quality, o.artefacts)
+                f.create_dataset("ink_fraction", data=quality.ink)
+                f.create_dataset("background_fraction", data=quality.background)
+                f.create_dataset("focus", data=quality.focus)
+                f.create_dataset("artefact_flags", data=flags)
             os.replace(tmp, out_h5)
         except BaseException:  # also KeyboardInterrupt: never leave a partial file behind
             tmp.unlink(missing_ok=True)
             raise
     if len(coords):
-        log.info("%s: %d tiles -> %s", slide.name, len(coords), out_h5)
+        log.info("%s: %d tiles (%d flagged as artefacts) -> %s", slide.name, len(coords),
+                 int(np.count_nonzero(flags)), out_h5)
     else:
         log.warning("%s: no tissue tile (no tile has %g of tissue under the mask): recorded as "
                     "no_tissue, a features file of 0 tiles -> %s", slide.name,
                     o.tiling.min_tissue, out_h5)
     return {"slide": slide.name, "path": out_h5, "tiles": len(coords), "skipped": False,
-            "no_tissue": not len(coords)}
+            "no_tissue": not len(coords), "artefacts": int(np.count_nonzero(flags))}
 
 
 def _tile_features(model: Backbone | OnnxBackbone, device: torch.device):
@@ -222,14 +232,17 @@ def _tile_features(model: Backbone | OnnxBackbone, device: torch.device):
 
 
 def _fill(features: h5py.Dataset, slide, coords: np.ndarray, model: Backbone | OnnxBackbone,
-          options: ExtractionOptions, device: torch.device, progress: bool, desc: str) -> None:
-    """Stream tile batches through the model into the (preallocated) h5 dataset."""
+          options: ExtractionOptions, device: torch.device, progress: bool, desc: str
+          ) -> TileQuality:
+    """Stream tile batches through the model into the (preallocated) h5 dataset; the artefact
+    measures of the same tiles come back."""
     from wsi.tiles import TileReader
 
     reader = TileReader(slide, coords, tile_size=options.tiling.tile_size,
                         level=options.tiling.level, workers=options.workers,
                         batch_size=options.batch_size)
     tile_features = _tile_features(model, device)
+    measures: list[TileQuality] = []
     try:
         with torch.inference_mode(), tqdm(total=len(coords), desc=desc, unit="tile",
                                           disable=not progress, leave=False) as bar:
@@ -237,8 +250,10 @@ def _fill(features: h5py.Dataset, slide, coords: np.ndarray, model: Backbone | O
                 out = tile_features(batch.tiles)
                 # Batches come in grid order as one contiguous index run: a slice write.
                 features[int(batch.index[0]):int(batch.index[-1]) + 1] = out
+                measures.append(measure_tiles(batch.tiles))
                 bar.update(len(out))
     finally:
         reader.close()
+    return TileQuality.concatenate(measures)
 
 

@@ -1,7 +1,12 @@
 """The feature files: one h5 per slide in the CLAM/TRIDENT layout, and their typed attributes.
 
 FEATURES_DIR/h5_files/<slide>.h5 holds `features` float32 [N, D], `coords` int64 [N, 2] (level-0
-top-left x, y, grid order) and `tissue_fraction` float32 [N]. The slide and extraction facts
+top-left x, y, grid order) and `tissue_fraction` float32 [N], and the artefact measures of
+wsi.tile_quality: `ink_fraction`, `background_fraction`, `focus` float32 [N] and
+`artefact_flags` uint8 [N] (bits 1 ink, 2 background, 4 blur, under the file's `max_ink`,
+`max_background` and `min_focus` attributes). Flagged tiles are left out of the bags training
+and evaluation read (`load_bag`), as the server leaves them out of the slide score and the
+ROIs. Files written before the measures existed read as having no flagged tile. The slide and extraction facts
 (`FeatureAttrs`) are attributes of the file and of `coords` (where CLAM reads them), under
 CLAM's names (`patch_size`, `patch_level`). `training.extraction` writes them; `fit`, `evaluate`
 and `camelyon16` read them back as `Bag`s.
@@ -21,7 +26,7 @@ import numpy as np
 import torch
 
 from core.errors import ConfigError
-from core.tiling import TilingParams
+from core.tiling import ArtefactParams, TilingParams
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +52,7 @@ class FeatureAttrs:
     weights: str
     weights_seed: int
     feature_engine: str
+    artefacts: ArtefactParams = ArtefactParams()
 
     def to_h5(self) -> dict[str, Any]:
         """The attributes as written (CLAM's names for the tile size and level)."""
@@ -55,7 +61,7 @@ class FeatureAttrs:
                 "mpp": float(self.mpp), "mpp_source": self.mpp_source, "slide": self.slide,
                 "min_tissue": float(self.tiling.min_tissue), "backbone_layer": self.backbone_layer,
                 "weights": self.weights, "weights_seed": self.weights_seed,
-                "feature_engine": self.feature_engine}
+                "feature_engine": self.feature_engine, **self.artefacts.to_dict()}
 
     @classmethod
     def from_h5(cls, attrs: Mapping[str, Any], where: str | os.PathLike) -> FeatureAttrs:
@@ -69,7 +75,9 @@ class FeatureAttrs:
                                            float(values["min_tissue"])),
                        backbone_layer=str(values["backbone_layer"]), weights=str(values["weights"]),
                        weights_seed=int(values["weights_seed"]),
-                       feature_engine=str(values.get("feature_engine", "torch")))
+                       feature_engine=str(values.get("feature_engine", "torch")),
+                       artefacts=ArtefactParams.from_dict(
+                           {k: float(values[k]) for k in ArtefactParams().to_dict() if k in values}))
         except (KeyError, ValueError, ConfigError) as exc:
             raise ConfigError(f"feature file {where} lacks or garbles attribute {exc} "
                               f"(was it written by `milroi-train features`?)") from None
@@ -84,10 +92,12 @@ class Bag:
     coords: np.ndarray                  # [N, 2] int64, level-0 top-left
     attrs: FeatureAttrs | None = None   # None for bags that come from no slide (MUSK)
     digest: str = ""                    # sha256 of the h5 file
+    artefacts: int = 0                  # flagged tiles left out of `features` and `coords`
 
     @property
     def no_tissue(self) -> bool:
-        """A slide without a tissue tile: features recorded it with 0 tiles."""
+        """A slide without a usable tissue tile: features recorded it with 0 tiles, or every
+        tile it has is an artefact (ink, glass, blur)."""
         return len(self.features) == 0
 
 
@@ -100,6 +110,8 @@ def load_bag(path: str | os.PathLike) -> Bag:
         with h5py.File(path, "r") as f:
             features = np.asarray(f["features"], dtype=np.float32)
             coords = np.asarray(f["coords"], dtype=np.int64)
+            flags = (np.asarray(f["artefact_flags"], dtype=np.uint8) if "artefact_flags" in f
+                     else np.zeros(len(coords), np.uint8))
             raw_attrs = dict(f.attrs)
     except (OSError, KeyError) as exc:
         raise ConfigError(f"feature file {path} is not a readable features h5: {exc}") from exc
@@ -107,9 +119,13 @@ def load_bag(path: str | os.PathLike) -> Bag:
     if features.ndim != 2 or coords.shape != (len(features), 2):
         raise ConfigError(f"feature file {path} holds mismatched features {features.shape} and "
                           f"coords {coords.shape}")
+    if flags.shape != (len(coords),):
+        raise ConfigError(f"feature file {path} holds {flags.shape} artefact flags for "
+                          f"{len(coords)} tiles")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return Bag(path.stem, torch.from_numpy(features), coords, FeatureAttrs.from_h5(raw_attrs, path),
-               digest)
+    keep = flags == 0
+    return Bag(path.stem, torch.from_numpy(features[keep]), coords[keep],
+               FeatureAttrs.from_h5(raw_attrs, path), digest, artefacts=int((~keep).sum()))
 
 
 def load_bags(features_dir: str | os.PathLike, names: Sequence[str],
@@ -120,8 +136,9 @@ def load_bags(features_dir: str | os.PathLike, names: Sequence[str],
     if skip_no_tissue:
         empty = [b.name for b in bags if b.no_tissue]
         if empty:
-            log.warning("%d slide(s) without a tissue tile left out (no_tissue): %s", len(empty),
-                        ", ".join(empty))
+            log.warning("%d slide(s) without a usable tissue tile left out (no_tissue): %s",
+                        len(empty), ", ".join(f"{b.name} ({b.artefacts} artefact tiles)" if b.artefacts
+                                              else b.name for b in bags if b.no_tissue))
         bags = [b for b in bags if not b.no_tissue]
     dims = {b.features.shape[1] for b in bags}
     if len(dims) > 1:

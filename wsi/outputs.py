@@ -19,8 +19,10 @@ import shapely
 from core.bundle import DEFAULT_ROI_THRESHOLD
 from core.errors import RequestError
 from core.files import atomic_write
+from wsi.tile_quality import flag_names
 
 TUMOR_CLASS = {"name": "Tumor", "color": [200, 0, 0]}  # QuPath's own colour for "Tumor"
+IGNORE_CLASS = {"name": "Ignore*", "color": [180, 180, 180]}  # QuPath's built-in "leave out" class
 HEATMAP_MAX_SIZE = 2048
 HEATMAP_ALPHA = 0.5
 HEATMAP_CMAP = "jet"
@@ -34,13 +36,28 @@ def _check(coords, scores) -> tuple[np.ndarray, np.ndarray]:
     return coords, scores
 
 
-def write_patch_csv(path, coords, scores, tile_size: int) -> Path:
-    """`x,y,size,score` per tile: x, y the level-0 top-left corner, size the level-0 tile side."""
+def _flags(flags, n: int) -> np.ndarray:
+    if flags is None:
+        return np.zeros(n, np.uint8)
+    flags = np.asarray(flags, dtype=np.uint8).reshape(-1)
+    if len(flags) != n:
+        raise RequestError(f"{n} tiles but {len(flags)} artefact flags")
+    return flags
+
+
+def write_patch_csv(path, coords, scores, tile_size: int, flags=None) -> Path:
+    """`x,y,size,score,artefact` per tile: x, y the level-0 top-left corner, size the level-0
+    tile side, artefact what wsi.tile_quality flagged ("ink", "background", "blur", joined by
+    "+"; empty for a clean tile). A flagged tile's score is reported but is in no ROI and not
+    in the slide score."""
     coords, scores = _check(coords, scores)
+    flags = _flags(flags, len(coords))
     table = np.column_stack([coords.astype(np.float64), np.full(len(coords), tile_size), scores])
     buffer = io.StringIO()
-    buffer.write("x,y,size,score\n")
-    np.savetxt(buffer, table, fmt=["%d", "%d", "%d", "%.6f"], delimiter=",")
+    buffer.write("x,y,size,score,artefact\n")
+    names = {int(v): flag_names(int(v)) for v in np.unique(flags)}
+    for row, flag in zip(table, flags.tolist()):
+        buffer.write(f"{int(row[0])},{int(row[1])},{int(row[2])},{row[3]:.6f},{names[flag]}\n")
     with atomic_write(path, "w") as f:
         f.write(buffer.getvalue())
     return Path(path)
@@ -110,22 +127,29 @@ def _polygon_geometry(polygon) -> dict:
 
 
 def write_geojson(path, coords, scores, tile_size: int, rois: Sequence = (),
-                  roi_stats: Sequence[dict] | None = None, mpp: float | None = None) -> Path:
+                  roi_stats: Sequence[dict] | None = None, mpp: float | None = None,
+                  flags=None) -> Path:
     """A FeatureCollection QuPath imports (File > Import objects): one "detection" per tile with
-    its `tumor_score` measurement, one "annotation" classified "Tumor" per ROI."""
+    its `tumor_score` measurement, one "annotation" classified "Tumor" per ROI. A tile flagged
+    as an artefact is classified QuPath's "Ignore*" and says which artefact (`artefact`)."""
     coords, scores = _check(coords, scores)
+    flags = _flags(flags, len(coords))
     if roi_stats is None:
-        roi_stats = roi_tile_stats(rois, coords, scores, tile_size)
+        keep = flags == 0
+        roi_stats = roi_tile_stats(rois, coords[keep], scores[keep], tile_size)
     roi_stats = list(roi_stats)
     x0, y0 = coords[:, 0].tolist(), coords[:, 1].tolist()
     features = []
-    for x, y, s in zip(x0, y0, scores.tolist()):
+    for x, y, s, flag in zip(x0, y0, scores.tolist(), flags.tolist()):
         x1, y1 = x + tile_size, y + tile_size
+        properties = {"objectType": "detection", "measurements": {"tumor_score": s}}
+        if flag:
+            properties.update(classification=dict(IGNORE_CLASS), artefact=flag_names(flag))
         features.append({
             "type": "Feature",
             "geometry": {"type": "Polygon",
                          "coordinates": [[[x, y], [x1, y], [x1, y1], [x, y1], [x, y]]]},
-            "properties": {"objectType": "detection", "measurements": {"tumor_score": s}},
+            "properties": properties,
         })
     for i, (roi, st) in enumerate(zip(rois, roi_stats)):
         measurements = {"area_px2": st["area_px"], "tiles": st["tiles"]}
@@ -220,21 +244,27 @@ def write_spatiopath_json(path, slide_name: str, rois: Sequence, mpp: float,
 
 
 def write_slide_outputs(out_dir, slide, coords, scores, tile_size: int,
-                        threshold: float = DEFAULT_ROI_THRESHOLD, min_area_px: float = 0.0
-                        ) -> dict[str, Path]:
+                        threshold: float = DEFAULT_ROI_THRESHOLD, min_area_px: float = 0.0,
+                        flags=None) -> dict[str, Path]:
     """All four outputs of one scored slide in `out_dir`, named after the slide; returns
-    {"csv", "geojson", "heatmap", "spatiopath"} -> path."""
+    {"csv", "geojson", "heatmap", "spatiopath"} -> path. Tiles with artefact `flags` are listed
+    (CSV, GeoJSON) but make no ROI and no heatmap colour."""
     coords, scores = _check(coords, scores)
+    flags = _flags(flags, len(coords))
+    keep = flags == 0
+    clean_coords, clean_scores = coords[keep], scores[keep]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rois = roi_polygons(coords, scores, tile_size, threshold, min_area_px)
-    stats = roi_tile_stats(rois, coords, scores, tile_size)
+    rois = roi_polygons(clean_coords, clean_scores, tile_size, threshold, min_area_px)
+    stats = roi_tile_stats(rois, clean_coords, clean_scores, tile_size)
     name = slide.name
     return {
-        "csv": write_patch_csv(out / f"{name}_patches.csv", coords, scores, tile_size),
+        "csv": write_patch_csv(out / f"{name}_patches.csv", coords, scores, tile_size, flags),
         "geojson": write_geojson(out / f"{name}.geojson", coords, scores, tile_size, rois, stats,
-                                 mpp=slide.mpp),
-        "heatmap": write_heatmap_png(out / f"{name}_heatmap.png", slide, coords, scores, tile_size),
+                                 mpp=slide.mpp, flags=flags),
+        "heatmap": write_heatmap_png(out / f"{name}_heatmap.png", slide, clean_coords, clean_scores,
+                                     tile_size),
         "spatiopath": write_spatiopath_json(out / f"{name}_spatiopath.json", name, rois, slide.mpp,
-                                            scores, stats, threshold, tile_size, slide.dimensions),
+                                            clean_scores, stats, threshold, tile_size,
+                                            slide.dimensions),
     }

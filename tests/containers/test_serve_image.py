@@ -34,7 +34,7 @@ MOUNTS = "/slides", "/models/bundle", "/out"
 def read_patches(out: Path, slide: str) -> np.ndarray:
     """x, y, size, score rows of one slide's patch CSV, sorted by (y, x)."""
     [path] = (out / slide).glob("*_patches.csv")
-    table = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)
+    table = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2, usecols=(0, 1, 2, 3))
     return table[np.lexsort((table[:, 0], table[:, 1]))]
 
 

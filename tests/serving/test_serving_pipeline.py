@@ -110,3 +110,48 @@ def test_cancel_stops_within_a_second(engine, slide_root):
     time.sleep(0.5)   # nothing keeps running for this slide afterwards (at most the running batch)
     assert engine.stats.tiles - tiles_before <= 2 * engine.batch_size
     assert engine.stats.tiles < tiles_before + header.tile_count - first.scores.size
+
+
+@pytest.fixture(scope="module")
+def inked_slide(tmp_path_factory):
+    """A synthetic slide with pen strokes, a marker blot and a blurred region across its tissue."""
+    from wsi.synth import write_synthetic_slide
+
+    return write_synthetic_slide(tmp_path_factory.mktemp("inked") / "inked.tif", 3072, 3072,
+                                 seed=21, tissue_artefacts=True)
+
+
+def test_artefact_tiles_are_streamed_flagged_and_left_out_of_score_and_rois(engine, inked_slide):
+    """Tiles under ink or out of focus are scored and sent with their flags; the slide score is
+    the aggregator on the clean tiles alone, and no ROI covers a flagged tile."""
+    from shapely.geometry import box
+
+    from wsi.tile_quality import artefact_flags, measure_tiles
+
+    path = inked_slide.path
+    events = list(SlideScorer(engine).score(path, chunk_size=16))
+    chunks, summary = events[1:-1], events[-1]
+    flags = np.concatenate([c.flags for c in chunks])
+    np.testing.assert_array_equal(flags, summary.flags)
+    assert summary.artefact_count == np.count_nonzero(flags) >= 2
+    # the same flags from the tiles read directly
+    manifest = engine.manifest
+    with open_slide(path) as slide:
+        _, grid = tiles_for_slide(slide, manifest.tiling, params=manifest.tissue)
+        tiles = np.stack([slide.read_region(x, y, 224, 224) for x, y in grid.coords])
+    np.testing.assert_array_equal(artefact_flags(measure_tiles(tiles, manifest.tissue),
+                                                 manifest.artefacts), flags)
+    # slide score: pooling of the clean tiles only
+    clean = flags == 0
+    state = make_state(engine.pooling)
+    state.update(engine.infer(tiles[clean]))
+    logit, _ = slide_score(engine, state)
+    assert summary.slide_logit == pytest.approx(logit, abs=1e-4)
+    # ROIs at the median score: exactly the clean tiles at or above it, no flagged one
+    threshold = float(np.median(summary.scores))
+    rois = SlideScorer(engine).score_slide(path, roi_threshold=threshold).rois
+    covered = sum(r.polygon.area for r in rois)
+    hot_clean = clean & (summary.scores >= threshold)
+    assert covered == pytest.approx(hot_clean.sum() * 224 * 224, rel=1e-6)
+    for x, y in summary.coords[~clean]:
+        assert all(r.polygon.intersection(box(x, y, x + 224, y + 224)).area == 0 for r in rois)

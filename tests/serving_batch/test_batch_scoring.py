@@ -1,6 +1,7 @@
 """`milroi-serve score`: a folder of slides, in process and through a server, resumable."""
 from __future__ import annotations
 
+import csv
 import json
 import signal
 import subprocess
@@ -62,9 +63,12 @@ def test_in_process_writes_every_output_and_a_summary_row_per_slide(in_process_o
         assert DONE_MARKER in files and len(files) == 5, files  # 4 outputs + marker
         # The patch table holds every scored tile.
         patch_csv = next((out / key).glob("*.csv"))
-        table = np.loadtxt(patch_csv, delimiter=",", skiprows=1, ndmin=2)
+        table = np.loadtxt(patch_csv, delimiter=",", skiprows=1, ndmin=2, usecols=(0, 1, 2, 3))
         assert int(row["tiles"]) == len(table) > 0
-        assert ((table[:, -1] >= 0) & (table[:, -1] <= 1)).all()
+        assert ((table[:, 3] >= 0) & (table[:, 3] <= 1)).all()
+        with patch_csv.open() as f:   # the summary counts the tiles the CSV flags
+            flagged = sum(1 for r in csv.DictReader(f) if r["artefact"])
+        assert int(row["artefact_tiles"]) == flagged
         assert read_done_marker(out / key)["score"] == pytest.approx(float(row["score"]), 1e-5)
     blank = summary["blank"]  # no tissue: finished, with no score and no tile
     assert (blank["status"], blank["label"], blank["score"], blank["tiles"]) == \

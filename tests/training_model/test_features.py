@@ -187,3 +187,34 @@ def test_a_slide_without_tissue_is_recorded_and_the_folder_goes_on(tmp_path, syn
     from training.feature_file import load_bag
 
     assert load_bag(feature_path(out, "a_glass")).no_tissue
+
+
+def test_artefact_measures_are_recorded_and_flagged_tiles_left_out_of_the_bag(tmp_path,
+                                                                              layer3_onnx):
+    """A slide with pen, marker and blur across its tissue: the h5 holds the measures and flags
+    of every tile; the bag training reads has the clean tiles only, and counts the others."""
+    from training.feature_file import load_bag
+    from wsi.synth import write_synthetic_slide
+    from wsi.tile_quality import artefact_flags, measure_tiles
+
+    truth = write_synthetic_slide(tmp_path / "inked.tif", 3072, 3072, seed=21, tissue_artefacts=True)
+    out = feature_path(tmp_path, "inked")
+    summary = extract_features(truth.path, out, layer3_onnx, ExtractionOptions(batch_size=16),
+                               progress=False)
+    with h5py.File(out) as f:
+        coords, flags = f["coords"][:], f["artefact_flags"][:]
+        quality = {k: f[k][:] for k in ("ink_fraction", "background_fraction", "focus")}
+        assert f.attrs["max_ink"] == 0.05 and f.attrs["min_focus"] == 15.0
+    assert all(len(v) == len(coords) for v in quality.values())
+    assert summary["artefacts"] == np.count_nonzero(flags) >= 2
+    from wsi.slide import open_slide
+
+    with open_slide(truth.path) as slide:
+        tiles = np.stack([slide.read_region(int(x), int(y), 224, 224) for x, y in coords])
+    expected = measure_tiles(tiles)
+    np.testing.assert_allclose(quality["ink_fraction"], expected.ink)
+    np.testing.assert_array_equal(flags, artefact_flags(expected))
+    bag = load_bag(out)
+    assert bag.artefacts == np.count_nonzero(flags)
+    np.testing.assert_array_equal(bag.coords, coords[flags == 0])
+    assert len(bag.features) == len(bag.coords)

@@ -64,11 +64,41 @@ def test_patch_csv_header_and_values(tmp_path):
     scores = np.array([0.125, 0.5, 0.999999])
     path = write_patch_csv(tmp_path / "p.csv", coords, scores, TILE)
     rows = list(csv.reader(path.open()))
-    assert rows[0] == ["x", "y", "size", "score"]
+    assert rows[0] == ["x", "y", "size", "score", "artefact"]
     assert [r[:3] for r in rows[1:]] == [["0", "0", "224"], ["224", "0", "224"], ["448", "672", "224"]]
     np.testing.assert_allclose([float(r[3]) for r in rows[1:]], scores, atol=1e-6)
+    assert [r[4] for r in rows[1:]] == ["", "", ""]
     with pytest.raises(MilroiError, match="3 tile coordinates but 2 scores"):
         write_patch_csv(tmp_path / "q.csv", coords, scores[:2], TILE)
+    flagged = write_patch_csv(tmp_path / "f.csv", coords, scores, TILE, flags=[0, 1, 6])
+    assert [r[4] for r in list(csv.reader(flagged.open()))[1:]] == ["", "ink", "background+blur"]
+    with pytest.raises(MilroiError, match="3 tiles but 2 artefact flags"):
+        write_patch_csv(tmp_path / "g.csv", coords, scores, TILE, flags=[0, 1])
+
+
+def test_artefact_tiles_are_listed_but_make_no_roi(tmp_path, tumor_slide):
+    """A flagged tile with the highest score is in the CSV and the GeoJSON (class Ignore*) but in
+    no ROI, in no Spatiopath polygon, and uncoloured on the heatmap."""
+    from wsi.slide import open_slide
+
+    coords = np.array([[0, 0], [224, 0], [448, 0], [1120, 1120]])
+    scores = np.array([0.9, 0.95, 0.2, 0.99])
+    flags = np.array([0, 0, 0, 1], np.uint8)      # the hottest tile is under pen ink
+    with open_slide(tumor_slide.path) as slide:
+        paths = write_slide_outputs(tmp_path / "out", slide, coords, scores, TILE, 0.5, flags=flags)
+    doc = json.loads(paths["geojson"].read_text())
+    detections = [f for f in doc["features"] if f["properties"]["objectType"] == "detection"]
+    annotations = [f for f in doc["features"] if f["properties"]["objectType"] == "annotation"]
+    assert len(detections) == 4
+    assert detections[3]["properties"]["classification"]["name"] == "Ignore*"
+    assert detections[3]["properties"]["artefact"] == "ink"
+    assert "classification" not in detections[0]["properties"]
+    rois = shapely.union_all([shape(a["geometry"]) for a in annotations])
+    assert rois.equals(box(0, 0, 448, 224))       # the two clean hot tiles only
+    assert max(a["properties"]["measurements"]["max_tumor_score"] for a in annotations) == \
+        pytest.approx(0.95)
+    spatiopath = json.loads(paths["spatiopath"].read_text())
+    assert len(spatiopath["polygons"]) == 1
 
 
 def test_score_map_places_each_tile(two_components_one_hole):

@@ -65,16 +65,18 @@ class SlideHeader(_message.Message):
     def __init__(self, slide_path: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., level_count: _Optional[int] = ..., mpp: _Optional[float] = ..., mpp_source: _Optional[str] = ..., tile_size: _Optional[int] = ..., tile_level: _Optional[int] = ..., tile_count: _Optional[int] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ...) -> None: ...
 
 class PatchScores(_message.Message):
-    __slots__ = ("offset", "x", "y", "score")
+    __slots__ = ("offset", "x", "y", "score", "artefact")
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     X_FIELD_NUMBER: _ClassVar[int]
     Y_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
+    ARTEFACT_FIELD_NUMBER: _ClassVar[int]
     offset: int
     x: _containers.RepeatedScalarFieldContainer[int]
     y: _containers.RepeatedScalarFieldContainer[int]
     score: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, offset: _Optional[int] = ..., x: _Optional[_Iterable[int]] = ..., y: _Optional[_Iterable[int]] = ..., score: _Optional[_Iterable[float]] = ...) -> None: ...
+    artefact: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, offset: _Optional[int] = ..., x: _Optional[_Iterable[int]] = ..., y: _Optional[_Iterable[int]] = ..., score: _Optional[_Iterable[float]] = ..., artefact: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Ring(_message.Message):
     __slots__ = ("x", "y")
@@ -115,7 +117,7 @@ class Timings(_message.Message):
     def __init__(self, open_s: _Optional[float] = ..., tissue_s: _Optional[float] = ..., scoring_s: _Optional[float] = ..., total_s: _Optional[float] = ..., first_score_s: _Optional[float] = ..., tiles_per_second: _Optional[float] = ...) -> None: ...
 
 class SlideSummary(_message.Message):
-    __slots__ = ("slide_score", "label", "threshold", "tile_count", "rois", "mpp", "roi_threshold", "timings", "model")
+    __slots__ = ("slide_score", "label", "threshold", "tile_count", "rois", "mpp", "roi_threshold", "timings", "model", "artefact_count")
     SLIDE_SCORE_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +127,7 @@ class SlideSummary(_message.Message):
     ROI_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    ARTEFACT_COUNT_FIELD_NUMBER: _ClassVar[int]
     slide_score: float
     label: str
     threshold: float
@@ -134,7 +137,8 @@ class SlideSummary(_message.Message):
     roi_threshold: float
     timings: Timings
     model: ModelRef
-    def __init__(self, slide_score: _Optional[float] = ..., label: _Optional[str] = ..., threshold: _Optional[float] = ..., tile_count: _Optional[int] = ..., rois: _Optional[_Iterable[_Union[Polygon, _Mapping]]] = ..., mpp: _Optional[float] = ..., roi_threshold: _Optional[float] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ...) -> None: ...
+    artefact_count: int
+    def __init__(self, slide_score: _Optional[float] = ..., label: _Optional[str] = ..., threshold: _Optional[float] = ..., tile_count: _Optional[int] = ..., rois: _Optional[_Iterable[_Union[Polygon, _Mapping]]] = ..., mpp: _Optional[float] = ..., roi_threshold: _Optional[float] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., artefact_count: _Optional[int] = ...) -> None: ...
 
 class ScoreTilesRequest(_message.Message):
     __slots__ = ("tiles", "count", "tile_size", "x", "y")
