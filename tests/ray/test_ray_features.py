@@ -33,8 +33,9 @@ def read_h5(path) -> tuple[dict, dict]:
 def assert_same_h5(a, b) -> None:
     (data_a, attrs_a), (data_b, attrs_b) = read_h5(a), read_h5(b)
     assert attrs_a == attrs_b
-    assert data_a.keys() == data_b.keys() == {"coords", "features", "tissue_fraction"}
-    for name in data_a:
+    assert data_a.keys() == data_b.keys() == {"coords", "features", "tissue_fraction", "ink_fraction",
+                                              "background_fraction", "focus", "artefact_flags"}
+    for name in data_a:   # NaN focus (a tile with no tissue pixel to measure) equals NaN
         np.testing.assert_array_equal(data_a[name], data_b[name], err_msg=name)
 
 
