@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.bench_wsi import CACHE
+from benchmarks.machine import cpu_facts
 from core.tiling import TissueParams
 from wsi.grid import tiles_for_slide
 from wsi.slide import open_slide
@@ -35,22 +36,6 @@ from wsi.tile_quality import measure_tiles
 from wsi.tiles import TileReader
 
 RESULTS = Path(__file__).resolve().parent / "results" / "tile_quality.json"
-
-
-def cpu_facts() -> dict:
-    """CPU model and the SIMD flags that decide onnxruntime's and numpy's kernels."""
-    model, flags = platform.processor(), []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = line.split(":", 1)[1].split()
-                break
-    except OSError:
-        pass
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "fma")
-    return {"model": model, "cpus": os.cpu_count(), "flags": [f for f in wanted if f in flags]}
 
 
 def default_slide() -> Path:

@@ -275,9 +275,30 @@ def evaluate_run(run_id: str, features_dir: str | Path, labels_path: str | Path,
     tracking_uri = resolve_tracking_uri(tracking_uri)
     run = FitRun.load(run_id, tracking_uri)
     head = load_run_head(run_id, tracking_uri)
-    threshold = run.threshold
-    if roi_threshold is None:
-        roi_threshold = run.patch_threshold
+
+    def score(bag) -> tuple[float, np.ndarray]:
+        with torch.no_grad():
+            out = head(bag.features)
+        return torch.sigmoid(out.slide_logit).item(), out.patch_scores.numpy()
+
+    result = {"run_id": run_id, **evaluate_scores(
+        score, features_dir, labels_path, annotations_dir, threshold=run.threshold,
+        roi_threshold=run.patch_threshold if roi_threshold is None else roi_threshold,
+        n_bootstrap=n_bootstrap)}
+    if log_to_run:
+        _log_evaluation(run_id, tracking_uri, result)
+    return result
+
+
+SlideScorer = Callable[[Any], tuple[float, np.ndarray]]   # Bag -> (slide probability, patch scores)
+
+
+def evaluate_scores(score: SlideScorer, features_dir: str | Path, labels_path: str | Path,
+                    annotations_dir: str | Path | None = None, *, threshold: float,
+                    roi_threshold: float, n_bootstrap: int = DEFAULT_BOOTSTRAP) -> dict[str, Any]:
+    """The metrics of `evaluate_run` for any scorer of bags (a head, a tile-supervised probe):
+    slide metrics at `threshold`, patch AUC and FROC against `annotations_dir`, ROIs at
+    `roi_threshold`."""
     labels = read_labels(labels_path)
     names = sorted(labels)
     y, p = [], []
@@ -289,11 +310,9 @@ def evaluate_run(run_id: str, features_dir: str | Path, labels_path: str | Path,
             no_tissue.append(name)
             continue
         scored.append(name)
-        with torch.no_grad():
-            out = head(bag.features)
+        slide_p, scores = score(bag)
         y.append(labels[name])
-        p.append(torch.sigmoid(out.slide_logit).item())
-        scores = out.patch_scores.numpy()
+        p.append(slide_p)
         tile = bag.attrs.tiling.tile_size
         if annotations_dir is None:
             rois.append(slide_rois(bag.coords, scores, tile, roi_threshold, labels[name]))
@@ -321,7 +340,7 @@ def evaluate_run(run_id: str, features_dir: str | Path, labels_path: str | Path,
         patch_scores.append(scores)
         patch_tgts.append(tgt)
         hits.append(lesion_hits(*detections(bag.coords, scores, tile), lesions, itc))
-    result: dict[str, Any] = {"run_id": run_id, "threshold": threshold,
+    result: dict[str, Any] = {"threshold": threshold,
                               "slide": slide_metrics(y, p, threshold, n_bootstrap),
                               "predictions": [{"slide": n, "label": int(t), "score": float(s)}
                                               for n, t, s in zip(scored, y, p)],
@@ -342,8 +361,6 @@ def evaluate_run(run_id: str, features_dir: str | Path, labels_path: str | Path,
         f = froc(hits)
         result["froc"] = {"score": f["score"], "sensitivity_at": f["sensitivity_at"],
                           "n_lesions": f["n_lesions"]}
-    if log_to_run:
-        _log_evaluation(run_id, tracking_uri, result)
     return result
 
 

@@ -232,6 +232,10 @@ def export_bundle(out_dir: str | os.PathLike, backbone: Backbone, head: nn.Modul
     if out_dir.exists() and any(out_dir.iterdir()):
         if not overwrite:
             raise ExportError(f"bundle folder {out_dir} is not empty (pass overwrite=True)")
+    if not getattr(head, "streamable", True):
+        raise ConfigError(f"a {head.kind} head with config {head.config} cannot be served: its "
+                          f"pooling needs the whole bag at once, and the server scores a slide "
+                          f"tile batch by tile batch (benchmark-only heads, training.heads)")
     if backbone.feature_dim != head.config["in_dim"]:
         raise ConfigError(f"head expects {head.config['in_dim']}-d features but the backbone "
                           f"({backbone.layer}) gives {backbone.feature_dim}")

@@ -54,7 +54,7 @@ from core.cli import add_tracking_uri_argument
 from core.errors import ConfigError
 from core.tracking import resolve_tracking_uri
 from training.feature_file import Bag, data_fingerprint, load_bags
-from training.heads import HEAD_KINDS, MILHead, build_head
+from training.heads import TRAINABLE_HEAD_KINDS, MILHead, build_head
 from training.labels import read_labels, read_slide_names
 from training.plots import write_heatmaps, write_roc_png
 from training.runs import (
@@ -90,8 +90,9 @@ class FitOptions:
     val_fraction: float = 0.2         # inner validation share for early stopping
 
     def __post_init__(self) -> None:
-        if self.head not in HEAD_KINDS:
-            raise ConfigError(f"unknown MIL head {self.head!r}; choose one of {', '.join(HEAD_KINDS)}")
+        if self.head not in TRAINABLE_HEAD_KINDS:
+            raise ConfigError(f"unknown MIL head {self.head!r}; choose one of "
+                              f"{', '.join(TRAINABLE_HEAD_KINDS)}")
         if self.folds < 1 or self.epochs < 1 or self.patience < 1:
             raise ConfigError(f"--folds, --epochs and --patience must be >= 1, got {self.folds}, "
                               f"{self.epochs}, {self.patience}")
@@ -109,7 +110,8 @@ class FitOptions:
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of FitOptions (shared by `fit` and `camelyon16`)."""
     d = FitOptions()
-    parser.add_argument("--head", choices=HEAD_KINDS, default=d.head)
+    parser.add_argument("--head", choices=TRAINABLE_HEAD_KINDS, default=d.head,
+                        help="MIL head; dsmil and transmil are benchmark-only (not exportable)")
     parser.add_argument("--head-config", type=json.loads, default=d.head_config,
                         help='JSON overrides of the head config, e.g. \'{"k": 10}\'')
     parser.add_argument("--folds", type=int, default=d.folds,

@@ -1,6 +1,8 @@
 """Multiple-instance learning heads: per-patch tumour scores and a slide score from slide labels.
 
-Two heads, both built from a json-able config by `build_head(config)`:
+Four heads, all built from a json-able config by `build_head(config)`. Two are served
+(HEAD_KINDS: their pooling streams); two are benchmark-only (BENCHMARK_HEAD_KINDS: DSMIL and
+TransMIL, whose pooling needs the whole bag; see the end of this module):
 
 - ``chowder``: CHOWDER, Courtiol et al. 2018, "Classification and disease localization in
   histopathology using only global labels: a weakly-supervised approach" (arXiv:1802.02212).
@@ -31,7 +33,16 @@ from torch import Tensor, nn
 
 from core.errors import ConfigError, RequestError
 
-HEAD_KINDS = ("chowder", "abmil")
+HEAD_KINDS = ("chowder", "abmil")          # exported to ONNX and served (streaming pooling)
+BENCHMARK_HEAD_KINDS = ("dsmil", "transmil")  # trained and evaluated; need the whole bag at once
+TRAINABLE_HEAD_KINDS = HEAD_KINDS + BENCHMARK_HEAD_KINDS
+
+# Options any head accepts, kept in its config only when given (so the configs of runs that do
+# not use them are unchanged). They act before the head (`prepare`) or in training (trainer):
+# - slide_standardize: centre and scale each bag by its own tiles (against per-slide stain
+#   offsets); the server streams tiles, so a head with it is not exportable;
+# - instance_sampling: share of a bag's tiles drawn at random for each training step (1 = all).
+BAG_OPTIONS: dict[str, Any] = {"slide_standardize": False, "instance_sampling": 1.0}
 
 
 @dataclass
@@ -70,6 +81,31 @@ def attention_pool(attention: Tensor, embeddings: Tensor) -> Tensor:
     return torch.softmax(attention, dim=0) @ embeddings
 
 
+def clustering_loss(ranking: Tensor, logits: Tensor, label: float, b: int) -> Tensor:
+    """CLAM's instance clustering loss (Lu et al. 2021) on pseudo labels ranked by `ranking`.
+
+    Tumour slide: the b top-ranked patches are pseudo-positive, the b lowest pseudo-negative
+    (CLAM's in-class branch). Normal slide: by the MIL assumption every patch is negative, so the
+    b top-ranked and the b highest-scored patches are pushed to 0.
+    """
+    n = logits.shape[0]
+    b = min(b, n)
+    top = torch.topk(ranking, b).indices
+    if label >= 0.5:
+        if 2 * b > n:  # too few patches to separate the top from the bottom
+            b = n // 2
+            if b == 0:
+                return logits.sum() * 0.0
+            top = torch.topk(ranking, b).indices
+        bottom = torch.topk(ranking, b, largest=False).indices
+        idx = torch.cat([top, bottom])
+        target = torch.cat([torch.ones(b), torch.zeros(b)]).to(logits.dtype)
+    else:
+        idx = torch.unique(torch.cat([top, torch.topk(logits, b).indices]))
+        target = torch.zeros(idx.shape[0], dtype=logits.dtype)
+    return F.binary_cross_entropy_with_logits(logits[idx], target)
+
+
 class _Standardize(nn.Module):
     """(features - mean) / std with the training set's statistics, kept as buffers.
 
@@ -105,7 +141,7 @@ class MILHead(nn.Module):
 
     def __init__(self, config: dict[str, Any]):
         super().__init__()
-        unknown = set(config) - set(self.defaults) - {"kind", "in_dim"}
+        unknown = set(config) - set(self.defaults) - set(BAG_OPTIONS) - {"kind", "in_dim"}
         if unknown:
             raise ConfigError(f"unknown {self.kind} head option(s): {sorted(unknown)}")
         if int(config.get("in_dim", 0)) <= 0:
@@ -113,6 +149,27 @@ class MILHead(nn.Module):
         self.config = {"kind": self.kind, "in_dim": int(config["in_dim"]),
                        **copy.deepcopy(self.defaults),
                        **{k: v for k, v in config.items() if k not in {"kind", "in_dim"}}}
+        sampling = float(self.option("instance_sampling"))
+        if not 0.0 < sampling <= 1.0:
+            raise ConfigError(f"instance_sampling must be in (0, 1], got {sampling}")
+
+    def option(self, name: str) -> Any:
+        """A BAG_OPTIONS value: the config's, else its default."""
+        return self.config.get(name, BAG_OPTIONS[name])
+
+    @property
+    def streamable(self) -> bool:
+        """Whether the server can score this head patch by patch (and export can write it)."""
+        return self.kind in HEAD_KINDS and not self.option("slide_standardize")
+
+    def prepare(self, features: Tensor) -> Tensor:
+        """What reaches the patch module: the features, or with `slide_standardize` the features
+        centred and scaled by this bag's own per-dimension mean and std."""
+        if not self.option("slide_standardize"):
+            return features
+        mean = features.mean(0, keepdim=True)
+        std = features.std(0, unbiased=False, keepdim=True).clamp_min(1e-6)
+        return (features - mean) / std
 
     @property
     def pooling(self) -> dict[str, Any]:
@@ -126,9 +183,13 @@ class MILHead(nn.Module):
         """pooled [1, P] -> slide_logit [1] (ONNX-exportable)."""
         raise NotImplementedError
 
+    def feature_norm(self) -> _Standardize:
+        """The module that standardises input features with the training set's statistics."""
+        return self.patch_module().norm
+
     def set_feature_stats(self, mean: Tensor, std: Tensor) -> None:
         """Standardise input features with these per-dimension training-set statistics."""
-        norm = self.patch_module().norm
+        norm = self.feature_norm()
         norm.mean.copy_(torch.as_tensor(mean, dtype=norm.mean.dtype))
         norm.std.copy_(torch.clamp(torch.as_tensor(std, dtype=norm.std.dtype), min=1e-6))
 
@@ -137,7 +198,7 @@ class MILHead(nn.Module):
         raise NotImplementedError
 
     def forward(self, features: Tensor) -> MILOutput:
-        outputs = dict(zip(self.patch_output_names, self.patch_module()(features)))
+        outputs = dict(zip(self.patch_output_names, self.patch_module()(self.prepare(features))))
         slide_logit = self.aggregator_module()(self.pool(tuple(outputs.values())))
         return MILOutput(slide_logit=slide_logit.reshape(()),
                          patch_logits=outputs["patch_logits"],
@@ -181,7 +242,11 @@ class ChowderHead(MILHead):
     Config: `in_dim` D, `k` (extremes kept on each side, 5 as in the paper's default range),
     `patch_hidden` (optional hidden widths before the per-patch score, [] = the paper's 1x1 conv),
     `mlp_hidden` (the paper uses [200, 100]), `dropout` (between hidden layers),
-    `instance_weight`: weight of the max-instance loss that calibrates the patch scores.
+    `instance_weight`: weight of the max-instance loss that calibrates the patch scores,
+    `cluster_b` / `cluster_weight`: CLAM's instance clustering (Lu et al. 2021) on the patch
+    logits themselves (0 = off): on a tumour slide the `cluster_b` highest-scored patches are
+    pseudo-positive and the `cluster_b` lowest pseudo-negative; on a normal slide the highest are
+    pushed to 0 (every patch of a normal slide is normal).
 
     CHOWDER's MLP reads the patch logits only through their order statistics, so nothing ties
     the logits themselves to a probability: they can all sit at +100 on every slide and still
@@ -193,7 +258,7 @@ class ChowderHead(MILHead):
 
     kind = "chowder"
     defaults = {"k": 5, "patch_hidden": [], "mlp_hidden": [200, 100], "dropout": 0.5,
-                "instance_weight": 0.5}
+                "instance_weight": 0.5, "cluster_b": 0, "cluster_weight": 0.3}
 
     def __init__(self, config: dict[str, Any]):
         super().__init__(config)
@@ -222,12 +287,16 @@ class ChowderHead(MILHead):
 
     def loss(self, output: MILOutput, label: float, pos_weight: float = 1.0) -> Tensor:
         w = float(self.config["instance_weight"])
-        slide = super().loss(output, label, pos_weight)
-        if w == 0:
-            return slide
-        target = torch.tensor(float(label), dtype=output.patch_logits.dtype)
-        instance = F.binary_cross_entropy_with_logits(output.patch_logits.max(), target)
-        return (1.0 - w) * slide + w * instance
+        total = super().loss(output, label, pos_weight)
+        if w > 0:
+            target = torch.tensor(float(label), dtype=output.patch_logits.dtype)
+            instance = F.binary_cross_entropy_with_logits(output.patch_logits.max(), target)
+            total = (1.0 - w) * total + w * instance
+        b, cw = int(self.config["cluster_b"]), float(self.config["cluster_weight"])
+        if b > 0 and cw > 0:
+            total = (1.0 - cw) * total + cw * clustering_loss(output.patch_logits,
+                                                              output.patch_logits, label, b)
+        return total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,29 +365,9 @@ class AbmilHead(MILHead):
         return attention_pool(patch_outputs[2], patch_outputs[3])[None]
 
     def instance_loss(self, output: MILOutput, label: float) -> Tensor:
-        """CLAM-SB instance loss on pseudo labels.
-
-        Tumour slide: the B most attended patches are pseudo-positive, the B least attended
-        pseudo-negative (CLAM's in-class branch). Normal slide: by the MIL assumption every patch
-        is negative, so the B most attended and the B highest-scored patches are pushed to 0.
-        """
-        n = output.patch_logits.shape[0]
-        b = min(int(self.config["instance_b"]), n)
-        attention, logits = output.attention, output.patch_logits
-        top = torch.topk(attention, b).indices
-        if label >= 0.5:
-            if 2 * b > n:  # too few patches to separate most from least attended
-                b = n // 2
-                if b == 0:
-                    return logits.sum() * 0.0
-                top = torch.topk(attention, b).indices
-            bottom = torch.topk(attention, b, largest=False).indices
-            idx = torch.cat([top, bottom])
-            target = torch.cat([torch.ones(b), torch.zeros(b)]).to(logits.dtype)
-        else:
-            idx = torch.unique(torch.cat([top, torch.topk(logits, b).indices]))
-            target = torch.zeros(idx.shape[0], dtype=logits.dtype)
-        return F.binary_cross_entropy_with_logits(logits[idx], target)
+        """CLAM-SB instance loss on pseudo labels from the attention (`clustering_loss`)."""
+        return clustering_loss(output.attention, output.patch_logits, label,
+                               int(self.config["instance_b"]))
 
     def loss(self, output: MILOutput, label: float, pos_weight: float = 1.0) -> Tensor:
         w = float(self.config["instance_weight"])
@@ -326,7 +375,185 @@ class AbmilHead(MILHead):
         return (1.0 - w) * slide + w * self.instance_loss(output, label)
 
 
-_KINDS: dict[str, type[MILHead]] = {"chowder": ChowderHead, "abmil": AbmilHead}
+# ---------------------------------------------------------------------------------------------
+# Benchmark-only heads: their pooling needs the whole bag at once, so the streaming server
+# cannot run them (`streamable` is False and export refuses them). They are here to be compared
+# on the hard benchmark (docs/hard_benchmark.md).
+
+
+def max_instance_loss(patch_logits: Tensor, label: float) -> Tensor:
+    """BCE(max patch logit, slide label): the MIL max-instance loss."""
+    target = torch.tensor(float(label), dtype=patch_logits.dtype)
+    return F.binary_cross_entropy_with_logits(patch_logits.max(), target)
+
+
+class _DsmilPatches(nn.Module):
+    def __init__(self, norm: nn.Module, instance: nn.Module, query: nn.Module, value: nn.Module):
+        super().__init__()
+        self.norm, self.instance, self.query, self.value = norm, instance, query, value
+
+    def forward(self, features: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        h = self.norm(features)
+        logits = self.instance(h).squeeze(-1)
+        return torch.sigmoid(logits), logits, self.query(h), self.value(h)
+
+
+class _DsmilAggregator(nn.Module):
+    """[bag embedding, max instance logit] -> mean of the bag logit and the max-instance logit."""
+
+    def __init__(self, value_dim: int):
+        super().__init__()
+        self.bag = nn.Linear(value_dim, 1)
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        return ((self.bag(pooled[:, :-1]).squeeze(-1) + pooled[:, -1]) / 2).reshape(-1)
+
+
+class DsmilHead(MILHead):
+    """DSMIL (Li, Li & Eliceiri 2021, "Dual-stream multiple instance learning network for whole
+    slide image classification with self-supervised contrastive learning", CVPR).
+
+    Stream 1, the max-instance stream: a linear instance classifier scores every patch; its
+    highest-scored patch is the critical instance, and BCE(max patch logit, slide label) trains it.
+    Stream 2: each patch's query is compared with the critical instance's (dot product /
+    sqrt(query_dim), softmax over the bag) and the bag embedding is that weighted sum of the
+    values; a linear layer gives the bag logit. Loss: the mean of the two BCEs, slide logit: the
+    mean of the two logits (the paper's code). The served patch score is the instance stream's.
+
+    Config: `query_dim` (128 as in the paper), `value_dim` (the paper keeps D; a 512-d
+    projection here keeps the head small on 2048-d features), `dropout` (on the values).
+    """
+
+    kind = "dsmil"
+    defaults = {"query_dim": 128, "value_dim": 512, "dropout": 0.0}
+    patch_output_names = ("patch_scores", "patch_logits", "queries", "values")
+
+    def __init__(self, config: dict[str, Any]):
+        super().__init__(config)
+        c = self.config
+        d, q = c["in_dim"], int(c["query_dim"])
+        self._patches = _DsmilPatches(
+            norm=_Standardize(d), instance=nn.Linear(d, 1),
+            query=nn.Sequential(nn.Linear(d, q), nn.ReLU(), nn.Linear(q, q), nn.Tanh()),
+            value=nn.Sequential(nn.Dropout(c["dropout"]), nn.Linear(d, int(c["value_dim"])),
+                                nn.ReLU()))
+        self._aggregator = _DsmilAggregator(int(c["value_dim"]))
+
+    @property
+    def pooling(self) -> dict[str, Any]:
+        return {"kind": "dsmil"}
+
+    def patch_module(self) -> nn.Module:
+        return self._patches
+
+    def aggregator_module(self) -> nn.Module:
+        return self._aggregator
+
+    def pool(self, patch_outputs: tuple[Tensor, ...]) -> Tensor:
+        _, logits, queries, values = patch_outputs
+        if logits.shape[0] == 0:
+            raise RequestError("cannot pool an empty bag (a slide without tissue tiles)")
+        critical = int(torch.argmax(logits))
+        weights = torch.softmax(queries @ queries[critical] / math.sqrt(queries.shape[1]), dim=0)
+        return torch.cat([weights @ values, logits[critical].reshape(1)])[None]
+
+    def loss(self, output: MILOutput, label: float, pos_weight: float = 1.0) -> Tensor:
+        bag = super().loss(output, label, pos_weight)  # on the mean logit, as the paper predicts
+        return 0.5 * bag + 0.5 * max_instance_loss(output.patch_logits, label)
+
+
+class _PPEG(nn.Module):
+    """TransMIL's pyramid position encoding: depthwise 7/5/3 convolutions over the token square."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(dim, dim, k, 1, k // 2, groups=dim) for k in (7, 5, 3))
+
+    def forward(self, tokens: Tensor, side: int) -> Tensor:
+        cls, patches = tokens[:, :1], tokens[:, 1:]
+        grid = patches.transpose(1, 2).reshape(1, -1, side, side)
+        grid = grid + sum(conv(grid) for conv in self.convs)
+        return torch.cat([cls, grid.flatten(2).transpose(1, 2)], dim=1)
+
+
+class _TransLayer(nn.Module):
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        x = self.norm(tokens)
+        return tokens + self.attn(x, x, x, need_weights=False)[0]
+
+
+class TransMilHead(MILHead):
+    """TransMIL (Shao et al. 2021, "TransMIL: Transformer based correlated multiple instance
+    learning for whole slide image classification", NeurIPS).
+
+    Features -> Linear(D, dim) + ReLU; a class token; the patch tokens padded (by repeating the
+    first ones) to a square; transformer layer, PPEG, transformer layer, LayerNorm; the class
+    token gives the slide logit. Exact multi-head attention stands in for the paper's Nystrom
+    approximation, which exists for bags of 10^4 tokens; at a few hundred it is exact and cheaper.
+
+    TransMIL has no patch score. milroi needs one, so a linear instance classifier on the output
+    patch tokens is trained with the max-instance loss (weight `instance_weight`), as CHOWDER's is.
+    Config: `dim` (512 as in the paper), `heads` (8), `dropout` (0.1), `instance_weight` (0.5).
+    """
+
+    kind = "transmil"
+    defaults = {"dim": 512, "heads": 8, "dropout": 0.1, "instance_weight": 0.5}
+
+    def __init__(self, config: dict[str, Any]):
+        super().__init__(config)
+        c = self.config
+        dim = int(c["dim"])
+        self.norm = _Standardize(c["in_dim"])
+        self.embed = nn.Sequential(nn.Linear(c["in_dim"], dim), nn.ReLU())
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.layer1 = _TransLayer(dim, int(c["heads"]), float(c["dropout"]))
+        self.ppeg = _PPEG(dim)
+        self.layer2 = _TransLayer(dim, int(c["heads"]), float(c["dropout"]))
+        self.out_norm = nn.LayerNorm(dim)
+        self.slide = nn.Linear(dim, 1)
+        self.instance = nn.Linear(dim, 1)
+
+    @property
+    def pooling(self) -> dict[str, Any]:
+        return {"kind": "transmil"}
+
+    def patch_module(self) -> nn.Module:
+        raise ConfigError("transmil scores patches only together (self-attention over the bag): "
+                          "it has no per-patch module to serve")
+
+    def feature_norm(self) -> _Standardize:
+        return self.norm
+
+    def forward(self, features: Tensor) -> MILOutput:
+        n = features.shape[0]
+        if n == 0:
+            raise RequestError("cannot pool an empty bag (a slide without tissue tiles)")
+        h = self.embed(self.norm(self.prepare(features)))[None]      # [1, N, dim]
+        side = math.ceil(math.sqrt(n))
+        h = torch.cat([h, h[:, : side * side - n]], dim=1) if side * side > n else h
+        while h.shape[1] < side * side:                              # tiny bags: repeat again
+            h = torch.cat([h, h[:, : side * side - h.shape[1]]], dim=1)
+        tokens = torch.cat([self.cls_token, h], dim=1)
+        tokens = self.layer2(self.ppeg(self.layer1(tokens), side))
+        tokens = self.out_norm(tokens)
+        patch_logits = self.instance(tokens[0, 1: n + 1]).squeeze(-1)
+        return MILOutput(slide_logit=self.slide(tokens[0, 0]).reshape(()),
+                         patch_logits=patch_logits, patch_scores=torch.sigmoid(patch_logits),
+                         attention=None)
+
+    def loss(self, output: MILOutput, label: float, pos_weight: float = 1.0) -> Tensor:
+        w = float(self.config["instance_weight"])
+        slide = super().loss(output, label, pos_weight)
+        return (1.0 - w) * slide + w * max_instance_loss(output.patch_logits, label)
+
+
+_KINDS: dict[str, type[MILHead]] = {"chowder": ChowderHead, "abmil": AbmilHead,
+                                    "dsmil": DsmilHead, "transmil": TransMilHead}
 
 
 def build_head(config: dict[str, Any]) -> MILHead:
