@@ -166,3 +166,23 @@ def test_cli_refuses_then_allows_with_insecure_token(server, token_file, tmp_pat
         assert '"tile_size": 224' in capsys.readouterr().out
     assert serve_main(["client", "model", "--server", server.address]) == 1
     assert "UNAUTHENTICATED" in capsys.readouterr().err
+
+
+def test_wire_message_rewrites_server_paths(tmp_path):
+    """SlideRoots.wire_message on messages naming files under nested roots and a sibling."""
+    from serving.security import SlideRoots
+
+    outer, sibling = tmp_path / "slides", tmp_path / "slides2"
+    inner = outer / "cohort"
+    inner.mkdir(parents=True)
+    sibling.mkdir()
+    roots = SlideRoots([outer, inner])
+    message = (f"cannot read slide {inner}/a/x.tif: TIFFReadDirectory: {inner}/a/x.tif; "
+               f"see {outer}/other.tif, not {sibling}/y.tif")
+    assert roots.wire_message(message, "a/x.tif", inner / "a" / "x.tif") == \
+        f"cannot read slide a/x.tif: TIFFReadDirectory: a/x.tif; see other.tif, not {sibling}/y.tif"
+    # A link's target is named by the link the client asked for.
+    assert roots.wire_message(f"cannot read slide {outer}/real.tif: bad", "link.tif",
+                              outer / "real.tif") == "cannot read slide link.tif: bad"
+    assert roots.wire_message("no slide 'x.tif' under the slide roots", "x.tif") == \
+        "no slide 'x.tif' under the slide roots"
