@@ -475,7 +475,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=d.port,
                         help=f"port (default {d.port}, 0 = any free)")
     parser.add_argument("--token-file", default=None,
-                        help="file holding the bearer token clients must send")
+                        help="file holding the bearer token clients must send (every "
+                             "method but grpc.health.v1, server reflection included)")
     parser.add_argument("--tls-cert", default=None, help="PEM certificate chain (with --tls-key)")
     parser.add_argument("--tls-key", default=None, help="PEM private key")
     parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port")
