@@ -10,7 +10,8 @@
 - `get_model()` describes the served model; `wait_until_serving()` polls grpc.health.v1.
 
 Every call has a deadline (`timeout`, seconds, for the whole call including retries), carries the
-bearer token when one is given, and retries with exponential backoff on UNAVAILABLE only, and
+bearer token when one is given (as gRPC call credentials: over TLS, or over plaintext only to a
+loopback address unless `insecure_token=True`), and retries with exponential backoff on UNAVAILABLE only, and
 only until the first response has arrived: a stream that broke after it delivered scores is
 never replayed, so a caller never sees a patch twice. Every failure is a `ScoringError` with the
 gRPC code and the server's message.
@@ -18,6 +19,7 @@ gRPC code and the server's message.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import logging
 import random
@@ -36,7 +38,7 @@ from shapely.geometry import Polygon
 from core.errors import AuthError, ConfigError, MilroiError, RequestError
 from milroi.v1 import scoring_pb2, scoring_pb2_grpc
 from serving.options import add_scoring_arguments
-from serving.security import read_token
+from serving.security import is_loopback_target, read_token
 
 log = logging.getLogger(__name__)
 
@@ -317,30 +319,23 @@ class ScoringClient:
     """A synchronous client of one milroi server. Thread-safe; use as a context manager.
 
     target   "host:port"
-    token    bearer token sent as `authorization` metadata on every call
+    token    bearer token sent with every call (`authorization: Bearer`, as call credentials)
     tls_ca   PEM file of the CA that signed the server certificate (TLS); `tls=True` without it
              uses the system roots; neither: plaintext
+    insecure_token  allow the token over plaintext to a non-loopback target (it travels in
+             clear); without it that is refused here, before any connection (ConfigError)
     timeout  default deadline of a call in seconds (None: no deadline), retries included
     retries  extra attempts after UNAVAILABLE, with exponential backoff (0.5 s, 1 s, 2 s, ...)
     """
 
     def __init__(self, target: str, *, token: str | None = None, tls_ca: str | Path | None = None,
-                 tls: bool = False, timeout: float | None = None, retries: int = 3):
+                 tls: bool = False, timeout: float | None = None, retries: int = 3,
+                 insecure_token: bool = False):
         self.target = target
         self.timeout = timeout
         self.retries = retries
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
-        if tls_ca is not None or tls:
-            try:
-                roots = Path(tls_ca).read_bytes() if tls_ca is not None else None
-            except OSError as exc:
-                raise AuthError(f"cannot read TLS CA file {tls_ca}: {exc.strerror or exc}") from None
-            creds = grpc.ssl_channel_credentials(root_certificates=roots)
-            self._channel = grpc.secure_channel(target, creds, options=options)
-        else:
-            self._channel = grpc.insecure_channel(target, options=options)
+        self._channel = open_channel(target, token=token, tls_ca=tls_ca, tls=tls,
+                                     insecure_token=insecure_token)
         self._stub = scoring_pb2_grpc.SlideScoringStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -404,8 +399,7 @@ class ScoringClient:
     def get_model(self, *, timeout: float | None = None) -> ServedModel:
         """The model the server is serving now."""
         info, _ = self._with_retries(
-            "GetModel", lambda t: self._stub.GetModel(scoring_pb2.GetModelRequest(), timeout=t,
-                                                      metadata=self._metadata),
+            "GetModel", lambda t: self._stub.GetModel(scoring_pb2.GetModelRequest(), timeout=t),
             self._deadline(timeout))
         return ServedModel.from_proto(info)
 
@@ -421,7 +415,7 @@ class ScoringClient:
             request.roi_threshold = roi_threshold
 
         def attempt(t):
-            call = self._stub.ScoreSlide(request, timeout=t, metadata=self._metadata)
+            call = self._stub.ScoreSlide(request, timeout=t)
             try:
                 return call, next(call)
             except StopIteration:
@@ -464,7 +458,7 @@ class ScoringClient:
                 yield request
 
         def attempt(t):
-            call = self._stub.ScoreTiles(requests(), timeout=t, metadata=self._metadata)
+            call = self._stub.ScoreTiles(requests(), timeout=t)
             return call, next(call)
 
         (call, first), attempts = self._with_retries("ScoreTiles", attempt,
@@ -502,7 +496,7 @@ class ScoringClient:
             try:
                 # wait_for_ready: wait for the connection instead of failing while it is down.
                 reply = self._health.Check(request, timeout=min(remaining, 5.0),
-                                           wait_for_ready=True, metadata=self._metadata)
+                                           wait_for_ready=True)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
                 last = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
@@ -520,6 +514,86 @@ def _chain(first, rest):
 
 
 # ---------------------------------------------------------------------------------------------
+# The channel and its credentials
+
+_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+
+
+def open_channel(target: str, *, token: str | None = None, tls_ca: str | Path | None = None,
+                 tls: bool = False, insecure_token: bool = False) -> grpc.Channel:
+    """A channel to `target` whose calls carry `token` (if any) as call credentials.
+
+    TLS (`tls_ca` or `tls`): the token rides on the TLS channel. Plaintext with a token: to a
+    loopback target over gRPC's local credentials (gRPC checks that the peer is this machine);
+    to any other target only with `insecure_token`, else ConfigError, raised before any
+    connection is made.
+    """
+    if tls_ca is not None or tls:
+        try:
+            roots = Path(tls_ca).read_bytes() if tls_ca is not None else None
+        except OSError as exc:
+            raise AuthError(f"cannot read TLS CA file {tls_ca}: {exc.strerror or exc}") from None
+        creds = grpc.ssl_channel_credentials(root_certificates=roots)
+        if token:
+            creds = grpc.composite_channel_credentials(
+                creds, grpc.access_token_call_credentials(token))
+        return grpc.secure_channel(target, creds, options=_CHANNEL_OPTIONS)
+    if not token:
+        return grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+    if insecure_token:
+        return insecure_token_channel(target, token)
+    if not is_loopback_target(target):
+        raise ConfigError(f"refusing to send the bearer token in clear to {target}, which is not "
+                          "a loopback address: connect with TLS (--tls-ca), or pass "
+                          "--insecure-token to send it unencrypted anyway")
+    kind = (grpc.LocalConnectionType.UDS if target.startswith(("unix:", "unix-abstract:"))
+            else grpc.LocalConnectionType.LOCAL_TCP)
+    creds = grpc.composite_channel_credentials(grpc.local_channel_credentials(kind),
+                                               grpc.access_token_call_credentials(token))
+    return grpc.secure_channel(target, creds, options=_CHANNEL_OPTIONS)
+
+
+def insecure_token_channel(target: str, token: str) -> grpc.Channel:
+    """A plaintext channel whose calls carry `authorization: Bearer <token>` (--insecure-token).
+
+    gRPC attaches call credentials only to channels it deems secure, so here the same header
+    is added by a client interceptor: the explicit, unencrypted case."""
+    return grpc.intercept_channel(grpc.insecure_channel(target, options=_CHANNEL_OPTIONS),
+                                  _BearerMetadata(token))
+
+
+class _CallDetails(collections.namedtuple("_CallDetails", ("method", "timeout", "metadata",
+                                                          "credentials", "wait_for_ready",
+                                                          "compression")),
+                   grpc.ClientCallDetails):
+    """grpc.ClientCallDetails with new metadata (the pattern of gRPC's interceptor examples)."""
+
+
+class _BearerMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                      grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    def __init__(self, token: str):
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        return _CallDetails(details.method, details.timeout,
+                            [*(details.metadata or ()), self._header], details.credentials,
+                            details.wait_for_ready, details.compression)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_token(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with_token(details), request)
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(self._with_token(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, details, request_iterator):
+        return continuation(self._with_token(details), request_iterator)
+
+
+# ---------------------------------------------------------------------------------------------
 # `milroi-serve client score SLIDE` / `milroi-serve client model`
 
 
@@ -530,6 +604,9 @@ def add_connection_arguments(parser: argparse.ArgumentParser, required: bool = T
     parser.add_argument("--token-file", type=Path,
                         help="file holding the bearer token the server expects")
     parser.add_argument("--tls-ca", type=Path, help="CA certificate (PEM) of a TLS server")
+    parser.add_argument("--insecure-token", action="store_true",
+                        help="send the token over plaintext to a non-loopback server (it travels "
+                             "unencrypted; without TLS it is refused otherwise)")
     parser.add_argument("--timeout", type=float, default=None,
                         help="deadline of one call in seconds (default: none)")
     parser.add_argument("--retries", type=int, default=3,
@@ -539,7 +616,7 @@ def add_connection_arguments(parser: argparse.ArgumentParser, required: bool = T
 def client_from_args(args: argparse.Namespace) -> ScoringClient:
     token = read_token(args.token_file) if args.token_file is not None else None
     return ScoringClient(args.server, token=token, tls_ca=args.tls_ca, timeout=args.timeout,
-                         retries=args.retries)
+                         retries=args.retries, insecure_token=args.insecure_token)
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:

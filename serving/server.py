@@ -13,7 +13,10 @@ so the loop stays responsive to new calls, cancels and health checks while slide
 Every failure becomes one gRPC status with a clear message and the server keeps serving:
 NOT_FOUND (no such slide), INVALID_ARGUMENT (corrupt or non-slide file, bad parameter),
 PERMISSION_DENIED (path outside the slide roots), UNAUTHENTICATED (bearer token),
-RESOURCE_EXHAUSTED (beyond --max-concurrent), UNAVAILABLE (no model loaded yet).
+RESOURCE_EXHAUSTED (beyond --max-concurrent), UNAVAILABLE (no model loaded yet). A message
+names the slide by the path the client sent; the log keeps the server's absolute path.
+With --token-file, one interceptor (serving.security.BearerTokenInterceptor) checks the token of
+every call but health's.
 A client cancel or deadline sets the stream's cancel event: its tile reads and queued model runs
 stop within a fraction of a second. SIGTERM: health NOT_SERVING, in-flight streams finish within
 --grace seconds, exit 0.
@@ -64,7 +67,7 @@ from serving.metrics import ServerMetrics
 from serving.model_source import LoadedModel, ModelSource, ModelSpec
 from serving.options import EngineOptions, add_engine_arguments
 from serving.pipeline import PatchChunk, SlideHeader, SlideScorer, SlideSummary
-from serving.security import SlideRoots, bearer_ok, read_token, server_credentials
+from serving.security import BearerTokenInterceptor, SlideRoots, read_token, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +160,6 @@ def decode_tiles(request: pb.ScoreTilesRequest, tile_size: int) -> np.ndarray:
 @dataclass
 class ServerOptions:
     max_concurrent: int = 16
-    token: str | None = None
     reader_workers: int | None = None
     fallback_mpp: float | None = None
 
@@ -180,11 +182,10 @@ class SlideScoringService(pb_grpc.SlideScoringServicer):
         finally:
             self._active -= 1
 
-    def _authorize(self, context) -> None:
-        if not bearer_ok(context.invocation_metadata(), self.options.token):
-            raise AuthError("missing or wrong bearer token (metadata 'authorization: Bearer <token>')")
-
-    async def _fail(self, method: str, context, exc: BaseException, started: float):
+    async def _fail(self, method: str, context, exc: BaseException, started: float,
+                    slide_path: str | None = None, resolved: Path | None = None):
+        """Log `exc` as it is, answer its status with the slide named as the client named it
+        (`slide_path`; `resolved` is where it lies on this server)."""
         code = status_of(exc)
         if code == grpc.StatusCode.INTERNAL:
             log.exception("%s failed", method, exc_info=exc)
@@ -193,7 +194,7 @@ class SlideScoringService(pb_grpc.SlideScoringServicer):
             log.info("%s: %s: %s", method, code.name, exc)
             message = str(exc)
         self.metrics.record(method, code.name, time.perf_counter() - started)
-        await context.abort(code, message)
+        await context.abort(code, self.roots.wire_message(message, slide_path, resolved))
 
     def _cancelled(self, method: str, context, started: float) -> None:
         remaining = context.time_remaining()
@@ -205,8 +206,8 @@ class SlideScoringService(pb_grpc.SlideScoringServicer):
         method, started = "ScoreSlide", time.perf_counter()
         cancel = threading.Event()
         self.metrics.in_flight.inc()
+        path = None
         try:
-            self._authorize(context)
             path = self.roots.resolve(request.slide_path)
             with self._slot(), self.source.lease() as model:
                 scorer = SlideScorer(model.engine, reader_workers=self.options.reader_workers,
@@ -229,7 +230,7 @@ class SlideScoringService(pb_grpc.SlideScoringServicer):
             raise
         except Exception as exc:  # noqa: BLE001 - every error is one status
             cancel.set()
-            await self._fail(method, context, exc, started)
+            await self._fail(method, context, exc, started, request.slide_path, path)
         else:
             self.metrics.record(method, "OK", time.perf_counter() - started)
         finally:
@@ -242,7 +243,6 @@ class SlideScoringService(pb_grpc.SlideScoringServicer):
         self.metrics.in_flight.inc()
         feeder = None
         try:
-            self._authorize(context)
             with self._slot(), self.source.lease() as model:
                 engine, ref = model.engine, model_ref_pb(model.ref)
                 # Requests are submitted as they arrive (a few ahead of the replies), so the
@@ -284,7 +284,6 @@ class SlideScoringService(pb_grpc.SlideScoringServicer):
     async def GetModel(self, request, context):
         method, started = "GetModel", time.perf_counter()
         try:
-            self._authorize(context)
             with self.source.lease() as model:
                 info = model_info(model)
         except Exception as exc:  # noqa: BLE001
@@ -389,6 +388,9 @@ class ScoringServer:
         self.roots = SlideRoots(config.slide_roots)
         token = read_token(config.token_file) if config.token_file else None
         self.metrics = ServerMetrics()
+        self.interceptors = [] if token is None else [BearerTokenInterceptor(
+            token, on_denied=lambda method: self.metrics.record(
+                method.rpartition("/")[2], "UNAUTHENTICATED", 0.0))]
         self.spec = ModelSpec.parse(config.model)
         self.source = ModelSource(self.spec, self._make_engine, tracking_uri=config.tracking_uri,
                                   poll_interval=config.poll_interval,
@@ -396,7 +398,7 @@ class ScoringServer:
                                   on_error=lambda exc: self.metrics.model_errors.inc())
         self.service = SlideScoringService(
             self.source, self.roots, self.metrics,
-            ServerOptions(config.max_concurrent, token, config.reader_workers, config.fallback_mpp))
+            ServerOptions(config.max_concurrent, config.reader_workers, config.fallback_mpp))
         self.health = health.aio.HealthServicer()
         self.metrics.queue_depth.set_function(
             lambda: self.source.current.engine.queue_depth() if self.source.current else 0)
@@ -428,7 +430,7 @@ class ScoringServer:
         self._loop = asyncio.get_running_loop()
         self.ready = asyncio.Event()
         await self._set_serving(False)
-        self.server = grpc.aio.server(options=[
+        self.server = grpc.aio.server(interceptors=self.interceptors, options=[
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ("grpc.max_send_message_length", 64 * 1024 * 1024)])
         pb_grpc.add_SlideScoringServicer_to_server(self.service, self.server)
@@ -473,7 +475,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=d.port,
                         help=f"port (default {d.port}, 0 = any free)")
     parser.add_argument("--token-file", default=None,
-                        help="file holding the bearer token clients must send")
+                        help="file holding the bearer token clients must send (every "
+                             "method but grpc.health.v1, server reflection included)")
     parser.add_argument("--tls-cert", default=None, help="PEM certificate chain (with --tls-key)")
     parser.add_argument("--tls-key", default=None, help="PEM private key")
     parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port")
