@@ -1,10 +1,13 @@
-"""OME-TIFF pyramids as QuPath and bfconvert write them, made by the tests with tifffile.
+"""Slides in the formats that trip readers up, made by the tests with tifffile.
 
-The reduced levels are SubIFDs of the full-resolution image (OpenSlide sees one level) and the
-pixel size is in the OME-XML (`PhysicalSizeX/Y` with a unit), not in the resolution tags.
-`write_sparse_camelyon_ome` writes a Camelyon16-size one (98304 x 196608 px) in a second or two
-and a few MB: every glass tile is the same zstd-compressed constant tile, written as pre-encoded
-bytes; only the tiles of one small tissue block are encoded.
+OME-TIFF pyramids as QuPath and bfconvert write them: the reduced levels are SubIFDs of the
+full-resolution image (OpenSlide sees one level) and the pixel size is in the OME-XML
+(`PhysicalSizeX/Y` with a unit), not in the resolution tags. `write_sparse_camelyon_ome` writes
+a Camelyon16-size one (98304 x 196608 px) in a second or two and about 12 MB: every glass tile
+is the same zstd-compressed constant tile, written as pre-encoded bytes; only the tiles of one
+small tissue block are encoded.
+
+Sparse TIFFs (`write_sparse_tiff`): tiles left out, which OpenSlide turns into bounds.
 """
 from __future__ import annotations
 
@@ -95,4 +98,30 @@ def write_sparse_camelyon_ome(path, tissue_rgb: np.ndarray, origin: tuple[int, i
             tif.write(tiles(), shape=(lh, lw, 3), dtype=np.uint8, tile=(tile, tile),
                       photometric="rgb", compression="zstd", **extra)
             block = _reduce(block)
+    return Path(path)
+
+
+def write_sparse_tiff(path, tissue_rgb: np.ndarray, origin: tuple[int, int], width: int,
+                      height: int, mpp: float = 0.243, tile: int = 256) -> Path:
+    """A one-level JPEG-tiled generic TIFF where only the tiles under `tissue_rgb` (pasted at
+    level-0 `origin`, tile-aligned) are stored; every other tile has byte count 0. OpenSlide
+    (>= 4.0.1) reports the stored tiles' extent as the slide's bounds (`openslide.bounds-*`),
+    as for the sparse slides scanners write, and QuPath crops the slide to them."""
+    ox, oy = origin
+    bh, bw = tissue_rgb.shape[:2]
+    if ox % tile or oy % tile or bw % tile or bh % tile:
+        raise ValueError("the tissue block must be tile-aligned")
+
+    def tiles():
+        for y0 in range(0, height, tile):
+            for x0 in range(0, width, tile):
+                inside = ox <= x0 < ox + bw and oy <= y0 < oy + bh
+                yield (imagecodecs.jpeg_encode(tissue_rgb[y0 - oy:y0 - oy + tile, x0 - ox:x0 - ox + tile],
+                                               level=90) if inside else b"")
+
+    px_per_cm = 1e4 / mpp
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(tiles(), shape=(height, width, 3), dtype=np.uint8, tile=(tile, tile),
+                  photometric="rgb", compression="jpeg", resolution=(px_per_cm, px_per_cm),
+                  resolutionunit="CENTIMETER")
     return Path(path)
