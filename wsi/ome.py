@@ -149,8 +149,8 @@ class OmeTiffReader:
                                        padding=False)
         except Exception as exc:  # noqa: BLE001 - tifffile/imagecodecs/zarr raise many kinds
             raise OmeReadError(f"tiffslide read failed: {exc!r}") from exc
-        rgb = rgb[..., :3] if rgb.ndim == 3 else np.repeat(rgb[..., None], 3, axis=2)  # greyscale
-        out[y0 - ly:y1 - ly, x0 - lx:x1 - lx, :3] = rgb[: y1 - y0, : x1 - x0]
+        # [h, w, 3], or [h, w, 1] for a greyscale image (broadcast to the three channels)
+        out[y0 - ly:y1 - ly, x0 - lx:x1 - lx, :3] = rgb[: y1 - y0, : x1 - x0, :3]
         out[y0 - ly:y1 - ly, x0 - lx:x1 - lx, 3] = 255
         return out
 
@@ -173,4 +173,8 @@ def ome_reader(path: str | os.PathLike, openslide_levels: int | None,
               or (not openslide_has_mpp and info.mpp is not None))
     if not better:
         return None
+    log.info("%s: OME-TIFF with %d level(s) (OpenSlide: %s), pixel size: %s; reading it with "
+             "tiffslide", path, info.levels,
+             "cannot open it" if openslide_levels is None else f"{openslide_levels} level(s)",
+             info.mpp_note)
     return OmeTiffReader(path, info)
