@@ -1,7 +1,9 @@
 """Open a whole-slide image and read RGB regions from it.
 
 One thin layer over OpenSlide (generic tiled TIFF as in Camelyon16, Aperio SVS with JPEG or
-JPEG 2000 tiles, and every other format OpenSlide reads) that adds what the rest of milroi needs:
+JPEG 2000 tiles, and every other format OpenSlide reads), or over tiffslide for an OME-TIFF
+pyramid that OpenSlide sees as one level or without its pixel size (wsi.ome; `Slide.reader` and
+the log say which), that adds what the rest of milroi needs:
 
 - every failure (missing file, directory, empty file, not a slide, truncated or corrupt tile
   data, at open time or later at read time) becomes one `SlideError` naming the file and the
@@ -13,7 +15,8 @@ JPEG 2000 tiles, and every other format OpenSlide reads) that adds what the rest
   mask and the model expect: no alpha, no premultiplication).
 
 Reads are thread-safe: the OpenSlide C library serialises what must be serialised, and the ctypes
-call releases the GIL, so tile-reading threads (wsi.tiles) really run in parallel.
+call releases the GIL, so tile-reading threads (wsi.tiles) really run in parallel (tiffslide
+keeps one zarr view per thread and decodes in imagecodecs, also without the GIL).
 """
 from __future__ import annotations
 
