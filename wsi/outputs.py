@@ -1,10 +1,16 @@
 """What a scored slide leaves on disk: patch CSV, QuPath GeoJSON, heatmap PNG, Spatiopath JSON.
 
-Everything is in level-0 pixels of the slide (x to the right, y down, origin top-left), the frame
-the tile grid uses. Tumour ROIs are the union of the squares of the tiles whose score is at or
-above a threshold: exact for several components and for holes (a hole is a run of low-scored or
-missing tiles enclosed by high-scored ones), with no rasterisation error. Every file is written
-through `atomic_write`, so a job killed mid-write never leaves a half-written output behind.
+Coordinates are level-0 pixels of the slide (x to the right, y down, origin top-left), the frame
+the tile grid uses, in every file but the GeoJSON: that one is in the frame QuPath shows the slide
+in. QuPath crops a slide to OpenSlide's bounds (`openslide.bounds-x/-y`: MRXS, Leica SCN, sparse
+TIFF...), so its origin is the bounds' top-left and the GeoJSON's coordinates are level-0 minus
+that offset (`Slide.bounds_offset`, (0, 0) for a slide without bounds). The offset is recorded in
+the GeoJSON's and the Spatiopath JSON's `bounds_offset`.
+
+Tumour ROIs are the union of the squares of the tiles whose score is at or above a threshold:
+exact for several components and for holes (a hole is a run of low-scored or missing tiles
+enclosed by high-scored ones), with no rasterisation error. Every file is written through
+`atomic_write`, so a job killed mid-write never leaves a half-written output behind.
 """
 from __future__ import annotations
 
@@ -126,18 +132,31 @@ def _polygon_geometry(polygon) -> dict:
             "coordinates": [_ring(polygon.exterior.coords)] + [_ring(r.coords) for r in polygon.interiors]}
 
 
+def _offset(bounds_offset) -> tuple[int, int]:
+    bx, by = (int(v) for v in bounds_offset)
+    return bx, by
+
+
 def write_geojson(path, coords, scores, tile_size: int, rois: Sequence = (),
                   roi_stats: Sequence[dict] | None = None, mpp: float | None = None,
-                  flags=None) -> Path:
+                  flags=None, bounds_offset=(0, 0)) -> Path:
     """A FeatureCollection QuPath imports (File > Import objects): one "detection" per tile with
     its `tumor_score` measurement, one "annotation" classified "Tumor" per ROI. A tile flagged
-    as an artefact is classified QuPath's "Ignore*" and says which artefact (`artefact`)."""
+    as an artefact is classified QuPath's "Ignore*" and says which artefact (`artefact`).
+
+    `coords` and `rois` are level-0 px; the file is in QuPath's frame, level-0 minus
+    `bounds_offset` (the slide's OpenSlide bounds, which QuPath crops to), recorded in the
+    collection's `properties`."""
     coords, scores = _check(coords, scores)
     flags = _flags(flags, len(coords))
     if roi_stats is None:
         keep = flags == 0
         roi_stats = roi_tile_stats(rois, coords[keep], scores[keep], tile_size)
     roi_stats = list(roi_stats)
+    bx, by = _offset(bounds_offset)
+    if bx or by:   # areas and tile statistics above are unchanged by a translation
+        coords = coords - np.array([bx, by], np.int64)
+        rois = [shapely.transform(roi, lambda xy: xy - (bx, by)) for roi in rois]
     x0, y0 = coords[:, 0].tolist(), coords[:, 1].tolist()
     features = []
     for x, y, s, flag in zip(x0, y0, scores.tolist(), flags.tolist()):
@@ -163,8 +182,11 @@ def write_geojson(path, coords, scores, tile_size: int, rois: Sequence = (),
             "properties": {"objectType": "annotation", "name": f"Tumor ROI {i + 1}",
                            "classification": dict(TUMOR_CLASS), "measurements": measurements},
         })
+    frame = {"coordinate_frame": "QuPath's: level-0 px minus bounds_offset (OpenSlide's bounds, "
+                                 "which QuPath crops to)", "bounds_offset": {"x": bx, "y": by}}
     with atomic_write(path, "w") as f:
-        json.dump({"type": "FeatureCollection", "features": features}, f, separators=(",", ":"))
+        json.dump({"type": "FeatureCollection", "properties": frame, "features": features}, f,
+                  separators=(",", ":"))
     return Path(path)
 
 
@@ -210,9 +232,11 @@ def _xy(ring) -> dict:
 def write_spatiopath_json(path, slide_name: str, rois: Sequence, mpp: float,
                           scores=None, roi_stats: Sequence[dict] | None = None,
                           threshold: float | None = None, tile_size: int | None = None,
-                          dimensions=None) -> Path:
+                          dimensions=None, bounds_offset=(0, 0)) -> Path:
     """Tumour ROIs for Spatiopath: polygons as {"x": [...], "y": [...]} arrays in level-0 px
-    (exterior closed, first point repeated) plus holes, the pixel size, score statistics."""
+    (exterior closed, first point repeated) plus holes, the pixel size, score statistics, and
+    the slide's `bounds_offset` (what to subtract to get QuPath's frame, as in the GeoJSON)."""
+    bx, by = _offset(bounds_offset)
     roi_stats = list(roi_stats) if roi_stats is not None else [{} for _ in rois]
     s = np.asarray(scores, np.float64) if scores is not None else np.zeros(0)
     document = {
@@ -221,7 +245,10 @@ def write_spatiopath_json(path, slide_name: str, rois: Sequence, mpp: float,
         "pixel_size_um": {"mpp": float(mpp)},
         "units": {"coordinates": "level-0 pixels, origin top-left, x right, y down",
                   "area_um2": "square micrometres (area_px2 * mpp^2)",
-                  "scores": "tumour probability per tile in [0, 1]"},
+                  "scores": "tumour probability per tile in [0, 1]",
+                  "bounds_offset": "level-0 px; QuPath (and the GeoJSON) show a point at "
+                                   "(x - bounds_offset.x, y - bounds_offset.y)"},
+        "bounds_offset": {"x": bx, "y": by},
         "dimensions": None if dimensions is None else [int(v) for v in dimensions],
         "tile_size": tile_size,
         "threshold": threshold,
@@ -248,7 +275,8 @@ def write_slide_outputs(out_dir, slide, coords, scores, tile_size: int,
                         flags=None) -> dict[str, Path]:
     """All four outputs of one scored slide in `out_dir`, named after the slide; returns
     {"csv", "geojson", "heatmap", "spatiopath"} -> path. Tiles with artefact `flags` are listed
-    (CSV, GeoJSON) but make no ROI and no heatmap colour."""
+    (CSV, GeoJSON) but make no ROI and no heatmap colour. The GeoJSON is in QuPath's frame for
+    the slide (level-0 minus `slide.bounds_offset`), the other files in level-0 px."""
     coords, scores = _check(coords, scores)
     flags = _flags(flags, len(coords))
     keep = flags == 0
@@ -258,13 +286,14 @@ def write_slide_outputs(out_dir, slide, coords, scores, tile_size: int,
     rois = roi_polygons(clean_coords, clean_scores, tile_size, threshold, min_area_px)
     stats = roi_tile_stats(rois, clean_coords, clean_scores, tile_size)
     name = slide.name
+    offset = getattr(slide, "bounds_offset", (0, 0))
     return {
         "csv": write_patch_csv(out / f"{name}_patches.csv", coords, scores, tile_size, flags),
         "geojson": write_geojson(out / f"{name}.geojson", coords, scores, tile_size, rois, stats,
-                                 mpp=slide.mpp, flags=flags),
+                                 mpp=slide.mpp, flags=flags, bounds_offset=offset),
         "heatmap": write_heatmap_png(out / f"{name}_heatmap.png", slide, clean_coords, clean_scores,
                                      tile_size),
         "spatiopath": write_spatiopath_json(out / f"{name}_spatiopath.json", name, rois, slide.mpp,
                                             clean_scores, stats, threshold, tile_size,
-                                            slide.dimensions),
+                                            slide.dimensions, bounds_offset=offset),
     }

@@ -1,7 +1,9 @@
 """Open a whole-slide image and read RGB regions from it.
 
 One thin layer over OpenSlide (generic tiled TIFF as in Camelyon16, Aperio SVS with JPEG or
-JPEG 2000 tiles, and every other format OpenSlide reads) that adds what the rest of milroi needs:
+JPEG 2000 tiles, and every other format OpenSlide reads), or over tiffslide for an OME-TIFF
+pyramid that OpenSlide sees as one level or without its pixel size (wsi.ome; `Slide.reader` and
+the log say which), that adds what the rest of milroi needs:
 
 - every failure (missing file, directory, empty file, not a slide, truncated or corrupt tile
   data, at open time or later at read time) becomes one `SlideError` naming the file and the
@@ -13,7 +15,8 @@ JPEG 2000 tiles, and every other format OpenSlide reads) that adds what the rest
   mask and the model expect: no alpha, no premultiplication).
 
 Reads are thread-safe: the OpenSlide C library serialises what must be serialised, and the ctypes
-call releases the GIL, so tile-reading threads (wsi.tiles) really run in parallel.
+call releases the GIL, so tile-reading threads (wsi.tiles) really run in parallel (tiffslide
+keeps one zarr view per thread and decodes in imagecodecs, also without the GIL).
 """
 from __future__ import annotations
 
@@ -92,10 +95,7 @@ class Slide:
         dicom = dicom_files(self.path) if self.path.is_dir() else []
         source = dicom[0] if dicom else self.path
         _check_is_readable_file(source)
-        try:
-            self._osr = openslide.OpenSlide(str(source))
-        except _OPENSLIDE_ERRORS as exc:
-            raise SlideError(self.path, _describe_open_error(exc)) from exc
+        self._osr, self.reader = _open_reader(self.path, source)
         try:
             self.dimensions: tuple[int, int] = tuple(self._osr.dimensions)
             self.level_count: int = self._osr.level_count
@@ -116,6 +116,7 @@ class Slide:
                                         f"real slide (corrupt or hand-crafted header)")
         self.properties = props
         self.vendor: str = props.get("openslide.vendor", "unknown")
+        self.bounds_offset: tuple[int, int] = _bounds_offset(props)
         mpp = _mpp_from_properties(props)
         if mpp is not None:
             self.mpp, self.mpp_source = mpp, "metadata"
@@ -127,6 +128,8 @@ class Slide:
             self.mpp_source = "fallback"
             log.warning("%s: no pixel size in its metadata; assuming %.3f um/px (fallback)",
                         self.path, self.mpp)
+        log.info("%s: opened by %s (%s), %d level(s), %.4g um/px (%s)", self.path, self.reader,
+                 self.vendor, self.level_count, self.mpp, self.mpp_source)
 
     # -- context manager -------------------------------------------------------------------
     def __enter__(self) -> Slide:
@@ -140,7 +143,8 @@ class Slide:
 
     def __repr__(self) -> str:
         return (f"Slide({str(self.path)!r}, dimensions={self.dimensions}, levels={self.level_count}, "
-                f"mpp={self.mpp:.3f} ({self.mpp_source}), vendor={self.vendor!r})")
+                f"mpp={self.mpp:.3f} ({self.mpp_source}), vendor={self.vendor!r}, "
+                f"reader={self.reader!r})")
 
     # -- reads -----------------------------------------------------------------------------
     def _check_level(self, level: int) -> None:
@@ -222,6 +226,47 @@ def _check_is_readable_file(path: Path) -> None:
         raise SlideError(path, "empty file (0 bytes)")
     if not os.access(path, os.R_OK):
         raise SlideError(path, "permission denied")
+
+
+def _open_reader(path: Path, source: Path):
+    """(reader, its name): OpenSlide, or tiffslide for an OME-TIFF that OpenSlide reads only in
+    part (one level of a SubIFD pyramid, no pixel size) or not at all (see wsi.ome)."""
+    levels, has_mpp, error = None, False, None
+    try:
+        osr = openslide.OpenSlide(str(source))
+        levels, has_mpp = osr.level_count, _mpp_from_properties(osr.properties) is not None
+    except _OPENSLIDE_ERRORS as exc:
+        osr, error = None, exc
+    if osr is not None and levels > 1 and has_mpp:   # nothing an OME-XML could add
+        return osr, "openslide"
+    if source.suffix.lower() != ".dcm":
+        from wsi import ome  # tiffslide (zarr) is imported only for the files that need it
+
+        try:
+            reader = ome.ome_reader(source, levels if osr is not None else None, has_mpp)
+        except Exception as exc:  # noqa: BLE001 - an OME-TIFF that tiffslide cannot open
+            if osr is None:
+                raise SlideError(path, f"OME-TIFF that neither OpenSlide ({error}) nor tiffslide "
+                                       f"({exc}) can open") from exc
+            log.warning("%s: OME-TIFF that tiffslide cannot open (%s); reading it with OpenSlide",
+                        path, exc)
+            reader = None
+        if reader is not None:
+            if osr is not None:
+                osr.close()
+            return reader, f"tiffslide {reader.version}"
+    if osr is None:
+        raise SlideError(path, _describe_open_error(error)) from error
+    return osr, "openslide"
+
+
+def _bounds_offset(props) -> tuple[int, int]:
+    """OpenSlide's bounds offset (level-0 px): the top-left of the non-empty region, which QuPath
+    crops to by default (MRXS, Leica SCN, sparse TIFF...); (0, 0) for a slide without bounds."""
+    try:
+        return int(props["openslide.bounds-x"]), int(props["openslide.bounds-y"])
+    except (KeyError, ValueError):
+        return 0, 0
 
 
 def _describe_open_error(exc: Exception) -> str:
