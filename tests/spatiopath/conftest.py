@@ -12,11 +12,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("spatiopath", reason="spatiopath is milroi's optional extra: pip install 'milroi[spatiopath]'")
-
-SIZE = (2048, 2048)        # ~90 tissue tiles, a tumour nest of ~180 um radius
-ANALYSIS_ZONE_UM = 100.0   # a margin of ~410 px: windows of ~1300 px, ~1 s of engine each
-BAND_UM = 50.0
+SIZE = (2048, 2048)        # 0.5 mm square, ~90 tissue tiles, a tumour nest of ~90 um radius
+ANALYSIS_ZONE_UM = 100.0   # a margin of ~410 px: one window of < 2048 px, seconds of engine
+BAND_UM = 50.0             # synthetic immune cells: enriched in / excluded from this band
 
 
 def write_oracle_scores(slide_path: Path, truth, out: Path) -> Path:
