@@ -196,6 +196,10 @@ def analyse_windows(windows: SlideWindows, cell_xy: np.ndarray, out: Path, name:
         if not window.roi:
             log.info("%s %s: no tissue in the window, left out", name, window.id)
             continue
+        # The engine rasterises onto its `width` x `height` (public attributes that add_patch
+        # reads on every call): each window at its own size, so a small window never pays for
+        # the largest. Pooling works on areas in um^2, whatever the grid.
+        engine.width, engine.height = window.size
         result = engine.add_patch(window.id, window.set_a, points, window.roi)
         # The engine keeps every result: drop its full-window arrays so that memory stays that
         # of one window, whatever the number of windows.
