@@ -235,3 +235,22 @@ def test_synthetic_cells_follow_the_asked_pattern(scored):
     assert share["enriched"][0] == 1.0 and share["enriched"][1] < 0.1
     assert share["excluded"][0] == 0.0 and share["excluded"][1] > 0.2
     assert 0.2 < share["uniform"][0] < 0.4 and 0.2 < share["uniform"][1] < 0.4
+
+
+def test_synth_command_writes_cells_csvs(tmp_path):
+    """`milroi-train synth --cells MODE` writes OUT/cells/<slide>.csv that read_cells reads."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "proto")])}
+    done = subprocess.run([sys.executable, "-m", "training.cli", "synth", str(tmp_path), "--tumor", "1",
+                           "--normal", "1", "--size", "1536x1536", "--cells", "enriched"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    for name in ("tumor_001", "normal_001"):
+        cells = read_cells(tmp_path / "cells" / f"{name}.csv", dimensions=(1536, 1536))
+        assert len(cells) > 100 and "Immune cells" in cells.classes
+    assert read_cells(tmp_path / "cells" / "tumor_001.csv").classes["Tumor"] > 0
