@@ -341,26 +341,26 @@ def analyse_folder(scores_dir: Path, cells: Path, out_dir: Path, options: Analys
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("scores_dir", type=Path,
+    parser.add_argument("scores_dir", type=Path, metavar="SCORES_DIR",
                         help="what `milroi-serve score` (or `client score --out`) wrote: "
                              "<slide>_spatiopath.json files, searched recursively")
-    parser.add_argument("--cells", type=Path, required=True,
+    parser.add_argument("--cells", type=Path, required=True, metavar="CELLS_DIR_OR_FILE",
                         help="folder of <slide>.csv (x,y level-0 px[,class]) or <slide>.geojson "
                              "(QuPath detections) files, or one such file for one slide")
-    parser.add_argument("--out", type=Path, required=True,
+    parser.add_argument("--out", type=Path, required=True, metavar="OUT",
                         help="output folder: OUT/<slide>/ per slide and OUT/summary.csv")
-    parser.add_argument("--zone-width", type=float, default=DEFAULT_ZONE_WIDTH_UM,
+    parser.add_argument("--zone-width", type=float, default=DEFAULT_ZONE_WIDTH_UM, metavar="UM",
                         help=f"Spatiopath zone width in um (default {DEFAULT_ZONE_WIDTH_UM:g})")
-    parser.add_argument("--analysis-zone", type=float, default=DEFAULT_ANALYSIS_ZONE_UM,
+    parser.add_argument("--analysis-zone", type=float, default=DEFAULT_ANALYSIS_ZONE_UM, metavar="UM",
                         help="Spatiopath analysis zone in um, also the margin of the windows "
                              f"around each ROI (default {DEFAULT_ANALYSIS_ZONE_UM:g})")
-    parser.add_argument("--window", type=int, default=DEFAULT_WINDOW_PX,
+    parser.add_argument("--window", type=int, default=DEFAULT_WINDOW_PX, metavar="PX",
                         help="largest window side in px; the downsample is chosen so that the "
                              f"largest ROI with its margin fits (default {DEFAULT_WINDOW_PX})")
-    parser.add_argument("--cell-class", default=None,
+    parser.add_argument("--cell-class", default=None, metavar="NAME",
                         help="analyse only the cells of this class (CSV `class` column, QuPath "
                              "classification), e.g. 'Immune cells' (default: every cell)")
-    parser.add_argument("--slides", type=Path, default=None,
+    parser.add_argument("--slides", type=Path, default=None, metavar="SLIDES_DIR",
                         help="folder of the slides, for scores that do not record their slide "
                              "file (`client score --out`)")
     parser.add_argument("--no-plots", action="store_true", help="no K0 plots")

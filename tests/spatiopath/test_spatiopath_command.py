@@ -193,3 +193,27 @@ def test_python_api_is_what_the_engine_takes(scored):
         result = engine.add_patch(window.id, window.set_a, points, window.roi)
         assert result.total_points == len(points)
         assert result.analysis["pixelSize"].iloc[0] == pytest.approx(windows.pixel_size_um)
+
+
+def test_client_layout_needs_the_slides_folder(scored, tmp_path):
+    """`client score --out` leaves no done.json: the slide file is asked for (--slides), then
+    found by name; the no-ROI slide still writes its empty windows file."""
+    from serving.spatiopath import AnalysisOptions, analyse_folder
+    from wsi.analysis_windows import read_windows_json
+
+    scores = tmp_path / "scores"
+    scores.mkdir()
+    for name in ("tumor_a", "normal_a"):
+        shutil.copy(scored["scores"] / name / f"{name}_spatiopath.json", scores)
+    cells = tmp_path / "cells"
+    cells.mkdir()
+    for name in ("tumor_a", "normal_a"):
+        (cells / f"{name}.csv").write_text("x,y\n700,700\n1200,900\n")
+    options = AnalysisOptions(analysis_zone=ANALYSIS_ZONE_UM, window=2048, plots=False)
+    rows = {r["slide"]: r for r in analyse_folder(scores, cells, tmp_path / "out", options)}
+    assert rows["tumor_a"]["status"] == "failed" and "give --slides DIR" in rows["tumor_a"]["error"]
+    assert rows["normal_a"]["status"] == "no_roi"
+    assert read_windows_json(tmp_path / "out" / "normal_a" / "normal_a_windows.json").windows == []
+    rows = {r["slide"]: r for r in analyse_folder(scores, cells, tmp_path / "out", options,
+                                                  slides_dir=scored["slides"])}
+    assert rows["tumor_a"]["status"] == "ok" and rows["tumor_a"]["cells"] == 2
