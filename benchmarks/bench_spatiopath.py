@@ -69,7 +69,11 @@ def child(argv: list[str]) -> int:
     started = time.perf_counter()
     [row] = analyse_folder(scores, cells, out, AnalysisOptions(window=window, cell_class="Immune cells"))
     seconds = time.perf_counter() - started
-    print(json.dumps({"peak_rss_mib": _peak_rss_mib(), "seconds": seconds,
+    from wsi.analysis_windows import read_windows_json
+
+    [windows_json] = out.rglob("*_windows.json")
+    sizes = [list(w.size) for w in read_windows_json(windows_json).windows]
+    print(json.dumps({"peak_rss_mib": _peak_rss_mib(), "seconds": seconds, "window_sizes": sizes,
                       "row": {k: (float(v) if isinstance(v, (int, float, np.number)) else v)
                               for k, v in row.items()}}))
     return 0
@@ -199,15 +203,17 @@ def main(argv=None) -> int:
               "backbone_tiles_per_s": tiles_per_s, "scoring_lower_bound_s": scoring_floor_s}
     print(f"\n{machine['model']} ({', '.join(machine['flags'])}), {machine['cpus']} CPUs, load "
           f"{machine['load_average_1min'][0]} -> {machine['load_average_1min'][1]}\n")
-    print("| slide | ROIs | cells in file | run | windows | downsample | cells analysed | seconds | "
-          "peak RSS MiB |\n|---|---|---|---|---|---|---|---|---|")
-    print(f"| | | | imports only (floor) | | | | | {floor['peak_rss_mib']:.0f} |")
+    print("| slide | ROIs | cells in file | run | windows | downsample | largest window (px) | cells "
+          "analysed | seconds | peak RSS MiB |\n|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| | | | imports only (floor) | | | | | | {floor['peak_rss_mib']:.0f} |")
     for entry in slides:
         w, h = entry["dimensions"]
         for window, run in entry["runs"].items():
             row = run["row"]
             print(f"| {w} x {h} | {entry['rois']} | {entry['cells']} | --window {window} | "
-                  f"{row['windows']:.0f} | {row['downsample']:g} | {row['cells']:.0f} | "
+                  f"{row['windows']:.0f} | {row['downsample']:g} | "
+                  f"{'x'.join(map(str, max(run['window_sizes'], key=lambda s: s[0] * s[1])))} | "
+                  f"{row['cells']:.0f} | "
                   f"{run['seconds']:.1f} | {run['peak_rss_mib']:.0f} |")
     window = next(iter(last["runs"]))
     analysis_s = last["runs"][window]["seconds"]
