@@ -49,7 +49,7 @@ from wsi.analysis_windows import (
     windows_for_slide,
     write_windows_json,
 )
-from wsi.cells import CELL_SUFFIXES, read_cells
+from wsi.cells import CELL_SUFFIXES, GEOJSON_SUFFIXES, read_cells
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +262,10 @@ def analyse_slide(slide: ScoredSlide, cells_path: Path, out_dir: Path, options: 
         log.warning("%s: the windows' pixel size %.2f um (downsample %g) is coarser than the zone "
                     "width %g um: raise --window", slide.key, windows.pixel_size_um,
                     windows.downsample, options.zone_width)
-    cells = read_cells(cells_path, options.cell_class, rois.dimensions, boxes=windows.boxes())
+    # A QuPath GeoJSON is in QuPath's frame: level 0 minus the slide's bounds offset.
+    offset = rois.bounds_offset if cells_path.suffix.lower() in GEOJSON_SUFFIXES else (0, 0)
+    cells = read_cells(cells_path, options.cell_class, rois.dimensions, boxes=windows.boxes(),
+                       offset=offset)
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore")   # 0-cell windows divide by zero; seaborn's palette notes
         pooled, analysed = analyse_windows(windows, cells.xy, out, slide.name,

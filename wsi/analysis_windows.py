@@ -48,7 +48,9 @@ DEFAULT_WINDOW_PX = 4096           # Spatiopath's own default height and width
 @dataclass(frozen=True)
 class ScoredRois:
     """What `<slide>_spatiopath.json` says: the ROIs (shapely Polygons, level-0 px), their ids,
-    the level-0 pixel size and dimensions."""
+    the level-0 pixel size and dimensions, and `bounds_offset`: level-0 px of the origin of
+    QuPath's frame (OpenSlide's bounds, which QuPath crops to; (0, 0) without bounds or in
+    files that do not record it)."""
 
     slide: str
     mpp: float
@@ -56,6 +58,7 @@ class ScoredRois:
     polygons: list
     ids: list[int]
     path: Path | None = None
+    bounds_offset: tuple[int, int] = (0, 0)
 
 
 def _ring(part: dict, path) -> np.ndarray:
@@ -87,8 +90,10 @@ def read_scored_rois(path) -> ScoredRois:
         polygons.append(polygon)
         ids.append(int(item.get("id", i + 1)))
     width, height = (int(v) for v in doc["dimensions"])
+    offset = doc.get("bounds_offset") or {}
     return ScoredRois(slide=str(doc.get("slide", path.stem)), mpp=float(doc["pixel_size_um"]["mpp"]),
-                      dimensions=(width, height), polygons=polygons, ids=ids, path=path)
+                      dimensions=(width, height), polygons=polygons, ids=ids, path=path,
+                      bounds_offset=(int(offset.get("x", 0)), int(offset.get("y", 0))))
 
 
 # ---------------------------------------------------------------------------------------------

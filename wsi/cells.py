@@ -8,6 +8,10 @@ Two formats, chosen by the file's extension:
   FeatureCollection (or a list) of features whose centroid is the cell's, and whose
   `properties.classification.name` (or a plain string) is its class.
 
+A QuPath export is in the frame QuPath shows the slide in, which on slides with OpenSlide
+bounds (MIRAX, Leica SCN, sparse TIFF) is level 0 minus the bounds offset: `offset` is added to
+every point read (the scores' `bounds_offset`; (0, 0) elsewhere).
+
 `cell_class` keeps only the cells of one class (`Immune cells`). Every point must lie on the
 slide (`dimensions`): a point outside it means the file is in another frame (micrometres, a
 lower level, another slide) and is refused with a message naming the line or feature. `boxes`
@@ -58,8 +62,9 @@ def _inside(xy: np.ndarray, boxes) -> np.ndarray:
 class _Checker:
     """Counts classes, checks the frame, filters; accumulates the kept points."""
 
-    def __init__(self, path: Path, cell_class, dimensions, boxes):
+    def __init__(self, path: Path, cell_class, dimensions, boxes, offset=(0, 0)):
         self.path, self.cell_class, self.dimensions, self.boxes = path, cell_class, dimensions, boxes
+        self.offset = np.asarray(offset, np.float64).reshape(2)
         self.kept: list[np.ndarray] = []
         self.classes: Counter = Counter()
         self.read = 0
@@ -67,6 +72,7 @@ class _Checker:
     def add(self, xy: np.ndarray, classes, where) -> None:
         """`where(i)` names the i-th point of this chunk in a message (a line, a feature)."""
         self.read += len(xy)
+        xy = xy + self.offset
         if self.dimensions is not None and len(xy):
             width, height = self.dimensions
             out = (xy[:, 0] < 0) | (xy[:, 1] < 0) | (xy[:, 0] >= width) | (xy[:, 1] >= height)
@@ -163,13 +169,15 @@ def _read_geojson(path: Path, check: _Checker) -> None:
     check.add(xy, classes, lambda i: f"feature {i}")
 
 
-def read_cells(path, cell_class: str | None = None, dimensions=None, boxes=None) -> Cells:
+def read_cells(path, cell_class: str | None = None, dimensions=None, boxes=None,
+               offset=(0, 0)) -> Cells:
     """Cell centroids of one file (module docstring); `dimensions` (w, h) checks the frame,
-    `boxes` [(x0, y0, x1, y1), ...] keeps only the cells inside them."""
+    `boxes` [(x0, y0, x1, y1), ...] keeps only the cells inside them, `offset` (x, y) is added
+    to every point (QuPath's frame -> level 0)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"cells file {path}: no such file")
-    check = _Checker(path, cell_class, dimensions, boxes)
+    check = _Checker(path, cell_class, dimensions, boxes, offset)
     suffix = path.suffix.lower()
     if suffix in CSV_SUFFIXES:
         _read_csv(path, check)

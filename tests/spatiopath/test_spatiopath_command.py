@@ -217,3 +217,23 @@ def test_client_layout_needs_the_slides_folder(scored, tmp_path):
     rows = {r["slide"]: r for r in analyse_folder(scores, cells, tmp_path / "out", options,
                                                   slides_dir=scored["slides"])}
     assert rows["tumor_a"]["status"] == "ok" and rows["tumor_a"]["cells"] == 2
+
+    # A QuPath GeoJSON is in QuPath's frame: on a slide with OpenSlide bounds, level 0 minus the
+    # offset the scores record. The same two cells, exported from QuPath with an offset of 600:
+    import json
+
+    doc = json.loads((scores / "tumor_a_spatiopath.json").read_text())
+    doc["bounds_offset"] = {"x": 600, "y": 600}
+    (scores / "tumor_a_spatiopath.json").write_text(json.dumps(doc))
+    (cells / "tumor_a.csv").unlink()
+    (cells / "tumor_a.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": {"type": "Point", "coordinates": xy},
+         "properties": {"objectType": "detection"}} for xy in ([100, 100], [600, 300])]}))
+    rows = {r["slide"]: r for r in analyse_folder(scores, cells, tmp_path / "out2", options,
+                                                  slides_dir=scored["slides"])}
+    assert rows["tumor_a"]["status"] == "ok" and rows["tumor_a"]["cells"] == 2
+    (cells / "tumor_a.geojson").write_text(json.dumps([
+        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [1500, 100]}}]))
+    rows = {r["slide"]: r for r in analyse_folder(scores, cells, tmp_path / "out3", options,
+                                                  slides_dir=scored["slides"])}
+    assert "x=2100, y=700" in rows["tumor_a"]["error"]     # reported in level 0, off the slide

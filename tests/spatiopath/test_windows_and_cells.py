@@ -204,6 +204,8 @@ def test_qupath_geojson_centroids_and_classification(tmp_path):
     np.testing.assert_allclose(everything.xy[1], [65, 70])
     (tmp_path / "list.json").write_text(json.dumps(features))   # QuPath's "array" export
     assert len(read_cells(tmp_path / "list.json", "Tumor")) == 1
+    shifted = read_cells(path, "Immune cells", dimensions=(100, 100), offset=(5, -10))
+    np.testing.assert_allclose(shifted.xy, [[45, 20], [15, 80]], atol=1e-6)   # QuPath frame -> level 0
     with pytest.raises(ConfigError, match="outside the slide .* x=65, y=70 \\(feature 1\\)"):
         read_cells(path, dimensions=(65, 100))
     (tmp_path / "bad.geojson").write_text(json.dumps({"type": "Topology"}))
