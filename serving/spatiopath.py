@@ -31,6 +31,7 @@ import io
 import json
 import logging
 import math
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -188,6 +189,8 @@ def analyse_windows(windows: SlideWindows, cell_xy: np.ndarray, out: Path, name:
     """Run the engine on every window, save each result and the pooled one; returns the pooled
     result (None without an analysable window) and the cells analysed."""
     engine_module = import_spatiopath()
+    for stale in (out / "windows", out / "pooled"):   # an earlier run's results (other windows)
+        shutil.rmtree(stale, ignore_errors=True)
     width, height = windows.canvas
     engine = engine_module.SpatioPath(zone_width=zone_width, analysis_zone=windows.analysis_zone_um,
                                       pixel_size=windows.pixel_size_um, height=height, width=width)
