@@ -7,6 +7,7 @@ COMMANDS = {
     "serve": ("serving.server", "gRPC server streaming per-patch tumour scores"),
     "score": ("serving.batch", "score every slide of a folder (in process or through a server)"),
     "client": ("serving.client", "score one slide through a running server"),
+    "spatiopath": ("serving.spatiopath", "analyse scored slides' tumour ROIs and cells with Spatiopath"),
 }
 
 

@@ -71,6 +71,7 @@ class SyntheticTruth:
     ink_mask: np.ndarray | None = None      # bool, same grid as tissue_mask: ink over the slide
     blur_polygons: list = field(default_factory=list)   # out-of-focus regions (level-0 px)
     stain: str = "standard"
+    seed: int | None = None     # the texture's seed (synthetic_cells redraws its nuclei from it)
 
     @property
     def region(self):
@@ -465,7 +466,7 @@ def write_synthetic_slide(path, width: int = 4096, height: int = 4096, seed: int
     finally:
         partial.unlink(missing_ok=True)
     return SyntheticTruth(path, (width, height), tissue_plan, float(ds), tumors, exclusions,
-                          MPP, levels, ink_plan, blur_polygons, stain.name)
+                          MPP, levels, ink_plan, blur_polygons, stain.name, seed)
 
 
 def _block_mean(mask: np.ndarray, ds: int) -> np.ndarray:
@@ -600,6 +601,76 @@ def write_camelyon_size_slide(path, width: int = 98_304, height: int = 196_608, 
 
 
 # ---------------------------------------------------------------------------------------------
+# Cells: the centroids of the nuclei a slide was drawn with, for Spatiopath (wsi.cells format)
+
+CELL_MODES = ("uniform", "enriched", "excluded")
+IMMUNE_CLASS = "Immune cells"   # QuPath's built-in class names
+OTHER_CLASS, TUMOR_CELL_CLASS = "Other", "Tumor"
+IMMUNE_SHARE = 0.3              # share of lymphocytes called immune where the mode is neutral
+ENRICHED_OUTSIDE = 0.03         # "enriched": share called immune beyond the band
+
+
+def _nucleus_centres(cells: dict, spacing: int, width: int, height: int) -> np.ndarray:
+    r, c = np.nonzero(cells["on"])
+    xy = np.column_stack([c * spacing + spacing / 2 + cells["dx"][r, c],
+                          r * spacing + spacing / 2 + cells["dy"][r, c]]).astype(np.float64)
+    return xy[(xy[:, 0] >= 0) & (xy[:, 0] < width) & (xy[:, 1] >= 0) & (xy[:, 1] < height)]
+
+
+def synthetic_cells(truth: SyntheticTruth, mode: str = "uniform", band_um: float = 50.0,
+                    around=None, seed: int = 0) -> tuple[np.ndarray, list[str]]:
+    """Level-0 centroids and classes of the nuclei `write_synthetic_slide` drew: every
+    lymphocyte nucleus on lymph tissue ("Immune cells" or "Other") and every tumour nucleus in
+    the tumour ("Tumor"). Which lymphocytes are called immune follows `mode`, a known pattern
+    relative to `around` (level-0 geometry, default the drawn tumour):
+
+    - "uniform": a share IMMUNE_SHARE everywhere, whatever the distance;
+    - "enriched": all those within `band_um` of the tumour, ENRICHED_OUTSIDE beyond;
+    - "excluded": none within `band_um`, IMMUNE_SHARE beyond.
+    """
+    if mode not in CELL_MODES:
+        raise ConfigError(f"unknown cell mode {mode!r}; one of {CELL_MODES}")
+    if truth.seed is None:
+        raise ConfigError(f"{truth.path}: synthetic cells need a slide of write_synthetic_slide "
+                          "(its texture seed)")
+    width, height = truth.dimensions
+    renderer = TextureRenderer(truth.seed, height, width)
+    ds = truth.mask_downsample
+    mask = truth.tissue_mask
+    region = truth.region
+    lymph = _nucleus_centres(renderer.lymph, renderer.LYMPH_SPACING, width, height)
+    on_tissue = mask[np.minimum((lymph[:, 1] // ds).astype(int), mask.shape[0] - 1),
+                     np.minimum((lymph[:, 0] // ds).astype(int), mask.shape[1] - 1)]
+    if not region.is_empty:
+        on_tissue &= ~shapely.contains_xy(region, lymph[:, 0], lymph[:, 1])
+    lymph = lymph[on_tissue]
+    tumor = _nucleus_centres(renderer.tumor, renderer.TUMOR_SPACING, width, height)
+    tumor = tumor[shapely.contains_xy(region, tumor[:, 0], tumor[:, 1])] if not region.is_empty \
+        else tumor[:0]
+    around = region if around is None else around
+    if around is None or around.is_empty:
+        band = np.zeros(len(lymph), bool)
+    else:
+        points = shapely.points(lymph)
+        band = (shapely.distance(around, points) <= band_um / truth.mpp) & ~shapely.contains(around, points)
+    share = {"uniform": np.full(len(lymph), IMMUNE_SHARE),
+             "enriched": np.where(band, 1.0, ENRICHED_OUTSIDE),
+             "excluded": np.where(band, 0.0, IMMUNE_SHARE)}[mode]
+    immune = np.random.default_rng([seed, 13]).random(len(lymph)) < share
+    classes = [IMMUNE_CLASS if i else OTHER_CLASS for i in immune.tolist()] + [TUMOR_CELL_CLASS] * len(tumor)
+    return np.concatenate([lymph, tumor]), classes
+
+
+def write_synthetic_cells(path, truth: SyntheticTruth, mode: str = "uniform", band_um: float = 50.0,
+                          around=None, seed: int = 0) -> Path:
+    """`synthetic_cells` as a cells CSV (`x,y,class`, level-0 px: wsi.cells)."""
+    from wsi.cells import write_cells_csv
+
+    xy, classes = synthetic_cells(truth, mode, band_um, around, seed)
+    return write_cells_csv(path, xy, classes)
+
+
+# ---------------------------------------------------------------------------------------------
 # Dataset and command
 
 
@@ -670,11 +741,19 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hard", action="store_true",
                         help="per-slide stain variation (pale included), pen/marker/blur across "
                              "tissue, micro-metastases only on every other tumour slide")
+    parser.add_argument("--cells", choices=CELL_MODES, default=None,
+                        help="also write OUT/cells/<slide>.csv: the drawn nuclei (x,y,class), "
+                             "immune cells placed uniform, enriched in a 50 um band around "
+                             "tumour, or excluded from it (for milroi-serve spatiopath)")
 
 
 def run(args) -> int:
     if args.tumor < 0 or args.normal < 0 or args.tumor + args.normal == 0:
         raise ConfigError("synth: --tumor and --normal must be >= 0, and at least one slide")
     truths = make_dataset(args.out, args.tumor, args.normal, args.size, args.seed, hard=args.hard)
+    if args.cells:
+        for name, truth in truths.items():
+            write_synthetic_cells(Path(args.out) / "cells" / f"{name}.csv", truth, args.cells,
+                                  seed=truth.seed or 0)
     print(f"wrote {len(truths)} {'hard ' if args.hard else ''}slides and reference.csv to {args.out}")
     return 0
