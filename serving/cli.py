@@ -8,6 +8,7 @@ COMMANDS = {
     "score": ("serving.batch", "score every slide of a folder (in process or through a server)"),
     "client": ("serving.client", "score one slide through a running server"),
     "spatiopath": ("serving.spatiopath", "analyse scored slides' tumour ROIs and cells with Spatiopath"),
+    "view": ("serving.viewer.app", "slide viewer in the browser: heatmap, ROIs, live scoring"),
 }
 
 

@@ -141,6 +141,11 @@ class Slide:
     def close(self) -> None:
         self._osr.close()
 
+    @property
+    def openslide(self) -> openslide.OpenSlide:
+        """The OpenSlide handle underneath, for OpenSlide's own helpers (DeepZoomGenerator)."""
+        return self._osr
+
     def __repr__(self) -> str:
         return (f"Slide({str(self.path)!r}, dimensions={self.dimensions}, levels={self.level_count}, "
                 f"mpp={self.mpp:.3f} ({self.mpp_source}), vendor={self.vendor!r}, "

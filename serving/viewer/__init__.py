@@ -1,0 +1,8 @@
+"""`milroi-serve view`: a slide viewer in the browser for scored slides (heatmap, ROIs, live scores).
+
+app.py      the Starlette app and the command
+results.py  SCORES_DIR read for the pages: summary rows, patch tables, heatmap images, files
+tiles.py    deep-zoom tiles from OpenSlide's DeepZoomGenerator, with a bounded cache
+live.py     live scoring: ScoreSlide over gRPC, forwarded to the page as server-sent events
+static/     the pages, their script and style, and OpenSeadragon (vendored from npm)
+"""

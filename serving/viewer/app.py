@@ -1,0 +1,231 @@
+"""`milroi-serve view SCORES_DIR --slides SLIDES_DIR`: the results of `milroi-serve score` in a browser.
+
+    milroi-serve view demo_out/scores --slides demo_out/heldout [--server 127.0.0.1:50077]
+                      [--host 127.0.0.1] [--port 8080]
+
+A Starlette app on uvicorn, bound to 127.0.0.1 unless told otherwise. Pages: the slide list
+(summary.csv) and one page per slide (OpenSeadragon deep zoom, heatmap, ROIs, hover scores,
+downloads, live scoring through --server). Everything the pages need is in this package
+(static/, OpenSeadragon vendored from npm by scripts/vendor_openseadragon.sh): no CDN, it works
+offline. Slide keys in URLs pass `serving.security.SlideRoots`, as gRPC slide paths do:
+`..`, absolute paths and symlinks leading out are 403, an unknown slide is 404.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import html
+import logging
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from core.errors import ConfigError, MilroiError, PathDenied, SlideError, SlideNotFound
+from serving.viewer.results import OUTPUT_SUFFIXES, ScoresDir, heatmap_rgba, legend_stops, png_bytes
+from serving.viewer.tiles import TileSource
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).resolve().parent / "static"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+DOWNLOAD_TYPES = {"csv": "text/csv", "geojson": "application/geo+json",
+                  "spatiopath": "application/json", "heatmap": "image/png"}
+
+
+def _status(exc: MilroiError) -> int:
+    if isinstance(exc, PathDenied):
+        return 403
+    if isinstance(exc, SlideNotFound):
+        return 404
+    return 400
+
+
+async def _milroi_error(request: Request, exc: MilroiError) -> Response:
+    """PathDenied -> 403, SlideNotFound -> 404, other milroi errors -> 400; JSON for the API,
+    a small page for a browser."""
+    status = _status(exc)
+    if request.url.path.startswith("/api/"):
+        return JSONResponse({"error": str(exc), "type": type(exc).__name__}, status)
+    title = {403: "Forbidden", 404: "Not found"}.get(status, "Bad request")
+    return HTMLResponse(f"<!doctype html><title>{status} {title}</title>"
+                        f"<link rel=stylesheet href=/static/viewer.css><main class=errorpage>"
+                        f"<h1>{status} {title}</h1><p class=error>{html.escape(str(exc))}</p>"
+                        f"<p><a href='/'>slide list</a></main>", status)
+
+
+def create_app(scores_dir: Path, slide_dirs: list[Path], server: str | None = None,
+               cache_bytes: int | None = None, chunk_size: int = 0) -> Starlette:
+    scores = ScoresDir(scores_dir, slide_dirs)
+    tiles = TileSource(**({} if cache_bytes is None else {"cache_bytes": cache_bytes}))
+    live = None
+    if server:
+        from serving.viewer.live import LiveScoring
+
+        live = LiveScoring(server, chunk_size=chunk_size)
+
+    async def index(request: Request) -> Response:
+        return FileResponse(STATIC / "index.html")
+
+    async def slide_page(request: Request) -> Response:
+        await run_in_threadpool(scores.row, request.path_params["key"])   # 403 / 404 first
+        return FileResponse(STATIC / "slide.html")
+
+    async def summary(request: Request) -> Response:
+        rows = await run_in_threadpool(scores.summary)
+        return JSONResponse({"rows": rows, "live": live is not None, "scores_dir": str(scores.path)})
+
+    def slide_info(key: str) -> dict:
+        row = scores.row(key)
+        info = {"key": key, "row": row, "live": live is not None, "legend": legend_stops(),
+                "downloads": {}, "slide_error": "", "deepzoom": None, "rois": [],
+                "tile_size": None, "mpp": None}
+        for kind in DOWNLOAD_TYPES:
+            try:
+                scores.output(key, kind)
+                info["downloads"][kind] = f"/download/{kind}/{key}"
+            except SlideNotFound:
+                pass
+        try:
+            path = scores.slide_file(key)
+            dz = tiles.info(path)
+            info["deepzoom"] = {"width": dz.width, "height": dz.height, "tile_size": dz.tile_size,
+                                "overlap": dz.overlap, "levels": dz.levels}
+            info["mpp"] = dz.mpp
+            info["slide_error"] = tiles.probe(path)
+        except SlideError as exc:
+            info["slide_error"] = str(exc)
+        except SlideNotFound as exc:
+            info["slide_error"] = str(exc)
+        if "spatiopath" in info["downloads"]:
+            import json
+
+            document = json.loads(scores.output(key, "spatiopath").read_text())
+            info["rois"] = document.get("polygons", [])
+            info["tile_size"] = document.get("tile_size")
+            info["mpp"] = info["mpp"] or document.get("pixel_size_um", {}).get("mpp")
+            if info["deepzoom"] is None and document.get("dimensions"):
+                w, h = document["dimensions"]
+                info["deepzoom"] = {"width": w, "height": h, "tile_size": 254, "overlap": 1,
+                                    "levels": 0}
+        return info
+
+    async def slide_api(request: Request) -> Response:
+        return JSONResponse(await run_in_threadpool(slide_info, request.path_params["key"]))
+
+    def patch_scores(key: str) -> dict:
+        table = scores.patch_table(key)
+        return {"tile_size": table.tile_size, "x": table.x.tolist(), "y": table.y.tolist(),
+                "score": table.score.tolist(), "artefact": table.artefact}
+
+    async def scores_api(request: Request) -> Response:
+        return JSONResponse(await run_in_threadpool(patch_scores, request.path_params["key"]))
+
+    def heatmap_png(key: str, threshold: float) -> bytes:
+        table = scores.patch_table(key)
+        path = scores.slide_file(key)
+        try:
+            dims = tiles.info(path)
+            dimensions = (dims.width, dims.height)
+        except SlideError:   # the slide is unreadable now: the grid spans the scored tiles
+            dimensions = (int(table.x.max(initial=0)) + table.tile_size,
+                          int(table.y.max(initial=0)) + table.tile_size)
+        return png_bytes(heatmap_rgba(table, dimensions, threshold))
+
+    async def heatmap_api(request: Request) -> Response:
+        try:
+            threshold = float(request.query_params.get("threshold", 0))
+        except ValueError:
+            raise ConfigError("threshold must be a number in [0, 1]") from None
+        data = await run_in_threadpool(heatmap_png, request.path_params["key"], threshold)
+        return Response(data, media_type="image/png", headers={"Cache-Control": "no-cache"})
+
+    async def tile_api(request: Request) -> Response:
+        p = request.path_params
+        path = await run_in_threadpool(scores.slide_file, p["key"])
+        tile = await run_in_threadpool(tiles.tile, path, p["level"], p["col"], p["row"])
+        headers = {"Cache-Control": "max-age=3600"}
+        if tile.error:
+            headers = {"Cache-Control": "no-store", "X-Milroi-Error": tile.error[:500]}
+        return Response(tile.data, media_type=tile.media_type, headers=headers)
+
+    async def download(request: Request) -> Response:
+        kind = request.path_params["kind"]
+        if kind not in OUTPUT_SUFFIXES:
+            raise SlideNotFound(f"no output kind {kind!r} (one of {', '.join(OUTPUT_SUFFIXES)})")
+        path = await run_in_threadpool(scores.output, request.path_params["key"], kind)
+        return FileResponse(path, media_type=DOWNLOAD_TYPES[kind], filename=path.name)
+
+    async def live_api(request: Request) -> Response:
+        if live is None:
+            return JSONResponse({"error": "start the viewer with --server HOST:PORT to score live"},
+                                409)
+        relative = await run_in_threadpool(scores.slide_request_path, request.path_params["key"])
+        return StreamingResponse(live.stream(relative), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def live_cancel(request: Request) -> Response:
+        found = live is not None and live.cancel(request.path_params["job"])
+        return JSONResponse({"cancelled": found}, 200 if found else 404)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        if live is not None:   # cancel the live calls still running, close the channel
+            live.close()
+
+    routes = [
+        Route("/", index),
+        Route("/slide/{key:path}", slide_page),
+        Route("/api/summary", summary),
+        Route("/api/slide/{key:path}", slide_api),
+        Route("/api/scores/{key:path}", scores_api),
+        Route("/api/heatmap/{key:path}", heatmap_api),
+        Route("/api/tile/{level:int}/{col:int}/{row:int}/{key:path}", tile_api),
+        Route("/api/live/{key:path}", live_api),
+        Route("/api/live-cancel/{job}", live_cancel, methods=["POST"]),
+        Route("/download/{kind}/{key:path}", download),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
+    ]
+    app = Starlette(routes=routes, exception_handlers={MilroiError: _milroi_error},
+                    lifespan=lifespan)
+    app.state.scores, app.state.tiles, app.state.live = scores, tiles, live
+    return app
+
+
+# ---------------------------------------------------------------------------------------------
+# `milroi-serve view`
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("scores_dir", type=Path, metavar="SCORES_DIR",
+                        help="the --out folder of `milroi-serve score` (holds summary.csv)")
+    parser.add_argument("--slides", type=Path, action="append", required=True, metavar="SLIDES_DIR",
+                        help="folder the slides were scored from (repeat for several)")
+    parser.add_argument("--server", metavar="HOST:PORT",
+                        help="a running `milroi-serve serve` for live scoring (its slide root must "
+                             "be the --slides folder)")
+    parser.add_argument("--host", default=DEFAULT_HOST,
+                        help=f"address to bind (default {DEFAULT_HOST}: this machine only)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+                        help=f"port (default {DEFAULT_PORT})")
+    parser.add_argument("--chunk-size", type=int, default=0,
+                        help="patches per live message (default: the server's)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    for folder in args.slides:
+        if not folder.is_dir():
+            raise ConfigError(f"--slides {folder} is not a folder")
+    app = create_app(args.scores_dir, args.slides, server=args.server, chunk_size=args.chunk_size)
+    print(f"milroi viewer: http://{args.host}:{args.port}/  ({args.scores_dir})", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
+                timeout_graceful_shutdown=2)
+    return 0

@@ -1,0 +1,127 @@
+"""Fixtures of the viewer tests, shared by the whole folder (built once per session):
+
+- `slides`: a slide folder (wsi.synth tumour slide, the corrupt tests/data/broken.svs, a symlink
+  leading out of the folder);
+- `scored`: the folder scored by `milroi-serve score` with the seeded test bundle;
+- `grpc_server`: `milroi-serve serve` on that folder with the same bundle (and its Prometheus
+  port), for live scoring;
+- `viewer`: `milroi-serve view` on the scores; `live_viewer`: the same with `--server`;
+- `browser`: Debian's chromium (installed by scripts/install_chromium.sh when absent), headless,
+  driven by Playwright's Python package with executable_path (no `playwright install`), in a
+  fresh user-data-dir; `page` is a new tab per test.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import viewer_testing as vt
+from server_testing import free_port, wait_serving
+
+ROI_THRESHOLD = 0.5
+
+
+@dataclass(frozen=True)
+class Scored:
+    slides: Path
+    out: Path
+
+
+@dataclass(frozen=True)
+class Running:
+    url: str
+    process: vt.Process
+    metrics_url: str = ""
+
+
+@pytest.fixture(scope="session")
+def slides(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("viewer")
+    return vt.make_slides(base / "slides", base / "outside")
+
+
+@pytest.fixture(scope="session")
+def bundle(tmp_path_factory) -> Path:
+    from bundle_testing import export_test_bundle
+
+    return export_test_bundle(tmp_path_factory.mktemp("bundle") / "chowder", "viewer-test")
+
+
+@pytest.fixture(scope="session")
+def scored(slides, bundle, tmp_path_factory) -> Scored:
+    """SCORES_DIR of `milroi-serve score` over the slide folder (broken.svs fails), plus a
+    symlink in it that leads out of it."""
+    out = tmp_path_factory.mktemp("scores")
+    assert vt.score_folder(slides, bundle, out, ROI_THRESHOLD) == 1
+    outside = tmp_path_factory.mktemp("outside_scores")
+    (outside / "x_patches.csv").write_text("x,y,size,score,artefact\n")
+    (out / "leak").symlink_to(outside, target_is_directory=True)
+    return Scored(slides, out)
+
+
+@pytest.fixture(scope="session")
+def grpc_server(slides, bundle, tmp_path_factory) -> Running:
+    """The server of live scoring; --batch-size 4 so that a small slide streams in several model
+    runs, as a big one does."""
+    port, metrics_port = free_port(), free_port()
+    log = tmp_path_factory.mktemp("grpc") / "server.log"
+    process = vt.Process(["serve", "--model", str(bundle), "--slide-root", str(slides),
+                          "--port", str(port), "--metrics-port", str(metrics_port),
+                          "--provider", "cpu", "--batch-size", "4", "--grace", "1"], log)
+    try:
+        wait_serving(f"127.0.0.1:{port}", process.proc, log)
+        yield Running(f"127.0.0.1:{port}", process, f"http://127.0.0.1:{metrics_port}/metrics")
+    finally:
+        process.stop()
+
+
+def _start_viewer(scored: Scored, tmp_path_factory, *extra: str):
+    port = free_port()
+    log = tmp_path_factory.mktemp("view") / "viewer.log"
+    process = vt.Process(["view", str(scored.out), "--slides", str(scored.slides),
+                          "--port", str(port), *extra], log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        vt.wait_http(f"{url}/api/summary", process)
+        yield Running(url, process)
+    finally:
+        process.stop()
+
+
+@pytest.fixture(scope="session")
+def viewer(scored, tmp_path_factory) -> Running:
+    """`milroi-serve view` without a server (no live scoring)."""
+    yield from _start_viewer(scored, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def live_viewer(scored, grpc_server, tmp_path_factory) -> Running:
+    """`milroi-serve view --server`: live scoring in chunks of 2 patches."""
+    yield from _start_viewer(scored, tmp_path_factory, "--server", grpc_server.url,
+                             "--chunk-size", "2")
+
+
+@pytest.fixture(scope="session")
+def browser(tmp_path_factory):
+    from playwright.sync_api import sync_playwright
+
+    executable = vt.ensure_chromium()
+    profile = tmp_path_factory.mktemp("chromium-profile")   # a fresh --user-data-dir
+    with sync_playwright() as playwright:
+        # launch_persistent_context is Playwright's way of passing --user-data-dir.
+        context = playwright.chromium.launch_persistent_context(
+            str(profile), executable_path=str(executable), headless=True,
+            args=vt.CHROMIUM_FLAGS, viewport={"width": 1280, "height": 800})
+        yield context
+        context.close()
+
+
+@pytest.fixture
+def page(browser):
+    page = browser.new_page()
+    errors = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield page
+    page.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"

@@ -1,0 +1,59 @@
+"""Live scoring in headless Chromium: the page's score button -> the viewer (gRPC client) ->
+a real `milroi-serve serve` -> server-sent events -> tiles painted as they arrive."""
+from __future__ import annotations
+
+import time
+
+import pytest
+from viewer_testing import metric, open_slide_page, read_csv_rows
+
+LIVE_LOG = "window.milroi.liveLog"
+pytestmark = pytest.mark.slow   # a gRPC server of its own
+
+
+def test_live_score_paints_tiles_before_the_summary(page, live_viewer, scored, tmp_path):
+    open_slide_page(page, live_viewer)
+    assert page.locator("#live").is_visible()
+    page.click("#score")
+    page.wait_for_function(f"{LIVE_LOG}.some(e => e.kind === 'tiles' && e.nonblank > 0)",
+                           timeout=60_000)
+    page.screenshot(path=str(tmp_path / "live_first_tiles.png"))
+    page.wait_for_function(f"{LIVE_LOG}.some(e => e.kind !== 'header' && e.kind !== 'tiles')",
+                           timeout=120_000)
+    page.screenshot(path=str(tmp_path / "live_done.png"))
+    log = page.evaluate(LIVE_LOG)
+    kinds = [e["kind"] for e in log]
+    assert kinds[0] == "header" and kinds[-1] == "summary", kinds
+    tiles = [e for e in log if e["kind"] == "tiles"]
+    # Several chunks (--chunk-size 2), each painted before the summary arrived.
+    assert len(tiles) >= 3 and tiles[0]["nonblank"] > 0
+    assert tiles[0]["t"] < log[-1]["t"]
+    assert [e["painted"] for e in tiles] == sorted(e["painted"] for e in tiles)
+    # The same tiles and ROIs as the batch job scored (same bundle, same slide).
+    csv_rows = read_csv_rows(scored)
+    assert tiles[-1]["painted"] == len(csv_rows)
+    expected_rois = len(page.evaluate("window.milroi.state.info.rois"))
+    assert page.locator("#rois li").count() == expected_rois
+    assert "done" in page.locator("#live-status").inner_text()
+    print(f"live: first painted tile {tiles[0]['t']:.0f} ms after the click, "
+          f"summary at {log[-1]['t']:.0f} ms")
+
+
+def test_cancel_stops_the_stream_on_the_server(page, live_viewer, grpc_server, tmp_path):
+    cancelled_before = metric(grpc_server.metrics_url, "milroi_requests_total",
+                              method="ScoreSlide", code="CANCELLED")
+    open_slide_page(page, live_viewer)
+    page.click("#score")
+    page.wait_for_function(f"{LIVE_LOG}.some(e => e.kind === 'tiles')", timeout=60_000)
+    page.click("#cancel")
+    page.wait_for_function(f"{LIVE_LOG}.some(e => e.kind === 'cancelled')")
+    page.screenshot(path=str(tmp_path / "live_cancelled.png"))
+    assert "cancelled" in page.locator("#live-status").inner_text()
+    # The server counts the call as CANCELLED (its work on the slide stopped), not OK.
+    deadline = time.monotonic() + 20
+    while metric(grpc_server.metrics_url, "milroi_requests_total", method="ScoreSlide",
+                 code="CANCELLED") <= cancelled_before:
+        assert time.monotonic() < deadline, "the server never saw the cancel"
+        time.sleep(0.2)
+    log = page.evaluate(LIVE_LOG)
+    assert not any(e["kind"] == "summary" for e in log)
