@@ -67,3 +67,18 @@ column -s, -t < "$OUT/hard_scores/summary.csv" || cat "$OUT/hard_scores/summary.
 printf '\nThe model above was trained on the plain slides only: the hard round says how far it\n'
 printf 'carries. Tiles under ink, on glass or out of focus are flagged (artefact_tiles; the\n'
 printf '"artefact" column of each patch CSV) and left out of the slide score and the ROIs.\n'
+
+# The results in a browser (milroi-serve view): the command is printed; DEMO_VIEW=1 runs it, with
+# live scoring through the server above (Ctrl-C stops the viewer and the server).
+VIEW_PORT=${DEMO_VIEW_PORT:-8080}
+ABS_OUT=$(cd "$OUT" && pwd)
+VIEW_CMD="milroi-serve view $ABS_OUT/scores --slides $ABS_OUT/heldout --port $VIEW_PORT"
+step "view the results in a browser"
+printf '  %s\n' "$VIEW_CMD" \
+    "milroi-serve view $ABS_OUT/hard_scores --slides $ABS_OUT/hard --port $VIEW_PORT   # the hard round"
+printf 'add --server HOST:PORT of a running `milroi-serve serve` (slide root %s/heldout) for live\n' "$ABS_OUT"
+printf 'scoring, or run `DEMO_VIEW=1 make demo` to start the viewer with the demo server.\n'
+if [ "${DEMO_VIEW:-0}" = 1 ]; then
+    printf '\nopen http://127.0.0.1:%s/ (Ctrl-C to stop)\n' "$VIEW_PORT"
+    $VIEW_CMD --server "127.0.0.1:$PORT"
+fi

@@ -178,7 +178,7 @@ function startLive() {
     canvas.width = state.cols;
     canvas.height = state.rows;
     canvas.style.opacity = opacity();
-    context = canvas.getContext("2d");
+    context = canvas.getContext("2d", {willReadFrequently: true});
     state.live = canvas;
     state.viewer.addOverlay({element: canvas, location: gridRect()});
     if (state.heatmap) state.heatmap.style.visibility = "hidden";
