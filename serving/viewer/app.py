@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import html
+import json
 import logging
 from pathlib import Path
 
@@ -103,8 +104,6 @@ def create_app(scores_dir: Path, slide_dirs: list[Path], server: str | None = No
         except SlideNotFound as exc:
             info["slide_error"] = str(exc)
         if "spatiopath" in info["downloads"]:
-            import json
-
             document = json.loads(scores.output(key, "spatiopath").read_text())
             info["rois"] = document.get("polygons", [])
             info["tile_size"] = document.get("tile_size")
