@@ -117,13 +117,10 @@ def create_app(scores_dir: Path, slide_dirs: list[Path], server: str | None = No
     async def slide_api(request: Request) -> Response:
         return JSONResponse(await run_in_threadpool(slide_info, request.path_params["key"]))
 
-    def patch_scores(key: str) -> dict:
-        table = scores.patch_table(key)
-        return {"tile_size": table.tile_size, "x": table.x.tolist(), "y": table.y.tolist(),
-                "score": table.score.tolist(), "artefact": table.artefact}
-
     async def scores_api(request: Request) -> Response:
-        return JSONResponse(await run_in_threadpool(patch_scores, request.path_params["key"]))
+        table = await run_in_threadpool(scores.patch_table, request.path_params["key"])
+        body = await run_in_threadpool(lambda: table.json)   # encoded once per table
+        return Response(body, media_type="application/json")
 
     def heatmap_png(key: str, threshold: float) -> bytes:
         table = scores.patch_table(key)

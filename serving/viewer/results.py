@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import threading
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -34,27 +37,39 @@ class PatchTable:
     x: np.ndarray          # int64 [n]
     y: np.ndarray          # int64 [n]
     score: np.ndarray      # float64 [n], as written (6 decimals)
-    artefact: list[str]    # "" for a clean tile
+    artefact: np.ndarray   # str [n], "" for a clean tile
     tile_size: int
 
     def __len__(self) -> int:
         return len(self.score)
 
+    @cached_property
+    def json(self) -> bytes:
+        """The table as JSON arrays, for the page's hover (the CSV's values: 6-decimal scores
+        print back as written)."""
+        return json.dumps({"tile_size": self.tile_size, "x": self.x.tolist(), "y": self.y.tolist(),
+                           "score": self.score.tolist(), "artefact": self.artefact.tolist()},
+                          separators=(",", ":")).encode()
+
 
 def read_patch_csv(path: Path) -> PatchTable:
-    """The patch CSV (`x,y,size,score,artefact`); the csv module reads 10^5 rows in ~0.1 s."""
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    header, body = rows[0], rows[1:]
+    """The patch CSV (`x,y,size,score,artefact`), with numpy's C reader (10^5 rows in ~0.2 s)."""
+    with open(path) as f:
+        header = f.readline().strip().split(",")
     if header[:4] != ["x", "y", "size", "score"]:
         raise ConfigError(f"{path}: not a milroi patch CSV (header {header})")
-    n = len(body)
-    x, y, score = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.float64)
-    artefact, size = [], 0
-    for i, row in enumerate(body):
-        x[i], y[i], size, score[i] = int(row[0]), int(row[1]), int(row[2]), float(row[3])
-        artefact.append(row[4] if len(row) > 4 else "")
-    return PatchTable(x, y, score, artefact, int(size))
+    with warnings.catch_warnings():   # a slide without a tissue tile has an empty table
+        warnings.simplefilter("ignore", UserWarning)
+        numbers = np.loadtxt(path, delimiter=",", skiprows=1, usecols=(0, 1, 2, 3), ndmin=2)
+    if numbers.size == 0:
+        numbers = np.zeros((0, 4))
+    if len(header) > 4 and len(numbers):
+        artefact = np.loadtxt(path, delimiter=",", skiprows=1, usecols=(4,), dtype=str, ndmin=1)
+    else:
+        artefact = np.full(len(numbers), "", dtype=str)
+    size = int(numbers[0, 2]) if len(numbers) else 0
+    return PatchTable(numbers[:, 0].astype(np.int64), numbers[:, 1].astype(np.int64),
+                      numbers[:, 3], artefact, size)
 
 
 def heatmap_rgba(table: PatchTable, dimensions: tuple[int, int], threshold: float,
@@ -64,12 +79,13 @@ def heatmap_rgba(table: PatchTable, dimensions: tuple[int, int], threshold: floa
     (background, tiles below the threshold, artefact tiles, as in wsi.outputs' heatmap)."""
     from matplotlib import colormaps
 
-    size = max(table.tile_size, 1)
+    if not len(table):   # no tile (no tissue): nothing to place
+        return np.zeros((1, 1, 4), np.uint8)
+    size = table.tile_size
     width, height = dimensions
     rows, cols = -(-int(height) // size), -(-int(width) // size)
     out = np.zeros((rows, cols, 4), np.uint8)
-    clean = np.array([a == "" for a in table.artefact], bool) if len(table) else np.zeros(0, bool)
-    keep = clean & (table.score >= threshold)
+    keep = (table.artefact == "") & (table.score >= threshold)
     r, c = table.y[keep] // size, table.x[keep] // size
     inside = (r >= 0) & (r < rows) & (c >= 0) & (c < cols)
     out[r[inside], c[inside]] = colormaps[cmap](np.clip(table.score[keep][inside], 0, 1), bytes=True)
@@ -106,6 +122,7 @@ class ScoresDir:
         self._tables: OrderedDict[Path, tuple[float, PatchTable]] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
+        self._parse_lock = threading.Lock()
 
     # -- the slide list
 
@@ -148,16 +165,19 @@ class ScoresDir:
         """The slide's patch CSV, parsed once per file version (a small LRU of tables)."""
         path = self.output(key, "csv")
         mtime = path.stat().st_mtime
-        with self._lock:
-            cached = self._tables.get(path)
-            if cached is not None and cached[0] == mtime:
-                self._tables.move_to_end(path)
-                return cached[1]
-        table = read_patch_csv(path)
-        with self._lock:
-            self._tables[path] = (mtime, table)
-            while len(self._tables) > self._cache_size:
-                self._tables.popitem(last=False)
+        # One parse at a time: the page asks for the heatmap and the hover table at once, and
+        # the second request waits for the first one's table instead of parsing it again.
+        with self._parse_lock:
+            with self._lock:
+                cached = self._tables.get(path)
+                if cached is not None and cached[0] == mtime:
+                    self._tables.move_to_end(path)
+                    return cached[1]
+            table = read_patch_csv(path)
+            with self._lock:
+                self._tables[path] = (mtime, table)
+                while len(self._tables) > self._cache_size:
+                    self._tables.popitem(last=False)
         return table
 
     def slide_file(self, key: str) -> Path:

@@ -24,7 +24,7 @@ def test_slide_list_sorts_filters_and_shows_errors(page, viewer, scored, tmp_pat
     page.wait_for_selector("body[data-ready='1']")
     page.screenshot(path=str(tmp_path / "list.png"))
     slides = page.eval_on_selector_all("#slides tbody tr", "rows => rows.map(r => r.dataset.slide)")
-    assert slides == ["broken", "escape", SLIDE]
+    assert slides == ["blank", "broken", "escape", SLIDE]
     failed = page.locator("tr.failed")
     assert failed.count() == 1 and "broken.svs" in failed.locator("td.error").inner_text()
     # Sorted by score, highest first (a second click), and filtered by status and label.
@@ -174,6 +174,14 @@ def test_corrupt_slide_gives_an_error_tile_and_a_message(page, viewer, tmp_path)
 def test_path_escapes_are_403(viewer, path):
     status, body, _ = http_get(viewer.url + path)
     assert status == 403, (path, status, body[:300])
+
+
+def test_slide_without_tissue_opens(page, viewer, tmp_path):
+    page.goto(f"{viewer.url}/slide/blank")
+    page.wait_for_selector("body[data-ready='1']")
+    page.screenshot(path=str(tmp_path / "blank.png"))
+    assert "no_tissue" in page.locator("#verdict").inner_text()
+    assert page.locator("#rois li").count() == 0 and not page.locator("#message").is_visible()
 
 
 def test_unknown_slide_is_a_404_page(page, viewer):

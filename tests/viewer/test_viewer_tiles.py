@@ -71,7 +71,8 @@ def test_unreadable_slide_and_bad_tile_give_error_tiles(tmp_path, slide_path):
 
 def test_heatmap_has_one_pixel_per_tile_and_hides_artefacts_and_low_scores():
     table = PatchTable(x=np.array([0, 224, 448]), y=np.array([0, 0, 224]),
-                       score=np.array([0.9, 0.2, 0.7]), artefact=["", "", "ink"], tile_size=224)
+                       score=np.array([0.9, 0.2, 0.7]), artefact=np.array(["", "", "ink"]),
+                       tile_size=224)
     rgba = heatmap_rgba(table, (700, 500), threshold=0.5)
     assert rgba.shape == (3, 4, 4)    # ceil(500 / 224) rows, ceil(700 / 224) cols
     assert rgba[0, 0, 3] == 255       # 0.9: shown

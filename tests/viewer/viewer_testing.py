@@ -34,13 +34,16 @@ def ensure_chromium() -> Path:
 
 
 def make_slides(root: Path, outside: Path) -> Path:
-    """The slide folder: a synthetic tumour slide, a corrupt slide (tests/data/broken.svs) and
-    a symlink to a slide outside the folder."""
+    """The slide folder: a synthetic tumour slide, a slide without tissue, a corrupt slide
+    (tests/data/broken.svs) and a symlink to a slide outside the folder."""
+    from slide_testing import write_blank_slide
+
     from wsi.synth import write_synthetic_slide
 
     root.mkdir(parents=True, exist_ok=True)
     write_synthetic_slide(root / f"{SLIDE}.tif", *SLIDE_SIZE, seed=2, tumor=True)
     shutil.copy(DATA / "broken.svs", root / "broken.svs")
+    write_blank_slide(root / "blank.tif")   # no tissue tile: status ok, label no_tissue
     outside.mkdir(parents=True, exist_ok=True)
     write_synthetic_slide(outside / "secret.tif", 512, 512, seed=4, tumor=False)
     os.symlink(outside / "secret.tif", root / "escape.tif")

@@ -284,12 +284,15 @@ async function main() {
   });
   viewer.addHandler("open", async () => {
     if (info.downloads.csv) {
-      const table = await (await fetch(`/api/scores/${keyPath}`)).json();
-      state.tileSize = table.tile_size || info.tile_size;
-      state.cols = Math.ceil(dz.width / state.tileSize);
-      state.rows = Math.ceil(dz.height / state.tileSize);
-      indexTable(table);
-      addHeatmap();
+      // The heatmap image and the hover table load side by side.
+      const tableLoad = fetch(`/api/scores/${keyPath}`).then(r => r.json());
+      state.tileSize = info.tile_size || (await tableLoad).tile_size;
+      if (state.tileSize > 0) {   // 0: a slide without a tissue tile
+        state.cols = Math.ceil(dz.width / state.tileSize);
+        state.rows = Math.ceil(dz.height / state.tileSize);
+        addHeatmap();
+        indexTable(await tableLoad);
+      }
     }
     drawRois(spatiopathRois(info.rois));
     new OpenSeadragon.MouseTracker({
