@@ -17,8 +17,10 @@ import contextlib
 import html
 import json
 import logging
+import os
 from pathlib import Path
 
+import anyio
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -27,6 +29,8 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from core.errors import ConfigError, MilroiError, PathDenied, SlideError, SlideNotFound
+from serving.client import ScoringClient, add_connection_arguments, client_from_args
+from serving.viewer.live import LiveScoring
 from serving.viewer.results import OUTPUT_SUFFIXES, ScoresDir, heatmap_rgba, legend_stops, png_bytes
 from serving.viewer.tiles import TileSource
 
@@ -60,15 +64,16 @@ async def _milroi_error(request: Request, exc: MilroiError) -> Response:
                         f"<p><a href='/'>slide list</a></main>", status)
 
 
-def create_app(scores_dir: Path, slide_dirs: list[Path], server: str | None = None,
+def create_app(scores_dir: Path, slide_dirs: list[Path], client: ScoringClient | None = None,
                cache_bytes: int | None = None, chunk_size: int = 0) -> Starlette:
+    """The app over SCORES_DIR and its slide folders; with `client` (a milroi server), live
+    scoring."""
     scores = ScoresDir(scores_dir, slide_dirs)
     tiles = TileSource(**({} if cache_bytes is None else {"cache_bytes": cache_bytes}))
-    live = None
-    if server:
-        from serving.viewer.live import LiveScoring
-
-        live = LiveScoring(server, chunk_size=chunk_size)
+    # Tile rendering gets as many threads as there are cores: more would only queue on the GIL
+    # and slow the page's other requests (measured: benchmarks/bench_viewer.py).
+    render_slots = anyio.CapacityLimiter(max(2, min(8, os.cpu_count() or 2)))
+    live = LiveScoring(client, chunk_size=chunk_size) if client is not None else None
 
     async def index(request: Request) -> Response:
         return FileResponse(STATIC / "index.html")
@@ -144,7 +149,8 @@ def create_app(scores_dir: Path, slide_dirs: list[Path], server: str | None = No
     async def tile_api(request: Request) -> Response:
         p = request.path_params
         path = await run_in_threadpool(scores.slide_file, p["key"])
-        tile = await run_in_threadpool(tiles.tile, path, p["level"], p["col"], p["row"])
+        tile = await anyio.to_thread.run_sync(tiles.tile, path, p["level"], p["col"], p["row"],
+                                              limiter=render_slots)
         headers = {"Cache-Control": "max-age=3600"}
         if tile.error:
             headers = {"Cache-Control": "no-store", "X-Milroi-Error": tile.error[:500]}
@@ -203,9 +209,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="the --out folder of `milroi-serve score` (holds summary.csv)")
     parser.add_argument("--slides", type=Path, action="append", required=True, metavar="SLIDES_DIR",
                         help="folder the slides were scored from (repeat for several)")
-    parser.add_argument("--server", metavar="HOST:PORT",
-                        help="a running `milroi-serve serve` for live scoring (its slide root must "
-                             "be the --slides folder)")
+    # --server (optional: live scoring; its --slide-root must be the --slides folder),
+    # --token-file, --tls-ca, --timeout, --retries: as `milroi-serve client`
+    add_connection_arguments(parser, required=False)
     parser.add_argument("--host", default=DEFAULT_HOST,
                         help=f"address to bind (default {DEFAULT_HOST}: this machine only)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT,
@@ -220,7 +226,11 @@ def run(args: argparse.Namespace) -> int:
     for folder in args.slides:
         if not folder.is_dir():
             raise ConfigError(f"--slides {folder} is not a folder")
-    app = create_app(args.scores_dir, args.slides, server=args.server, chunk_size=args.chunk_size)
+    client = client_from_args(args) if args.server else None
+    app = create_app(args.scores_dir, args.slides, client=client, chunk_size=args.chunk_size)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("the viewer has no authentication: anyone who reaches %s:%d sees the slides",
+                    args.host, args.port)
     print(f"milroi viewer: http://{args.host}:{args.port}/  ({args.scores_dir})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
                 timeout_graceful_shutdown=2)

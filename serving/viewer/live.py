@@ -111,10 +111,9 @@ class LiveJob:
 class LiveScoring:
     """The gRPC client of the viewer and its running jobs (by id, for the cancel button)."""
 
-    def __init__(self, target: str, chunk_size: int = 0, timeout: float | None = None):
-        self.target = target
+    def __init__(self, client: ScoringClient, chunk_size: int = 0):
+        self.client = client
         self.chunk_size = chunk_size
-        self.client = ScoringClient(target, timeout=timeout, retries=2)
         self.jobs: dict[str, LiveJob] = {}
 
     def close(self) -> None:

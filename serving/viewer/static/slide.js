@@ -255,12 +255,13 @@ async function main() {
     : `scoring ${row.status}`;
   const problems = [row.error, info.slide_error].filter(Boolean);
   showMessage(problems.join(" / "));
-  for (const [kind, href] of Object.entries(info.downloads)) {
-    if (kind === "heatmap") continue;
-    const li = document.createElement("li");
-    const label = {csv: "patch scores (CSV)", geojson: "QuPath (GeoJSON)",
-                   spatiopath: "Spatiopath JSON"}[kind];
-    li.innerHTML = `<a href="${href}" download>${label}</a>`;
+  const labels = {csv: "patch scores (CSV)", geojson: "QuPath (GeoJSON)", spatiopath: "Spatiopath JSON"};
+  for (const kind of Object.keys(labels).filter(k => k in info.downloads)) {
+    const li = document.createElement("li"), a = document.createElement("a");
+    a.href = `/download/${kind}/${keyPath}`;
+    a.download = "";
+    a.textContent = labels[kind];
+    li.append(a);
     $("downloads").append(li);
   }
   $("live").hidden = !info.live;
