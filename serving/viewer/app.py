@@ -43,6 +43,16 @@ DOWNLOAD_TYPES = {"csv": "text/csv", "geojson": "application/geo+json",
                   "spatiopath": "application/json", "heatmap": "image/png"}
 
 
+class _RevalidatedStaticFiles(StaticFiles):
+    """The pages' files, revalidated on each load (ETag -> 304): a new milroi's pages are never
+    mixed with the browser's cached copies of the old ones."""
+
+    def file_response(self, *args, **kwargs) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers["Cache-Control"] = "no-cache"
+        return response
+
+
 def _status(exc: MilroiError) -> int:
     if isinstance(exc, PathDenied):
         return 403
@@ -76,11 +86,11 @@ def create_app(scores_dir: Path, slide_dirs: list[Path], client: ScoringClient |
     live = LiveScoring(client, chunk_size=chunk_size) if client is not None else None
 
     async def index(request: Request) -> Response:
-        return FileResponse(STATIC / "index.html")
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
     async def slide_page(request: Request) -> Response:
         await run_in_threadpool(scores.row, request.path_params["key"])   # 403 / 404 first
-        return FileResponse(STATIC / "slide.html")
+        return FileResponse(STATIC / "slide.html", headers={"Cache-Control": "no-cache"})
 
     async def summary(request: Request) -> Response:
         rows = await run_in_threadpool(scores.summary)
@@ -192,7 +202,7 @@ def create_app(scores_dir: Path, slide_dirs: list[Path], client: ScoringClient |
         Route("/api/live/{key:path}", live_api),
         Route("/api/live-cancel/{job}", live_cancel, methods=["POST"]),
         Route("/download/{kind}/{key:path}", download),
-        Mount("/static", StaticFiles(directory=STATIC), name="static"),
+        Mount("/static", _RevalidatedStaticFiles(directory=STATIC), name="static"),
     ]
     app = Starlette(routes=routes, exception_handlers={MilroiError: _milroi_error},
                     lifespan=lifespan)

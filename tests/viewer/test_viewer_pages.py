@@ -148,9 +148,15 @@ def test_downloads_are_the_slide_outputs(page, viewer, scored):
 def test_corrupt_slide_gives_an_error_tile_and_a_message(page, viewer, tmp_path):
     page.goto(f"{viewer.url}/slide/broken")
     page.wait_for_selector("body[data-ready='1']")
+    page.wait_for_function("window.milroi.state.viewer.world.getItemAt(0).getFullyLoaded()")
     page.screenshot(path=str(tmp_path / "broken.png"))
     message = page.locator("#message")
     assert message.is_visible() and "broken.svs" in message.inner_text()
+    # The view shows the error tile (grey with a red cross), not an empty frame.
+    data_url = page.evaluate("window.milroi.state.viewer.drawer.canvas.toDataURL('image/png')")
+    canvas = np.asarray(Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1]))).convert("RGB"))
+    red = (canvas[..., 0] > 150) & (canvas[..., 1] < 90) & (canvas[..., 2] < 90)
+    assert red.sum() > 100, "no error tile drawn"
     status, body, headers = http_get(f"{viewer.url}/api/tile/0/0/0/broken")
     assert status == 200 and headers["content-type"] == "image/png"
     assert "broken.svs" in headers["x-milroi-error"]

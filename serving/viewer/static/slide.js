@@ -253,8 +253,7 @@ async function main() {
   $("verdict").textContent = row.status === "ok"
     ? `${row.label}${row.score ? ", score " + Number(row.score).toFixed(4) : ""}, ${row.tiles} tiles`
     : `scoring ${row.status}`;
-  const problems = [row.error, info.slide_error].filter(Boolean);
-  showMessage(problems.join(" / "));
+  showMessage([...new Set([row.error, info.slide_error].filter(Boolean))].join(" / "));
   const labels = {csv: "patch scores (CSV)", geojson: "QuPath (GeoJSON)", spatiopath: "Spatiopath JSON"};
   for (const kind of Object.keys(labels).filter(k => k in info.downloads)) {
     const li = document.createElement("li"), a = document.createElement("a");
@@ -266,8 +265,17 @@ async function main() {
   }
   $("live").hidden = !info.live;
   $("score").addEventListener("click", startLive);
-  if (!info.deepzoom) {
-    document.body.dataset.ready = "1";
+  if (!info.deepzoom) {   // the slide cannot be opened: show the server's error tile
+    if (info.slide_error) {
+      state.viewer = OpenSeadragon({
+        element: $("osd"), prefixUrl: "/static/openseadragon/images/", drawer: "canvas",
+        tileSources: {type: "image", url: `/api/tile/0/0/0/${keyPath}`},
+      });
+      state.viewer.addHandler("open", () => { document.body.dataset.ready = "1"; });
+      state.viewer.addHandler("open-failed", () => { document.body.dataset.ready = "1"; });
+    } else {
+      document.body.dataset.ready = "1";
+    }
     return;
   }
   const dz = info.deepzoom;
