@@ -242,6 +242,7 @@ def run(args: argparse.Namespace) -> int:
         log.warning("the viewer has no authentication: anyone who reaches %s:%d sees the slides",
                     args.host, args.port)
     print(f"milroi viewer: http://{args.host}:{args.port}/  ({args.scores_dir})", flush=True)
+    logging.getLogger("serving.viewer").setLevel(logging.INFO)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
                 timeout_graceful_shutdown=2)
     return 0

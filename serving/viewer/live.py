@@ -127,10 +127,14 @@ class LiveScoring:
         self.jobs[job.id] = job
         thread = threading.Thread(target=job.run, name=f"live-{job.id[:8]}", daemon=True)
         thread.start()
+        finished = False
         try:
             async for event in job.events():
                 yield event
+            finished = True
         finally:   # the end of the stream, or the page closed the connection
+            if not finished:
+                log.info("live scoring of %s: the page went away, cancelling", slide_path)
             job.cancel()
             self.jobs.pop(job.id, None)
 

@@ -57,3 +57,22 @@ def test_cancel_stops_the_stream_on_the_server(page, live_viewer, grpc_server, t
         time.sleep(0.2)
     log = page.evaluate(LIVE_LOG)
     assert not any(e["kind"] == "summary" for e in log)
+
+
+def test_closing_the_page_cancels_the_stream_on_the_server(browser, live_viewer, grpc_server):
+    """No cancel button: the tab is closed mid-stream, the viewer sees the connection close
+    and cancels the gRPC call."""
+    def cancelled():
+        return metric(grpc_server.metrics_url, "milroi_requests_total", method="ScoreSlide",
+                      code="CANCELLED")
+
+    before = cancelled()
+    page = browser.new_page()
+    open_slide_page(page, live_viewer)
+    page.click("#score")
+    page.wait_for_function(f"{LIVE_LOG}.some(e => e.kind === 'tiles')", timeout=60_000)
+    page.close()
+    deadline = time.monotonic() + 20
+    while cancelled() <= before:
+        assert time.monotonic() < deadline, "the server kept scoring for a page that left"
+        time.sleep(0.2)
