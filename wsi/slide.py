@@ -143,7 +143,8 @@ class Slide:
 
     @property
     def openslide(self) -> openslide.OpenSlide:
-        """The OpenSlide handle underneath, for OpenSlide's own helpers (DeepZoomGenerator)."""
+        """The handle underneath (OpenSlide, or tiffslide's for an OME-TIFF: the same API), for
+        OpenSlide's own helpers (DeepZoomGenerator)."""
         return self._osr
 
     def __repr__(self) -> str:
