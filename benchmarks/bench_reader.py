@@ -55,6 +55,8 @@ def grid_run(path: Path, n_tiles: int) -> np.ndarray:
     """`n_tiles` consecutive grid patches (grid order) from the middle of the tissue grid."""
     with open_slide(path) as slide:
         _, grid = tiles_for_slide(slide)
+    if not len(grid):
+        raise ValueError(f"{path}: no tissue tile to read")
     start = max(0, len(grid) // 2 - n_tiles // 2)
     return grid.coords[start:start + n_tiles]
 

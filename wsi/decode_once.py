@@ -17,7 +17,9 @@ with tissue across) goes to OpenSlide instead, so memory stays bounded.
 
 What it reads: generic tiled TIFF (Camelyon16) and Aperio SVS, level 0, 8-bit RGB, JPEG tiles
 (YCbCr, or Aperio's RGB-coded JPEG without JFIF marker) or Aperio JPEG 2000 in RGB (33005).
-An absent tile (byte count 0) is white, as OpenSlide draws it. Anything else (other vendors,
+An absent tile (byte count 0) is white, as OpenSlide draws it. Damaged JPEG data fails where
+OpenSlide fails it (it treats libjpeg's warnings as errors; imagecodecs does not, so
+`check_jpeg_stream` looks for what those warnings report). Anything else (other vendors,
 other compressions, Aperio's YCbCr JPEG 2000 (33003), DICOM folders, levels above 0) goes to
 the OpenSlide reader: `make_tile_reader` chooses and logs which reader runs and why.
 Pixels: identical to OpenSlide's on the test slides (both are libjpeg-turbo / OpenJPEG with
@@ -103,9 +105,10 @@ class TiledLevel:
             if len(data) != count:
                 raise ValueError(f"the file ends {count - len(data)} bytes into its data")
             if self.compression == JPEG:
+                check_jpeg_stream(data)
                 tile = imagecodecs.jpeg8_decode(data, tables=self.jpeg_tables,
                                                 colorspace=self.jpeg_colorspace, outcolorspace="RGB")
-            else:
+            else:   # OpenJPEG, as in OpenSlide: a damaged codestream fails (or not) alike
                 tile = imagecodecs.jpeg2k_decode(data)
             if tile.shape != (self.tile_height, self.tile_width, 3) or tile.dtype != np.uint8:
                 raise ValueError(f"decodes to {tile.shape} {tile.dtype}, not "
@@ -114,9 +117,43 @@ class TiledLevel:
                 imagecodecs.Jpeg8Error, imagecodecs.Jpeg2kError) as exc:
             x, y = self.tile_origin(index)
             raise SlideError(self.path, f"level-0 tile {index} ({self.tile_width}x{self.tile_height}"
-                                        f" px at ({x}, {y}), {count} bytes of {self.kind}) is corrupt "
-                                        f"or truncated: {exc}") from exc
+                                        f" px at ({x}, {y}), {count} bytes of {self.kind}): corrupt "
+                                        f"or truncated tile data: {exc}") from exc
         return tile
+
+
+# Bytes that may follow 0xFF inside a scan: stuffing (00), restart markers (D0-D7), fill (FF),
+# and the table / scan markers of a multi-scan stream (C4 DHT, DA SOS, DB DQT, DD DRI).
+_SCAN_FF_OK = np.zeros(256, bool)
+_SCAN_FF_OK[[0x00, 0xFF, 0xC4, 0xDA, 0xDB, 0xDD, *range(0xD0, 0xD8)]] = True
+
+
+def check_jpeg_stream(data: bytes) -> None:
+    """Raise ValueError for a JPEG tile stream that libjpeg would decode only with a warning.
+
+    OpenSlide fails a read on any libjpeg warning ("Premature end of JPEG file", "Corrupt JPEG
+    data: premature end of data segment"); imagecodecs decodes such a stream silently into
+    grey or smeared pixels. These checks find what those warnings report (a stream cut short
+    or zeroed, a marker that does not belong inside the scan) in a few microseconds: no
+    start-of-image, no end-of-image at the end, no scan, or a stray marker in the scan."""
+    if data[:2] != b"\xff\xd8":
+        raise ValueError("not a JPEG stream (no start-of-image marker)")
+    if data[-2:] != b"\xff\xd9":
+        raise ValueError("premature end of JPEG stream (no end-of-image marker)")
+    pos = 2
+    while True:   # header segments up to the first scan
+        if pos + 4 > len(data) or data[pos] != 0xFF:
+            raise ValueError(f"corrupt JPEG header at byte {pos}")
+        marker, length = data[pos + 1], int.from_bytes(data[pos + 2:pos + 4], "big")
+        pos += 2 + length
+        if marker == 0xDA:
+            break
+    scan = np.frombuffer(data, np.uint8, len(data) - 2 - pos, pos)
+    ff = np.flatnonzero(scan[:-1] == 0xFF)
+    stray = ff[~_SCAN_FF_OK[scan[ff + 1]]]
+    if len(stray):
+        raise ValueError(f"corrupt JPEG data: marker 0x{int(scan[stray[0] + 1]):02X} inside the "
+                         f"scan at byte {pos + int(stray[0])}")
 
 
 def tiled_level0(slide) -> TiledLevel:

@@ -162,9 +162,49 @@ def test_a_corrupt_tile_is_a_slide_error_naming_slide_and_region(camelyon_512, t
         reader = make_tile_reader(slide, coords, workers=2, batch_size=4, queue_batches=1)
         batches = iter(reader)
         assert len(next(batches).index) == 4                # the good patches come first
-        with pytest.raises(SlideError, match=r"bad_tile\.tif.*\(1100, 600\).*tile 10 .*\(1024, 512\)"):
+        with pytest.raises(SlideError, match=r"bad_tile\.tif.*\(1100, 600\).*tile 10 .*\(1024, 512\).*"
+                                             r"corrupt or truncated tile data"):
             next(batches)
     assert not _reader_threads()
+
+
+def _damage(kind, stream):
+    half = len(stream) // 2
+    return {"cut short": stream[:half] + bytes(len(stream) - half),          # zeroed tail
+            "cut, then end marker": stream[:half] + b"\xff\xd9" + bytes(len(stream) - half - 2),
+            "stray marker": stream[:half] + b"\xff\xc0" + stream[half + 2:]}[kind]
+
+
+@pytest.mark.parametrize("kind", ["cut short", "cut, then end marker", "stray marker"])
+@pytest.mark.parametrize("slide", ["camelyon_512", "tcga"])
+def test_damaged_tile_data_fails_where_openslide_fails(request, tmp_path, kind, slide):
+    """Damaged JPEG data that libjpeg decodes with only a warning (imagecodecs would return grey
+    or smeared pixels) is an error for OpenSlide and so for this reader; OpenJPEG (both readers'
+    JPEG 2000 decoder) decodes these damaged codestreams, to the same pixels in both."""
+    path = TCGA_JP2K if slide == "tcga" else request.getfixturevalue(slide)
+    # a patch inside tile (8, 4) of 18 columns (TCGA) / (2, 2) of 8 columns
+    index, patch = (4 * 18 + 8, [2100, 1050]) if slide == "tcga" else (18, [1100, 1100])
+
+    def damage(tif, page, offset, count):
+        tif.filehandle.seek(offset)
+        stream = tif.filehandle.read(count)
+        tif.filehandle.seek(offset)
+        tif.filehandle.write(_damage(kind, stream))
+
+    bad = _with_tile(path, tmp_path, f"damaged{path.suffix}", index, damage)
+    outcome = {}
+    with open_slide(bad) as slide_:
+        for reader in ("openslide", "decode-once"):
+            try:
+                outcome[reader] = np.concatenate([b.tiles.copy() for b in
+                                                  make_tile_reader(slide_, [patch], reader=reader)])
+            except SlideError as exc:
+                assert "damaged" in str(exc) and "corrupt or truncated tile data" in str(exc)
+                outcome[reader] = "error"
+    if slide == "camelyon_512":
+        assert outcome == {"openslide": "error", "decode-once": "error"}
+    else:
+        assert np.abs(outcome["openslide"].astype(np.int16) - outcome["decode-once"]).max() <= 2
 
 
 def test_tile_data_past_the_end_of_the_file_is_a_slide_error(camelyon_512, tmp_path):
