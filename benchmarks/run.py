@@ -20,7 +20,9 @@ Rows (what each means: benchmarks/README.md), each speed with the baseline it is
 6. aggregate tiles/s with 1, 4 and 8 concurrent streams;
 7. peak server RSS while scoring the scoring slide and one with 4x its area (must not grow);
 8. int8 agreement with fp32: feature cosine on the scoring slide's tiles (held out from the
-   calibration), patch score max / mean abs difference over the whole slide.
+   calibration), patch score max / mean abs difference over the whole slide;
+9. on CPU, the bare backbone for each backend x precision (onnxruntime fp32 / int8, OpenVINO
+   fp32 / bf16 / int8 on the same graphs), with its feature cosine to fp32 (bench_backends).
 
 The model: ResNet-50 (random init, seed 0, `--weights none`: no weights on this machine) + a
 Chowder head, exported by training.export (with the static int8 backbone of training.quantize,
@@ -42,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import bench_reader, bench_serving, bench_wsi
+from benchmarks import bench_backends, bench_reader, bench_serving, bench_wsi
 from benchmarks.machine import cpu_facts
 from benchmarks.naive import naive_features
 
@@ -217,6 +219,8 @@ def build_rows(r: dict) -> list[tuple[str, str, str, str, str]]:
         rows.append((f"{name} vs fp32 patch scores, abs diff (max / mean)",
                      f"{a['score_max_abs_diff']:.4f} / {a['score_mean_abs_diff']:.5f}", "", "",
                      f"{a['score_tiles']} patches, slide score diff {a['slide_score_abs_diff']:.4f}"))
+    if "backends" in r:
+        rows += bench_backends.table_rows(r["backends"])
     rows.append(("naive vs milroi fp32 feature cosine (min)", f"{r['naive_cosine_min']:.5f}", "", "",
                  "same network, same numbers"))
     return rows
@@ -332,6 +336,10 @@ def main(argv=None) -> int:
                                                    bundle / "backbone_int8.onnx", sample))
             result["agreement"][name] = agreement
         result["bundle_int8"] = json.loads((bundle / "manifest.json").read_text()).get("int8")
+        if on_cpu:
+            print("[bench] bare backbone, each backend x precision", flush=True)
+            result["backends"] = bench_backends.bare_rates(bundle, sample, args.batch_size,
+                                                           plan.bare_batches)
 
     result["machine"] = {"platform": platform.platform(), "processor": platform.processor(),
                          "cpus": os.cpu_count(), "usable_cores": cores,
