@@ -22,6 +22,9 @@ OpenSlide fails it (it treats libjpeg's warnings as errors; imagecodecs does not
 `check_jpeg_stream` looks for what those warnings report). Anything else (other vendors,
 other compressions, Aperio's YCbCr JPEG 2000 (33003), DICOM folders, levels above 0) goes to
 the OpenSlide reader: `make_tile_reader` chooses and logs which reader runs and why.
+For a GPU batch decoder (issue 26's nvImageCodec path, not built yet) `TiledLevel.jpeg_stream`
+gives each JPEG tile as one self-contained stream (tables inlined, RGB-coded tiles marked);
+tests check that these decode to the same pixels with no TIFF side information.
 Pixels: identical to OpenSlide's on the test slides (both are libjpeg-turbo / OpenJPEG with
 their default settings: islow DCT, fancy chroma upsampling); tests allow max |diff| <= 2.
 """
@@ -92,6 +95,16 @@ class TiledLevel:
     def tile_origin(self, index: int) -> tuple[int, int]:
         return (index % self.columns) * self.tile_width, (index // self.columns) * self.tile_height
 
+    def jpeg_stream(self, fd: int, index: int) -> bytes | None:
+        """Tile `index` as one self-contained JPEG (`self_contained_jpeg`); None if absent."""
+        if self.compression != JPEG:
+            raise ValueError(f"tiles are {self.kind}, not JPEG")
+        count, offset = int(self.byte_counts[index]), int(self.offsets[index])
+        if count == 0:
+            return None
+        return self_contained_jpeg(os.pread(fd, count, offset), self.jpeg_tables,
+                                   rgb=self.jpeg_colorspace == "RGB")
+
     def decode(self, fd: int, index: int) -> np.ndarray | None:
         """RGB uint8 [tile_height, tile_width, 3] of tile `index`; None for an absent tile.
         Raises SlideError naming the tile's level-0 region when its data is bad."""
@@ -126,6 +139,22 @@ class TiledLevel:
 # and the table / scan markers of a multi-scan stream (C4 DHT, DA SOS, DB DQT, DD DRI).
 _SCAN_FF_OK = np.zeros(256, bool)
 _SCAN_FF_OK[[0x00, 0xFF, 0xC4, 0xDA, 0xDB, 0xDD, *range(0xD0, 0xD8)]] = True
+
+
+# APP14 "Adobe", version 100, no flags, transform 0: the samples are RGB, not YCbCr.
+_ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
+
+
+def self_contained_jpeg(stream: bytes, tables: bytes | None, rgb: bool) -> bytes:
+    """A TIFF JPEG tile as one stream that any decoder reads alone, with no TIFF side
+    information: what a batched GPU decoder (nvImageCodec / nvJPEG) is given. The shared
+    JPEGTables' segments go in after its start-of-image marker, and Aperio's RGB-coded tiles
+    (photometric RGB, no JFIF) get an Adobe APP14 marker saying transform 0, without which a
+    decoder would convert their samples from YCbCr."""
+    head = b"\xff\xd8" + (_ADOBE_RGB if rgb else b"")
+    if tables:
+        head += tables[2:-2]   # between the tables stream's own SOI and EOI
+    return head + stream[2:]
 
 
 def check_jpeg_stream(data: bytes) -> None:

@@ -12,7 +12,7 @@ import tifffile
 from wsi_slides import CMU_SMALL, TCGA_JP2K, write_pyramid_tiff
 
 from core.errors import ConfigError, MilroiError, SlideError
-from wsi.decode_once import READER_ENV, DecodeOnceReader, make_tile_reader
+from wsi.decode_once import READER_ENV, DecodeOnceReader, make_tile_reader, tiled_level0
 from wsi.slide import open_slide
 from wsi.synth import write_camelyon_size_slide
 from wsi.tiles import TileReader
@@ -284,3 +284,31 @@ def test_bad_parameters_and_single_use(he_tiff):
         list(reader)
         with pytest.raises(MilroiError, match="once"):
             list(reader)
+
+
+@pytest.mark.parametrize("slide", ["camelyon_512", "cmu", "he_tiff"])
+def test_self_contained_jpeg_streams_decode_to_the_same_pixels(request, slide):
+    """The streams a GPU batch decoder would be given (tables inlined, RGB-coded tiles marked)
+    decode, with no TIFF side information, to the reader's pixels: in libjpeg-turbo
+    (imagecodecs) and in Pillow's decoder."""
+    import io
+    import os
+
+    import imagecodecs
+    from PIL import Image
+
+    path = CMU_SMALL if slide == "cmu" else request.getfixturevalue(slide)
+    with open_slide(path) as slide_:
+        source = tiled_level0(slide_)
+    assert (source.jpeg_tables is not None) == (slide != "he_tiff")
+    assert (source.jpeg_colorspace == "RGB") == (slide == "cmu")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for index in np.linspace(0, len(source.offsets) - 1, 6).astype(int):
+            expected = source.decode(fd, index)
+            stream = source.jpeg_stream(fd, index)
+            np.testing.assert_array_equal(imagecodecs.jpeg8_decode(stream), expected)
+            pillow = np.asarray(Image.open(io.BytesIO(stream)).convert("RGB"))
+            assert np.abs(pillow.astype(np.int16) - expected).max() <= 2
+    finally:
+        os.close(fd)
