@@ -188,6 +188,9 @@ def check_jpeg_stream(data: bytes) -> None:
 def tiled_level0(slide) -> TiledLevel:
     """The compressed level-0 tile index of `slide` (an open `wsi.slide.Slide`); raises
     NotApplicable with the reason when the decode-once reader does not read it."""
+    opened_by = getattr(slide, "reader", "openslide")   # wsi.slide may open OME-TIFF otherwise
+    if not str(opened_by).startswith("openslide"):
+        raise NotApplicable(f"opened by {opened_by}, not OpenSlide")
     vendor = getattr(slide, "vendor", None)
     if vendor not in VENDORS:
         raise NotApplicable(f"vendor {vendor!r} is not one of {', '.join(VENDORS)}")

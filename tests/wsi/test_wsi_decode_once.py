@@ -259,6 +259,10 @@ def test_which_reader_runs_and_the_log_line(he_tiff, lossless_tiff, caplog, monk
         reader.close()
         assert isinstance(make_tile_reader(slide, coords, level=1), TileReader)
         assert "tile reader: OpenSlide read_region" in caplog.text and "level 1" in caplog.text
+        monkeypatch.setattr(slide, "reader", "tiffslide 2.5", raising=False)   # wsi.slide's OME path
+        assert isinstance(make_tile_reader(slide, coords), TileReader)
+        assert "opened by tiffslide 2.5, not OpenSlide" in caplog.text
+        monkeypatch.delattr(slide, "reader", raising=False)
         monkeypatch.setenv(READER_ENV, "openslide")
         assert isinstance(make_tile_reader(slide, coords), TileReader)
         monkeypatch.setenv(READER_ENV, "fastest")
