@@ -7,7 +7,9 @@ Rows (what each means: benchmarks/README.md), each speed with the baseline it is
 
 1. open + tissue mask + tile grid of a Camelyon16-size slide (98304 x 196608 px, wsi.synth,
    cached in ~/.cache/milroi/bench; --quick: a 1/4-side slide), median of repeats;
-2. tile reads (wsi.tiles.TileReader) with 1 thread and N threads, tiles/s;
+2. tile reads (wsi.tiles.TileReader) with 1 thread and N threads, tiles/s; the decode-once
+   reader (wsi.decode_once) against the OpenSlide reader on a Camelyon-layout slide (512-px JPEG
+   tiles, shared JPEGTables), tiles/s per thread count and decodes per patch (bench_reader);
 3. naive baseline (benchmarks/naive.py: CLAM-style per-tile openslide + PIL + torchvision
    transforms + torch eager ResNet-50), tiles/s on the scoring slide's tissue tiles;
 4. per precision (fp32, int8 on CPU; fp32, fp16 on GPU): the bare backbone in onnxruntime at
@@ -18,7 +20,9 @@ Rows (what each means: benchmarks/README.md), each speed with the baseline it is
 6. aggregate tiles/s with 1, 4 and 8 concurrent streams;
 7. peak server RSS while scoring the scoring slide and one with 4x its area (must not grow);
 8. int8 agreement with fp32: feature cosine on the scoring slide's tiles (held out from the
-   calibration), patch score max / mean abs difference over the whole slide.
+   calibration), patch score max / mean abs difference over the whole slide;
+9. on CPU, the bare backbone for each backend x precision (onnxruntime fp32 / int8, OpenVINO
+   fp32 / bf16 / int8 on the same graphs), with its feature cosine to fp32 (bench_backends).
 
 The model: ResNet-50 (random init, seed 0, `--weights none`: no weights on this machine) + a
 Chowder head, exported by training.export (with the static int8 backbone of training.quantize,
@@ -40,7 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import bench_serving, bench_wsi
+from benchmarks import bench_backends, bench_reader, bench_serving, bench_wsi
+from benchmarks.machine import cpu_facts
 from benchmarks.naive import naive_features
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -59,10 +64,12 @@ class Plan:
     bare_batches: int
     score_repeats: int            # ScoreSlide runs per precision (median)
     streams: tuple[int, ...]
+    reader_tiles: int = 4096      # consecutive grid patches per reader run (bench_reader)
+    reader_repeats: int = 3
 
 
 FULL = Plan(bench_wsi.CAMELYON_SIZE, 5, 1024, 6144, 96, 6, 3, (1, 4, 8))
-QUICK = Plan((24_576, 49_152), 2, 256, 3584, 32, 3, 1, (1, 4, 8))
+QUICK = Plan((24_576, 49_152), 2, 256, 3584, 32, 3, 1, (1, 4, 8), reader_tiles=1024, reader_repeats=2)
 
 
 def _median_of(runs: list[dict], key: str) -> float:
@@ -169,6 +176,8 @@ def build_rows(r: dict) -> list[tuple[str, str, str, str, str]]:
         rows.append((f"tile reads, {row['threads']} thread(s)", f"{row['tiles_per_s']:.0f} tiles/s",
                      "1 thread" if row is not reads[0] else "", f"{row['speedup']:.2f}x"
                      if row is not reads[0] else "", f"cpu/wall {row['cpu_per_wall']:.2f}"))
+    if "reader" in r:
+        rows += bench_reader.table_rows(r["reader"])
     naive = r["naive"]
     rows.append((f"naive baseline (CLAM-style, torch eager, {naive['device']})",
                  f"{naive['tiles_per_s']:.1f} tiles/s", "", "1.00x", f"{naive['tiles']} tiles"))
@@ -210,6 +219,8 @@ def build_rows(r: dict) -> list[tuple[str, str, str, str, str]]:
         rows.append((f"{name} vs fp32 patch scores, abs diff (max / mean)",
                      f"{a['score_max_abs_diff']:.4f} / {a['score_mean_abs_diff']:.5f}", "", "",
                      f"{a['score_tiles']} patches, slide score diff {a['slide_score_abs_diff']:.4f}"))
+    if "backends" in r:
+        rows += bench_backends.table_rows(r["backends"])
     rows.append(("naive vs milroi fp32 feature cosine (min)", f"{r['naive_cosine_min']:.5f}", "", "",
                  "same network, same numbers"))
     return rows
@@ -262,6 +273,12 @@ def main(argv=None) -> int:
     cores = available_cores()
     result["tile_reads"] = bench_wsi.bench_tile_reads(mask_slide, plan.read_tiles,
                                                       (1, max(2, cores)))
+    # A 1/4-side slide in both plans: the rate depends on the tile layout, not the slide size,
+    # and a full-size copy would be a second 2 GB write on first use.
+    reader_slide = bench_reader.camelyon_512_slide(bench_reader.QUICK_SIZE)
+    print(f"[bench] decode-once vs OpenSlide reader on {reader_slide}", flush=True)
+    result["reader"] = bench_reader.bench_readers(reader_slide, plan.reader_tiles, (1, max(2, cores)),
+                                                  plan.reader_repeats)
 
     with tempfile.TemporaryDirectory(prefix="milroi-bench-") as tmp:
         tmp = Path(tmp)
@@ -321,10 +338,15 @@ def main(argv=None) -> int:
                                                    bundle / "backbone_int8.onnx", sample))
             result["agreement"][name] = agreement
         result["bundle_int8"] = json.loads((bundle / "manifest.json").read_text()).get("int8")
+        if on_cpu:
+            print("[bench] bare backbone, each backend x precision", flush=True)
+            result["backends"] = bench_backends.bare_rates(bundle, sample, args.batch_size,
+                                                           plan.bare_batches)
 
     result["machine"] = {"platform": platform.platform(), "processor": platform.processor(),
                          "cpus": os.cpu_count(), "usable_cores": cores,
-                         "python": platform.python_version(), "node": platform.node()}
+                         "python": platform.python_version(), "node": platform.node(),
+                         "cpu": cpu_facts()}   # model and SIMD flags (AMX, VNNI): hosts differ
     import onnxruntime
     import torch
     result["versions"] = {"onnxruntime": onnxruntime.__version__, "torch": torch.__version__}
@@ -336,6 +358,7 @@ def main(argv=None) -> int:
     out = args.out / args.json_name
     out.write_text(json.dumps(_jsonable(result), indent=2) + "\n")
     print(f"\nmilroi benchmarks ({'quick' if args.quick else 'full'}), provider {args.provider}, "
+          f"{result['machine']['cpu']['model']} ({', '.join(result['machine']['cpu']['flags'])}), "
           f"{cores} usable cores, load average {load_before[0]} before / {result['load_average_after'][0]} "
           f"after, {result['seconds']:.0f} s\n")
     print(markdown(rows))

@@ -16,12 +16,14 @@ Artefact tiles (wsi.tile_quality: pen / marker ink, glass, out of focus, under t
 and left out of the pooling state and the ROIs: a pen stroke across tissue neither raises the
 slide score nor draws an ROI. A slide whose every tile is an artefact is labelled `no_tissue`.
 
-Work overlaps: wsi.tiles.TileReader decodes the next batches in background threads into a
-bounded queue while the engine runs, and two batches are in the engine at once, so the model
-never waits for a read it could have had. Memory is bounded whatever the slide size: at most
-`queue_batches + 2` tile batches exist, and per patch only (x, y, score) is kept (for the ROIs);
-the features never leave the engine and the slide score comes from the O(k) or O(H) state of
-serving.aggregate.
+Work overlaps: the tile reader (wsi.decode_once.make_tile_reader: each stored tile decoded
+once where the slide allows, else wsi.tiles.TileReader on OpenSlide) decodes the next batches
+in background threads into a bounded queue while the engine runs, and two batches are in the
+engine at once, so the model never waits for a read it could have had. Memory is bounded
+whatever the slide size: at most `queue_batches + 2` tile batches exist (and the decode-once
+reader's cache, whose peak it computes before reading), and per patch only (x, y, score) is
+kept (for the ROIs); the features never leave the engine and the slide score comes from the
+O(k) or O(H) state of serving.aggregate.
 
 `cancel` (a threading.Event, set by the server when the client cancels or its deadline passes)
 stops the slide within a fraction of a second: the reader is closed (queued reads dropped), the
@@ -44,11 +46,11 @@ import numpy as np
 from core.errors import Cancelled, RequestError
 from serving.aggregate import make_state, slide_score
 from serving.engine import Engine, ModelRef
+from wsi.decode_once import make_tile_reader
 from wsi.grid import tiles_for_slide
 from wsi.outputs import roi_polygons, roi_tile_stats
 from wsi.slide import open_slide
 from wsi.tile_quality import artefact_flags, measure_tiles
-from wsi.tiles import TileReader
 
 log = logging.getLogger(__name__)
 
@@ -205,9 +207,9 @@ class SlideScorer:
             flags = np.zeros(n, np.uint8)
             state = make_state(engine.pooling)
             scoring_started = time.perf_counter()
-            reader = TileReader(slide, grid.coords, tile_size=self.tile_size, level=self.level,
-                                workers=self.reader_workers, batch_size=engine.batch_size,
-                                queue_batches=self.queue_batches)
+            reader = make_tile_reader(slide, grid.coords, tile_size=self.tile_size, level=self.level,
+                                      workers=self.reader_workers, batch_size=engine.batch_size,
+                                      queue_batches=self.queue_batches)
             # The reader's consumer may be blocked on a tile read when the cancel comes:
             # close it from a watcher thread so that the wait ends at once.
             finished = threading.Event()
@@ -306,7 +308,7 @@ def _wait(future: Future, cancel: threading.Event):
                 return None
 
 
-def _close_on_cancel(cancel: threading.Event, finished: threading.Event, reader: TileReader) -> None:
+def _close_on_cancel(cancel: threading.Event, finished: threading.Event, reader) -> None:
     while not finished.is_set():
         if cancel.wait(CANCEL_POLL_S):
             reader.close()

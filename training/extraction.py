@@ -2,7 +2,8 @@
 `milroi-train features`, also run by its Ray actors and by `camelyon16`).
 
 The tiles are the server's: `wsi.grid.tiles_for_slide` (same tissue mask, same grid), read by
-`wsi.tiles.TileReader` in background threads while the model runs on the previous batch.
+the server's reader (`wsi.decode_once.make_tile_reader`: each stored tile decoded once where the
+slide allows, else OpenSlide) in background threads while the model runs on the previous batch.
 
 The engine: on the CPU the ResNet-50 runs in onnxruntime, as the exported backbone.onnx the
 server runs (`training.onnx_backbone`; 1.6x torch eager end to end on 2 cores,
@@ -236,11 +237,11 @@ def _fill(features: h5py.Dataset, slide, coords: np.ndarray, model: Backbone | O
           ) -> TileQuality:
     """Stream tile batches through the model into the (preallocated) h5 dataset; the artefact
     measures of the same tiles come back."""
-    from wsi.tiles import TileReader
+    from wsi.decode_once import make_tile_reader
 
-    reader = TileReader(slide, coords, tile_size=options.tiling.tile_size,
-                        level=options.tiling.level, workers=options.workers,
-                        batch_size=options.batch_size)
+    reader = make_tile_reader(slide, coords, tile_size=options.tiling.tile_size,
+                              level=options.tiling.level, workers=options.workers,
+                              batch_size=options.batch_size)
     tile_features = _tile_features(model, device)
     measures: list[TileQuality] = []
     try:

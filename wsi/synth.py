@@ -483,15 +483,42 @@ def _block_mean(mask: np.ndarray, ds: int) -> np.ndarray:
 
 def _encode(tile: np.ndarray, quality: int) -> bytes:
     """JPEG bytes exactly as tifffile writes a tile with photometric="rgb", compression="jpeg":
-    YCbCr, 2x2 chroma subsampling."""
+    YCbCr, 2x2 chroma subsampling. Standard Huffman tables (no optimisation), so that every
+    tile's tables are the same and can be shared (split_jpeg_tables)."""
     import imagecodecs
 
     return imagecodecs.jpeg_encode(np.ascontiguousarray(tile), level=quality, colorspace="RGB",
-                                   outcolorspace="YCBCR", subsampling=(2, 2))
+                                   outcolorspace="YCBCR", subsampling=(2, 2), optimize=False)
+
+
+_DQT, _DHT, _SOS = 0xDB, 0xC4, 0xDA
+
+
+def split_jpeg_tables(stream: bytes) -> tuple[bytes, bytes]:
+    """(tables, abbreviated stream) of a JPEG: the quantisation and Huffman tables move to a
+    tables-only stream (the TIFF JPEGTables tag, as libtiff writes Camelyon16's tiles), the
+    tile keeps its frame and scan. APPn markers are dropped, as in libtiff's tiles."""
+    if stream[:2] != b"\xff\xd8":
+        raise ValueError("not a JPEG stream")
+    tables, rest, pos = [], [], 2
+    while True:
+        marker = stream[pos + 1]
+        if marker == _SOS:   # the scan runs to the end of the stream
+            rest.append(stream[pos:])
+            break
+        length = int.from_bytes(stream[pos + 2:pos + 4], "big")
+        segment = stream[pos:pos + 2 + length]
+        if marker in (_DQT, _DHT):
+            tables.append(segment)
+        elif marker >> 4 != 0xE:   # not an APPn marker
+            rest.append(segment)
+        pos += 2 + length
+    return (b"\xff\xd8" + b"".join(tables) + b"\xff\xd9", b"\xff\xd8" + b"".join(rest))
 
 
 def write_camelyon_size_slide(path, width: int = 98_304, height: int = 196_608, seed: int = 0,
-                              quality: int = 75, variants: int = 2) -> SyntheticTruth:
+                              quality: int = 75, variants: int = 2, tile: int = TILE,
+                              jpeg_tables: bool = False) -> SyntheticTruth:
     """A Camelyon16-size slide (default 98304 x 196608 px, 0.243 um/px), written fast.
 
     The layout is a plan with one cell per level-0 tile (glass, lymph node, tumour). Each class
@@ -499,15 +526,19 @@ def write_camelyon_size_slide(path, width: int = 98_304, height: int = 196_608, 
     are all one class is a crop of that texture (downsampled by 2^L), JPEG-encoded once and its
     bytes reused; only tiles straddling a class boundary at levels >= 1 are assembled and encoded
     one by one. Tiles of neighbouring cells are neighbouring crops, so texture is continuous.
+    `tile` is the TIFF tile side (Camelyon16's own files: 512, with `jpeg_tables`: one shared
+    JPEGTables tag and abbreviated tile streams, as libtiff writes them).
     """
     import tifffile
 
     path = Path(path)
-    if width % TILE or height % TILE or width < 8 * TILE or height < 8 * TILE:
+    if tile not in (256, 512):
+        raise ConfigError(f"camelyon-size slide {path}: tile side {tile}, one of 256, 512")
+    if width % tile or height % tile or width < 8 * tile or height < 8 * tile:
         raise ConfigError(f"camelyon-size slide {path}: {width} x {height} must be multiples of "
-                          f"{TILE} and at least {8 * TILE}")
+                          f"{tile} and at least {8 * tile}")
     rng = np.random.default_rng([seed, 2])
-    rows, cols = height // TILE, width // TILE
+    rows, cols = height // tile, width // tile
     tissue = _tissue_plan(rng, (rows, cols)) > 0
     tissue = ndimage.binary_opening(tissue, iterations=2)
     # Tumour nests in tile units: one macro-metastasis, a few smaller ones and micro-metastases.
@@ -538,7 +569,7 @@ def write_camelyon_size_slide(path, width: int = 98_304, height: int = 196_608, 
     variant = (np.random.default_rng([seed, 3]).integers(0, variants, (rows // 8 + 1, cols // 8 + 1))
                .repeat(8, 0).repeat(8, 1)[:rows, :cols])
 
-    block = 8 * TILE  # texture side: 2048 px
+    block = 8 * TILE  # texture side: 2048 px (a multiple of every tile side)
     textures = np.empty((len(INK_COLOURS) + 3, variants, block, block, 3), np.uint8)
     axis = np.arange(block)
     for v in range(variants):
@@ -553,6 +584,18 @@ def write_camelyon_size_slide(path, width: int = 98_304, height: int = 196_608, 
 
     levels = _levels(width, height)
     encoded: dict = {}
+    # Every tile has the same tables (one quality, standard Huffman tables): shared, or not.
+    table_bytes = split_jpeg_tables(_encode(textures[0, 0, :tile, :tile], quality))[0] \
+        if jpeg_tables else None
+
+    def shared(stream: bytes) -> bytes:
+        if table_bytes is None:
+            return stream
+        tables, abbreviated = split_jpeg_tables(stream)
+        if tables != table_bytes:
+            raise RuntimeError("JPEG tables differ between tiles")
+        return abbreviated
+
     tex = textures
     with tifffile.TiffWriter(path, bigtiff=True) as tw:
         for level in range(levels):
@@ -563,7 +606,7 @@ def write_camelyon_size_slide(path, width: int = 98_304, height: int = 196_608, 
                        + 0.5).astype(np.uint8)
             side = tex.shape[2]  # texture side at this level
             lh, lw = height // scale, width // scale
-            trows, tcols = -(-lh // TILE), -(-lw // TILE)
+            trows, tcols = -(-lh // tile), -(-lw // tile)
 
             def tiles(level=level, scale=scale, tex=tex, side=side, lh=lh, lw=lw, trows=trows, tcols=tcols):
                 span = scale  # plan cells per tile side at this level
@@ -574,28 +617,30 @@ def write_camelyon_size_slide(path, width: int = 98_304, height: int = 196_608, 
                         cls = classes[cy0:cy0 + span, cx0:cx0 + span]
                         var = variant[cy0:cy0 + span, cx0:cx0 + span]
                         c0, v0 = cls.flat[0], var.flat[0]
-                        if side >= TILE and (cls == c0).all() and (var == v0).all():
-                            oy, ox = (ty * TILE) % side, (tx * TILE) % side
+                        if side >= tile and (cls == c0).all() and (var == v0).all():
+                            oy, ox = (ty * tile) % side, (tx * tile) % side
                             key = (level, c0, v0, oy, ox)
                             if key not in encoded:
-                                encoded[key] = _encode(tex[c0, v0, oy:oy + TILE, ox:ox + TILE], quality)
+                                encoded[key] = shared(_encode(tex[c0, v0, oy:oy + tile, ox:ox + tile],
+                                                              quality))
                             yield encoded[key]
                         else:  # mixed tile: gather each pixel from its cell's texture
-                            py = ty * TILE + np.arange(TILE)
-                            px = tx * TILE + np.arange(TILE)
-                            cy = np.minimum(py * scale // TILE, rows - 1)
-                            cx = np.minimum(px * scale // TILE, cols - 1)
-                            tile = tex[classes[cy[:, None], cx[None, :]], variant[cy[:, None], cx[None, :]],
-                                       (py % side)[:, None], (px % side)[None, :]]
-                            yield _encode(tile, quality)
+                            py = ty * tile + np.arange(tile)
+                            px = tx * tile + np.arange(tile)
+                            cy = np.minimum(py * scale // tile, rows - 1)
+                            cx = np.minimum(px * scale // tile, cols - 1)
+                            pixels = tex[classes[cy[:, None], cx[None, :]], variant[cy[:, None], cx[None, :]],
+                                         (py % side)[:, None], (px % side)[None, :]]
+                            yield shared(_encode(pixels, quality))
 
-            tw.write(tiles(), shape=(lh, lw, 3), dtype=np.uint8, tile=(TILE, TILE),
+            tw.write(tiles(), shape=(lh, lw, 3), dtype=np.uint8, tile=(tile, tile),
                      photometric="rgb", compression="jpeg", compressionargs={"level": quality},
-                     subfiletype=0 if level == 0 else 1, **_resolution(scale))
+                     subfiletype=0 if level == 0 else 1, jpegtables=table_bytes,
+                     **_resolution(scale))
             log.debug("level %d: %d x %d px, %d tiles encoded so far", level, lw, lh, len(encoded))
-    truth_tumor = shapely.union_all(shapely.box(*(np.argwhere(classes == 2)[:, ::-1].T * TILE),
-                                                *((np.argwhere(classes == 2)[:, ::-1].T + 1) * TILE)))
-    return SyntheticTruth(path, (width, height), (classes == 1) | (classes == 2), float(TILE),
+    truth_tumor = shapely.union_all(shapely.box(*(np.argwhere(classes == 2)[:, ::-1].T * tile),
+                                                *((np.argwhere(classes == 2)[:, ::-1].T + 1) * tile)))
+    return SyntheticTruth(path, (width, height), (classes == 1) | (classes == 2), float(tile),
                           [p for p in getattr(truth_tumor, "geoms", [truth_tumor]) if not p.is_empty],
                           [], MPP, levels)
 

@@ -171,3 +171,23 @@ def test_cli_export_int8_registers_a_bundle_with_the_int8_graph(tmp_path, capsys
     with Engine(out, provider="cpu", precision="int8", batch_size=4) as engine:
         scores = engine.score(tiles)["patch_scores"]
     assert scores.shape == (4,) and np.all((scores >= 0) & (scores <= 1))
+
+
+def test_backend_benchmark_measures_each_backend_and_precision(int8_bundle, tcga_tiles):
+    """benchmarks.bench_backends on the bundle's two graphs: every configuration runs, fp32 on
+    OpenVINO is exact f32 (not the bf16 OpenVINO picks by itself), agreement is measured."""
+    pytest.importorskip("openvino")
+    from benchmarks.bench_backends import bare_rates, table_rows
+
+    result = bare_rates(int8_bundle, tcga_tiles, batch_size=8, batches=1)
+    rows = {(r["backend"], r["precision"]): r for r in result["rows"]}
+    assert set(rows) == {("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("openvino", "fp32"),
+                         ("openvino", "bf16"), ("openvino", "int8")}
+    assert rows[("onnxruntime", "fp32")]["cosine_min"] > 0.99999          # the reference itself
+    assert rows[("openvino", "fp32")]["inference_precision"] == "f32"
+    assert rows[("openvino", "fp32")]["cosine_min"] > 0.9999             # same numbers, other runtime
+    assert rows[("onnxruntime", "int8")]["passes_gate"]                   # the export's own gate
+    for key in [("openvino", "int8"), ("openvino", "bf16")]:
+        assert "unavailable" in rows[key] or 0.5 < rows[key]["cosine_min"] <= 1.0001
+    assert all(r["tiles_per_s"] > 0 for r in result["rows"] if "unavailable" not in r)
+    assert len(table_rows(result)) == 5
