@@ -190,7 +190,9 @@ def test_mlflow_models_serve_answers_invocations(version, mlflow_server, real_ti
                                                  server_scores, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
+    # the server runs `uvicorn` by name: the venv's bin first on PATH, as an activated venv has
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server,
+           "PATH": os.pathsep.join([str(MLFLOW.parent), os.environ.get("PATH", "")])}
     log_path = tmp_path / "serve.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
