@@ -369,8 +369,10 @@ def register_bundle(client, name: str, run_id: str, bundle: Path,
         client.create_registered_model(
             name, description="milroi tumour ROI model: MLflow pyfunc model (uint8 tiles -> "
                               "patch scores) holding the ONNX bundle of docs/INTERFACES.md")
+    # The source is the logged model's own artifact location (not `models:/<id>`, which a sqlite
+    # registry resolves on mlflow's process-wide tracking URI rather than this client's).
     return client.create_model_version(
-        name, source=f"models:/{model.model_id}", run_id=run_id, model_id=model.model_id,
+        name, source=model.artifact_location, run_id=run_id, model_id=model.model_id,
         tags={**(tags or {}), DIGEST_TAG: digest},
         description=model_description(manifest, digest, (tags or {}).get("val_auc")))
 

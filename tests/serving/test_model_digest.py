@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -40,7 +41,7 @@ def _source(uri):
 
 def _stored_manifest(client, artifacts, version):
     """manifest.json of a version as it lies in the server's artifact store."""
-    model_id = client.get_model_version(NAME, version).source.removeprefix("models:/")
+    model_id = re.search(r"/models/(m-[0-9a-f]+)/", client.get_model_version(NAME, version).source)[1]
     (path,) = artifacts.rglob(f"{model_id}/artifacts/artifacts/bundle/manifest.json")
     return path
 
