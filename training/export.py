@@ -8,7 +8,9 @@ Two entry points:
   tests use it to make small bundles).
 - `milroi-train export RUN_ID --name NAME`: rebuilds the backbone from the run's params and the
   head from its `head/` artifact, exports, checks parity on real tiles of a slide, logs the bundle
-  as run artifacts and registers one MLflow model version (optionally under an alias).
+  as a new MLflow pyfunc model of the run (training.mlflow_model: its own artifact location, so
+  no export rewrites an earlier version's files) and registers it as one new model version
+  (optionally under an alias), tagged with head, val_auc, fingerprint and the bundle's digest.
   `--int8` also writes the static int8 backbone (training.quantize: backbone_int8.onnx, listed
   as files["backbone_int8"], served with `--precision int8`), calibrated on tissue tiles of
   `--calibration-slide` (default the parity slide, else a synthetic slide).
@@ -336,8 +338,8 @@ def export_run(run_id: str, name: str, *, alias: str | None = None,
         bundle = export_bundle(Path(out_dir) if out_dir else Path(tmp) / "bundle", backbone,
                                head, extra, opset=opset, parity_tiles=tiles,
                                overwrite=out_dir is not None, int8_calibration=int8_tiles)
-        example = synthetic_parity_tiles(1) if tiles is None else tiles[:1]
-        mv = register_bundle(client, name, run_id, bundle, tags, example=example)
+        mv = register_bundle(client, name, run_id, bundle, tags,
+                             example=None if tiles is None else tiles[:1])
     if alias:
         client.set_registered_model_alias(name, alias, mv.version)
     log.info("registered %s version %s from run %s (%s)", name, mv.version, run_id, mv.source)
