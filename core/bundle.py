@@ -30,8 +30,14 @@ MANIFEST_NAME = "manifest.json"
 GRAPH_FILES = {"backbone": "backbone.onnx", "head": "head.onnx", "aggregator": "aggregator.onnx"}
 INT8_ROLE = "backbone_int8"
 POOLING_KINDS = ("extremes", "attention")
-# Where `milroi-train export` logs a bundle in its MLflow run (the registered version's source).
+# Where a registered version's bundle sits in what its source downloads to: inside the MLflow
+# pyfunc model that `milroi-train export` logs (core.pyfunc: the artifact `bundle`), or, for
+# versions registered before that, the folder itself or its `bundle/` subfolder.
 BUNDLE_ARTIFACT_PATH = "bundle"
+BUNDLE_LOCATIONS = (f"artifacts/{BUNDLE_ARTIFACT_PATH}", ".", BUNDLE_ARTIFACT_PATH)
+# The model version tag holding the sha256 of the bundle's files (bundle_digest) at registration.
+DIGEST_TAG = "bundle_digest"
+DIGEST_LENGTH = 64
 
 # A slide is called tumour when its probability reaches `threshold`; tiles scored at or above
 # `patch_threshold` form tumour ROIs. `milroi-train fit` chooses both from held-out slides; these
@@ -151,3 +157,12 @@ def bundle_digest(bundle_dir: str | os.PathLike, length: int = 12) -> str:
             while block := f.read(1 << 22):
                 digest.update(block)
     return digest.hexdigest()[:length]
+
+
+def find_bundle(folder: str | os.PathLike) -> Path:
+    """The bundle folder inside a downloaded model version (BUNDLE_LOCATIONS)."""
+    folder = Path(folder)
+    for where in BUNDLE_LOCATIONS:
+        if (folder / where / MANIFEST_NAME).is_file():
+            return (folder / where).resolve()
+    raise BundleError(folder, f"no {MANIFEST_NAME} at any of {', '.join(BUNDLE_LOCATIONS)} in it")

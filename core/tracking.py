@@ -18,6 +18,7 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"   # artifacts beside it in ./mlarti
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 
 # MLflow's own rules: a registered model name has no "/", an alias neither "/" nor "@".
+_LOGGED_MODEL_URI = re.compile(r"^models:/(?P<model_id>m-[0-9a-f]+)$")   # MLflow 3 logged model
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
 
 
@@ -61,3 +62,15 @@ class ModelUri:
 
     def __str__(self) -> str:
         return f"models:/{self.name}@{self.alias}" if self.alias else f"models:/{self.name}/{self.version}"
+
+
+def version_artifact_uri(client, version) -> str:
+    """Where a registered ModelVersion's files are: its source, or for a source `models:/<id>`
+    (an MLflow logged model, what `milroi-train export` registers) that model's artifact
+    location. Resolved through `client`: mlflow's own download of a `models:/` URI looks it up
+    on the process-wide registry, not on the tracking URI it is given."""
+    source = version.source
+    match = _LOGGED_MODEL_URI.match(source or "")
+    if match:   # (ModelVersion.model_id is not filled in by every store: read the source)
+        return client.get_logged_model(match["model_id"]).artifact_location
+    return source

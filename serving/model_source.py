@@ -9,7 +9,11 @@ Registry access is plain MlflowClient on any tracking URI (`--tracking-uri`, els
 MLFLOW_TRACKING_URI, else the embedded `sqlite:///mlflow.db`: core.tracking): `get_model_version_by_alias` /
 `get_model_version`, then the version's `source` is downloaded with
 `mlflow.artifacts.download_artifacts` into a temporary folder, which is removed once the ONNX
-sessions are built (onnxruntime keeps the graphs in memory).
+sessions are built (onnxruntime keeps the graphs in memory). The source is the MLflow pyfunc model
+`milroi-train export` logs (the bundle is its artifact `bundle/`, core.bundle.find_bundle); the
+server reads the bundle files themselves, not the pyfunc. Their sha256 must equal the version's
+`bundle_digest` tag, recorded at registration: files changed since are refused (BundleError) and
+the current model keeps serving.
 
 Swaps are atomic and lose no request: the poller loads the new version in its own thread while
 the old one serves; then the reference `current` is replaced under a lock. Every request takes a
@@ -27,9 +31,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.bundle import BUNDLE_ARTIFACT_PATH, MANIFEST_NAME, BundleManifest, bundle_digest
-from core.errors import ModelNotReady, RegistryError
-from core.tracking import ModelUri, mlflow_client, resolve_tracking_uri
+from core.bundle import DIGEST_TAG, BundleManifest, bundle_digest, find_bundle
+from core.errors import BundleError, ModelNotReady, RegistryError
+from core.tracking import ModelUri, mlflow_client, resolve_tracking_uri, version_artifact_uri
 from serving.engine import Engine, ModelRef
 
 log = logging.getLogger(__name__)
@@ -97,6 +101,19 @@ class LoadedModel:
         return self._leases
 
 
+def _check_digest(bundle: Path, location: str, ref: ModelRef, expected: str | None) -> None:
+    """BundleError unless the bundle's files are the ones registered (their recorded digest)."""
+    if expected is None:
+        log.warning("model %s version %s has no %s tag (registered before milroi recorded it): "
+                    "its files are not checked", ref.name, ref.version, DIGEST_TAG)
+        return
+    found = bundle_digest(bundle, length=len(expected))
+    if found != expected:
+        raise BundleError(location, f"model {ref.name} version {ref.version}: the files differ from "
+                                  f"those registered ({DIGEST_TAG} {expected[:12]}..., files "
+                                  f"{found[:12]}...); not loading them")
+
+
 class ModelSource:
     """Loads the model of a ModelSpec, follows it, and hands out leases of the current one."""
 
@@ -116,13 +133,15 @@ class ModelSource:
         self._thread: threading.Thread | None = None
 
     # -- resolution --------------------------------------------------------------------------
-    def resolve(self) -> tuple[ModelRef, str]:
-        """The ModelRef the spec names now, and where its bundle is (folder or artifact URI)."""
+    def resolve(self) -> tuple[ModelRef, str, str | None]:
+        """The ModelRef the spec names now, where its bundle is (folder or artifact URI), and the
+        digest its files must have (a registry version's `bundle_digest` tag; None for a folder
+        or a version registered without one)."""
         spec = self.spec
         if spec.folder is not None:
             manifest = BundleManifest.read(spec.folder)
             return (ModelRef(manifest.name, bundle_digest(spec.folder),
-                             run_id=manifest.run_id or ""), str(spec.folder))
+                             run_id=manifest.run_id or ""), str(spec.folder), None)
         from mlflow.exceptions import MlflowException
 
         client = mlflow_client(self.tracking_uri)
@@ -131,11 +150,13 @@ class ModelSource:
                 mv = client.get_model_version_by_alias(spec.name, spec.alias)
             else:
                 mv = client.get_model_version(spec.name, spec.version)
+            location = version_artifact_uri(client, mv)
         except MlflowException as exc:
             raise RegistryError(f"{spec.uri} at {self.tracking_uri}: {exc.message}") from None
-        return ModelRef(spec.name, str(mv.version), spec.alias or "", mv.run_id or ""), mv.source
+        return (ModelRef(spec.name, str(mv.version), spec.alias or "", mv.run_id or ""), location,
+                (mv.tags or {}).get(DIGEST_TAG))
 
-    def _load(self, ref: ModelRef, location: str) -> LoadedModel:
+    def _load(self, ref: ModelRef, location: str, digest: str | None = None) -> LoadedModel:
         if self.spec.folder is not None:
             return LoadedModel(self._factory(Path(location), ref))
         import mlflow.artifacts
@@ -144,22 +165,20 @@ class ModelSource:
         try:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=tmp,
                                                             tracking_uri=self.tracking_uri))
-            # The source is the bundle folder itself or a folder holding it (bundle/).
-            nested = local / BUNDLE_ARTIFACT_PATH
-            if not (local / MANIFEST_NAME).exists() and (nested / MANIFEST_NAME).exists():
-                local = nested
-            return LoadedModel(self._factory(local, ref))
+            bundle = find_bundle(local)
+            _check_digest(bundle, location, ref, digest)
+            return LoadedModel(self._factory(bundle, ref))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)   # sessions hold the graphs in memory now
 
     def refresh(self) -> bool:
         """Load the version the spec names now if it differs from the current; True if swapped."""
-        ref, location = self.resolve()
+        ref, location, digest = self.resolve()
         current = self._current
         if current is not None and current.ref.version == ref.version:
             return False
         log.info("loading model %s version %s from %s", ref.name, ref.version, location)
-        loaded = self._load(ref, location)
+        loaded = self._load(ref, location, digest)
         with self._lock:
             previous, self._current = self._current, loaded
         if previous is not None:

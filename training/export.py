@@ -8,7 +8,9 @@ Two entry points:
   tests use it to make small bundles).
 - `milroi-train export RUN_ID --name NAME`: rebuilds the backbone from the run's params and the
   head from its `head/` artifact, exports, checks parity on real tiles of a slide, logs the bundle
-  as run artifacts and registers one MLflow model version (optionally under an alias).
+  as a new MLflow pyfunc model of the run (training.mlflow_model: its own artifact location, so
+  no export rewrites an earlier version's files) and registers it as one new model version
+  (optionally under an alias), tagged with head, val_auc, fingerprint and the bundle's digest.
   `--int8` also writes the static int8 backbone (training.quantize: backbone_int8.onnx, listed
   as files["backbone_int8"], served with `--precision int8`), calibrated on tissue tiles of
   `--calibration-slide` (default the parity slide, else a synthetic slide).
@@ -36,7 +38,7 @@ import onnx
 import torch
 from torch import nn
 
-from core.bundle import BUNDLE_ARTIFACT_PATH, GRAPH_FILES, INT8_ROLE, BundleManifest
+from core.bundle import DIGEST_LENGTH, DIGEST_TAG, GRAPH_FILES, INT8_ROLE, BundleManifest, bundle_digest
 from core.cli import add_tracking_uri_argument
 from core.errors import ConfigError, ExportError
 from core.tiling import DEFAULT_TILING, TissueParams
@@ -336,7 +338,8 @@ def export_run(run_id: str, name: str, *, alias: str | None = None,
         bundle = export_bundle(Path(out_dir) if out_dir else Path(tmp) / "bundle", backbone,
                                head, extra, opset=opset, parity_tiles=tiles,
                                overwrite=out_dir is not None, int8_calibration=int8_tiles)
-        mv = register_bundle(client, name, run_id, bundle, tags)
+        mv = register_bundle(client, name, run_id, bundle, tags,
+                             example=None if tiles is None else tiles[:1])
     if alias:
         client.set_registered_model_alias(name, alias, mv.version)
     log.info("registered %s version %s from run %s (%s)", name, mv.version, run_id, mv.source)
@@ -344,19 +347,36 @@ def export_run(run_id: str, name: str, *, alias: str | None = None,
 
 
 def register_bundle(client, name: str, run_id: str, bundle: Path,
-                    tags: dict[str, str] | None = None):
-    """Log a bundle folder to the run under `bundle/` and register it as one new version of
-    `name` (the registered model is created on first use); returns the ModelVersion."""
+                    tags: dict[str, str] | None = None, *, example: np.ndarray | None = None):
+    """Log a bundle folder as a new MLflow model of the run and register it as one new version
+    of `name` (the registered model is created on first use); returns the ModelVersion.
+
+    The model (training.mlflow_model) has its own artifact location, so a version's files never
+    change after registration; their digest is the version's `bundle_digest` tag, which the
+    server checks before loading them. `example`: the input example (uint8 tiles [n, T, T, 3]),
+    default one synthetic tile.
+    """
     from mlflow.exceptions import MlflowException
 
-    client.log_artifacts(run_id, str(bundle), artifact_path=BUNDLE_ARTIFACT_PATH)
-    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{BUNDLE_ARTIFACT_PATH}"
+    from training.mlflow_model import log_bundle_model, model_description
+
+    manifest = BundleManifest.read(bundle)
+    digest = bundle_digest(bundle, length=DIGEST_LENGTH)
+    example = synthetic_parity_tiles(1) if example is None else example
+    model = log_bundle_model(client, run_id, bundle, example, model_name=name,
+                             metadata={DIGEST_TAG: digest})
     try:
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(
-            name, description="milroi tumour ROI model: ONNX bundle (docs/INTERFACES.md)")
-    return client.create_model_version(name, source=source, run_id=run_id, tags=tags or {})
+            name, description="milroi tumour ROI model: MLflow pyfunc model (uint8 tiles -> "
+                              "patch scores) holding the ONNX bundle of docs/INTERFACES.md")
+    # The source is the logged model's own artifact location (not `models:/<id>`, which a sqlite
+    # registry resolves on mlflow's process-wide tracking URI rather than this client's).
+    return client.create_model_version(
+        name, source=model.artifact_location, run_id=run_id, model_id=model.model_id,
+        tags={**(tags or {}), DIGEST_TAG: digest},
+        description=model_description(manifest, digest, (tags or {}).get("val_auc")))
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:

@@ -68,6 +68,31 @@ def mlflow_server(tmp_path_factory):
         yield uri
 
 
+@pytest.fixture(scope="session")
+def trained_head():
+    import torch
+
+    from training.heads import build_head
+
+    torch.manual_seed(1)
+    return build_head({"kind": "chowder", "in_dim": 1024, "k": 2, "mlp_hidden": [8]}).eval()
+
+
+@pytest.fixture(scope="session")
+def exported(mlflow_server, trained_head, tmp_path_factory):
+    """One fit run exported and registered as `milroi-test` on the server, with alias champion
+    (val_auc 0.80), parity checked on real tissue tiles; (run id, training.export.Registered)."""
+    from mlflow_testing import log_fit_run
+
+    from training.export import export_run
+
+    rid = log_fit_run(mlflow_server, trained_head, val_auc=0.80, patch_threshold=0.97)
+    out = tmp_path_factory.mktemp("export") / "bundle"
+    registered = export_run(rid, "milroi-test", alias="champion", tracking_uri=mlflow_server,
+                            out_dir=out, parity_slide=CMU_SMALL)
+    return rid, registered
+
+
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -11,36 +10,19 @@ import pytest
 import torch
 from mlflow_testing import log_fit_run
 
+from core.bundle import find_bundle
 from core.errors import MilroiError
 from training.cli import main as train_main
 from training.export import export_run
-from training.heads import build_head
 from training.registry import resolve_model_uri, validation_auc
-
-from .conftest import CMU_SMALL
-
-
-@pytest.fixture(scope="module")
-def trained_head():
-    torch.manual_seed(1)
-    return build_head({"kind": "chowder", "in_dim": 1024, "k": 2, "mlp_hidden": [8]}).eval()
-
-
-@pytest.fixture(scope="module")
-def exported(mlflow_server, trained_head, real_tiles, tmp_path_factory):
-    """One run exported and registered on the server, with alias champion (val_auc 0.80)."""
-    rid = log_fit_run(mlflow_server, trained_head, val_auc=0.80, patch_threshold=0.97)
-    out = tmp_path_factory.mktemp("export") / "bundle"
-    registered = export_run(rid, "milroi-test", alias="champion", tracking_uri=mlflow_server,
-                            out_dir=out, parity_slide=CMU_SMALL)  # parity on real tissue tiles
-    return rid, registered
 
 
 def test_export_registers_one_version_with_tags(exported, mlflow_server):
     rid, registered = exported
     client = mlflow.MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
     mv = client.get_model_version("milroi-test", registered.version)
-    assert mv.run_id == rid and mv.source.endswith("/bundle")
+    # the version's source is the MLflow model that export logged (its own artifact location)
+    assert mv.run_id == rid and "/models/m-" in mv.source
     assert float(mv.tags["val_auc"]) == pytest.approx(0.80)
     assert mv.tags["head"] == "chowder" and mv.tags["fingerprint"] == "f" * 64
     assert resolve_model_uri("models:/milroi-test@champion", mlflow_server).version == mv.version
@@ -51,7 +33,7 @@ def test_registered_bundle_downloads_and_runs(exported, mlflow_server, real_tile
                                               trained_head):
     _, registered = exported
     mlflow.set_tracking_uri(mlflow_server)
-    local = Path(mlflow.artifacts.download_artifacts(
+    local = find_bundle(mlflow.artifacts.download_artifacts(
         "models:/milroi-test@champion", dst_path=str(tmp_path), tracking_uri=mlflow_server))
     manifest = json.loads((local / "manifest.json").read_text())
     assert manifest["name"] == "milroi-test" and manifest["run_id"] == exported[0]
