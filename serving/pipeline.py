@@ -51,6 +51,7 @@ from wsi.grid import tiles_for_slide
 from wsi.outputs import roi_polygons, roi_tile_stats
 from wsi.slide import open_slide
 from wsi.tile_quality import artefact_flags, measure_tiles
+from wsi.tiles import TileBatch
 
 log = logging.getLogger(__name__)
 
@@ -141,13 +142,35 @@ def roi_summaries(coords: np.ndarray, scores: np.ndarray, tile_size: int, thresh
             for polygon, s in zip(polygons, stats)]
 
 
+# The first engine run of a slide scores this many tiles, the rest full batches: a slide's first
+# scores then wait for a few tiles of model time instead of a whole batch (64 tiles are ~8 s of
+# a 2-core CPU), so a live viewer paints within a second or two.
+FIRST_BATCH_TILES = 8
+
+
+def ramp_first_batch(batches, first_tiles: int = FIRST_BATCH_TILES) -> Iterator[TileBatch]:
+    """`batches` with the first one split into its first `first_tiles` tiles and the rest."""
+    it = iter(batches)
+    head = next(it, None)
+    if head is None:
+        return
+    if len(head.index) > first_tiles:
+        k = first_tiles
+        yield TileBatch(head.index[:k], head.coords[:k], head.tiles[:k])
+        head = TileBatch(head.index[k:], head.coords[k:], head.tiles[k:])
+    yield head
+    yield from it
+
+
 class SlideScorer:
     """Streams the scores of slides through an Engine (shared by concurrent slides)."""
 
     def __init__(self, engine: Engine, *, reader_workers: int | None = None,
                  queue_batches: int = 4, in_flight: int = 2, default_chunk_size: int | None = None,
-                 fallback_mpp: float | None = None):
+                 fallback_mpp: float | None = None,
+                 first_batch_tiles: int = FIRST_BATCH_TILES):
         self.engine = engine
+        self.first_batch_tiles = int(first_batch_tiles)   # 0: no small first run
         manifest = engine.manifest
         self.tiling = manifest.tiling
         self.tile_size, self.level = self.tiling.tile_size, self.tiling.level
@@ -219,7 +242,8 @@ class SlideScorer:
             pending: collections.deque[tuple[int, Future]] = collections.deque()
             emitted = done = 0
             try:
-                batches = iter(reader)
+                batches = (ramp_first_batch(reader, self.first_batch_tiles)
+                           if self.first_batch_tiles > 0 else iter(reader))
                 while True:
                     # Keep `in_flight` batches in the engine; collect the oldest when full.
                     batch = next(batches, None) if not cancel.is_set() else None
@@ -230,7 +254,9 @@ class SlideScorer:
                         flags[first:first + len(batch.index)] = artefact_flags(
                             measure_tiles(batch.tiles, self.tissue_params), self.artefacts)
                         pending.append((first, future))
-                        if len(pending) < self.in_flight:
+                        # The first (small) batch runs alone: queued beside the next one, the
+                        # engine's batcher would merge them into one full run.
+                        if len(pending) < self.in_flight and timings.first_score_s:
                             continue
                     if not pending or cancel.is_set():
                         break

@@ -246,7 +246,10 @@ class ChowderHead(MILHead):
     `cluster_b` / `cluster_weight`: CLAM's instance clustering (Lu et al. 2021) on the patch
     logits themselves (0 = off): on a tumour slide the `cluster_b` highest-scored patches are
     pseudo-positive and the `cluster_b` lowest pseudo-negative; on a normal slide the highest are
-    pushed to 0 (every patch of a normal slide is normal).
+    pushed to 0 (every patch of a normal slide is normal). On by default (B = 8, weight 0.3):
+    on the hard benchmark's held-out split (docs/hard_benchmark.md, row c) it took CHOWDER's patch
+    AUC from 0.27 (tumour tiles ranked below normal ones) to 0.97 and its slide AUC from 0.69 to
+    0.90; `cluster_b` 0 is the head as it was.
 
     CHOWDER's MLP reads the patch logits only through their order statistics, so nothing ties
     the logits themselves to a probability: they can all sit at +100 on every slide and still
@@ -258,7 +261,7 @@ class ChowderHead(MILHead):
 
     kind = "chowder"
     defaults = {"k": 5, "patch_hidden": [], "mlp_hidden": [200, 100], "dropout": 0.5,
-                "instance_weight": 0.5, "cluster_b": 0, "cluster_weight": 0.3}
+                "instance_weight": 0.5, "cluster_b": 8, "cluster_weight": 0.3}
 
     def __init__(self, config: dict[str, Any]):
         super().__init__(config)

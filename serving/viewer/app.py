@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
+# Patches per live message: small, so the first scores (the server scores a slide's first 8
+# tiles alone, serving.pipeline.FIRST_BATCH_TILES) are painted as soon as they exist.
+LIVE_CHUNK_SIZE = 8
 DOWNLOAD_TYPES = {"csv": "text/csv", "geojson": "application/geo+json",
                   "spatiopath": "application/json", "heatmap": "image/png"}
 
@@ -226,8 +229,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help=f"address to bind (default {DEFAULT_HOST}: this machine only)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT,
                         help=f"port (default {DEFAULT_PORT})")
-    parser.add_argument("--chunk-size", type=int, default=0,
-                        help="patches per live message (default: the server's)")
+    parser.add_argument("--chunk-size", type=int, default=LIVE_CHUNK_SIZE,
+                        help=f"patches per live message (default {LIVE_CHUNK_SIZE}; 0: the "
+                             f"server's, its batch size)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -155,3 +155,22 @@ def test_artefact_tiles_are_streamed_flagged_and_left_out_of_score_and_rois(engi
     assert covered == pytest.approx(hot_clean.sum() * 224 * 224, rel=1e-6)
     for x, y in summary.coords[~clean]:
         assert all(r.polygon.intersection(box(x, y, x + 224, y + 224)).area == 0 for r in rois)
+
+
+def test_first_scores_come_from_a_small_first_run(chowder_bundle, slide_root):
+    """The first engine run of a slide scores FIRST_BATCH_TILES tiles alone (not merged with the
+    next batch by the batcher), so the first chunk leaves after a few tiles of model time."""
+    from serving.pipeline import FIRST_BATCH_TILES
+
+    with Engine(chowder_bundle, provider="cpu", batch_size=32) as big_batches:
+        events = SlideScorer(big_batches).score(slide_root / "slide.tiff",
+                                                chunk_size=FIRST_BATCH_TILES)
+        header = next(events)
+        first = next(events)
+        assert header.tile_count > FIRST_BATCH_TILES
+        assert isinstance(first, PatchChunk) and len(first.scores) == FIRST_BATCH_TILES
+        assert (big_batches.stats.runs, big_batches.stats.tiles) == (1, FIRST_BATCH_TILES)
+        rest = list(events)
+    chunks = [first, *rest[:-1]]
+    coords, scores, _ = _direct(big_batches, slide_root / "slide.tiff")
+    np.testing.assert_allclose(np.concatenate([c.scores for c in chunks]), scores, atol=1e-5)
