@@ -2,12 +2,25 @@
 for grpc.health.v1 SERVING while watching the process, and a self-signed TLS certificate."""
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 
 import grpc
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 20) -> None:
+    """SIGTERM (the servers' graceful shutdown), then SIGKILL if it is still running after
+    `timeout` seconds."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def free_port() -> int:

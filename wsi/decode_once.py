@@ -30,20 +30,18 @@ their default settings: islow DCT, fancy chroma upsampling); tests allow max |di
 """
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import threading
-from collections.abc import Iterator
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from core.errors import ConfigError, MilroiError, RequestError, SlideError
+from core.errors import ConfigError, MilroiError, SlideError
 from core.tiling import DEFAULT_TILING
-from wsi.tiles import TileBatch, TileReader
+from wsi.tiles import QueuedBatchReader, TileReader
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +306,7 @@ class _PendingBatch:
         self.assembled: Future | None = None
 
 
-class DecodeOnceReader:
+class DecodeOnceReader(QueuedBatchReader):
     """Iterable of TileBatch over `coords` (level-0 top-left corners), in their order, from a
     TiledLevel. Same interface and guarantees as wsi.tiles.TileReader (level 0 only)."""
 
@@ -318,6 +316,7 @@ class DecodeOnceReader:
         if workers < 1 or batch_size < 1 or queue_batches < 1:
             raise ConfigError(f"workers, batch_size and queue_batches must be >= 1, got "
                               f"{workers}, {batch_size}, {queue_batches}")
+        super().__init__()
         self.slide, self.source = slide, level
         self.coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
         self.tile_size = int(tile_size)
@@ -337,20 +336,14 @@ class DecodeOnceReader:
         # tiles in order (a separate pool: it waits on decodes, which must never wait on it).
         self._decoders = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tile-reader-decode")
         self._cropper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tile-reader-crop")
-        self._closed = threading.Event()
-        self._pending: collections.deque[_PendingBatch] = collections.deque()
         self._next_batch = 0
-        self._iterated = False
 
     def __len__(self) -> int:
         """Number of batches."""
         return len(self.plan.batch_tiles)
 
-    def __enter__(self) -> DecodeOnceReader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def _has_next_batch(self) -> bool:
+        return self._next_batch < len(self)
 
     # -- workers ---------------------------------------------------------------------------
     def _decode(self, index: int) -> np.ndarray | None:
@@ -417,30 +410,6 @@ class DecodeOnceReader:
         batch.assembled = self._cropper.submit(self._assemble, batch, decodes)
         self._pending.append(batch)
         self._next_batch = b + 1
-
-    def __iter__(self) -> Iterator[TileBatch]:
-        if self._iterated:
-            raise RequestError("a TileReader can be iterated only once")
-        self._iterated = True
-        try:
-            while not self._closed.is_set():
-                while len(self._pending) < self.queue_batches and self._next_batch < len(self):
-                    try:
-                        self._submit_next_batch()
-                    except RuntimeError:   # the executors were shut down by close() meanwhile
-                        if self._closed.is_set():
-                            return
-                        raise
-                if not self._pending:
-                    return
-                batch = self._pending.popleft()
-                if not self._wait_for(batch):
-                    return
-                yield TileBatch(index=np.arange(batch.start, batch.stop, dtype=np.int64),
-                                coords=self.coords[batch.start:batch.stop], tiles=batch.tiles)
-        finally:
-            self.close()
-            self._pending.clear()
 
     def _wait_for(self, batch: _PendingBatch) -> bool:
         try:

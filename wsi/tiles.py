@@ -38,8 +38,67 @@ class _PendingBatch:
         self.futures: list[Future] = []
 
 
-class TileReader:
-    """Iterable of TileBatch over `coords` (level-0 top-left corners), in their order."""
+class QueuedBatchReader:
+    """What every tile reader shares: the consumer loop that keeps at most `queue_batches`
+    batches in work, single iteration, `close()` on exit and at the end of the loop.
+
+    A subclass sets `queue_batches`, calls `super().__init__()` and gives `_has_next_batch()`,
+    `_submit_next_batch()` (start the reads of the next batch, append it to `_pending`),
+    `_wait_for(batch)` (True once read, False if closed meanwhile) and `close()`.
+    """
+
+    def __init__(self) -> None:
+        self._closed = threading.Event()
+        self._pending: collections.deque = collections.deque()
+        self._iterated = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[TileBatch]:
+        if self._iterated:
+            raise RequestError("a TileReader can be iterated only once")
+        self._iterated = True
+        try:
+            while not self._closed.is_set():
+                # Keep the queue full: reads of the next batches overlap the consumer's work.
+                while len(self._pending) < self.queue_batches and self._has_next_batch():
+                    try:
+                        self._submit_next_batch()
+                    except RuntimeError:   # the executors were shut down by close() meanwhile
+                        if self._closed.is_set():
+                            return
+                        raise
+                if not self._pending:
+                    return
+                batch = self._pending.popleft()
+                if not self._wait_for(batch):
+                    return   # closed meanwhile (e.g. from the gRPC cancel callback)
+                yield TileBatch(index=np.arange(batch.start, batch.stop, dtype=np.int64),
+                                coords=self.coords[batch.start:batch.stop], tiles=batch.tiles)
+        finally:
+            self.close()
+            self._pending.clear()   # here, not in close(): only the consumer touches the deque
+
+    def _has_next_batch(self) -> bool:
+        raise NotImplementedError
+
+    def _submit_next_batch(self) -> None:
+        raise NotImplementedError
+
+    def _wait_for(self, batch) -> bool:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class TileReader(QueuedBatchReader):
+    """Iterable of TileBatch over `coords` (level-0 top-left corners), in their order, each tile
+    read by OpenSlide's read_region."""
 
     def __init__(self, slide, coords, tile_size: int = DEFAULT_TILING.tile_size,
                  level: int = DEFAULT_TILING.level, workers: int = 4,
@@ -53,21 +112,16 @@ class TileReader:
         self.level = int(level)
         self.batch_size = int(batch_size)
         self.queue_batches = int(queue_batches)
+        super().__init__()
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tile-reader")
-        self._closed = threading.Event()
-        self._pending: collections.deque[_PendingBatch] = collections.deque()
         self._next_start = 0
-        self._iterated = False
 
     def __len__(self) -> int:
         """Number of batches."""
         return -(-len(self.coords) // self.batch_size)
 
-    def __enter__(self) -> TileReader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def _has_next_batch(self) -> bool:
+        return self._next_start < len(self.coords)
 
     def _read_into(self, batch: _PendingBatch, row: int) -> None:
         if self._closed.is_set():   # closed while queued: skip the read
@@ -83,31 +137,6 @@ class TileReader:
                          for row in range(stop - start)]
         self._pending.append(batch)
         self._next_start = stop
-
-    def __iter__(self) -> Iterator[TileBatch]:
-        if self._iterated:
-            raise RequestError("a TileReader can be iterated only once")
-        self._iterated = True
-        try:
-            while not self._closed.is_set():
-                # Keep the queue full: reads of the next batches overlap the consumer's work.
-                while len(self._pending) < self.queue_batches and self._next_start < len(self.coords):
-                    try:
-                        self._submit_next_batch()
-                    except RuntimeError:   # the executor was shut down by close() meanwhile
-                        if self._closed.is_set():
-                            return
-                        raise
-                if not self._pending:
-                    return
-                batch = self._pending.popleft()
-                if not self._wait_for(batch):
-                    return   # closed meanwhile (e.g. from the gRPC cancel callback)
-                yield TileBatch(index=np.arange(batch.start, batch.stop, dtype=np.int64),
-                                coords=self.coords[batch.start:batch.stop], tiles=batch.tiles)
-        finally:
-            self.close()
-            self._pending.clear()   # here, not in close(): only the consumer touches the deque
 
     def _wait_for(self, batch: _PendingBatch) -> bool:
         """Wait until every tile of `batch` is read; False if the reader was closed meanwhile."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import signal
 import struct
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-from server_testing import free_port, wait_serving
+from server_testing import free_port, stop_process, wait_serving
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -158,11 +157,5 @@ class ServeProcess:
         wait_serving(self.address, self.proc, self.log_path, timeout)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 30)
         self._log.close()

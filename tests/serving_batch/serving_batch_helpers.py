@@ -6,13 +6,12 @@ folders have one.)
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from server_testing import free_port
+from server_testing import free_port, stop_process
 
 MILROI_SERVE = str(Path(sys.executable).with_name("milroi-serve"))
 
@@ -49,13 +48,7 @@ class ServerProcess:
                 raise RuntimeError(f"server did not start: {self.log_path.read_text()}") from None
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 20)
         self._log.close()
 
 
