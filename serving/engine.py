@@ -15,7 +15,12 @@
   fp16 mode);
 - int8: `precision="int8"` loads the bundle's `backbone_int8.onnx` (static QDQ quantisation made
   at export, training.quantize) instead of backbone.onnx; on AVX-512 VNNI CPUs about 2-3x the
-  fp32 speed (benchmarks/results/bench.json).
+  fp32 speed (benchmarks/results/bench.json);
+- CPU backends: on the CPU the backbone runs in onnxruntime or OpenVINO (`backend=`), chosen by
+  measurement when `backend` or `precision` is "auto" (core.inference_backends: every allowed
+  backend x precision timed on a few batches at load, the fastest that passes the feature
+  agreement gate kept, the choice cached per host). On a GPU, precision "auto" times fp32 and
+  fp16 the same way. The head and the aggregator always run in onnxruntime (they are tiny).
 
 Dynamic batching: `submit(tiles)` queues a request and returns a Future. One runner thread takes
 queued requests in arrival order and packs them into one run of up to `batch_size` tiles; when
@@ -39,6 +44,19 @@ import numpy as np
 
 from core.bundle import INT8_ROLE, BundleManifest, bundle_digest
 from core.errors import BundleError, ConfigError, RequestError
+from core.inference_backends import (
+    DEFAULT_BACKEND,
+    DEFAULT_PRECISION,
+    ONNXRUNTIME,
+    OPENVINO,
+    Candidate,
+    check_choice,
+    choose,
+    describe_rows,
+    he_like_tiles,
+    log_table,
+    measure,
+)
 from core.runtime import available_cores, session_options
 
 log = logging.getLogger(__name__)
@@ -46,9 +64,8 @@ log = logging.getLogger(__name__)
 TRT, CUDA, CPU = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
 PROVIDER_CHOICES = {"auto": (TRT, CUDA, CPU), "tensorrt": (TRT,), "cuda": (CUDA,), "cpu": (CPU,)}
 PROVIDER_NAMES = {TRT: "tensorrt", CUDA: "cuda", CPU: "cpu"}
-# int8: the statically quantised backbone of the bundle (training.quantize), when it has one.
-PRECISIONS = ("fp32", "fp16", "int8")
-DEFAULT_PROVIDER, DEFAULT_PRECISION = "auto", "fp32"
+DEFAULT_PROVIDER = "auto"
+GPU_PRECISIONS = ("fp32", "fp16", "int8")   # what onnxruntime's CUDA/TensorRT providers run
 DEFAULT_BATCH_SIZE = 64      # tiles per model run
 DEFAULT_MAX_WAIT_S = 0.005   # how long the batcher waits to fill a batch
 
@@ -98,16 +115,18 @@ class Engine:
     """Backbone + head (+ aggregator) sessions of one bundle, and the batcher that feeds them."""
 
     def __init__(self, bundle_dir: str | os.PathLike, *, provider: str = DEFAULT_PROVIDER,
-                 precision: str = DEFAULT_PRECISION, batch_size: int = DEFAULT_BATCH_SIZE,
-                 max_wait_s: float = DEFAULT_MAX_WAIT_S, threads: int | None = None,
-                 model: ModelRef | None = None,
+                 backend: str = DEFAULT_BACKEND, precision: str = DEFAULT_PRECISION,
+                 batch_size: int = DEFAULT_BATCH_SIZE, max_wait_s: float = DEFAULT_MAX_WAIT_S,
+                 threads: int | None = None, model: ModelRef | None = None,
                  on_batch: Callable[[int, int, float], None] | None = None):
         import onnxruntime as ort
 
         if provider not in PROVIDER_CHOICES:
             raise ConfigError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDER_CHOICES)}")
-        if precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        check_choice(backend, precision)
+        if backend == OPENVINO and provider in ("cuda", "tensorrt"):
+            raise ConfigError(f"backend openvino runs on the CPU; provider {provider} needs "
+                              "backend onnxruntime (or auto)")
         if batch_size < 1 or max_wait_s < 0:
             raise ConfigError(f"batch_size must be >= 1 and max_wait_s >= 0, got {batch_size}, {max_wait_s}")
         self._ort = ort
@@ -123,25 +142,39 @@ class Engine:
         self._on_batch = on_batch
 
         files = self.manifest.files
-        if precision == "int8" and INT8_ROLE not in files:
+        self.graphs = {"fp32": self.bundle_dir / files["backbone"]}
+        if INT8_ROLE in files:
+            self.graphs["int8"] = self.bundle_dir / files[INT8_ROLE]
+        elif precision == "int8":
             raise BundleError(self.bundle_dir, "precision int8 needs an int8 backbone "
                                                "(export with --int8: files.backbone_int8)")
-        backbone_file = files[INT8_ROLE] if precision == "int8" else files["backbone"]
-        self.backbone, self.providers = self._open(backbone_file, provider, precision,
-                                                   backbone=True)
+        what = f"model {self.model.name} {self.model.version}"
+        self.backbone, self.providers, self.choice_table = None, [CPU], []
+        if backend != OPENVINO and precision in ("auto", *GPU_PRECISIONS):
+            self._open_gpu_backbone(provider, precision, what)
+        self.on_gpu = self.backbone is not None
+        if self.on_gpu:
+            self.backend = ONNXRUNTIME
+        else:
+            if provider in ("cuda", "tensorrt"):
+                raise BundleError(self.bundle_dir, f"precision {precision} does not run on "
+                                                   f"provider {provider}")
+            choice = choose(self.graphs, self._calibration_tiles, self.threads, backend=backend,
+                            precision=precision, what=what)
+            self.backend, self.precision = choice.backend, choice.precision
+            self.choice_table = describe_rows(choice.table)
+            self._cpu_features = choice.features
+            # The onnxruntime session when onnxruntime runs it (OpenVINO has none).
+            self.backbone = getattr(choice.features, "session", None)
         self.provider = self.providers[0]
-        # The head and the aggregator are tiny; they run where the backbone runs.
+        # The head and the aggregator are tiny; they run in onnxruntime where the backbone runs.
         active = PROVIDER_NAMES[self.provider]
         self.head, _ = self._open(files["head"], active, "fp32")
         self.aggregator, _ = self._open(files["aggregator"], "cpu", "fp32")
         self.head_outputs = [o.name for o in self.head.get_outputs()]
-        # fp16 is a GPU mode (CPU runs the fp32 graph); int8 is its own graph on any provider.
-        self.precision = precision if self.provider != CPU or precision == "int8" else "fp32"
-        self.on_gpu = self.provider in (TRT, CUDA)
-        log.info("model %s version %s: provider %s (session providers %s), precision %s, "
-                 "batch %d, %d CPU threads", self.model.name, self.model.version,
-                 PROVIDER_NAMES[self.provider], self.providers, self.precision,
-                 self.batch_size, self.threads)
+        log.info("%s: backbone on %s %s (provider %s, session providers %s), batch %d, "
+                 "%d CPU threads", what, self.backend, self.precision,
+                 PROVIDER_NAMES[self.provider], self.providers, self.batch_size, self.threads)
 
         self.stats = EngineStats()
         self._queue: collections.deque[_Request] = collections.deque()
@@ -178,11 +211,17 @@ class Engine:
         model = convert_float_to_float16(onnx.load(str(path)), keep_io_types=True)
         return model.SerializeToString()
 
-    def _open(self, file_name: str, provider: str, precision: str, backbone: bool = False):
-        """A session on the first candidate provider that initialises; (session, providers)."""
+    def _open(self, file_name: str, provider: str, precision: str, backbone: bool = False,
+              cpu_fallback: bool = True):
+        """A session on the first candidate provider that initialises; (session, providers).
+        Without `cpu_fallback`, (None, []) when no GPU provider initialises."""
         path = self.bundle_dir / file_name
         available = set(self._ort.get_available_providers())
         wanted = [p for p in PROVIDER_CHOICES[provider] if p in available or p == CPU]
+        if not cpu_fallback:
+            wanted = [p for p in wanted if p != CPU]
+            if not wanted:
+                return None, []
         if provider != "auto" and wanted[0] not in available:
             raise ConfigError(f"provider {provider} is not in this onnxruntime build "
                               f"(available: {sorted(available)})")
@@ -191,6 +230,8 @@ class Engine:
             # onnxruntime would print a page of "EP Error" and retry; say it in one line instead.
             wanted.remove(TRT)
             errors.append("tensorrt: libnvinfer not found")
+            if not wanted and not cpu_fallback:
+                return None, []
             if not wanted:
                 raise BundleError(self.bundle_dir, "provider tensorrt requested but the TensorRT "
                                                    "libraries (libnvinfer) are not installed")
@@ -219,15 +260,51 @@ class Engine:
             errors.append(f"{PROVIDER_NAMES[candidate]}: did not initialise (session runs on {active[0]})")
             if provider != "auto":
                 break
+        if not cpu_fallback and provider == "auto":
+            log.info("%s: no GPU provider initialises (%s): the CPU backends run it", file_name,
+                     "; ".join(errors))
+            return None, []
         raise BundleError(self.bundle_dir, f"{file_name} does not load on provider {provider}: "
                                            + "; ".join(errors))
+
+    def _calibration_tiles(self, n: int) -> np.ndarray:
+        return he_like_tiles(n, self.tile_size)
+
+    def _open_gpu_backbone(self, provider: str, precision: str, what: str) -> None:
+        """The backbone on a GPU provider when one initialises (sets backbone, providers,
+        precision); a no-op when provider auto finds none (the CPU backends take over)."""
+        gpu = tuple(p for p in PROVIDER_CHOICES[provider] if p != CPU)
+        if not gpu:
+            return
+        wanted = ("fp32", "fp16") if precision == "auto" else (precision,)
+        sessions = {}
+        for p in wanted:
+            graph = self.graphs["int8" if p == "int8" else "fp32"].name
+            session, providers = self._open(graph, provider, p, backbone=True,
+                                            cpu_fallback=provider != "auto")
+            if session is None or providers[0] == CPU:
+                return   # no GPU here: the CPU backends
+            sessions[p] = (session, providers)
+        if len(sessions) == 1:
+            self.precision = wanted[0]
+        else:
+            # Both precisions on the GPU: the fastest whose features agree with fp32.
+            options = [Candidate(ONNXRUNTIME, p, self.graphs["fp32"]) for p in sessions]
+            rows, _ = measure(options, self.graphs["fp32"], self._calibration_tiles(self.batch_size),
+                              self.threads, open_candidate=lambda c: (
+                                  lambda tiles, s=sessions[c.precision][0]:
+                                  s.run(["features"], {"tiles": tiles})[0]))
+            best = max((r for r in rows if r["passes_gate"]), key=lambda r: r["tiles_per_s"])
+            log_table(rows, best, what)
+            self.precision, self.choice_table = best["precision"], describe_rows(rows)
+        self.backbone, self.providers = sessions[self.precision]
 
     # -- inference -----------------------------------------------------------------------------
     def infer(self, tiles: np.ndarray) -> dict[str, np.ndarray]:
         """Run backbone + head now on uint8 tiles [n, s, s, 3] (no batching): output name -> array."""
         tiles = np.ascontiguousarray(tiles, dtype=np.uint8)
         if not self.on_gpu:
-            features = self.backbone.run(["features"], {"tiles": tiles})[0]
+            features = self._cpu_features(tiles)
             return dict(zip(self.head_outputs, self.head.run(self.head_outputs, {"features": features})))
         # IO binding: the tiles go to the device once; the features never come back to the host.
         device = "cuda"
@@ -362,5 +439,6 @@ class Engine:
 
     def describe(self) -> dict:
         return {"provider": PROVIDER_NAMES[self.provider], "providers": list(self.providers),
-                "precision": self.precision, "batch_size": self.batch_size,
-                "threads": self.threads}
+                "backend": self.backend, "precision": self.precision,
+                "batch_size": self.batch_size, "threads": self.threads,
+                "backend_choice": self.choice_table}

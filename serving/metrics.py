@@ -41,9 +41,10 @@ class ServerMetrics:
         self.batches.observe(tiles)
         self.batch_seconds.observe(seconds)
 
-    def set_model(self, ref, provider: str) -> None:
+    def set_model(self, ref, provider: str, backend: str = "", precision: str = "") -> None:
         self.model.info({"name": ref.name, "version": str(ref.version), "alias": ref.alias,
-                         "run_id": ref.run_id, "provider": provider})
+                         "run_id": ref.run_id, "provider": provider, "backend": backend,
+                         "precision": precision})
         self.model_swaps.inc()
 
     def record(self, method: str, code: str, seconds: float) -> None:

@@ -3,6 +3,7 @@
     milroi-serve serve --model models:/milroi@champion --slide-root /data/slides \
         [--port 50051] [--host 127.0.0.1] [--token-file F] [--tls-cert C --tls-key K]
         [--metrics-port 9100] [--max-concurrent 16] [--provider auto|cpu|cuda|tensorrt]
+        [--backend auto|onnxruntime|openvino] [--precision auto|fp32|fp16|bf16|int8]
 
 Services: milroi.v1.SlideScoring (proto/milroi/v1/scoring.proto), grpc.health.v1.Health
 (NOT_SERVING until a model is loaded and again while draining) and server reflection.
@@ -52,12 +53,12 @@ from core.errors import (
     SlideMissing,
     SlideNotFound,
 )
+from core.inference_backends import DEFAULT_BACKEND, DEFAULT_PRECISION
 from milroi.v1 import scoring_pb2 as pb
 from milroi.v1 import scoring_pb2_grpc as pb_grpc
 from serving.engine import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_MAX_WAIT_S,
-    DEFAULT_PRECISION,
     DEFAULT_PROVIDER,
     PROVIDER_NAMES,
     Engine,
@@ -300,7 +301,9 @@ def model_info(model: LoadedModel) -> pb.ModelInfo:
         feature_dim=manifest.feature_dim, threshold=manifest.threshold,
         roi_threshold=manifest.patch_threshold,
         provider=PROVIDER_NAMES[engine.provider], providers=list(engine.providers),
-        manifest_json=json.dumps(manifest.to_dict(), sort_keys=True))
+        manifest_json=json.dumps(manifest.to_dict(), sort_keys=True),
+        backend=engine.backend, precision=engine.precision,
+        backend_choice_json=json.dumps(engine.choice_table))
 
 
 async def _in_thread(make_events, cancel: threading.Event):
@@ -357,6 +360,7 @@ class ServerConfig:
     max_concurrent: int = 16
     provider: str = DEFAULT_PROVIDER
     precision: str = DEFAULT_PRECISION
+    backend: str = DEFAULT_BACKEND
     batch_size: int = DEFAULT_BATCH_SIZE
     max_wait_ms: float = DEFAULT_MAX_WAIT_S * 1000
     threads: int | None = None
@@ -377,7 +381,7 @@ class ServerConfig:
     @property
     def engine(self) -> EngineOptions:
         return EngineOptions(self.provider, self.precision, self.batch_size, self.threads,
-                             self.max_wait_ms / 1000)
+                             self.max_wait_ms / 1000, self.backend)
 
 
 class ScoringServer:
@@ -413,7 +417,8 @@ class ScoringServer:
 
     def _model_changed(self, model: LoadedModel) -> None:
         """From the poll thread: metrics now, health on the loop."""
-        self.metrics.set_model(model.ref, PROVIDER_NAMES[model.engine.provider])
+        self.metrics.set_model(model.ref, PROVIDER_NAMES[model.engine.provider],
+                               model.engine.backend, model.engine.precision)
         if self._loop is not None:
             asyncio.run_coroutine_threadsafe(self._set_serving(True), self._loop)
 
@@ -500,7 +505,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         model=args.model, slide_roots=args.slide_roots, host=args.host, port=args.port,
         token_file=args.token_file, tls_cert=args.tls_cert, tls_key=args.tls_key,
         metrics_port=args.metrics_port, max_concurrent=args.max_concurrent,
-        provider=engine.provider, precision=engine.precision, batch_size=engine.batch_size,
+        provider=engine.provider, precision=engine.precision, backend=engine.backend,
+        batch_size=engine.batch_size,
         max_wait_ms=engine.max_wait_s * 1000, threads=engine.threads,
         reader_workers=args.reader_workers, tracking_uri=args.tracking_uri,
         poll_interval=args.poll_interval, grace=args.grace, fallback_mpp=args.fallback_mpp)

@@ -25,3 +25,19 @@ def isolated_tracking_uri():
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     if saved is not None:
         os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
+@pytest.fixture(autouse=True, scope="session")
+def session_backend_cache(tmp_path_factory):
+    """The measured backend choices (core.inference_backends) of this test session, in a folder
+    of its own: tests never read or write the user's ~/.cache/milroi, and the servers the tests
+    start (which inherit the environment) reuse the session's measurements."""
+    import os
+
+    saved = os.environ.get("MILROI_CACHE_DIR")
+    os.environ["MILROI_CACHE_DIR"] = str(tmp_path_factory.mktemp("milroi-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("MILROI_CACHE_DIR", None)
+    else:
+        os.environ["MILROI_CACHE_DIR"] = saved

@@ -41,6 +41,7 @@ from torch import nn
 from core.bundle import DIGEST_LENGTH, DIGEST_TAG, GRAPH_FILES, INT8_ROLE, BundleManifest, bundle_digest
 from core.cli import add_tracking_uri_argument
 from core.errors import ConfigError, ExportError
+from core.inference_backends import he_like_tiles
 from core.tiling import DEFAULT_TILING, TissueParams
 from core.tracking import mlflow_client, resolve_tracking_uri
 from training.backbone import Backbone
@@ -124,22 +125,9 @@ def _patch_example_count() -> int:
 
 
 def synthetic_parity_tiles(n: int = 8, seed: int = 0) -> np.ndarray:
-    """Smooth, H&E-coloured uint8 tiles [n, 224, 224, 3] for a parity check without a slide.
-
-    Pink stroma with purple nuclei-like blobs: real-looking statistics (not white noise, which
-    drives a random-init ResNet into unrealistically large activations).
-    """
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:TILE_SIZE, 0:TILE_SIZE]
-    pink, purple = np.array([230, 170, 200.0]), np.array([110, 60, 150.0])
-    tiles = np.empty((n, TILE_SIZE, TILE_SIZE, 3), np.uint8)
-    for i in range(n):
-        centres = rng.uniform(0, TILE_SIZE, (40, 2))
-        d2 = ((xx[..., None] - centres[:, 0]) ** 2 + (yy[..., None] - centres[:, 1]) ** 2)
-        nuclei = np.exp(-d2 / (2 * rng.uniform(3, 8) ** 2)).max(-1)[..., None]
-        rgb = pink * (1 - nuclei) + purple * nuclei + rng.normal(0, 6, (TILE_SIZE, TILE_SIZE, 3))
-        tiles[i] = np.clip(rgb, 0, 255).astype(np.uint8)
-    return tiles
+    """Smooth, H&E-coloured uint8 tiles [n, 224, 224, 3] for a parity check without a slide
+    (core.inference_backends.he_like_tiles, which the backend choice is timed on too)."""
+    return he_like_tiles(n, TILE_SIZE, seed)
 
 
 def check_parity(bundle_dir: Path, backbone: Backbone, head: nn.Module,

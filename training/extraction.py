@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from core.cli import add_fallback_mpp_argument, add_tiling_arguments, tiling_from_args
 from core.errors import ConfigError
+from core.inference_backends import DEFAULT_BACKEND, DEFAULT_PRECISION, add_backend_arguments
 from core.tiling import DEFAULT_TILING, ArtefactParams, TilingParams
 from training.backbone import LAYERS, Backbone, build_backbone
 from training.feature_file import FeatureAttrs
@@ -48,13 +49,15 @@ class FeatureModelOptions:
     layer: str = "pool"           # pool: 2048-d after layer4; layer3: CLAM's 1024-d
     weights_seed: int = 0         # seed of the random init for weights "none"
     device: str = "auto"          # auto | cpu | cuda[:N]
-    engine: str = "auto"          # auto = onnxruntime on the CPU, torch on a GPU
-    threads: int | None = None    # onnxruntime threads (default: every usable core)
+    engine: str = "auto"          # auto = the ONNX graph on the CPU, torch on a GPU
+    threads: int | None = None    # backbone threads (default: every usable core)
+    backend: str = DEFAULT_BACKEND       # what runs the ONNX graph (core.inference_backends)
+    precision: str = DEFAULT_PRECISION
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> FeatureModelOptions:
         return cls(args.weights, args.layer, args.weights_seed, args.device, args.engine,
-                   args.threads)
+                   args.threads, args.backend, args.precision)
 
 
 @dataclass(frozen=True)
@@ -97,10 +100,12 @@ def add_feature_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=m.device,
                         help=f"auto | cpu | cuda[:N] (default {m.device})")
     parser.add_argument("--engine", choices=ENGINES, default=m.engine,
-                        help="what runs the ResNet-50: auto = onnxruntime on the CPU (the "
-                             "served graph, faster there), torch on a GPU (default auto)")
+                        help="what runs the ResNet-50: auto = the served ONNX graph on the CPU "
+                             "(run by --backend), torch on a GPU; onnxruntime = the ONNX graph "
+                             "(default auto)")
+    add_backend_arguments(parser)
     parser.add_argument("--threads", type=int, default=m.threads,
-                        help="onnxruntime threads (default: every core this process may use; "
+                        help="backbone threads (default: every core this process may use; "
                              "with --ray: --ray-num-cpus per actor)")
     parser.add_argument("--limit-tiles", type=int, default=e.limit_tiles,
                         help="only the first N tiles of each slide (quick runs)")
@@ -116,11 +121,12 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def build_feature_model(weights: str, layer: str, seed: int, device: torch.device,
-                        engine: str = "auto", threads: int | None = None
+                        engine: str = "auto", threads: int | None = None,
+                        backend: str = DEFAULT_BACKEND, precision: str = DEFAULT_PRECISION,
                         ) -> Backbone | OnnxBackbone:
-    """The ResNet-50 feature extractor for `extract_features`: `auto` is onnxruntime on the CPU
-    and torch on a GPU. `threads`: onnxruntime's intra-op threads (default: every core this
-    process may use)."""
+    """The ResNet-50 feature extractor for `extract_features`: `auto` is the exported ONNX graph
+    on the CPU (run by `backend` at `precision`, chosen as the server chooses them) and torch on
+    a GPU. `threads`: the backbone's threads (default: every core this process may use)."""
     if engine not in ENGINES:
         raise ConfigError(f"unknown feature engine {engine!r}; choose one of {', '.join(ENGINES)}")
     if threads is not None and threads < 1:
@@ -132,7 +138,7 @@ def build_feature_model(weights: str, layer: str, seed: int, device: torch.devic
                           f"--engine torch")
     backbone = build_backbone(weights, layer=layer, seed=seed)
     if engine == "onnxruntime":
-        return OnnxBackbone(backbone, threads=threads)
+        return OnnxBackbone(backbone, threads=threads, backend=backend, precision=precision)
     return backbone.to(device)
 
 
@@ -140,7 +146,8 @@ def feature_model(options: FeatureModelOptions) -> tuple[Backbone | OnnxBackbone
     """`build_feature_model` for a FeatureModelOptions: (model, the device it runs on)."""
     device = resolve_device(options.device)
     model = build_feature_model(options.weights, options.layer, options.weights_seed, device,
-                                options.engine, options.threads)
+                                options.engine, options.threads, options.backend,
+                                options.precision)
     return model, device
 
 

@@ -32,10 +32,10 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import ExportError
+from core.inference_backends import MIN_COSINE  # one agreement gate: export and backend choice
 from core.tiling import DEFAULT_TILING
 
 INT8_FILE = "backbone_int8.onnx"
-MIN_COSINE = 0.99
 TILE_SIZE = DEFAULT_TILING.tile_size
 # Calibration wants tiles that are mostly tissue, more than the grid's own minimum.
 CALIBRATION_MIN_TISSUE = 0.5

@@ -27,7 +27,8 @@ def _reference(bundle, tiles):
 
 
 def test_auto_provider_reports_what_really_runs(chowder_bundle):
-    with Engine(chowder_bundle, provider="auto", batch_size=4) as engine:
+    with Engine(chowder_bundle, provider="auto", backend="onnxruntime", precision="fp32",
+                batch_size=4) as engine:
         assert engine.provider in engine.backbone.get_providers()
         assert engine.providers == engine.backbone.get_providers()
         if engine.provider == CPU:   # this machine has no usable CUDA: the fallback was taken
@@ -45,7 +46,9 @@ def test_explicit_gpu_provider_that_does_not_initialise_is_an_error(chowder_bund
 
 def test_scores_equal_plain_onnxruntime(chowder_bundle, tiles):
     expected = _reference(chowder_bundle, tiles)
-    with Engine(chowder_bundle, provider="cpu", batch_size=5) as engine:
+    # Exact parity needs the exact runtime: onnxruntime fp32 (auto may pick bf16 or int8).
+    with Engine(chowder_bundle, provider="cpu", backend="onnxruntime", precision="fp32",
+                batch_size=5) as engine:
         got = engine.score(tiles)     # 12 tiles: split into runs of 5, 5, 2
         assert engine.stats.runs == 3 and engine.stats.tiles == 12
     assert set(got) >= {"patch_scores", "patch_logits"}
@@ -58,7 +61,8 @@ def test_slide_logit_through_aggregator_equals_torch(chowder_export, tiles):
     import torch
 
     bundle, backbone, head = chowder_export
-    with Engine(bundle, provider="cpu", batch_size=8) as engine:
+    with Engine(bundle, provider="cpu", backend="onnxruntime", precision="fp32",
+                batch_size=8) as engine:
         state = make_state(engine.pooling)
         for part in np.array_split(tiles, 3):
             state.update(engine.score(part))

@@ -27,7 +27,8 @@ ATTRS = ("patch_size", "patch_level", "level0_width", "level0_height", "mpp", "m
 def layer3_onnx(layer3_backbone):
     from training.onnx_backbone import OnnxBackbone
 
-    return OnnxBackbone(layer3_backbone)
+    # The exactness tests below need the exact runtime; the measured choice is tested apart.
+    return OnnxBackbone(layer3_backbone, backend="onnxruntime", precision="fp32")
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +91,33 @@ def test_onnxruntime_engine_writes_the_torch_features(tmp_path, synthetic_slide,
     assert ort_feats.shape == torch_feats.shape == (len(grid.coords), 1024)
     assert np.abs(ort_feats - torch_feats).max() <= FEATURE_ATOL
     assert np.abs(torch_feats).max() > 100 * FEATURE_ATOL  # not a comparison of zeros
+
+
+def test_features_run_on_the_measured_backend(tmp_path, synthetic_slide, layer3_backbone,
+                                              monkeypatch):
+    """Default --backend auto --precision auto: the features come from the backend the server
+    would choose (timed, gated), and the h5 says which one made them."""
+    from core.inference_backends import MIN_COSINE
+    from training.onnx_backbone import OnnxBackbone
+
+    monkeypatch.setenv("MILROI_CACHE_DIR", str(tmp_path / "cache"))
+    model = OnnxBackbone(layer3_backbone)
+    assert (tmp_path / "cache" / "backend_choice.json").exists()   # it was measured
+    out = tmp_path / "h5_files" / "synth_001.h5"
+    extract_features(synthetic_slide, out, model, ExtractionOptions(batch_size=8, workers=2,
+                                                                    limit_tiles=8), progress=False)
+    with h5py.File(out) as f:
+        engine, feats, coords = f.attrs["feature_engine"], f["features"][:], f["coords"][:]
+    assert engine == (model.backend if model.precision == "fp32"
+                      else f"{model.backend} {model.precision}")
+    from wsi.slide import open_slide
+
+    with open_slide(synthetic_slide) as slide:
+        tiles = np.stack([slide.read_region(int(x), int(y), 224, 224) for x, y in coords])
+    with torch.inference_mode():
+        ref = layer3_backbone(torch.from_numpy(tiles)).numpy()
+    cosine = (feats * ref).sum(1) / (np.linalg.norm(feats, axis=1) * np.linalg.norm(ref, axis=1))
+    assert cosine.min() >= MIN_COSINE
 
 
 def test_build_feature_model_engines(layer3_backbone):
@@ -157,7 +185,8 @@ def test_cli_walks_folder_skips_non_slides_reports_corrupt(tmp_path, synthetic_s
     assert done.is_file() and sorted(p.name for p in (out / "h5_files").iterdir()) == ["a_slide.h5"]
     with h5py.File(done) as f:
         assert f["features"].shape == (3, 1024)
-        assert f.attrs["feature_engine"] == "onnxruntime"  # the default on a CPU
+        # The default on a CPU: the ONNX graph on the measured backend (onnxruntime or OpenVINO).
+        assert f.attrs["feature_engine"].split()[0] in ("onnxruntime", "openvino")
     caplog.clear()
     with caplog.at_level("INFO"):
         assert train_main(argv) == 1

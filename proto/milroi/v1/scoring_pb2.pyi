@@ -173,7 +173,7 @@ class GetModelRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "head", "tile_size", "tile_level", "feature_dim", "threshold", "roi_threshold", "provider", "providers", "manifest_json")
+    __slots__ = ("model", "head", "tile_size", "tile_level", "feature_dim", "threshold", "roi_threshold", "provider", "providers", "manifest_json", "backend", "precision", "backend_choice_json")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     HEAD_FIELD_NUMBER: _ClassVar[int]
     TILE_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -184,6 +184,9 @@ class ModelInfo(_message.Message):
     PROVIDER_FIELD_NUMBER: _ClassVar[int]
     PROVIDERS_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_CHOICE_JSON_FIELD_NUMBER: _ClassVar[int]
     model: ModelRef
     head: str
     tile_size: int
@@ -194,4 +197,7 @@ class ModelInfo(_message.Message):
     provider: str
     providers: _containers.RepeatedScalarFieldContainer[str]
     manifest_json: str
-    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., head: _Optional[str] = ..., tile_size: _Optional[int] = ..., tile_level: _Optional[int] = ..., feature_dim: _Optional[int] = ..., threshold: _Optional[float] = ..., roi_threshold: _Optional[float] = ..., provider: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., manifest_json: _Optional[str] = ...) -> None: ...
+    backend: str
+    precision: str
+    backend_choice_json: str
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., head: _Optional[str] = ..., tile_size: _Optional[int] = ..., tile_level: _Optional[int] = ..., feature_dim: _Optional[int] = ..., threshold: _Optional[float] = ..., roi_threshold: _Optional[float] = ..., provider: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., manifest_json: _Optional[str] = ..., backend: _Optional[str] = ..., precision: _Optional[str] = ..., backend_choice_json: _Optional[str] = ...) -> None: ...
