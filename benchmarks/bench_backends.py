@@ -14,8 +14,9 @@ real tissue tiles, one fixed batch shape, all the host's cores:
 Runs are interleaved (one batch of each configuration in turn), so a change in the machine's
 load hits all of them; each rate is the median batch. Each configuration's features are
 compared with onnxruntime fp32's (per-tile cosine, min and mean): the agreement gate of the
-bundle is cosine >= 0.99. OpenVINO missing: its rows say so. This measures what a `--backend`
-choice would choose from; the engine itself runs onnxruntime (issue 26, item 2, not done).
+bundle is cosine >= 0.99. OpenVINO missing: its rows say so. This is what `--backend auto
+--precision auto` chooses from (core.inference_backends, which times the same configurations
+at model load on smaller batches); `make bench` puts its end-to-end row beside these.
 Writes benchmarks/results/backends.json with the CPU model and flags (machine.py).
 """
 from __future__ import annotations

@@ -75,9 +75,11 @@ def _free_port() -> int:
 
 
 def bare_backbone_rate(bundle: Path, provider: str, batch_size: int, batches: int,
-                       precision: str = "fp32", tiles: np.ndarray | None = None) -> dict:
-    """The backbone graph alone, as the server's Engine opens it (provider, threads, precision),
-    one full batch per run after a warm-up run; median batch time -> tiles/s.
+                       precision: str = "fp32", tiles: np.ndarray | None = None,
+                       backend: str = "onnxruntime") -> dict:
+    """The backbone graph alone, as the server's Engine opens it (provider, CPU backend,
+    threads, precision; `auto` chosen as the server chooses), one full batch per run after a
+    warm-up run; median batch time -> tiles/s.
 
     On a GPU the tiles are copied from host memory each run (as the server does) with IO binding
     and the features stay on the device."""
@@ -86,14 +88,15 @@ def bare_backbone_rate(bundle: Path, provider: str, batch_size: int, batches: in
     from serving.engine import Engine
     from training.export import synthetic_parity_tiles
 
-    engine = Engine(bundle, provider=provider, batch_size=batch_size, precision=precision)
+    engine = Engine(bundle, provider=provider, backend=backend, batch_size=batch_size,
+                    precision=precision)
     if tiles is None:
         tiles = synthetic_parity_tiles(n=batch_size, seed=1)
     tiles = np.ascontiguousarray(np.resize(tiles, (batch_size, *tiles.shape[1:])))
 
     def run_once():
         if not engine.on_gpu:
-            engine.backbone.run(["features"], {"tiles": tiles})
+            engine.cpu_features(tiles)
             return
         binding = engine.backbone.io_binding()
         binding.bind_cpu_input("tiles", tiles)
@@ -115,7 +118,7 @@ def bare_backbone_rate(bundle: Path, provider: str, batch_size: int, batches: in
 
 class ServerProcess:
     def __init__(self, bundle: Path, root: Path, provider: str, batch_size: int, log: Path,
-                 precision: str = "fp32", max_concurrent: int = 8):
+                 precision: str = "fp32", max_concurrent: int = 8, backend: str = "onnxruntime"):
         import grpc
         import psutil
         from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -126,7 +129,8 @@ class ServerProcess:
                    "--provider", provider, "--batch-size", str(batch_size),
                    "--max-concurrent", str(max_concurrent), "--grace", "0"]
         # `milroi-serve serve` through this interpreter (no console script needed on a bare box)
-        command = [sys.executable, "-m", "serving.cli", "serve", *options, "--precision", precision]
+        command = [sys.executable, "-m", "serving.cli", "serve", *options, "--precision", precision,
+                   "--backend", backend]
         self.process = subprocess.Popen(command, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
         self.ps = psutil.Process(self.process.pid)
         health = health_pb2_grpc.HealthStub(grpc.insecure_channel(self.address))

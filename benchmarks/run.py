@@ -1,7 +1,7 @@
 """`make bench`: milroi's performance table, every row measured in this one run, on the same slides.
 
     python -m benchmarks.run [--quick] [--slide PATH] [--out benchmarks/results]
-                             [--provider auto|cpu|cuda] [--precisions fp32,int8] [--naive-device cpu]
+                             [--provider auto|cpu|cuda] [--precisions fp32,int8,auto] [--naive-device cpu]
 
 Rows (what each means: benchmarks/README.md), each speed with the baseline it is compared to:
 
@@ -22,7 +22,11 @@ Rows (what each means: benchmarks/README.md), each speed with the baseline it is
 8. int8 agreement with fp32: feature cosine on the scoring slide's tiles (held out from the
    calibration), patch score max / mean abs difference over the whole slide;
 9. on CPU, the bare backbone for each backend x precision (onnxruntime fp32 / int8, OpenVINO
-   fp32 / bf16 / int8 on the same graphs), with its feature cosine to fp32 (bench_backends).
+   fp32 / bf16 / int8 on the same graphs), with its feature cosine to fp32 (bench_backends);
+10. on CPU, `auto`: the server started with --backend auto --precision auto (the backend x
+   precision it measures at load, core.inference_backends) end to end, against the best bare
+   backbone of row 9 (target >= 0.9x), onnxruntime int8 bare (>= 2x on AMX hosts) and the
+   naive baseline (>= 12x). The fp32 and int8 rows run onnxruntime, as before.
 
 The model: ResNet-50 (random init, seed 0, `--weights none`: no weights on this machine) + a
 Chowder head, exported by training.export (with the static int8 backbone of training.quantize,
@@ -127,17 +131,22 @@ def measure_precision(bundle: Path, root: Path, slide: str, large: str | None, p
 
     The bare backbone is timed just before and just after the server runs (median of all its
     batches): on a shared machine the load drifts, and the ceiling should see the same drift."""
+    # The named precisions run onnxruntime (the rows as they were); "auto" lets the engine
+    # measure and choose backend and precision, as `serve` does by default.
+    backend = "auto" if precision == "auto" else "onnxruntime"
+
     def bare():
         return bench_serving.bare_backbone_rate(bundle, args.provider, args.batch_size,
                                                 plan.bare_batches, precision=precision,
-                                                tiles=bare_tiles)
+                                                tiles=bare_tiles, backend=backend)
 
     before = bare()
     result = {"precision": before["precision"], "provider": before["provider"],
-              "threads": before["threads"]}
+              "threads": before["threads"], "backend": before["backend"],
+              "requested": precision, "backend_choice": before["backend_choice"]}
     server = bench_serving.ServerProcess(bundle, root, args.provider, args.batch_size,
                                          tmp / f"server-{precision}.log", precision=precision,
-                                         max_concurrent=max(plan.streams))
+                                         max_concurrent=max(plan.streams), backend=backend)
     try:
         bench_serving.score(server.address, slide)   # warm-up (sessions, allocator, caches)
         runs = [bench_serving.score(server.address, slide, keep_scores=True)
@@ -183,6 +192,9 @@ def build_rows(r: dict) -> list[tuple[str, str, str, str, str]]:
                  f"{naive['tiles_per_s']:.1f} tiles/s", "", "1.00x", f"{naive['tiles']} tiles"))
     for p in r["precisions"]:
         name = p["precision"]
+        if p.get("requested") == "auto":
+            rows += auto_rows(r, p)
+            continue
         if p.get("unavailable"):
             rows.append((f"{name} backbone", "n/a", "", "", p["unavailable"]))
             continue
@@ -226,6 +238,34 @@ def build_rows(r: dict) -> list[tuple[str, str, str, str, str]]:
     return rows
 
 
+def auto_rows(r: dict, p: dict) -> list[tuple[str, str, str, str, str]]:
+    """End to end with the backend x precision the server chose itself (`--backend auto
+    --precision auto`), against the best bare backbone, onnxruntime int8 bare and naive."""
+    choice = f"{p['backend']} {p['precision']}"
+    e2e, naive = p["end_to_end_tiles_per_s"], r["naive"]["tiles_per_s"]
+    amx = any(f.startswith("amx") for f in r["machine"]["cpu"]["flags"])
+    rows = [(f"bare backbone, auto (chose {choice})", f"{p['bare_tiles_per_s']:.1f} tiles/s",
+             "", "", "the choice's own ceiling")]
+    bare = {(b["backend"], b["precision"]): b for b in r.get("backends", {}).get("rows", [])
+            if "tiles_per_s" in b}
+    best = max((b for b in bare.values() if b["passes_gate"]), key=lambda b: b["tiles_per_s"],
+               default=None)
+    if best is not None:
+        rows.append((f"ScoreSlide end to end, auto ({choice})", f"{e2e:.1f} tiles/s",
+                     f"best bare ({best['backend']} {best['precision']})",
+                     f"{e2e / best['tiles_per_s']:.2f}x", "target >= 0.9x"))
+    if ("onnxruntime", "int8") in bare:
+        rows.append((f"ScoreSlide end to end, auto ({choice}), vs onnxruntime int8 bare",
+                     f"{e2e:.1f} tiles/s", "onnxruntime int8 bare",
+                     f"{e2e / bare[('onnxruntime', 'int8')]['tiles_per_s']:.2f}x",
+                     "target >= 2x on AMX hosts" + ("" if amx else " (this host has no AMX)")))
+    rows.append((f"ScoreSlide end to end, auto ({choice}), vs naive", f"{e2e:.1f} tiles/s",
+                 "naive", f"{e2e / naive:.2f}x", "target >= 12x"))
+    rows.append((f"first-score latency, auto ({choice})", f"{p['first_score_s']:.2f} s", "", "",
+                 "target < 2 s"))
+    return rows
+
+
 def markdown(rows) -> str:
     lines = ["| measure | value | baseline | ratio | target / note |", "|---|---:|---|---:|---|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -252,13 +292,14 @@ def main(argv=None) -> int:
     parser.add_argument("--json-name", default="bench.json")
     parser.add_argument("--provider", default="cpu", choices=["auto", "cpu", "cuda", "tensorrt"])
     parser.add_argument("--precisions", default=None,
-                        help="comma-separated (default fp32,int8 on cpu, fp32,fp16 otherwise)")
+                        help="comma-separated (default fp32,int8,auto on cpu, fp32,fp16 "
+                             "otherwise); auto: --backend auto --precision auto")
     parser.add_argument("--naive-device", default=None, help="torch device of the naive baseline")
     parser.add_argument("--batch-size", type=int, default=32, help="serving batch size (32)")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     on_cpu = args.provider == "cpu"
-    precisions = (args.precisions or ("fp32,int8" if on_cpu else "fp32,fp16")).split(",")
+    precisions = (args.precisions or ("fp32,int8,auto" if on_cpu else "fp32,fp16")).split(",")
     naive_device = args.naive_device or ("cpu" if on_cpu else "cuda")
     started, load_before = time.perf_counter(), _load()
 
@@ -289,7 +330,10 @@ def main(argv=None) -> int:
                               tumor=True)
         write_synthetic_slide(root / "large.tif", 2 * plan.scoring_side, 2 * plan.scoring_side,
                               seed=2, tumor=True)
-        bundle = export_model(tmp / "bundle", tmp, int8="int8" in precisions)
+        bundle = export_model(tmp / "bundle", tmp, int8=bool({"int8", "auto"} & set(precisions)))
+        # `auto` is measured afresh in this run (the bench process and its server share it),
+        # not taken from an earlier run's cache.
+        os.environ["MILROI_CACHE_DIR"] = str(tmp / "cache")
         slide = root / "score.tif"
         coords = tissue_coords(slide)
         sample = read_tiles(slide, coords[np.linspace(0, len(coords) - 1, 32).astype(int)])
@@ -321,7 +365,8 @@ def main(argv=None) -> int:
                                          "large.tif" if precision == serving_precision else None,
                                          precision, args, plan, sample, tmp)
             result["precisions"].append(measured)
-        by_name = {p["precision"]: p for p in result["precisions"] if "scores" in p}
+        by_name = {p["precision"]: p for p in result["precisions"]
+                   if "scores" in p and p.get("requested") != "auto"}
         result["bare_fp32"] = by_name["fp32"]["bare_tiles_per_s"] if "fp32" in by_name else float("nan")
         # Agreement of every reduced precision with fp32: patch scores of the same slide (same
         # grid order) and, for int8 (a separate graph), the features on held-out tiles.

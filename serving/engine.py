@@ -163,7 +163,7 @@ class Engine:
                             precision=precision, what=what)
             self.backend, self.precision = choice.backend, choice.precision
             self.choice_table = describe_rows(choice.table)
-            self._cpu_features = choice.features
+            self.cpu_features = choice.features
             # The onnxruntime session when onnxruntime runs it (OpenVINO has none).
             self.backbone = getattr(choice.features, "session", None)
         self.provider = self.providers[0]
@@ -304,7 +304,7 @@ class Engine:
         """Run backbone + head now on uint8 tiles [n, s, s, 3] (no batching): output name -> array."""
         tiles = np.ascontiguousarray(tiles, dtype=np.uint8)
         if not self.on_gpu:
-            features = self._cpu_features(tiles)
+            features = self.cpu_features(tiles)
             return dict(zip(self.head_outputs, self.head.run(self.head_outputs, {"features": features})))
         # IO binding: the tiles go to the device once; the features never come back to the host.
         device = "cuda"

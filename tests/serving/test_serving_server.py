@@ -1,5 +1,6 @@
 """The gRPC server on loopback with a real bundle and real slides: every RPC and status code."""
 import dataclasses
+import json
 import threading
 import time
 import urllib.request
@@ -60,6 +61,10 @@ def test_score_tiles_and_get_model(make_server, chowder_bundle):
     info = stub.GetModel(pb.GetModelRequest())
     assert info.head == "chowder" and info.tile_size == 224 and info.provider == "cpu"
     assert info.model.version and '"format": "milroi-bundle/1"' in info.manifest_json
+    # What runs the backbone, as measured at load (core.inference_backends): reported as it runs.
+    assert info.backend in ("onnxruntime", "openvino") and info.precision in ("fp32", "bf16")
+    table = json.loads(info.backend_choice_json)
+    assert [info.backend, info.precision] in [[r["backend"], r["precision"]] for r in table]
     tiles = synthetic_parity_tiles(n=6, seed=1)
     with Engine(chowder_bundle, provider="cpu", batch_size=8) as engine:
         expected = engine.score(tiles)["patch_scores"]
@@ -94,6 +99,8 @@ def test_health_reflection_and_metrics(make_server, free_port):
     assert 'milroi_requests_total{code="OK",method="ScoreSlide"} 1.0' in text
     assert 'milroi_errors_total{code="NOT_FOUND",method="ScoreSlide"} 1.0' in text
     assert "milroi_tiles_scored_total" in text and "milroi_model_info{" in text
+    info = next(line for line in text.splitlines() if line.startswith("milroi_model_info{"))
+    assert 'backend="onnxruntime"' in info or 'backend="openvino"' in info
     assert "milroi_queue_depth" in text and "milroi_first_score_seconds_count 1.0" in text
 
 
