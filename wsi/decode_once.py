@@ -15,9 +15,11 @@ kept from the first batch that needs it to the last one and then dropped; its pe
 computed before reading starts and a plan over `MAX_CACHE_BYTES` (a slide some 300k px wide
 with tissue across) goes to OpenSlide instead, so memory stays bounded.
 
-What it reads: generic tiled TIFF (Camelyon16) and Aperio SVS, level 0, 8-bit RGB, JPEG tiles
-(YCbCr, or Aperio's RGB-coded JPEG without JFIF marker) or Aperio JPEG 2000 in RGB (33005).
-An absent tile (byte count 0) is white, as OpenSlide draws it. Damaged JPEG data fails where
+What it reads: generic tiled TIFF (Camelyon16), Aperio SVS and Philips TIFF, level 0, 8-bit RGB,
+JPEG tiles (YCbCr, or Aperio's RGB-coded JPEG without JFIF marker) or Aperio JPEG 2000 in RGB
+(33005). An absent tile (byte count 0: a sparse Philips slide leaves out every tile outside its
+scanned regions) is white: OpenSlide leaves it transparent and `wsi.slide` composites
+transparency on white. Damaged JPEG data fails where
 OpenSlide fails it (it treats libjpeg's warnings as errors; imagecodecs does not, so
 `check_jpeg_stream` looks for what those warnings report). Anything else (other vendors,
 other compressions, Aperio's YCbCr JPEG 2000 (33003), DICOM folders, levels above 0) goes to
@@ -48,7 +50,7 @@ log = logging.getLogger(__name__)
 JPEG, JPEG2000_RGB = 7, 33005                     # TIFF Compression tag values read here
 _KIND = {JPEG: "JPEG", JPEG2000_RGB: "JPEG 2000"}
 _PHOTOMETRIC_RGB, _PHOTOMETRIC_YCBCR = 2, 6
-VENDORS = ("generic-tiff", "aperio")              # OpenSlide's names of the formats read here
+VENDORS = ("generic-tiff", "aperio", "philips")   # OpenSlide's names of the formats read here
 # The most memory the cache of decoded tiles may need (its peak is computed before reading).
 MAX_CACHE_BYTES = 1 << 30
 # `openslide` forces the OpenSlide reader everywhere (an escape hatch, e.g. to compare pixels).
@@ -199,6 +201,8 @@ def tiled_level0(slide) -> TiledLevel:
 
     try:
         with tifffile.TiffFile(path) as tif:
+            if vendor == "philips":
+                _check_philips(tif)
             page = next((p for p in tif.pages if p.is_tiled and (p.imagewidth, p.imagelength)
                          == tuple(slide.dimensions)), None)
             if page is None:
@@ -208,6 +212,18 @@ def tiled_level0(slide) -> TiledLevel:
         raise
     except Exception as exc:   # tifffile's view of a file OpenSlide opened: never fatal here
         raise NotApplicable(f"tifffile cannot index it: {exc!r}") from exc
+
+
+def _check_philips(tif) -> None:
+    """A slide OpenSlide calls Philips must be one to tifffile too: only then does tifffile
+    undo the ImageDepth / TileDepth that Philips DP v1.1 writes wrongly (the pyramid's level
+    count). Level 0 is page 0 (OpenSlide's driver takes the first tiled directory, the one with
+    the XML; the reduced levels follow, smaller): the size match in tiled_level0 finds it. The
+    XML's pixel spacing reaches `Slide.mpp` through OpenSlide's openslide.mpp-x/y."""
+    if not tif.is_philips:
+        raise NotApplicable("OpenSlide reads it as Philips, tifffile finds no Philips DP metadata")
+    if not tif.pages[0].is_tiled:
+        raise NotApplicable("Philips TIFF whose first page (level 0) is not tiled")
 
 
 def _describe(path: Path, page) -> TiledLevel:
@@ -464,9 +480,9 @@ def make_tile_reader(slide, coords, tile_size: int = DEFAULT_TILING.tile_size,
         return TileReader(slide, coords, tile_size=tile_size, level=level, workers=workers,
                           batch_size=batch_size, queue_batches=queue_batches)
     used = int(np.count_nonzero(plan.uses))
-    log.info("%s: tile reader: decode-once, %s %dx%d tiles, %d workers: %d patches from %d "
+    log.info("%s: tile reader: decode-once, %s %dx%d tiles (%s), %d workers: %d patches from %d "
              "source tiles (%.2f per patch), cache peak %d tiles (%.0f MiB)", name, source.kind,
-             source.tile_width, source.tile_height, workers, len(coords), used,
-             used / max(len(coords), 1), plan.peak_tiles, plan.peak_bytes / 2**20)
+             source.tile_width, source.tile_height, getattr(slide, "vendor", "?"), workers,
+             len(coords), used, used / max(len(coords), 1), plan.peak_tiles, plan.peak_bytes / 2**20)
     return DecodeOnceReader(slide, coords, source, tile_size=tile_size, workers=workers,
                             batch_size=batch_size, queue_batches=queue_batches, plan=plan)
