@@ -26,7 +26,8 @@ of an earlier run (283 tiles/s on an H100) measured set-up, not throughput. Then
 end-to-end figures are written as null, the reason goes to "refused", and the exit status is 3.
 `--dry-run` runs every step on a small slide with the CPU provider (minutes, no GPU): it checks
 the code and the JSON layout, and is refused by that rule. Stages that would overrun
-`--budget-s` are skipped and say so. JSON: <out>/gpu_full.json.
+`--budget-s` are skipped and say so. JSON: <out>/gpu_full.json, rewritten after every stage
+("complete": false until the end), so a run cut short keeps what it measured.
 """
 from __future__ import annotations
 
@@ -264,6 +265,15 @@ def report(raw: dict, min_tiles: int = MIN_TILES) -> tuple[dict, str | None]:
     return out, refused
 
 
+def write(raw: dict, path: Path, done: bool) -> tuple[dict, str | None]:
+    """The report so far (rewritten after every stage: a run cut short keeps what it measured)."""
+    out, refused = report(raw)
+    out["complete"] = done
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    return out, refused
+
+
 def main(argv=None) -> int:
     from benchmarks.bench_wsi import CAMELYON_SIZE
 
@@ -311,6 +321,7 @@ def main(argv=None) -> int:
                "readers": reader_rows(slide, coords[:args.reader_tiles], batch_size),
                "providers": []}
         print(json.dumps(raw["readers"]), flush=True)
+        write(raw, args.out / args.json_name, done=False)
         bundle = args.bundle or export_bundle(tmp / "bundle")
         for provider in providers:
             if time.monotonic() > deadline:
@@ -320,15 +331,13 @@ def main(argv=None) -> int:
                                    deadline)
             print(json.dumps(row), flush=True)
             raw["providers"].append(row)
-    out, refused = report(raw)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / args.json_name).write_text(json.dumps(out, indent=1) + "\n")
+            write(raw, args.out / args.json_name, done=False)
+    out, refused = write(raw, args.out / args.json_name, done=True)
     print(f"written {args.out / args.json_name}")
     if refused:
         print(f"REFUSED: {refused}", file=sys.stderr)
         return REFUSED_EXIT
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -29,7 +29,7 @@ def test_full_dry_run_writes_the_layout_and_refuses_a_small_slide(tmp_path):
     assert run.returncode == REFUSED_EXIT, run.stdout[-3000:] + run.stderr[-3000:]
     assert "REFUSED: refusing to report end-to-end figures measured on" in run.stderr
     result = json.loads((out / "gpu_full.json").read_text())
-    assert result["mode"] == "dry-run" and result["refused"].startswith("refusing")
+    assert result["mode"] == "dry-run" and result["refused"].startswith("refusing") and result["complete"]
     assert 0 < result["slide"]["tissue_tiles"] < MIN_TILES
     assert result["machine"]["model"] and "onnxruntime" in result and result["reader_threads"] >= 2
     assert set(result["gpu"]) >= {"gpus"} and "available" in result["gpu_decode"]
