@@ -89,8 +89,9 @@ WHITE = 255   # off-slide and absent tiles, as OpenSlide draws them
 _DECODER_OPTIONS = ":fancy_upsampling=1"
 
 
-class GpuDecodeError(MilroiError):
-    """The CUDA runtime or nvImageCodec failed (not the slide's data: that is a SlideError)."""
+class GpuDecodeError(RuntimeError):
+    """The CUDA runtime or nvImageCodec failed: the machine's fault, not the request's (the
+    slide's bad data is a SlideError), so not a MilroiError: the server answers INTERNAL."""
 
 
 # -- availability -------------------------------------------------------------------------------
@@ -315,7 +316,10 @@ class _BufferPool:
             if not self._closed:
                 self._free.append(ptr)
                 return
-        self.cuda.free(ptr)
+        try:   # a batch dropped after close(), possibly as the interpreter exits
+            self.cuda.free(ptr)
+        except GpuDecodeError as exc:
+            log.debug("batch buffer not freed: %s", exc)
 
     def close(self) -> None:
         with self._lock:
@@ -418,6 +422,7 @@ class GpuDecodeReader(QueuedBatchReader):
         self.cache_high_water = 0
         self._fd = os.open(level.path, os.O_RDONLY)
         self._producer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu-tile-reader")
+        self._close_lock = threading.Lock()   # close() runs from the cancel watcher and the loop
         self._next_batch = 0
 
     def __len__(self) -> int:
@@ -497,9 +502,9 @@ class GpuDecodeReader(QueuedBatchReader):
             batch.assembled.result()
         except CancelledError:
             return False
-        except MilroiError:
+        except (MilroiError, GpuDecodeError):
             raise
-        except Exception as exc:
+        except Exception as exc:   # nvImageCodec's own errors
             raise GpuDecodeError(f"{self.source.path}: GPU tile decode failed: {exc!r}") from exc
         return not self._closed.is_set()
 
@@ -509,7 +514,13 @@ class GpuDecodeReader(QueuedBatchReader):
         frees its buffer when it is dropped)."""
         self._closed.set()
         self._producer.shutdown(wait=True, cancel_futures=True)
-        if self._fd >= 0:
+        with self._close_lock:
+            if self._fd < 0:
+                return
+            try:   # a batch that failed half-way may have decodes or copies still queued
+                self._cuda.synchronize()
+            except GpuDecodeError as exc:
+                log.warning("%s: GPU stream not synchronised at close: %s", self.source.path, exc)
             self._tiles.clear()
             self._pool.close()
             self._cuda.close()

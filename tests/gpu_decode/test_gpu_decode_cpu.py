@@ -213,3 +213,21 @@ def test_jpeg_2000_goes_to_the_cpu_reader():
     with open_slide(TCGA_JP2K) as slide:
         with pytest.raises(NotApplicable, match="JPEG 2000 tiles"):
             gpu_source(slide)
+
+
+def test_a_device_batch_is_what_io_binding_takes_and_slices_without_copying():
+    """No device needed to check the description onnxruntime's bind_input and the CUDA array
+    interface read: pointer, shape, uint8, contiguous; a slice is an offset into the same memory."""
+    from wsi.gpu_decode import DeviceBatch
+
+    batch = DeviceBatch(ptr=1 << 32, n=8, tile_size=PATCH, device_id=1)
+    assert batch.shape == (8, PATCH, PATCH, 3) and batch.nbytes == 8 * PATCH * PATCH * 3
+    assert batch.__cuda_array_interface__ == {"shape": (8, PATCH, PATCH, 3), "typestr": "|u1",
+                                              "data": (1 << 32, False), "version": 3,
+                                              "strides": None, "stream": None}
+    head, tail = batch[:3], batch[3:]
+    assert (head.ptr, head.shape[0], head.device_id) == (1 << 32, 3, 1)
+    assert (tail.ptr, len(tail)) == ((1 << 32) + 3 * PATCH * PATCH * 3, 5)
+    assert len(batch[6:20]) == 2 and len(batch[5:2]) == 0
+    with pytest.raises(TypeError):
+        batch[::2]
