@@ -109,7 +109,7 @@ def gpu_decode_available(device_id: int = 0) -> tuple[bool, str]:
         return False, f"{GPU_DECODE_ENV}=0"
     try:
         from cuda.bindings import runtime as cudart
-    except ImportError as exc:
+    except Exception as exc:   # ImportError, or a binding whose libraries do not load
         return False, f"cuda-bindings is not installed (pip install milroi[gpu]): {exc}"
     try:
         err, count = cudart.cudaGetDeviceCount()
@@ -121,7 +121,7 @@ def gpu_decode_available(device_id: int = 0) -> tuple[bool, str]:
         return False, f"CUDA device {device_id} asked for, {count} present"
     try:
         from nvidia import nvimgcodec
-    except ImportError as exc:
+    except Exception as exc:   # ImportError, or its libnvimgcodec.so failing to load
         return False, f"nvImageCodec is not installed (pip install milroi[gpu]): {exc}"
     try:
         decoder = _make_decoder(nvimgcodec, device_id)
