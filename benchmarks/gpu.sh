@@ -23,6 +23,15 @@
 # nvImageCodec GPU tile readers alone; JSON to $OUT/gpu_full.json. It refuses (exit 3) to report
 # end-to-end figures measured on fewer than 10^4 tiles. `--full --dry-run` runs it on a small
 # slide with the CPU provider (no GPU needed: it checks the script, and is refused).
+#
+# The GPU tile decode needs the [gpu] extra (nvImageCodec + nvJPEG, cuda-bindings). A GPU machine
+# that reaches no package index gets it from wheels carried in .gpu-wheels/ (git-ignored, 36 MB),
+# made beforehand on a machine with the index (the GPU machine's Python: 3.12 here):
+#   python -m pip download --only-binary=:all: --python-version 3.12 -d .gpu-wheels \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
+#       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#       'nvidia-nvimgcodec-cu13[nvjpeg]>=0.9,<0.10' 'nvidia-nvjpeg>=13,<14' 'cuda-bindings>=13,<14'
+# Without it the benchmarks run, and say that the CPU reader decoded the tiles.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,6 +50,14 @@ OUT_DIR=${OUT:-benchmarks/results}
 mkdir -p "$OUT_DIR"
 # The cached slide lives outside the tree; a fresh machine writes it once (~40 s).
 export MILROI_BENCH_CACHE=${MILROI_BENCH_CACHE:-$HOME/.cache/milroi/bench}
+
+WHEELS=${MILROI_GPU_WHEELS:-.gpu-wheels}
+if [ -d "$WHEELS" ]; then
+    echo "== installing the GPU tile decode from $WHEELS"
+    "$PYTHON" -m pip install -q --no-index --find-links "$WHEELS" \
+        'nvidia-nvimgcodec-cu13[nvjpeg]>=0.9,<0.10' 'nvidia-nvjpeg>=13,<14' 'cuda-bindings>=13,<14' \
+        || echo "could not install them: the tiles are decoded on the CPU"
+fi
 
 site=$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 if [ -d "$site/nvidia" ]; then
