@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from core.errors import Cancelled, RequestError
+from core.runtime import available_cores
 from serving.aggregate import make_state, slide_score
 from serving.engine import Engine, ModelRef
 from wsi.decode_once import make_tile_reader
@@ -162,6 +163,13 @@ def ramp_first_batch(batches, first_tiles: int = FIRST_BATCH_TILES) -> Iterator[
     yield from it
 
 
+def default_reader_workers() -> int:
+    """Tile-decode threads of a slide: one per core this process may run on (taskset/cgroup
+    aware), at least 2. No upper cap: a 16-core GPU host needs all 16 to feed the GPU (decodes
+    release the GIL), and on a CPU host the engine's threads sleep between runs."""
+    return max(2, available_cores())
+
+
 class SlideScorer:
     """Streams the scores of slides through an Engine (shared by concurrent slides)."""
 
@@ -179,7 +187,7 @@ class SlideScorer:
         self.roi_threshold = manifest.patch_threshold
         self.tissue_params = manifest.tissue
         self.artefacts = manifest.artefacts
-        self.reader_workers = reader_workers or max(2, min(8, os.cpu_count() or 2))
+        self.reader_workers = reader_workers or default_reader_workers()
         self.queue_batches = int(queue_batches)
         self.in_flight = max(1, int(in_flight))
         self.default_chunk_size = int(default_chunk_size or engine.batch_size)

@@ -490,7 +490,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              f"(default {d.max_concurrent})")
     add_engine_arguments(parser, batching=True)
     parser.add_argument("--reader-workers", type=int, default=None,
-                        help="tile-reading threads per slide (default: cores, 2..8)")
+                        help="tile-reading threads per slide (default: one per core, at least 2)")
     add_tracking_uri_argument(parser)
     parser.add_argument("--poll-interval", type=float, default=d.poll_interval,
                         help=f"seconds between checks of the model alias (default {d.poll_interval:g})")

@@ -178,6 +178,19 @@ def test_cuda_provider_libraries_resolve(container):
     assert cudnn.returncode == 0 and missing <= {"libcuda.so.1"}, cudnn.stdout
 
 
+@pytest.mark.skipif(not WITH_CUDA, reason="image built without the CUDA wheels "
+                                          "(MILROI_TEST_WITH_CUDA=1 builds it with them)")
+def test_gpu_tile_decode_libraries_load(container):
+    """The [gpu] extra is in the CUDA image: nvJPEG loads from LD_LIBRARY_PATH, nvImageCodec and
+    the CUDA runtime binding import, and without a GPU the decode says why and stays off."""
+    ctr = container()
+    probe = ctr.run("python3", "-c", "import ctypes; ctypes.CDLL('libnvjpeg.so.13'); "
+                                     "from cuda.bindings import runtime; from nvidia import nvimgcodec; "
+                                     "from wsi.gpu_decode import gpu_decode_available as a; print(a())")
+    assert probe.returncode == 0, probe.stdout + probe.stderr
+    assert "(False, 'no usable CUDA device" in probe.stdout, probe.stdout
+
+
 def record(key: str, value) -> None:
     """Print one figure; merge it into $MILROI_CONTAINER_RESULTS when set (atomic rewrite)."""
     print(f"containers figure {key}: {value}")
