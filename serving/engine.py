@@ -93,6 +93,11 @@ def _tensorrt_loadable() -> bool:
     return False
 
 
+def on_device(tiles) -> bool:
+    """Whether a batch of tiles is in GPU memory (a wsi.gpu_decode.DeviceBatch), not numpy."""
+    return hasattr(tiles, "__cuda_array_interface__") and not isinstance(tiles, np.ndarray)
+
+
 @dataclass
 class EngineStats:
     """Counters of the batcher (read by the metrics and the tests)."""
@@ -302,14 +307,23 @@ class Engine:
     # -- inference -----------------------------------------------------------------------------
     def infer(self, tiles: np.ndarray) -> dict[str, np.ndarray]:
         """Run backbone + head now on uint8 tiles [n, s, s, 3] (no batching): output name -> array."""
-        tiles = np.ascontiguousarray(tiles, dtype=np.uint8)
+        if on_device(tiles):
+            if not self.on_gpu:
+                raise RequestError("tiles decoded on a GPU reach an engine that runs on the CPU")
+        else:
+            tiles = np.ascontiguousarray(tiles, dtype=np.uint8)
         if not self.on_gpu:
             features = self.cpu_features(tiles)
             return dict(zip(self.head_outputs, self.head.run(self.head_outputs, {"features": features})))
-        # IO binding: the tiles go to the device once; the features never come back to the host.
+        # IO binding: the tiles go to the device once (or were decoded there: wsi.gpu_decode);
+        # the features never come back to the host.
         device = "cuda"
         backbone = self.backbone.io_binding()
-        backbone.bind_ortvalue_input("tiles", self._ort.OrtValue.ortvalue_from_numpy(tiles, device, 0))
+        if on_device(tiles):
+            backbone.bind_input("tiles", device, tiles.device_id, np.uint8, list(tiles.shape),
+                                tiles.ptr)
+        else:
+            backbone.bind_ortvalue_input("tiles", self._ort.OrtValue.ortvalue_from_numpy(tiles, device, 0))
         backbone.bind_output("features", device, 0)
         self.backbone.run_with_iobinding(backbone)
         features = backbone.get_outputs()[0]
@@ -326,9 +340,10 @@ class Engine:
         return float(self.aggregator.run(["slide_logit"], {"pooled": pooled})[0].reshape(-1)[0])
 
     def check_tiles(self, tiles: np.ndarray) -> np.ndarray:
-        tiles = np.asarray(tiles)
+        if not on_device(tiles):
+            tiles = np.asarray(tiles)
         expected = (self.tile_size, self.tile_size, 3)
-        if tiles.dtype != np.uint8 or tiles.ndim != 4 or tiles.shape[1:] != expected:
+        if tiles.dtype != np.uint8 or len(tiles.shape) != 4 or tuple(tiles.shape[1:]) != expected:
             raise RequestError(f"tiles must be uint8 [n, {self.tile_size}, {self.tile_size}, 3], "
                                f"got {tiles.dtype} {list(tiles.shape)}")
         return tiles
@@ -389,6 +404,9 @@ class Engine:
                 self._cond.wait(left)
             batch, size = [], 0
             while self._queue and size + len(self._queue[0].tiles) <= self.batch_size:
+                # Tiles already on the GPU run as they are (no concatenation on the device).
+                if batch and (on_device(self._queue[0].tiles) or on_device(batch[0].tiles)):
+                    break
                 request = self._queue.popleft()
                 # A request cancelled while queued (its stream went away) is dropped unrun.
                 if request.future.set_running_or_notify_cancel():

@@ -46,7 +46,7 @@ import numpy as np
 from core.errors import Cancelled, RequestError
 from core.runtime import available_cores
 from serving.aggregate import make_state, slide_score
-from serving.engine import Engine, ModelRef
+from serving.engine import Engine, ModelRef, on_device
 from wsi.decode_once import make_tile_reader
 from wsi.grid import tiles_for_slide
 from wsi.outputs import roi_polygons, roi_tile_stats
@@ -238,9 +238,7 @@ class SlideScorer:
             flags = np.zeros(n, np.uint8)
             state = make_state(engine.pooling)
             scoring_started = time.perf_counter()
-            reader = make_tile_reader(slide, grid.coords, tile_size=self.tile_size, level=self.level,
-                                      workers=self.reader_workers, batch_size=engine.batch_size,
-                                      queue_batches=self.queue_batches)
+            reader = self._tile_reader(slide, grid.coords)
             # The reader's consumer may be blocked on a tile read when the cancel comes:
             # close it from a watcher thread so that the wait ends at once.
             finished = threading.Event()
@@ -258,9 +256,11 @@ class SlideScorer:
                     if batch is not None:
                         first = int(batch.index[0])
                         future = engine.submit(batch.tiles)
-                        # Measured while the engine runs this batch (a few ms of numpy).
+                        # Measured while the engine runs this batch (a few ms of numpy; tiles
+                        # decoded on the GPU are measured on a host copy).
+                        host = batch.tiles.to_host() if on_device(batch.tiles) else batch.tiles
                         flags[first:first + len(batch.index)] = artefact_flags(
-                            measure_tiles(batch.tiles, self.tissue_params), self.artefacts)
+                            measure_tiles(host, self.tissue_params), self.artefacts)
                         pending.append((first, future))
                         # The first (small) batch runs alone: queued beside the next one, the
                         # engine's batcher would merge them into one full run.
@@ -310,6 +310,23 @@ class SlideScorer:
             yield SlideSummary(name, probability, logit, label, self.threshold, n, rois,
                                slide.mpp, roi_threshold, tile_size0, timings, engine.model,
                                grid.coords, scores, flags)
+
+    def _tile_reader(self, slide, coords: np.ndarray):
+        """The GPU decode reader when the engine runs on a GPU and the slide's tiles decode there
+        (wsi.gpu_decode: patches assembled in device memory, bound to the backbone's input);
+        else the CPU reader (decode-once or OpenSlide). Each logs which runs and why."""
+        engine = self.engine
+        if engine.on_gpu and self.level == 0:   # MILROI_GPU_DECODE=0 turns it off
+            from wsi.gpu_decode import make_gpu_tile_reader
+
+            reader = make_gpu_tile_reader(slide, coords, tile_size=self.tile_size,
+                                          batch_size=engine.batch_size,
+                                          queue_batches=self.queue_batches)
+            if reader is not None:
+                return reader
+        return make_tile_reader(slide, coords, tile_size=self.tile_size, level=self.level,
+                                workers=self.reader_workers, batch_size=engine.batch_size,
+                                queue_batches=self.queue_batches)
 
     def score_slide(self, slide_path: str | os.PathLike, **kwargs) -> SlideSummary:
         """Run `score` to the end and return its summary (the batch job's in-process call)."""
