@@ -92,12 +92,15 @@ def downloaded(version, mlflow_server, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server_scores(version, mlflow_server, real_tiles):
     """Patch scores of the milroi server's own path: ModelSource follows the alias, downloads
-    the version, checks its digest and builds the serving Engine (CPU, as the pyfunc runs)."""
+    the version, checks its digest and builds the serving Engine (CPU, onnxruntime fp32: what the
+    pyfunc runs; the default `auto` may measure OpenVINO bf16 faster, within the cosine gate but
+    not within these tests' 1e-5)."""
     from serving.engine import Engine
     from serving.model_source import ModelSource
 
-    source = ModelSource(MODEL_URI, lambda path, ref: Engine(path, provider="cpu", model=ref),
-                         tracking_uri=mlflow_server)
+    source = ModelSource(MODEL_URI, lambda path, ref: Engine(
+        path, provider="cpu", backend="onnxruntime", precision="fp32", model=ref),
+        tracking_uri=mlflow_server)
     try:
         assert source.refresh() and source.current.ref.version == str(version.version)
         with source.lease() as model:
