@@ -143,15 +143,16 @@ def open_openvino(graph: Path, threads: int, precision: str) -> Features:
 
 @dataclass(frozen=True)
 class Candidate:
-    """One backend x precision on one graph file."""
+    """One backend x precision on one graph file (and, on a CUDA GPU, a tensor layout)."""
 
     backend: str
     precision: str
     graph: Path
+    layout: str = ""    # "nhwc": onnxruntime CUDA's prefer_nhwc (serving.engine); "" the default
 
     @property
     def label(self) -> str:
-        return f"{self.backend} {self.precision}"
+        return f"{self.backend} {self.precision}" + (f" {self.layout}" if self.layout else "")
 
     def open(self, threads: int) -> Features:
         if self.backend == ONNXRUNTIME:
@@ -307,16 +308,23 @@ def measure(options: list[Candidate], reference_graph: Path, tiles: np.ndarray, 
         opened[c.label] = run
         cos = _cosine(features, reference)
         rows.append({"backend": c.backend, "precision": c.precision, "graph": c.graph.name,
+                     **({"layout": c.layout} if c.layout else {}),
                      "load_s": round(load_s, 2), "cosine_min": round(float(cos.min()), 5),
                      "passes_gate": bool(cos.min() >= MIN_COSINE), "seconds": []})
     for _ in range(rounds):
         for row in rows:
             started = time.perf_counter()
-            opened[f"{row['backend']} {row['precision']}"](tiles)
+            opened[row_label(row)](tiles)
             row["seconds"].append(round(time.perf_counter() - started, 4))
     for row in rows:
         row["tiles_per_s"] = round(len(tiles) / statistics.median(row["seconds"]), 1)
     return rows, opened
+
+
+def row_label(row: dict) -> str:
+    """The Candidate.label of a measured row."""
+    layout = row.get("layout", "")
+    return f"{row['backend']} {row['precision']}" + (f" {layout}" if layout else "")
 
 
 def _pick(rows: list[dict]) -> dict:
@@ -332,7 +340,8 @@ def log_table(rows: list[dict], chosen: dict, what: str) -> None:
     lines = [f"{'backend':<12} {'precision':<9} {'tiles/s':>8} {'cosine':>8}  gate"]
     for r in rows:
         mark = " <- chosen" if r is chosen else ""
-        lines.append(f"{r['backend']:<12} {r['precision']:<9} {r['tiles_per_s']:>8.1f} "
+        precision = r["precision"] + (f"/{r['layout']}" if r.get("layout") else "")
+        lines.append(f"{r['backend']:<12} {precision:<9} {r['tiles_per_s']:>8.1f} "
                      f"{r['cosine_min']:>8.4f}  {'pass' if r['passes_gate'] else 'FAIL'}{mark}")
     log.info("%s: backbone backend chosen by measurement:\n%s", what, "\n".join(lines))
 
@@ -364,8 +373,7 @@ def choose(graphs: dict[str, Path], tiles: Callable[[int], np.ndarray], threads:
     cache.put(key, {"chosen": [best["backend"], best["precision"]], "table": rows,
                     "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "host": _host_key()})
-    label = f"{best['backend']} {best['precision']}"
-    return Choice(best["backend"], best["precision"], opened[label], rows)
+    return Choice(best["backend"], best["precision"], opened[row_label(best)], rows)
 
 
 def describe_rows(rows: list[dict]) -> list[dict]:

@@ -19,8 +19,9 @@
 - CPU backends: on the CPU the backbone runs in onnxruntime or OpenVINO (`backend=`), chosen by
   measurement when `backend` or `precision` is "auto" (core.inference_backends: every allowed
   backend x precision timed on a few batches at load, the fastest that passes the feature
-  agreement gate kept, the choice cached per host). On a GPU, precision "auto" times fp32 and
-  fp16 the same way. The head and the aggregator always run in onnxruntime (they are tiny).
+  agreement gate kept, the choice cached per host). On a GPU, precision "auto" times fp32, fp16
+  and (CUDA provider) fp16 with NHWC convolutions the same way. The head and the aggregator
+  always run in onnxruntime (they are tiny).
 
 Dynamic batching: `submit(tiles)` queues a request and returns a Future. One runner thread takes
 queued requests in arrival order and packs them into one run of up to `batch_size` tiles; when
@@ -43,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from core.bundle import INT8_ROLE, BundleManifest, bundle_digest
-from core.errors import BundleError, ConfigError, RequestError
+from core.errors import BundleError, ConfigError, MilroiError, RequestError
 from core.inference_backends import (
     DEFAULT_BACKEND,
     DEFAULT_PRECISION,
@@ -155,6 +156,7 @@ class Engine:
                                                "(export with --int8: files.backbone_int8)")
         what = f"model {self.model.name} {self.model.version}"
         self.backbone, self.providers, self.choice_table = None, [CPU], []
+        self.layout = ""   # "nhwc" when the CUDA provider runs NHWC convolutions
         if backend != OPENVINO and precision in ("auto", *GPU_PRECISIONS):
             self._open_gpu_backbone(provider, precision, what)
         self.on_gpu = self.backbone is not None
@@ -192,7 +194,7 @@ class Engine:
     def _session_options(self):
         return session_options(self._ort, self.threads)
 
-    def _provider_options(self, name: str, precision: str):
+    def _provider_options(self, name: str, precision: str, layout: str = ""):
         if name == TRT:
             cache = Path(os.environ.get("MILROI_TRT_CACHE", Path.home() / ".cache" / "milroi" / "trt"))
             cache.mkdir(parents=True, exist_ok=True)
@@ -203,7 +205,10 @@ class Engine:
                           "trt_profile_opt_shapes": shape.format(self.batch_size),
                           "trt_profile_max_shapes": shape.format(self.batch_size)})
         if name == CUDA:
-            return (CUDA, {"cudnn_conv_algo_search": "HEURISTIC"})
+            options = {"cudnn_conv_algo_search": "HEURISTIC"}
+            if layout == "nhwc":   # NHWC convolutions (tensor cores' native layout), if built in
+                options["prefer_nhwc"] = "1"
+            return (CUDA, options)
         return name
 
     def _model_bytes(self, path: Path, provider: str, precision: str) -> bytes | str:
@@ -217,7 +222,7 @@ class Engine:
         return model.SerializeToString()
 
     def _open(self, file_name: str, provider: str, precision: str, backbone: bool = False,
-              cpu_fallback: bool = True):
+              cpu_fallback: bool = True, layout: str = ""):
         """A session on the first candidate provider that initialises; (session, providers).
         Without `cpu_fallback`, (None, []) when no GPU provider initialises."""
         path = self.bundle_dir / file_name
@@ -245,7 +250,7 @@ class Engine:
             # outcome is logged below, once, in our words.
             self._ort.set_default_logger_severity(4)
         for candidate in wanted:
-            chain = [self._provider_options(p, precision)
+            chain = [self._provider_options(p, precision, layout)
                      for p in PROVIDER_CHOICES["auto"][PROVIDER_CHOICES["auto"].index(candidate):]]
             try:
                 session = self._ort.InferenceSession(
@@ -277,32 +282,47 @@ class Engine:
 
     def _open_gpu_backbone(self, provider: str, precision: str, what: str) -> None:
         """The backbone on a GPU provider when one initialises (sets backbone, providers,
-        precision); a no-op when provider auto finds none (the CPU backends take over)."""
+        precision, layout); a no-op when provider auto finds none (the CPU backends take over).
+
+        Precision auto: fp32, fp16 and, on the CUDA provider, fp16 with NHWC convolutions are
+        timed on a few batches and the fastest whose features agree with fp32 is kept."""
         gpu = tuple(p for p in PROVIDER_CHOICES[provider] if p != CPU)
         if not gpu:
             return
-        wanted = ("fp32", "fp16") if precision == "auto" else (precision,)
+        variants = ([("fp32", ""), ("fp16", ""), ("fp16", "nhwc")] if precision == "auto"
+                    else [(precision, "")])
         sessions = {}
-        for p in wanted:
+        for p, layout in variants:
+            if layout and next(iter(sessions.values()))[1][0] != CUDA:
+                continue   # a CUDA provider option; TensorRT chooses its own layouts
             graph = self.graphs["int8" if p == "int8" else "fp32"].name
-            session, providers = self._open(graph, provider, p, backbone=True,
-                                            cpu_fallback=provider != "auto")
+            try:
+                session, providers = self._open(graph, provider, p, backbone=True,
+                                                cpu_fallback=provider != "auto", layout=layout)
+            except MilroiError as exc:
+                if not layout:
+                    raise
+                log.info("%s: fp16 NHWC not timed (%s)", what, exc)
+                continue
             if session is None or providers[0] == CPU:
+                if layout:
+                    continue
                 return   # no GPU here: the CPU backends
-            sessions[p] = (session, providers)
-        if len(sessions) == 1:
-            self.precision = wanted[0]
-        else:
-            # Both precisions on the GPU: the fastest whose features agree with fp32.
-            options = [Candidate(ONNXRUNTIME, p, self.graphs["fp32"]) for p in sessions]
+            sessions[(p, layout)] = (session, providers)
+        chosen = variants[0]
+        if len(sessions) > 1:
+            # Several variants on the GPU: the fastest whose features agree with fp32.
+            options = [Candidate(ONNXRUNTIME, p, self.graphs["fp32"], layout)
+                       for p, layout in sessions]
             rows, _ = measure(options, self.graphs["fp32"], self._calibration_tiles(self.batch_size),
                               self.threads, open_candidate=lambda c: (
-                                  lambda tiles, s=sessions[c.precision][0]:
+                                  lambda tiles, s=sessions[(c.precision, c.layout)][0]:
                                   s.run(["features"], {"tiles": tiles})[0]))
             best = max((r for r in rows if r["passes_gate"]), key=lambda r: r["tiles_per_s"])
             log_table(rows, best, what)
-            self.precision, self.choice_table = best["precision"], describe_rows(rows)
-        self.backbone, self.providers = sessions[self.precision]
+            chosen, self.choice_table = (best["precision"], best.get("layout", "")), describe_rows(rows)
+        self.precision, self.layout = chosen
+        self.backbone, self.providers = sessions[chosen]
 
     # -- inference -----------------------------------------------------------------------------
     def infer(self, tiles: np.ndarray) -> dict[str, np.ndarray]:
@@ -457,6 +477,6 @@ class Engine:
 
     def describe(self) -> dict:
         return {"provider": PROVIDER_NAMES[self.provider], "providers": list(self.providers),
-                "backend": self.backend, "precision": self.precision,
+                "backend": self.backend, "precision": self.precision, "layout": self.layout,
                 "batch_size": self.batch_size, "threads": self.threads,
                 "backend_choice": self.choice_table}
