@@ -26,96 +26,65 @@ import json
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks.machine import machine_facts
+from core.inference_backends import (
+    OPENVINO_HINTS,
+    OnnxruntimeFeatures,
+    feature_cosine,
+    open_openvino,
+    openvino_capabilities,
+)
+from core.runtime import available_cores
 
 RESULTS = Path(__file__).resolve().parent / "results" / "backends.json"
 
 
-def _onnxruntime(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarray]:
-    import onnxruntime as ort
-
-    from core.runtime import session_options
-
-    session = ort.InferenceSession(str(path), sess_options=session_options(ort, threads),
-                                   providers=["CPUExecutionProvider"])
-    return lambda tiles: session.run(["features"], {"tiles": tiles})[0]
-
-
-def _openvino(path: Path, threads: int, hint: str, shape: tuple[int, ...]):
-    """(run, the inference precision OpenVINO reports) for the graph at one fixed input shape."""
-    import openvino as ov
-
-    core = ov.Core()
-    model = core.read_model(str(path))
-    model.reshape({"tiles": list(shape)})
-    compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint,
-                                                 "INFERENCE_NUM_THREADS": threads,
-                                                 "PERFORMANCE_HINT": "LATENCY"})
-    request = compiled.create_infer_request()
-    output = compiled.output("features")
-
-    def run(tiles: np.ndarray) -> np.ndarray:
-        return request.infer({"tiles": tiles})[output].copy()
-
-    return run, compiled.get_property("INFERENCE_PRECISION_HINT").to_string()   # "f32", "bf16"
-
-
-def configurations(bundle: Path) -> list[tuple[str, str, Path, str | None]]:
-    """(backend, precision, graph, OpenVINO hint) of every configuration this bundle allows."""
+def configurations(bundle: Path) -> list[tuple[str, str, Path]]:
+    """(backend, precision, graph) of every configuration this bundle allows, bf16 included
+    where this CPU cannot run it (its row then says so)."""
     manifest = json.loads((bundle / "manifest.json").read_text())
     fp32 = bundle / manifest["files"]["backbone"]
     int8 = bundle / manifest["files"]["backbone_int8"] if "backbone_int8" in manifest["files"] else None
-    out = [("onnxruntime", "fp32", fp32, None)]
+    out = [("onnxruntime", "fp32", fp32)]
     if int8:
-        out.append(("onnxruntime", "int8", int8, None))
-    out.append(("openvino", "fp32", fp32, "f32"))
-    out.append(("openvino", "bf16", fp32, "bf16"))
+        out.append(("onnxruntime", "int8", int8))
+    out.append(("openvino", "fp32", fp32))
+    out.append(("openvino", "bf16", fp32))
     if int8:
-        out.append(("openvino", "int8", int8, "f32"))
+        out.append(("openvino", "int8", int8))
     return out
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
 def bare_rates(bundle: Path, tiles: np.ndarray, batch_size: int = 32, batches: int = 5,
                threads: int | None = None) -> dict:
     """Median tiles/s of each configuration on `tiles` (>= batch_size real tiles), and its
     feature agreement with onnxruntime fp32."""
-    from core.runtime import available_cores
-
     threads = threads or available_cores()
     batch = np.ascontiguousarray(tiles[:batch_size], dtype=np.uint8)
     if len(batch) < batch_size:
         batch = np.concatenate([batch] * (-(-batch_size // len(batch))))[:batch_size]
     runners, rows = {}, []
-    for backend, precision, graph, hint in configurations(bundle):
+    capabilities = openvino_capabilities()
+    for backend, precision, graph in configurations(bundle):
         row = {"backend": backend, "precision": precision, "graph": graph.name}
-        try:
-            bf16_capable = True
-            if backend == "openvino":
-                import openvino as ov
-
-                bf16_capable = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-            if precision == "bf16" and not bf16_capable:
-                row["unavailable"] = "this CPU has no bf16 (OpenVINO's OPTIMIZATION_CAPABILITIES)"
-            else:
-                started = time.perf_counter()
-                if backend == "onnxruntime":
-                    run = _onnxruntime(graph, threads)
-                else:
-                    run, row["inference_precision"] = _openvino(graph, threads, hint, batch.shape)
-                row["load_s"] = round(time.perf_counter() - started, 2)
-                row["features"] = run(batch)   # warm-up, and the features compared below
-                runners[(backend, precision)] = run
-        except ImportError as exc:
-            row["unavailable"] = f"not installed: {exc}"
+        if backend == "openvino" and capabilities is None:
+            row["unavailable"] = "not installed: openvino"
+        elif backend == "openvino" and precision == "bf16" and "BF16" not in capabilities:
+            row["unavailable"] = "this CPU has no bf16 (OpenVINO's OPTIMIZATION_CAPABILITIES)"
+        else:
+            started = time.perf_counter()
+            if backend == "onnxruntime":
+                run = OnnxruntimeFeatures(graph, threads)
+            else:   # one fixed batch shape; open_openvino checks the precision it runs
+                run = open_openvino(graph, threads, precision, input_shape=batch.shape)
+                row["inference_precision"] = OPENVINO_HINTS[precision]
+            row["load_s"] = round(time.perf_counter() - started, 2)
+            row["features"] = run(batch)   # warm-up, and the features compared below
+            runners[(backend, precision)] = run
         rows.append(row)
     seconds: dict = {key: [] for key in runners}
     for _ in range(batches):
@@ -128,7 +97,7 @@ def bare_rates(bundle: Path, tiles: np.ndarray, batch_size: int = 32, batches: i
         key = (row["backend"], row["precision"])
         if key not in runners:
             continue
-        cos = _cosine(row.pop("features"), reference)
+        cos = feature_cosine(row.pop("features"), reference)
         row.update(tiles_per_s=round(batch_size / statistics.median(seconds[key]), 1),
                    batch_seconds=[round(s, 4) for s in seconds[key]],
                    cosine_min=round(float(cos.min()), 5), cosine_mean=round(float(cos.mean()), 5),

@@ -53,7 +53,7 @@ MIN_COSINE = 0.99            # feature agreement with onnxruntime fp32 (as for i
 CALIBRATION_BATCH = 16       # tiles per timed run: long enough to time, short enough to load fast
 CALIBRATION_ROUNDS = 3       # timed runs of each candidate (interleaved); the median counts
 # OpenVINO's inference precision hint for each precision (int8: what is not quantised runs f32)
-_OPENVINO_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
+OPENVINO_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
 
 Features = Callable[[np.ndarray], np.ndarray]   # uint8 tiles [n, s, s, 3] -> float32 [n, d]
 
@@ -111,19 +111,21 @@ class OnnxruntimeFeatures:
         return self.session.run(["features"], {"tiles": tiles})[0]
 
 
-def open_onnxruntime(graph: Path, threads: int) -> Features:
-    return OnnxruntimeFeatures(graph, threads)
-
-
-def open_openvino(graph: Path, threads: int, precision: str) -> Features:
+def open_openvino(graph: Path, threads: int, precision: str,
+                  input_shape: tuple[int, ...] | None = None) -> Features:
     """The graph compiled by OpenVINO for the CPU with the hint of `precision`; refuses a CPU
-    that would run something else than asked (an explicit precision is honoured exactly)."""
+    that would run something else than asked (an explicit precision is honoured exactly).
+
+    The batch stays dynamic as exported (the engine's batches vary: first-score ramp, tails)
+    unless `input_shape` fixes it (the benchmark's bare rows)."""
     import openvino as ov
 
     core = ov.Core()
-    hint = _OPENVINO_HINTS[precision]
-    # Dynamic batch as exported: the engine's batches vary (first-score ramp, tails).
-    compiled = core.compile_model(core.read_model(str(graph)), "CPU", {
+    hint = OPENVINO_HINTS[precision]
+    model = core.read_model(str(graph))
+    if input_shape is not None:
+        model.reshape({"tiles": list(input_shape)})
+    compiled = core.compile_model(model, "CPU", {
         "INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads,
         "PERFORMANCE_HINT": "LATENCY",
         # Tile decoders share these cores: do not pin OpenVINO's threads to them.
@@ -156,7 +158,7 @@ class Candidate:
 
     def open(self, threads: int) -> Features:
         if self.backend == ONNXRUNTIME:
-            return open_onnxruntime(self.graph, threads)
+            return OnnxruntimeFeatures(self.graph, threads)
         return open_openvino(self.graph, threads, self.precision)
 
 
@@ -211,7 +213,8 @@ class Choice:
                 "cached": self.cached, "table": self.table}
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def feature_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-tile cosine of two feature arrays [n, d] (the agreement gate's measure)."""
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
 
 
@@ -306,7 +309,7 @@ def measure(options: list[Candidate], reference_graph: Path, tiles: np.ndarray, 
         if reference is None:
             reference = features
         opened[c.label] = run
-        cos = _cosine(features, reference)
+        cos = feature_cosine(features, reference)
         rows.append({"backend": c.backend, "precision": c.precision, "graph": c.graph.name,
                      **({"layout": c.layout} if c.layout else {}),
                      "load_s": round(load_s, 2), "cosine_min": round(float(cos.min()), 5),

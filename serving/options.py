@@ -9,11 +9,10 @@ from pathlib import Path
 
 from core.errors import ConfigError
 from core.inference_backends import (
-    BACKEND_CHOICES,
     DEFAULT_BACKEND,
     DEFAULT_PRECISION,
-    PRECISION_CHOICES,
     add_backend_arguments,
+    check_choice,
 )
 from serving.engine import (
     DEFAULT_BATCH_SIZE,
@@ -37,10 +36,7 @@ class EngineOptions:
     backend: str = DEFAULT_BACKEND
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKEND_CHOICES or self.precision not in PRECISION_CHOICES:
-            raise ConfigError(f"--backend must be one of {', '.join(BACKEND_CHOICES)} and "
-                              f"--precision one of {', '.join(PRECISION_CHOICES)}, got "
-                              f"{self.backend!r}, {self.precision!r}")
+        check_choice(self.backend, self.precision)
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.threads is not None and self.threads < 1:

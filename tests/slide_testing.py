@@ -144,3 +144,16 @@ def write_philips_tiff(path: Path, rgb: np.ndarray, mpp: float = 0.25, levels: i
                     tif.filehandle.seek(page.tags[placeholder].offset)
                     tif.filehandle.write(code.to_bytes(2, "little"))
     return Path(path)
+
+
+def write_camelyon_layout_slide(folder: Path, tile: int = 512) -> Path:
+    """Camelyon16's own layout, small: generic TIFF, YCbCr JPEG tiles of `tile` px with one
+    shared JPEGTables tag (wsi.synth.write_camelyon_size_slide); 4096 px square for 512-px
+    tiles (seed 3), 2048 px for 256-px tiles (seed 4). Used by the decode-once and GPU-decode
+    tests, which compare the same slides."""
+    from wsi.synth import write_camelyon_size_slide
+
+    side, seed = {512: (4096, 3), 256: (2048, 4)}[tile]
+    path = Path(folder) / f"camelyon_{tile}.tif"
+    write_camelyon_size_slide(path, side, side, seed=seed, tile=tile, jpeg_tables=True, variants=1)
+    return path

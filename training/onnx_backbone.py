@@ -27,9 +27,9 @@ import torch
 from core.inference_backends import (
     DEFAULT_BACKEND,
     DEFAULT_PRECISION,
+    OnnxruntimeFeatures,
     choose,
     he_like_tiles,
-    open_onnxruntime,
 )
 from core.runtime import available_cores
 from training.backbone import Backbone
@@ -57,7 +57,7 @@ class OnnxBackbone:
             export_backbone(backbone, path)
             # The export is checked in onnxruntime fp32; the backend that runs it is then chosen
             # (both read the graph now: the folder can go).
-            self.parity = self._check_parity(backbone, open_onnxruntime(path, threads))
+            self.parity = self._check_parity(backbone, OnnxruntimeFeatures(path, threads))
             choice = choose({"fp32": path}, lambda n: he_like_tiles(n, TILE_SIZE), threads,
                             backend=backend, precision=precision, what=f"features {self.layer}")
         self._run, self.backend, self.precision = choice.features, choice.backend, choice.precision

@@ -32,7 +32,10 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import ExportError
-from core.inference_backends import MIN_COSINE  # one agreement gate: export and backend choice
+from core.inference_backends import (  # one agreement gate: export and backend choice
+    MIN_COSINE,
+    feature_cosine,
+)
 from core.tiling import DEFAULT_TILING
 
 INT8_FILE = "backbone_int8.onnx"
@@ -141,7 +144,7 @@ def feature_agreement(fp32_path: str | os.PathLike, int8_path: str | os.PathLike
         return session.run(["features"], {"tiles": np.ascontiguousarray(tiles)})[0]
 
     ref, got = features(fp32_path), features(int8_path)
-    cosine = (ref * got).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1) + 1e-12)
+    cosine = feature_cosine(ref, got)
     return {"cosine_min": float(cosine.min()), "cosine_mean": float(cosine.mean()),
             "max_abs_diff": float(np.abs(ref - got).max()), "tiles": int(len(tiles))}
 

@@ -6,22 +6,17 @@ import numpy as np
 import pytest
 import tifffile
 from gpu_slides import ABSENT_TILE
-
-from wsi.synth import write_camelyon_size_slide
+from slide_testing import write_camelyon_layout_slide
 
 
 @pytest.fixture(scope="session")
 def camelyon_512(tmp_path_factory):
-    path = tmp_path_factory.mktemp("c512") / "camelyon_512.tif"
-    write_camelyon_size_slide(path, 4096, 4096, seed=3, tile=512, jpeg_tables=True, variants=1)
-    return path
+    return write_camelyon_layout_slide(tmp_path_factory.mktemp("c512"), 512)
 
 
 @pytest.fixture(scope="session")
 def camelyon_256(tmp_path_factory):
-    path = tmp_path_factory.mktemp("c256") / "camelyon_256.tif"
-    write_camelyon_size_slide(path, 2048, 2048, seed=4, tile=256, jpeg_tables=True, variants=1)
-    return path
+    return write_camelyon_layout_slide(tmp_path_factory.mktemp("c256"), 256)
 
 
 @pytest.fixture(scope="session")

@@ -123,7 +123,7 @@ def test_measure_keeps_layout_variants_apart(chowder_bundle):
     """The GPU path times fp16 and fp16 NHWC of one graph through its own opener (CUDA sessions);
     here two onnxruntime CPU sessions stand in for the two layouts, to check the bookkeeping:
     one row and one runner per layout, each compared with the fp32 reference."""
-    from core.inference_backends import Candidate, measure, open_onnxruntime, row_label
+    from core.inference_backends import Candidate, OnnxruntimeFeatures, measure, row_label
 
     graph = chowder_bundle / "backbone.onnx"
     options = [Candidate("onnxruntime", "fp32", graph), Candidate("onnxruntime", "fp16", graph),
@@ -131,7 +131,7 @@ def test_measure_keeps_layout_variants_apart(chowder_bundle):
     opened = []
     rows, runners = measure(options, graph, he_like_tiles(2, 224), threads=1, rounds=1,
                             open_candidate=lambda c: opened.append(c.label)
-                            or open_onnxruntime(c.graph, 1))
+                            or OnnxruntimeFeatures(c.graph, 1))
     assert opened == ["onnxruntime fp32", "onnxruntime fp16", "onnxruntime fp16 nhwc"]
     assert [row_label(r) for r in rows] == opened and set(runners) == set(opened)
     assert rows[2]["layout"] == "nhwc" and "layout" not in rows[1]

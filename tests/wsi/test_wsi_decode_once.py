@@ -9,12 +9,12 @@ import time
 import numpy as np
 import pytest
 import tifffile
+from slide_testing import write_camelyon_layout_slide
 from wsi_slides import CMU_SMALL, TCGA_JP2K, write_pyramid_tiff
 
 from core.errors import ConfigError, MilroiError, SlideError
 from wsi.decode_once import READER_ENV, DecodeOnceReader, make_tile_reader, tiled_level0
 from wsi.slide import open_slide
-from wsi.synth import write_camelyon_size_slide
 from wsi.tiles import TileReader
 
 PATCH = 224
@@ -23,9 +23,7 @@ PATCH = 224
 @pytest.fixture(scope="module")
 def camelyon_512(tmp_path_factory):
     """Camelyon16's own layout: generic TIFF, 512-px YCbCr JPEG tiles, one shared JPEGTables."""
-    path = tmp_path_factory.mktemp("c512") / "camelyon_512.tif"
-    write_camelyon_size_slide(path, 4096, 4096, seed=3, tile=512, jpeg_tables=True, variants=1)
-    return path
+    return write_camelyon_layout_slide(tmp_path_factory.mktemp("c512"), 512)
 
 
 @pytest.fixture(scope="module")
