@@ -183,10 +183,10 @@ class SlideScoringService(pb_grpc.SlideScoringServicer):
         finally:
             self._active -= 1
 
-    async def _fail(self, method: str, context, exc: BaseException, started: float,
-                    slide_path: str | None = None, resolved: Path | None = None):
+    async def _fail(self, method: str, context, exc: BaseException,
+                    slide_path: str | None = None, resolved: Path | None = None) -> None:
         """Log `exc` as it is, answer its status with the slide named as the client named it
-        (`slide_path`; `resolved` is where it lies on this server)."""
+        (`slide_path`; `resolved` is where it lies on this server). Raises (context.abort)."""
         code = status_of(exc)
         if code == grpc.StatusCode.INTERNAL:
             log.exception("%s failed", method, exc_info=exc)
@@ -194,12 +194,16 @@ class SlideScoringService(pb_grpc.SlideScoringServicer):
         else:
             log.info("%s: %s: %s", method, code.name, exc)
             message = str(exc)
-        self.metrics.record(method, code.name, time.perf_counter() - started)
         await context.abort(code, self.roots.wire_message(message, slide_path, resolved))
 
-    def _cancelled(self, method: str, context, started: float) -> None:
-        remaining = context.time_remaining()
-        code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+    def _ended(self, method: str, context, started: float, code: str | None) -> None:
+        """Count one ending of a call: `code` when the handler knew it (OK, or the status it
+        answered), else the call ended from outside. A client's cancel reaches a streaming
+        handler as CancelledError while it awaits, but as GeneratorExit while it is paused at
+        `yield`; both end up here, in the handler's `finally`, exactly once."""
+        if code is None:
+            remaining = context.time_remaining()
+            code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
         self.metrics.record(method, code, time.perf_counter() - started)
 
     # ScoreSlide ------------------------------------------------------------------------------
@@ -207,7 +211,7 @@ class SlideScoringService(pb_grpc.SlideScoringServicer):
         method, started = "ScoreSlide", time.perf_counter()
         cancel = threading.Event()
         self.metrics.in_flight.inc()
-        path = None
+        path = code = None
         try:
             path = self.roots.resolve(request.slide_path)
             with self._slot(), self.source.lease() as model:
@@ -225,24 +229,22 @@ class SlideScoringService(pb_grpc.SlideScoringServicer):
                         self.metrics.first_score.observe(time.perf_counter() - started)
                         first = False
                     yield event_pb(event)
-        except asyncio.CancelledError:
-            cancel.set()
-            self._cancelled(method, context, started)
-            raise
         except Exception as exc:  # noqa: BLE001 - every error is one status
             cancel.set()
-            await self._fail(method, context, exc, started, request.slide_path, path)
+            code = status_of(exc).name
+            await self._fail(method, context, exc, request.slide_path, path)
         else:
-            self.metrics.record(method, "OK", time.perf_counter() - started)
-        finally:
+            code = "OK"
+        finally:   # completed, failed, cancelled or the client gone: counted once, here
             cancel.set()
+            self._ended(method, context, started, code)
             self.metrics.in_flight.dec()
 
     # ScoreTiles ------------------------------------------------------------------------------
     async def ScoreTiles(self, request_iterator, context):
         method, started = "ScoreTiles", time.perf_counter()
         self.metrics.in_flight.inc()
-        feeder = None
+        feeder = code = None
         try:
             with self._slot(), self.source.lease() as model:
                 engine, ref = model.engine, model_ref_pb(model.ref)
@@ -269,28 +271,32 @@ class SlideScoringService(pb_grpc.SlideScoringServicer):
                     yield pb.ScoreTilesResponse(score=outputs["patch_scores"].tolist(), x=req.x,
                                                 y=req.y, batch_index=index, model=ref)
                     index += 1
-        except asyncio.CancelledError:
-            self._cancelled(method, context, started)
-            raise
         except Exception as exc:  # noqa: BLE001
-            await self._fail(method, context, exc, started)
+            code = status_of(exc).name
+            await self._fail(method, context, exc)
         else:
-            self.metrics.record(method, "OK", time.perf_counter() - started)
+            code = "OK"
         finally:
             if feeder is not None:
                 feeder.cancel()
+            self._ended(method, context, started, code)
             self.metrics.in_flight.dec()
 
     # GetModel --------------------------------------------------------------------------------
     async def GetModel(self, request, context):
         method, started = "GetModel", time.perf_counter()
+        code = None
         try:
             with self.source.lease() as model:
                 info = model_info(model)
         except Exception as exc:  # noqa: BLE001
-            await self._fail(method, context, exc, started)
-        self.metrics.record(method, "OK", time.perf_counter() - started)
-        return info
+            code = status_of(exc).name
+            await self._fail(method, context, exc)
+        else:
+            code = "OK"
+            return info
+        finally:
+            self._ended(method, context, started, code)
 
 
 def model_info(model: LoadedModel) -> pb.ModelInfo:

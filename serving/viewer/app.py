@@ -8,7 +8,10 @@ A Starlette app on uvicorn, bound to 127.0.0.1 unless told otherwise. Pages: the
 downloads, live scoring through --server). Everything the pages need is in this package
 (static/, OpenSeadragon vendored from npm by scripts/vendor_openseadragon.sh): no CDN, it works
 offline. Slide keys in URLs pass `serving.security.SlideRoots`, as gRPC slide paths do:
-`..`, absolute paths and symlinks leading out are 403, an unknown slide is 404.
+`..`, absolute paths and symlinks leading out are 403, an unknown slide is 404. What a page sees
+of an error names files relative to SCORES_DIR or the slide folder, never where they lie on this
+machine (`ScoresDir.wire_message`); only the log has the full path. Who may reach the viewer
+(Host allowlist, optional token) and what its pages may do (CSP): `access`.
 """
 from __future__ import annotations
 
@@ -17,8 +20,10 @@ import contextlib
 import html
 import json
 import logging
+import math
 import os
 from pathlib import Path
+from urllib.parse import quote
 
 import anyio
 from starlette.applications import Starlette
@@ -30,6 +35,8 @@ from starlette.staticfiles import StaticFiles
 
 from core.errors import ConfigError, MilroiError, PathDenied, SlideError, SlideNotFound
 from serving.client import ScoringClient, add_connection_arguments, client_from_args
+from serving.security import read_token
+from serving.viewer import access
 from serving.viewer.live import LiveScoring
 from serving.viewer.results import OUTPUT_SUFFIXES, ScoresDir, heatmap_rgba, legend_stops, png_bytes
 from serving.viewer.tiles import TileSource
@@ -66,21 +73,42 @@ def _status(exc: MilroiError) -> int:
 
 async def _milroi_error(request: Request, exc: MilroiError) -> Response:
     """PathDenied -> 403, SlideNotFound -> 404, other milroi errors -> 400; JSON for the API,
-    a small page for a browser."""
+    a small page for a browser; paths as the browser named them (the log has the full ones)."""
     status = _status(exc)
+    log.info("%s %s: %s: %s", request.method, request.url.path, status, exc)
+    message = request.app.state.scores.wire_message(str(exc))
     if request.url.path.startswith("/api/"):
-        return JSONResponse({"error": str(exc), "type": type(exc).__name__}, status)
+        return JSONResponse({"error": message, "type": type(exc).__name__}, status)
     title = {403: "Forbidden", 404: "Not found"}.get(status, "Bad request")
     return HTMLResponse(f"<!doctype html><title>{status} {title}</title>"
                         f"<link rel=stylesheet href=/static/viewer.css><main class=errorpage>"
-                        f"<h1>{status} {title}</h1><p class=error>{html.escape(str(exc))}</p>"
+                        f"<h1>{status} {title}</h1><p class=error>{html.escape(message)}</p>"
                         f"<p><a href='/'>slide list</a></main>", status)
 
 
+def header_safe(message: str, limit: int = 500) -> str:
+    """`message` as an HTTP header value: printable ASCII kept, anything else (a Japanese slide
+    name, a newline) percent-encoded as UTF-8, so that `decodeURIComponent` gives it back."""
+    return quote(message[:limit], safe=" !\"#$&'()*+,-./:;<=>?@[]^_`{|}~")
+
+
+def parse_threshold(text: str) -> float:
+    """The heatmap's threshold: a number in [0, 1] (nan, inf and values outside are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:   # False for nan
+        raise ConfigError(f"threshold must be a number in [0, 1], got {text[:40]!r}")
+    return value
+
+
 def create_app(scores_dir: Path, slide_dirs: list[Path], client: ScoringClient | None = None,
-               cache_bytes: int | None = None, chunk_size: int = 0) -> Starlette:
+               cache_bytes: int | None = None, chunk_size: int = 0,
+               allowed_hosts: list[str] | None = None, token: str | None = None) -> Starlette:
     """The app over SCORES_DIR and its slide folders; with `client` (a milroi server), live
-    scoring."""
+    scoring. `allowed_hosts`: the Host names it answers (default: loopback); `token`: the
+    token every request needs (default: none)."""
     scores = ScoresDir(scores_dir, slide_dirs)
     tiles = TileSource(**({} if cache_bytes is None else {"cache_bytes": cache_bytes}))
     # Tile rendering gets as many threads as there are cores: more would only queue on the GIL
@@ -117,10 +145,11 @@ def create_app(scores_dir: Path, slide_dirs: list[Path], client: ScoringClient |
                                 "overlap": dz.overlap, "levels": dz.levels}
             info["mpp"] = dz.mpp
             info["slide_error"] = tiles.probe(path)
-        except SlideError as exc:
+        except (SlideError, SlideNotFound) as exc:
             info["slide_error"] = str(exc)
-        except SlideNotFound as exc:
-            info["slide_error"] = str(exc)
+        if info["slide_error"]:
+            log.info("slide %r: %s", key, info["slide_error"])
+            info["slide_error"] = scores.wire_message(info["slide_error"])
         if "spatiopath" in info["downloads"]:
             document = json.loads(scores.output(key, "spatiopath").read_text())
             info["rois"] = document.get("polygons", [])
@@ -152,10 +181,7 @@ def create_app(scores_dir: Path, slide_dirs: list[Path], client: ScoringClient |
         return png_bytes(heatmap_rgba(table, dimensions, threshold))
 
     async def heatmap_api(request: Request) -> Response:
-        try:
-            threshold = float(request.query_params.get("threshold", 0))
-        except ValueError:
-            raise ConfigError("threshold must be a number in [0, 1]") from None
+        threshold = parse_threshold(request.query_params.get("threshold", "0"))
         data = await run_in_threadpool(heatmap_png, request.path_params["key"], threshold)
         return Response(data, media_type="image/png", headers={"Cache-Control": "no-cache"})
 
@@ -166,7 +192,10 @@ def create_app(scores_dir: Path, slide_dirs: list[Path], client: ScoringClient |
                                               limiter=render_slots)
         headers = {"Cache-Control": "max-age=3600"}
         if tile.error:
-            headers = {"Cache-Control": "no-store", "X-Milroi-Error": tile.error[:500]}
+            log.info("tile %s/%s/%s of %r: %s", p["level"], p["col"], p["row"], p["key"],
+                     tile.error)
+            headers = {"Cache-Control": "no-store",
+                       "X-Milroi-Error": header_safe(scores.wire_message(tile.error))}
         return Response(tile.data, media_type=tile.media_type, headers=headers)
 
     async def download(request: Request) -> Response:
@@ -177,10 +206,11 @@ def create_app(scores_dir: Path, slide_dirs: list[Path], client: ScoringClient |
         return FileResponse(path, media_type=DOWNLOAD_TYPES[kind], filename=path.name)
 
     async def live_api(request: Request) -> Response:
+        # The key's own checks first (403, 404), as on every route
+        relative = await run_in_threadpool(scores.slide_request_path, request.path_params["key"])
         if live is None:
             return JSONResponse({"error": "start the viewer with --server HOST:PORT to score live"},
                                 409)
-        relative = await run_in_threadpool(scores.slide_request_path, request.path_params["key"])
         return StreamingResponse(live.stream(relative), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -194,21 +224,24 @@ def create_app(scores_dir: Path, slide_dirs: list[Path], client: ScoringClient |
         if live is not None:   # cancel the live calls still running, close the channel
             live.close()
 
+    access.register_convertors()
     routes = [
         Route("/", index),
-        Route("/slide/{key:path}", slide_page),
+        Route("/slide/{key:slide_key}", slide_page),
         Route("/api/summary", summary),
-        Route("/api/slide/{key:path}", slide_api),
-        Route("/api/scores/{key:path}", scores_api),
-        Route("/api/heatmap/{key:path}", heatmap_api),
-        Route("/api/tile/{level:int}/{col:int}/{row:int}/{key:path}", tile_api),
-        Route("/api/live/{key:path}", live_api),
+        Route("/api/slide/{key:slide_key}", slide_api),
+        Route("/api/scores/{key:slide_key}", scores_api),
+        Route("/api/heatmap/{key:slide_key}", heatmap_api),
+        Route("/api/tile/{level:tile_index}/{col:tile_index}/{row:tile_index}/{key:slide_key}",
+              tile_api),
+        Route("/api/live/{key:slide_key}", live_api),
         Route("/api/live-cancel/{job}", live_cancel, methods=["POST"]),
-        Route("/download/{kind}/{key:path}", download),
+        Route("/download/{kind}/{key:slide_key}", download),
         Mount("/static", _RevalidatedStaticFiles(directory=STATIC), name="static"),
     ]
+    hosts = allowed_hosts if allowed_hosts is not None else list(access.LOOPBACK_HOSTS)
     app = Starlette(routes=routes, exception_handlers={MilroiError: _milroi_error},
-                    lifespan=lifespan)
+                    middleware=access.middleware(hosts, token), lifespan=lifespan)
     app.state.scores, app.state.tiles, app.state.live = scores, tiles, live
     return app
 
@@ -223,12 +256,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slides", type=Path, action="append", required=True, metavar="SLIDES_DIR",
                         help="folder the slides were scored from (repeat for several)")
     # --server (optional: live scoring; its --slide-root must be the --slides folder),
-    # --token-file, --tls-ca, --timeout, --retries: as `milroi-serve client`
+    # --token-file, --tls-ca, --timeout, --retries: as `milroi-serve client`. --token-file also
+    # guards the viewer itself: every browser needs that token (exchanged for a cookie).
     add_connection_arguments(parser, required=False)
     parser.add_argument("--host", default=DEFAULT_HOST,
                         help=f"address to bind (default {DEFAULT_HOST}: this machine only)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT,
                         help=f"port (default {DEFAULT_PORT})")
+    parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                        help="a Host name the viewer answers besides loopback and --host "
+                             "(repeat; e.g. the name a reverse proxy forwards); others get 400")
     parser.add_argument("--chunk-size", type=int, default=LIVE_CHUNK_SIZE,
                         help=f"patches per live message (default {LIVE_CHUNK_SIZE}; 0: the "
                              f"server's, its batch size)")
@@ -240,12 +277,17 @@ def run(args: argparse.Namespace) -> int:
     for folder in args.slides:
         if not folder.is_dir():
             raise ConfigError(f"--slides {folder} is not a folder")
+    token = read_token(args.token_file) if args.token_file is not None else None
     client = client_from_args(args) if args.server else None
-    app = create_app(args.scores_dir, args.slides, client=client, chunk_size=args.chunk_size)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("the viewer has no authentication: anyone who reaches %s:%d sees the slides",
-                    args.host, args.port)
-    print(f"milroi viewer: http://{args.host}:{args.port}/  ({args.scores_dir})", flush=True)
+    hosts = access.allowed_hosts(args.host, args.allowed_host)
+    app = create_app(args.scores_dir, args.slides, client=client, chunk_size=args.chunk_size,
+                     allowed_hosts=hosts, token=token)
+    if token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("the viewer has no authentication: anyone who reaches %s:%d sees the slides "
+                    "(give --token-file)", args.host, args.port)
+    url_host = f"[{args.host}]" if ":" in args.host else args.host
+    url = f"http://{url_host}:{args.port}/" + (f"?token={quote(token)}" if token else "")
+    print(f"milroi viewer: {url}  ({args.scores_dir}; answers Host {', '.join(hosts)})", flush=True)
     logging.getLogger("serving.viewer").setLevel(logging.INFO)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
                 timeout_graceful_shutdown=2)

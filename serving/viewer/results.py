@@ -23,7 +23,7 @@ import numpy as np
 from core.errors import ConfigError, PathDenied, SlideNotFound
 from serving.batch import SUMMARY_NAME
 from serving.security import SlideRoots
-from wsi.discovery import find_slide, slide_name
+from wsi.discovery import find_slides, slide_name
 
 # Output files of one slide (wsi.outputs.write_slide_outputs), by the suffix after its name.
 OUTPUT_SUFFIXES = {"csv": "_patches.csv", "geojson": ".geojson", "spatiopath": "_spatiopath.json",
@@ -110,7 +110,13 @@ def png_bytes(rgba: np.ndarray) -> bytes:
 
 
 class ScoresDir:
-    """SCORES_DIR and the slide folders it was scored from."""
+    """SCORES_DIR and the slide folders it was scored from.
+
+    summary.csv is read once per version of the file (its size and mtime), and so is the slide
+    file of each key: a page asks for hundreds of tiles, and each must not re-read the summary or
+    search the slide folders again (a recursive search with OpenSlide's format probe on every
+    other file). A running job that rewrites summary.csv makes the next request read it anew.
+    """
 
     def __init__(self, scores_dir: Path, slide_dirs: list[Path], cache_size: int = 8):
         self.path = Path(scores_dir)
@@ -123,21 +129,38 @@ class ScoresDir:
         self._cache_size = cache_size
         self._lock = threading.Lock()
         self._parse_lock = threading.Lock()
+        self._summary: _Summary | None = None
+        self.summary_reads = 0   # how often summary.csv was parsed (tests, diagnostics)
 
     # -- the slide list
 
+    def _current(self) -> _Summary:
+        """summary.csv as now on disk, parsed only when it changed since the last look."""
+        file = self.path / SUMMARY_NAME
+        stat = file.stat()
+        version = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        with self._lock:
+            if self._summary is not None and self._summary.version == version:
+                return self._summary
+        with open(file, newline="") as f:
+            rows = list(csv.DictReader(f))
+        snapshot = _Summary(version, rows)
+        with self._lock:
+            self._summary = snapshot
+            self.summary_reads += 1
+        return snapshot
+
     def summary(self) -> list[dict]:
-        """summary.csv's rows, as written (re-read each time: a running job updates it)."""
-        with open(self.path / SUMMARY_NAME, newline="") as f:
-            return list(csv.DictReader(f))
+        """summary.csv's rows, as written (a running job updates it: see `_current`)."""
+        return [dict(row) for row in self._current().rows]
 
     def row(self, key: str) -> dict:
         """The summary row of `key`, once the key passed the confinement rules."""
         self.result_folder(key)
-        for row in self.summary():
-            if row["slide"] == key:
-                return row
-        raise SlideNotFound(f"no slide {key!r} in {self.path / SUMMARY_NAME}")
+        row = self._current().by_key.get(key)
+        if row is None:
+            raise SlideNotFound(f"no slide {key!r} in {SUMMARY_NAME}")
+        return dict(row)
 
     def result_folder(self, key: str) -> Path | None:
         """SCORES_DIR/<key> resolved (None when a failed slide left no folder); PathDenied for
@@ -182,10 +205,11 @@ class ScoresDir:
 
     def slide_file(self, key: str) -> Path:
         """The slide file of `key` under the --slides folders: the summary's `path` when it lies
-        under one of them, else a slide of the key's name in the key's subfolder."""
-        row = self.row(key)
-        relative = self._relative_slide_path(row.get("path", ""), key)
-        return self.slides.resolve(relative)
+        under one of them, else a slide of the key's name in the key's subfolder (scores copied
+        or moved). Found once per summary version; confined again on every call (a symlink
+        may have changed since)."""
+        self.row(key)   # the key's own confinement first (403 before 404)
+        return self.slides.resolve(self._relative_slide_path(key))
 
     def slide_request_path(self, key: str) -> str:
         """The slide's path relative to its --slides folder: what ScoreSlide is asked for (the
@@ -194,9 +218,30 @@ class ScoresDir:
         for root in self.slides.roots:
             if path.is_relative_to(root):
                 return path.relative_to(root).as_posix()
-        return self._relative_slide_path(self.row(key).get("path", ""), key)
+        return self._relative_slide_path(key)
 
-    def _relative_slide_path(self, recorded: str, key: str) -> str:
+    def wire_message(self, message: str) -> str:
+        """`message` as a browser may read it: paths under SCORES_DIR or a --slides folder made
+        relative to it (the server's log keeps the original), as gRPC errors are
+        (docs/errors.md)."""
+        return self.slides.wire_message(self.results.wire_message(message))
+
+    def _relative_slide_path(self, key: str) -> str:
+        snapshot = self._current()
+        with snapshot.lock:   # one search per key and summary version, even from many threads
+            found = snapshot.slide_paths.get(key)
+            if found is None:
+                found = self._find_slide_path(snapshot, key)
+                snapshot.slide_paths[key] = found
+        if isinstance(found, SlideNotFound):
+            raise found
+        return found
+
+    def _find_slide_path(self, snapshot: _Summary, key: str) -> str | SlideNotFound:
+        row = snapshot.by_key.get(key)
+        if row is None:
+            return SlideNotFound(f"no slide {key!r} in {SUMMARY_NAME}")
+        recorded = row.get("path", "")
         if recorded:
             original = Path(recorded)
             for root in self.slides.roots:
@@ -207,7 +252,31 @@ class ScoresDir:
         for root in self.slides.roots:
             folder = root / parent
             if folder.is_dir() and folder.resolve().is_relative_to(root):
-                found = find_slide(folder, name)
+                found = snapshot.slides_in(folder).get(name)
                 if found is not None:
                     return found.relative_to(root).as_posix()
-        raise SlideNotFound(f"no slide file for {key!r} under the --slides folders")
+        return SlideNotFound(f"no slide file for {key!r} under the --slides folders")
+
+
+class _Summary:
+    """One version of summary.csv: its rows by slide key, and the slide files found for them
+    (a folder searched at most once per version)."""
+
+    def __init__(self, version: tuple, rows: list[dict]):
+        self.version = version
+        self.rows = rows
+        self.by_key: dict[str, dict] = {}
+        for row in rows:   # the first row of a key, as a scan of the file finds it
+            self.by_key.setdefault(row.get("slide", ""), row)
+        self.slide_paths: dict[str, str | SlideNotFound] = {}
+        self._folders: dict[Path, dict[str, Path]] = {}
+        self.lock = threading.Lock()
+
+    def slides_in(self, folder: Path) -> dict[str, Path]:
+        """The slides under `folder` by name (`wsi.discovery.slide_name`), first of a name kept."""
+        if folder not in self._folders:
+            by_name: dict[str, Path] = {}
+            for path in find_slides(folder).slides:
+                by_name.setdefault(slide_name(path), path)
+            self._folders[folder] = by_name
+        return self._folders[folder]

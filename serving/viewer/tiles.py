@@ -6,6 +6,11 @@ slide without an offset. Rendering (OpenSlide decode + JPEG encode) is blocking 
 `tile()` in a worker thread, and keeps the encoded tiles in a bounded LRU (bytes, not count). A
 slide that cannot be opened or read gives an error tile (and the message), never an exception
 out of the app.
+
+OpenSlide's error state sticks to a handle: after one failed read (a corrupt tile), every later
+read of that handle fails, intact levels included. So a handle that failed a read is dropped
+from the cache, and the next request reopens the slide: only the tiles touching the damage stay
+error tiles.
 """
 from __future__ import annotations
 
@@ -67,6 +72,7 @@ class TileSource:
         self._open_slides = open_slides
         self._lock = threading.Lock()
         self.hits = self.misses = 0
+        self.reopened = 0   # handles dropped after a failed read
 
     def _slide(self, path: Path) -> _OpenSlide:
         with self._lock:
@@ -82,6 +88,14 @@ class TileSource:
                 self._slides.popitem(last=False)
         return opened
 
+    def _forget(self, path: Path, failed: _OpenSlide) -> None:
+        """Drop `failed` (a handle in OpenSlide's sticky error state); a handle opened since by
+        another thread stays."""
+        with self._lock:
+            if self._slides.get(path) is failed:
+                del self._slides[path]   # not closed: another thread may hold it; GC closes it
+                self.reopened += 1
+
     def info(self, path: Path) -> DeepZoomInfo:
         """Size and pyramid of the slide; SlideError when it cannot be opened."""
         return self._slide(path).info
@@ -91,6 +105,9 @@ class TileSource:
         often opens, and fails only when its tiles are read)."""
         try:
             opened = self._slide(path)
+        except MilroiError as exc:
+            return str(exc)
+        try:
             level = opened.slide.level_count - 1
             w, h = opened.slide.level_dimensions[level]
             scale = opened.slide.level_downsamples[level]
@@ -98,6 +115,7 @@ class TileSource:
             opened.slide.read_region(int((w // 2) * scale), int((h // 2) * scale),
                                      min(w - w // 2, 64), min(h - h // 2, 64), level)
         except MilroiError as exc:
+            self._forget(path, opened)
             return str(exc)
         return ""
 
@@ -121,6 +139,7 @@ class TileSource:
             try:
                 image = opened.dz.get_tile(level, (col, row))
             except Exception as exc:  # noqa: BLE001 - OpenSlideError, OSError: a corrupt slide
+                self._forget(path, opened)
                 raise SlideError(path, f"cannot decode deep-zoom tile {level}/{col}_{row}: {exc}") \
                     from exc
             buffer = io.BytesIO()

@@ -117,11 +117,26 @@ def browser(tmp_path_factory):
         context.close()
 
 
+# Every page records what its Content-Security-Policy blocked: the viewer's pages must work under
+# their own policy (OpenSeadragon included), so a blocked script, style or image fails the test.
+CSP_LOG = """
+window.__cspViolations = [];
+document.addEventListener("securitypolicyviolation",
+    e => window.__cspViolations.push(`${e.violatedDirective} ${e.blockedURI}`));
+"""
+
+
 @pytest.fixture
 def page(browser):
     page = browser.new_page()
-    errors = []
+    page.add_init_script(CSP_LOG)
+    errors, blocked = [], []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("console", lambda msg: blocked.append(msg.text)
+            if "Content Security Policy" in msg.text else None)
     yield page
+    if not page.is_closed() and page.url.startswith("http"):
+        blocked.extend(page.evaluate("() => window.__cspViolations || []"))
     page.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
+    assert not blocked, f"the page's Content-Security-Policy blocked: {blocked}"

@@ -15,10 +15,10 @@ def test_live_score_paints_tiles_before_the_summary(page, live_viewer, scored, t
     open_slide_page(page, live_viewer)
     assert page.locator("#live").is_visible()
     page.click("#score")
-    page.wait_for_function(f"{LIVE_LOG}.some(e => e.kind === 'tiles' && e.nonblank > 0)",
+    page.wait_for_function(f"() => {LIVE_LOG}.some(e => e.kind === 'tiles' && e.nonblank)",
                            timeout=60_000)
     page.screenshot(path=str(tmp_path / "live_first_tiles.png"))
-    page.wait_for_function(f"{LIVE_LOG}.some(e => e.kind !== 'header' && e.kind !== 'tiles')",
+    page.wait_for_function(f"() => {LIVE_LOG}.some(e => !['header', 'tiles'].includes(e.kind))",
                            timeout=120_000)
     page.screenshot(path=str(tmp_path / "live_done.png"))
     log = page.evaluate(LIVE_LOG)
@@ -44,9 +44,9 @@ def test_cancel_stops_the_stream_on_the_server(page, live_viewer, grpc_server, t
                               method="ScoreSlide", code="CANCELLED")
     open_slide_page(page, live_viewer)
     page.click("#score")
-    page.wait_for_function(f"{LIVE_LOG}.some(e => e.kind === 'tiles')", timeout=60_000)
+    page.wait_for_function(f"() => {LIVE_LOG}.some(e => e.kind === 'tiles')", timeout=60_000)
     page.click("#cancel")
-    page.wait_for_function(f"{LIVE_LOG}.some(e => e.kind === 'cancelled')")
+    page.wait_for_function(f"() => {LIVE_LOG}.some(e => e.kind === 'cancelled')")
     page.screenshot(path=str(tmp_path / "live_cancelled.png"))
     assert "cancelled" in page.locator("#live-status").inner_text()
     # The server counts the call as CANCELLED (its work on the slide stopped), not OK.
@@ -70,7 +70,7 @@ def test_closing_the_page_cancels_the_stream_on_the_server(browser, live_viewer,
     page = browser.new_page()
     open_slide_page(page, live_viewer)
     page.click("#score")
-    page.wait_for_function(f"{LIVE_LOG}.some(e => e.kind === 'tiles')", timeout=60_000)
+    page.wait_for_function(f"() => {LIVE_LOG}.some(e => e.kind === 'tiles')", timeout=60_000)
     page.close()
     deadline = time.monotonic() + 20
     while cancelled() <= before:

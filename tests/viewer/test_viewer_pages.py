@@ -102,8 +102,8 @@ def test_hover_shows_the_csv_score_of_the_tile(page, viewer, scored):
     for row in [rows[0], rows[len(rows) // 2], rows[-1]]:
         x, y = screen_point(page, int(row["x"]) + size / 2, int(row["y"]) + size / 2)
         page.mouse.move(x, y)
-        page.wait_for_function(f"document.getElementById('hover').dataset.x === '{row['x']}' && "
-                               f"document.getElementById('hover').dataset.y === '{row['y']}'")
+        page.wait_for_function(f"() => document.getElementById('hover').dataset.x === '{row['x']}'"
+                               f" && document.getElementById('hover').dataset.y === '{row['y']}'")
         hover = page.locator("#hover")
         assert hover.get_attribute("data-score") == row["score"]
         assert f"score {row['score']}" in hover.inner_text()
@@ -118,7 +118,7 @@ def test_threshold_hides_tiles_and_roi_list_zooms(page, viewer, scored):
     assert status == 200 and (alpha > 0).sum() == (scores >= threshold).sum() < len(scores)
     # The slider reloads the page's heatmap at its value.
     page.eval_on_selector("#threshold", "e => { e.value = 0.9; e.dispatchEvent(new Event('change')); }")
-    page.wait_for_function("document.getElementById('heatmap').dataset.loaded === '0.9'")
+    page.wait_for_function("() => document.getElementById('heatmap').dataset.loaded === '0.9'")
     # Clicking an ROI in the side list fits the view to it.
     before = page.evaluate("window.milroi.state.viewer.viewport.getZoom(true)")
     page.click("#rois li[data-roi='1'] a")
@@ -148,7 +148,7 @@ def test_downloads_are_the_slide_outputs(page, viewer, scored):
 def test_corrupt_slide_gives_an_error_tile_and_a_message(page, viewer, tmp_path):
     page.goto(f"{viewer.url}/slide/broken")
     page.wait_for_selector("body[data-ready='1']")
-    page.wait_for_function("window.milroi.state.viewer.world.getItemAt(0).getFullyLoaded()")
+    page.wait_for_function("() => window.milroi.state.viewer.world.getItemAt(0).getFullyLoaded()")
     page.screenshot(path=str(tmp_path / "broken.png"))
     message = page.locator("#message")
     assert message.is_visible() and "broken.svs" in message.inner_text()

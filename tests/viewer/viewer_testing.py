@@ -128,9 +128,9 @@ def read_csv_rows(scored, key=SLIDE) -> list[dict]:
 def open_slide_page(page, viewer, key=SLIDE):
     page.goto(f"{viewer.url}/slide/{key}")
     page.wait_for_selector("body[data-ready='1']", timeout=30_000)
-    page.wait_for_function("window.milroi.state.viewer.world.getItemAt(0).getFullyLoaded()",
+    page.wait_for_function("() => window.milroi.state.viewer.world.getItemAt(0).getFullyLoaded()",
                            timeout=30_000)
-    page.wait_for_function("document.getElementById('heatmap').dataset.loaded !== ''")
+    page.wait_for_function("() => document.getElementById('heatmap').dataset.loaded !== ''")
 
 
 def screen_point(page, x: float, y: float) -> tuple[float, float]:
