@@ -156,8 +156,15 @@ def test_token_missing_or_wrong_is_unauthenticated(make_in_process_server, bad_r
     (tmp_path / "token").write_text("  s3cret-token\n")
     server = make_in_process_server([bad_root], token_file=str(tmp_path / "token"))
     stub = pb_grpc.SlideScoringStub(grpc.insecure_channel(server.address))
-    for metadata in (None, [("authorization", "Bearer wrong")], [("authorization", "s3cret-token")],
-                     [("authorization", "Basic s3cret-token")], [("authorization", "Bearer ")]):
+    wrong_tokens = (
+        None, [("authorization", "Bearer wrong")], [("authorization", "s3cret-token")],
+        [("authorization", "Basic s3cret-token")], [("authorization", "Bearer ")],
+        [("authorization", "Bearer S3CRET-TOKEN")], [("authorization", "Bearer s3cret-toke")],
+        [("authorization", "Bearer s3cret-token2")], [("authorization", "Bearers3cret-token")],
+        [("authorisation", "Bearer s3cret-token")], [("x-authorization", "Bearer s3cret-token")],
+        [("authorization", "Token s3cret-token")])
+    assert len(wrong_tokens) == 12
+    for metadata in wrong_tokens:
         # each call runs within this iteration (rpc_error below): `metadata` is current
         for call in (lambda: stub.GetModel(pb.GetModelRequest(), metadata=metadata,  # noqa: B023
                                            timeout=10),
@@ -173,3 +180,34 @@ def test_token_missing_or_wrong_is_unauthenticated(make_in_process_server, bad_r
     health = health_pb2_grpc.HealthStub(grpc.insecure_channel(server.address))
     assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == \
         health_pb2.HealthCheckResponse.SERVING
+
+
+def test_special_files_get_a_clear_status_at_once(make_in_process_server, tmp_path, good_root):
+    """A FIFO (opening it would wait for a writer for ever) and a character device are refused
+    as not regular files, quickly, and the server keeps serving."""
+    import os
+    import shutil
+    import stat
+    import time
+
+    root = tmp_path / "special"
+    root.mkdir()
+    shutil.copy(good_root / "s0.tif", root / "good.tif")
+    os.mkfifo(root / "pipe.svs")
+    names = ["pipe.svs"]
+    try:   # root may create device nodes here; a container may refuse
+        os.mknod(root / "null.tif", stat.S_IFCHR | 0o600, os.makedev(1, 3))
+        names.append("null.tif")
+    except PermissionError:
+        pass
+    server = make_in_process_server([root])
+    stub = pb_grpc.SlideScoringStub(grpc.insecure_channel(server.address))
+    for name in names:
+        started = time.monotonic()
+        request = pb.ScoreSlideRequest(slide_path=name)
+        code, details = rpc_error(lambda: list(stub.ScoreSlide(request, timeout=30)))  # noqa: B023
+        assert code == Code.INVALID_ARGUMENT and name in details and "regular file" in details
+        assert time.monotonic() - started < 10   # refused, not waiting on the file
+        assert str(root) not in details
+    responses = list(stub.ScoreSlide(pb.ScoreSlideRequest(slide_path="good.tif"), timeout=60))
+    assert responses[-1].summary.tile_count > 0

@@ -12,12 +12,14 @@
 """
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import viewer_testing as vt
 from server_testing import free_port, wait_serving
+from viewer_testing import CORRUPT, JAPANESE, NEWLINE, SCRIPTED
 
 ROI_THRESHOLD = 0.5
 
@@ -58,6 +60,38 @@ def scored(slides, bundle, tmp_path_factory) -> Scored:
     (outside / "x_patches.csv").write_text("x,y,size,score,artefact\n")
     (out / "leak").symlink_to(outside, target_is_directory=True)
     return Scored(slides, out)
+
+
+def zero_level0_tile(path: Path, index: int = 0) -> None:
+    """Zero the compressed bytes of level-0 tile `index` of a pyramidal TIFF, in place."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        offset = tif.pages[0].dataoffsets[index]
+        count = tif.pages[0].databytecounts[index]
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(bytes(count))
+
+
+@pytest.fixture(scope="session")
+def hostile(bundle, tmp_path_factory) -> tuple[Path, Path]:
+    """A slide folder of hostile names, scored by `milroi-serve score`."""
+    from wsi.synth import write_synthetic_slide
+
+    base = tmp_path_factory.mktemp("hostile")
+    slides = base / "slides"
+    slides.mkdir()
+    write_synthetic_slide(slides / "ok.tif", 1536, 1024, seed=11, tumor=True)
+    shutil.copy(slides / "ok.tif", slides / f"{NEWLINE}.tif")
+    shutil.copy(slides / "ok.tif", slides / f"{CORRUPT}.tif")
+    zero_level0_tile(slides / f"{CORRUPT}.tif")
+    shutil.copy(vt.DATA / "broken.svs", slides / f"{JAPANESE}.svs")
+    shutil.copy(vt.DATA / "broken.svs", slides / f"{SCRIPTED}.svs")
+    out = base / "scores"
+    failed = vt.score_folder(slides, bundle, out, 0.5)
+    assert failed == 1   # exit status: some slides failed (the two copies of broken.svs)
+    return slides, out
 
 
 @pytest.fixture(scope="session")

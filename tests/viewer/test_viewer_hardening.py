@@ -7,54 +7,16 @@ from __future__ import annotations
 
 import io
 import shutil
-from pathlib import Path
 from urllib.parse import quote, unquote
 
 import numpy as np
 import pytest
-import viewer_testing as vt
 from PIL import Image
 from starlette.testclient import TestClient
+from viewer_testing import CORRUPT, JAPANESE, NEWLINE, SCRIPTED
 
 from serving.viewer.app import create_app, header_safe
 from serving.viewer.tiles import TileSource
-
-JAPANESE = "スライド"              # unreadable (broken.svs): its error goes into a header
-NEWLINE = "two\nlines"           # a readable slide whose name holds a newline
-SCRIPTED = "<img src=x onerror=window.pwned=1>"   # unreadable: its name is in the error text
-CORRUPT = "corrupt"              # readable, one level-0 tile's JPEG bytes zeroed
-
-
-def zero_level0_tile(path: Path, index: int = 0) -> None:
-    """Zero the compressed bytes of level-0 tile `index` of a pyramidal TIFF, in place."""
-    import tifffile
-
-    with tifffile.TiffFile(path) as tif:
-        offset = tif.pages[0].dataoffsets[index]
-        count = tif.pages[0].databytecounts[index]
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(bytes(count))
-
-
-@pytest.fixture(scope="module")
-def hostile(bundle, tmp_path_factory) -> tuple[Path, Path]:
-    """A slide folder of hostile names, scored by `milroi-serve score`."""
-    from wsi.synth import write_synthetic_slide
-
-    base = tmp_path_factory.mktemp("hostile")
-    slides = base / "slides"
-    slides.mkdir()
-    write_synthetic_slide(slides / "ok.tif", 1536, 1024, seed=11, tumor=True)
-    shutil.copy(slides / "ok.tif", slides / f"{NEWLINE}.tif")
-    shutil.copy(slides / "ok.tif", slides / f"{CORRUPT}.tif")
-    zero_level0_tile(slides / f"{CORRUPT}.tif")
-    shutil.copy(vt.DATA / "broken.svs", slides / f"{JAPANESE}.svs")
-    shutil.copy(vt.DATA / "broken.svs", slides / f"{SCRIPTED}.svs")
-    out = base / "scores"
-    failed = vt.score_folder(slides, bundle, out, 0.5)
-    assert failed == 1   # exit status: some slides failed (the two copies of broken.svs)
-    return slides, out
 
 
 @pytest.fixture

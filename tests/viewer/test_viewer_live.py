@@ -2,6 +2,8 @@
 a real `milroi-serve serve` -> server-sent events -> tiles painted as they arrive."""
 from __future__ import annotations
 
+import contextlib
+import signal
 import time
 
 import pytest
@@ -39,22 +41,42 @@ def test_live_score_paints_tiles_before_the_summary(page, live_viewer, scored, t
           f"summary at {log[-1]['t']:.0f} ms")
 
 
+@contextlib.contextmanager
+def server_paused(server):
+    """The gRPC server process stopped (SIGSTOP) until the block ends: a stream that has sent its
+    header cannot finish while the page cancels it, however fast this machine scores."""
+    server.process.proc.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        server.process.proc.send_signal(signal.SIGCONT)
+
+
+def wait_for_count(read, before: float, what: str) -> None:
+    """Until the server has counted the ending (its handler's `finally`); the deadline only bounds
+    a broken run."""
+    deadline = time.monotonic() + 120
+    while read() <= before:
+        assert time.monotonic() < deadline, what
+        time.sleep(0.2)
+
+
 def test_cancel_stops_the_stream_on_the_server(page, live_viewer, grpc_server, tmp_path):
-    cancelled_before = metric(grpc_server.metrics_url, "milroi_requests_total",
-                              method="ScoreSlide", code="CANCELLED")
+    def cancelled():
+        return metric(grpc_server.metrics_url, "milroi_requests_total", method="ScoreSlide",
+                      code="CANCELLED")
+
+    before = cancelled()
     open_slide_page(page, live_viewer)
     page.click("#score")
-    page.wait_for_function(f"() => {LIVE_LOG}.some(e => e.kind === 'tiles')", timeout=60_000)
-    page.click("#cancel")
-    page.wait_for_function(f"() => {LIVE_LOG}.some(e => e.kind === 'cancelled')")
+    page.wait_for_function(f"() => {LIVE_LOG}.some(e => e.kind === 'header')", timeout=60_000)
+    with server_paused(grpc_server):
+        page.click("#cancel")
+        page.wait_for_function(f"() => {LIVE_LOG}.some(e => e.kind === 'cancelled')")
     page.screenshot(path=str(tmp_path / "live_cancelled.png"))
     assert "cancelled" in page.locator("#live-status").inner_text()
     # The server counts the call as CANCELLED (its work on the slide stopped), not OK.
-    deadline = time.monotonic() + 20
-    while metric(grpc_server.metrics_url, "milroi_requests_total", method="ScoreSlide",
-                 code="CANCELLED") <= cancelled_before:
-        assert time.monotonic() < deadline, "the server never saw the cancel"
-        time.sleep(0.2)
+    wait_for_count(cancelled, before, "the server never saw the cancel")
     log = page.evaluate(LIVE_LOG)
     assert not any(e["kind"] == "summary" for e in log)
 
@@ -70,9 +92,14 @@ def test_closing_the_page_cancels_the_stream_on_the_server(browser, live_viewer,
     page = browser.new_page()
     open_slide_page(page, live_viewer)
     page.click("#score")
-    page.wait_for_function(f"() => {LIVE_LOG}.some(e => e.kind === 'tiles')", timeout=60_000)
-    page.close()
-    deadline = time.monotonic() + 20
-    while cancelled() <= before:
-        assert time.monotonic() < deadline, "the server kept scoring for a page that left"
-        time.sleep(0.2)
+    page.wait_for_function(f"() => {LIVE_LOG}.some(e => e.kind === 'header')", timeout=60_000)
+    with server_paused(grpc_server):
+        page.close()
+        # The viewer notices the closed connection and cancels its call (this server is
+        # stopped: the cancel waits in its socket until it runs again).
+        live = live_viewer.process
+        deadline = time.monotonic() + 120
+        while "the page went away, cancelling" not in live.log():
+            assert time.monotonic() < deadline, "the viewer never noticed the page leave"
+            time.sleep(0.1)
+    wait_for_count(cancelled, before, "the server kept scoring for a page that left")

@@ -25,6 +25,11 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SLIDE = "synth_tumor"            # the scored synthetic slide the tests look at
 SLIDE_SIZE = (2688, 2240)        # ~70 tissue tiles: scored in seconds on 2 CPU cores
+# The hostile folder (conftest `hostile`): names and damage the viewer must survive.
+JAPANESE = "スライド"              # unreadable (broken.svs): its error goes into a header
+NEWLINE = "two\nlines"           # a readable slide whose name holds a newline
+SCRIPTED = "<img src=x onerror=window.pwned=1>"   # unreadable: its name is in the error text
+CORRUPT = "corrupt"              # readable, one level-0 tile's JPEG bytes zeroed
 
 
 def ensure_chromium() -> Path:
