@@ -5,6 +5,8 @@
 - `scored`: the folder scored by `milroi-serve score` with the seeded test bundle;
 - `grpc_server`: `milroi-serve serve` on that folder with the same bundle (and its Prometheus
   port), for live scoring;
+- `hostile`: a folder of hostile names and damage (a non-Latin-1 name, a newline, markup, a
+  zeroed level-0 tile), scored;
 - `viewer`: `milroi-serve view` on the scores; `live_viewer`: the same with `--server`;
 - `browser`: Debian's chromium (installed by scripts/install_chromium.sh when absent), headless,
   driven by Playwright's Python package with executable_path (no `playwright install`), in a
