@@ -74,7 +74,8 @@ def main(argv=None) -> int:
 
     from core.ray_cluster import RayOptions
     from serving.backends import LocalBackend
-    from serving.options import EngineOptions, ScoringOverrides
+    from serving.options import EngineOptions
+    from serving.overrides import ScoringOverrides
     from serving.ray_batch import RayBackend, ScoringActor
 
     results = {}

@@ -6,11 +6,11 @@ time, against what scoring the same slide costs on the same machine.
 1. two slides, `bench_wsi.camelyon_size_slide` (cached): 1/16 of Camelyon16's area, then
    98304 x 196608 px; open + tissue mask + tile grid timed, tissue tiles counted;
 2. 10 ROIs: the tiles whose centre lies in one of 10 discs placed on tissue (radii 80 um to
-   1 mm), written by `wsi.outputs.write_spatiopath_json` as `milroi-serve score` writes them,
+   1 mm), written by `results.outputs.write_spatiopath_json` as `milroi-serve score` writes them,
    with the done.json that names the slide;
 3. cells: `--cells-per-mm2` of tissue, spread uniformly, 30 % of them "Immune cells", as a
    cells CSV (`wsi.cells`): the file grows with the slide;
-4. the analysis (`serving.spatiopath.analyse_folder`, K0 plots included) in a fresh process per
+4. the analysis (`spatiopath_analysis.command.analyse_folder`, K0 plots included) in a fresh process per
    slide and setting: `--window 4096` (the default) and `--window 2048`; each reports its peak
    RSS (VmHWM) and wall time; a process that only imports the same modules gives the floor.
    Memory must follow the window, not the slide: the two slides' rows should match;
@@ -60,7 +60,7 @@ def child(argv: list[str]) -> int:
     import pandas  # noqa: F401
     import spatiopath.engine  # noqa: F401
 
-    from serving.spatiopath import AnalysisOptions, analyse_folder
+    from spatiopath_analysis.command import AnalysisOptions, analyse_folder
 
     if not argv:
         print(json.dumps({"peak_rss_mib": _peak_rss_mib()}))
@@ -69,7 +69,7 @@ def child(argv: list[str]) -> int:
     started = time.perf_counter()
     [row] = analyse_folder(scores, cells, out, AnalysisOptions(window=window, cell_class="Immune cells"))
     seconds = time.perf_counter() - started
-    from wsi.analysis_windows import read_windows_json
+    from spatiopath_analysis.windows import read_windows_json
 
     [windows_json] = out.rglob("*_windows.json")
     sizes = [list(w.size) for w in read_windows_json(windows_json).windows]
@@ -113,9 +113,10 @@ def write_inputs(slide_path: Path, work: Path, cells_per_mm2: float) -> dict:
     """The scores (10 ROIs) and the cells CSV of the slide; the mask + grid time and tile count."""
     import shapely
 
+    from results.layout import output_path, write_done_marker
+    from results.outputs import roi_polygons, write_spatiopath_json
     from wsi.cells import write_cells_csv
     from wsi.grid import tiles_for_slide
-    from wsi.outputs import roi_polygons, write_spatiopath_json
     from wsi.slide import open_slide
 
     started = time.perf_counter()
@@ -128,9 +129,9 @@ def write_inputs(slide_path: Path, work: Path, cells_per_mm2: float) -> dict:
     scores = shapely.contains_xy(shapely.union_all(discs), centres[:, 0], centres[:, 1]).astype(np.float64)
     rois = roi_polygons(grid.coords, scores, grid.tile_size, 0.5)
     folder = work / "scores" / name
-    write_spatiopath_json(folder / f"{name}_spatiopath.json", name, rois, mpp, scores, None, 0.5,
-                          grid.tile_size, dimensions)
-    (folder / "done.json").write_text(json.dumps({"slide": name, "status": "ok", "path": str(slide_path)}))
+    write_spatiopath_json(output_path(folder, name, "spatiopath"), name, rois, mpp, scores, None,
+                          0.5, grid.tile_size, dimensions)
+    write_done_marker(folder, {"slide": name, "status": "ok", "path": str(slide_path)})
     rng = np.random.default_rng(1)
     n_cells = int(cells_per_mm2 * tissue.mask.sum() * (tissue.downsample * mpp / 1000) ** 2)
     pixels = np.argwhere(tissue.mask)[rng.integers(0, int(tissue.mask.sum()), n_cells)]

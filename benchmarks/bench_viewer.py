@@ -5,7 +5,7 @@
 
 The viewer runs as `python -m serving.cli view` in a subprocess (uvicorn, as users run it) on a
 Camelyon-size synthetic slide (98304 x 196608 px, benchmarks.bench_wsi's cached slide; --quick:
-1/4 side) and a patch CSV of --tiles tiles written by wsi.outputs.write_patch_csv. Measured:
+1/4 side) and a patch CSV of --tiles tiles written by results.outputs.write_patch_csv. Measured:
 
 1. cold tile requests (never requested before: OpenSlide decode + JPEG encode), one at a time,
    median and p90, against the baseline of the same tiles made by OpenSlide in this process
@@ -68,8 +68,8 @@ def _free_port() -> int:
 
 def make_scores(folder: Path, slide: Path, n_tiles: int, tile_size: int = 224) -> Path:
     """SCORES_DIR for `slide`: summary.csv and a patch CSV of `n_tiles` tiles of the grid."""
-    from serving.batch import write_summary
-    from wsi.outputs import write_patch_csv
+    from results.layout import output_path, write_summary
+    from results.outputs import write_patch_csv
     from wsi.slide import open_slide
 
     with open_slide(slide) as s:
@@ -79,7 +79,7 @@ def make_scores(folder: Path, slide: Path, n_tiles: int, tile_size: int = 224) -
     coords = np.column_stack([(index % cols) * tile_size, (index // cols) * tile_size])
     scores = np.random.default_rng(0).random(len(index))
     out = folder / "scores"
-    write_patch_csv(out / slide.stem / f"{slide.stem}_patches.csv", coords, scores, tile_size)
+    write_patch_csv(output_path(out / slide.stem, slide.stem, "csv"), coords, scores, tile_size)
     write_summary(out, [{"slide": slide.stem, "status": "ok", "label": "tumor", "score": 0.9,
                          "tiles": len(index), "rois": 0, "error": "", "path": str(slide)}])
     return out
@@ -166,7 +166,7 @@ def main(argv=None) -> int:
     from openslide import OpenSlide
     from openslide.deepzoom import DeepZoomGenerator
 
-    from serving.viewer.tiles import OVERLAP, TILE_SIZE
+    from viewer.tiles import OVERLAP, TILE_SIZE
 
     size = (CAMELYON_SIZE[0] // 4, CAMELYON_SIZE[1] // 4) if args.quick else CAMELYON_SIZE
     slide = args.slide or camelyon_size_slide(size)

@@ -32,7 +32,15 @@ def dispatch(prog: str, description: str, commands: Mapping[str, tuple[str, str]
             return 2
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
-    module = importlib.import_module(commands[name][0])
+    try:
+        module = importlib.import_module(commands[name][0])
+    except ModuleNotFoundError as exc:
+        if not commands[name][0].startswith(f"{exc.name}.") and exc.name != commands[name][0]:
+            raise   # a dependency of the command is missing: its own message says which
+        # The command's package is not in this install (the serve image has no viewer/)
+        print(f"{prog} {name}: not in this install ({exc.name} is missing): install milroi "
+              "with pip install -e '.[serve]' from a checkout", file=sys.stderr)
+        return 2
     parser = argparse.ArgumentParser(prog=f"{prog} {name}", description=commands[name][1])
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     module.configure_parser(parser)

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Vendor OpenSeadragon from its npm package into the viewer's static files
-# (serving/viewer/static/openseadragon/), so that `milroi-serve view` needs no CDN: the files are
+# (viewer/static/openseadragon/), so that `milroi-serve view` needs no CDN: the files are
 # committed, and setuptools ships them inside the Python package (package-data).
 # Rerun to change the version: bash scripts/vendor_openseadragon.sh [VERSION]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VERSION=${1:-6.1.1}
-DEST=serving/viewer/static/openseadragon
+DEST=viewer/static/openseadragon
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 (cd "$WORK" && npm pack --silent "openseadragon@$VERSION" >/dev/null && tar xzf openseadragon-*.tgz)

@@ -12,7 +12,8 @@ from typing import Protocol
 import numpy as np
 
 from serving.model_source import ModelSource
-from serving.options import EngineOptions, ScoringOverrides
+from serving.options import EngineOptions
+from serving.overrides import ScoringOverrides
 from serving.pipeline import SlideScorer
 
 

@@ -3,7 +3,7 @@
 The slides are scored either in this process (`--model URI`: onnxruntime engine + the streaming
 `serving.pipeline.SlideScorer`, exactly what the server runs) or through a running server
 (`--server HOST:PORT`, `serving.client.ScoringClient`). Either way each slide gets the
-`wsi.outputs` files in OUT/<slide>/ (patch CSV, QuPath GeoJSON, heatmap PNG, Spatiopath JSON),
+`results.outputs` files in OUT/<slide>/ (patch CSV, QuPath GeoJSON, heatmap PNG, Spatiopath JSON),
 and the folder gets OUT/summary.csv with one row per slide.
 
 Crash safety: every file is written through `core.files.atomic_write` (temp file + rename), and a
@@ -17,9 +17,6 @@ tried again on the next run, and the exit code is non-zero.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
-import json
 import logging
 import time
 from collections import Counter
@@ -30,19 +27,22 @@ import numpy as np
 
 from core.cli import add_ray_arguments, add_tracking_uri_argument
 from core.errors import ConfigError, MilroiError
-from core.files import atomic_write
 from core.ray_cluster import RayOptions
+from results.layout import (
+    SUMMARY_NAME,
+    clear_unfinished,
+    read_done_marker,
+    remove_stale_summary_temps,
+    write_done_marker,
+    write_summary,
+)
 from serving.backends import LocalBackend, RemoteBackend, SlideScoringBackend
 from serving.client import add_connection_arguments, client_from_args
-from serving.options import EngineOptions, ScoringOverrides, add_engine_arguments, add_scoring_arguments
+from serving.options import EngineOptions, add_engine_arguments
+from serving.overrides import ScoringOverrides, add_scoring_arguments
 from wsi.discovery import find_slides, slide_name
 
 log = logging.getLogger(__name__)
-
-DONE_MARKER = "done.json"
-SUMMARY_NAME = "summary.csv"
-SUMMARY_COLUMNS = ("slide", "status", "label", "score", "threshold", "tiles", "rois", "seconds",
-                   "model", "model_version", "error", "path", "artefact_tiles")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,63 +60,13 @@ def slide_keys(root: Path, slides: list[Path]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Scoring one slide, in process or through a server
-
-
-# ---------------------------------------------------------------------------------------------
-# The folder job
-
-
-def _fmt(value) -> str:
-    return f"{value:.6g}" if isinstance(value, float) else ("" if value is None else str(value))
-
-
-def write_summary(out_dir: Path, rows: list[dict]) -> Path:
-    """OUT/summary.csv, one row per slide in slide order, replaced atomically."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore",
-                            lineterminator="\n")
-    writer.writeheader()
-    for row in sorted(rows, key=lambda r: r["slide"]):
-        writer.writerow({k: _fmt(row.get(k)) for k in SUMMARY_COLUMNS})
-    path = out_dir / SUMMARY_NAME
-    with atomic_write(path, "w") as f:
-        f.write(buffer.getvalue())
-    return path
-
-
-def read_done_marker(slide_out: Path) -> dict | None:
-    """The summary row of a finished slide, or None when it is not finished."""
-    try:
-        row = json.loads((slide_out / DONE_MARKER).read_text())
-    except (OSError, ValueError):
-        return None
-    return row if isinstance(row, dict) and row.get("status") == "ok" else None
-
-
-def clear_unfinished(slide_out: Path) -> None:
-    """Delete the files of a slide that is not finished (outputs of an interrupted run, temp
-    files a killed write left behind), done marker first. Subfolders are other slides' (a/ and
-    a/b/), so they stay."""
-    if slide_out.is_dir():
-        (slide_out / DONE_MARKER).unlink(missing_ok=True)
-        for path in slide_out.iterdir():
-            if path.is_file():
-                path.unlink(missing_ok=True)
-
-
-def remove_stale_summary_temps(out_dir: Path) -> None:
-    """Temp files of summary.csv left by a job killed while it replaced the file (atomic_write
-    names its temp files after the target)."""
-    for path in out_dir.iterdir():
-        if path.is_file() and SUMMARY_NAME in path.name and path.name != SUMMARY_NAME:
-            path.unlink(missing_ok=True)
+# The folder job (its files: results.layout)
 
 
 def score_one(backend: SlideScoringBackend, path: Path, key: str, out_dir: Path) -> dict:
     """Score one slide and write its outputs then its done marker; returns its summary row.
     Never raises for a bad slide or a failed call: the row says `failed` with the error."""
-    from wsi.outputs import write_slide_outputs
+    from results.outputs import write_slide_outputs
     from wsi.slide import open_slide
 
     started = time.perf_counter()
@@ -135,8 +85,7 @@ def score_one(backend: SlideScoringBackend, path: Path, key: str, out_dir: Path)
                    artefact_tiles=scored.artefact_tiles,
                    model=scored.model, model_version=scored.model_version, error="",
                    seconds=round(time.perf_counter() - started, 3))
-        with atomic_write(slide_out / DONE_MARKER, "w") as f:  # last: marks the slide finished
-            json.dump(row, f, indent=2)
+        write_done_marker(slide_out, row)   # last: marks the slide finished
     except MilroiError as exc:  # SlideError (bad file), ScoringError (server), ...
         row.update(status="failed", error=str(exc), seconds=round(time.perf_counter() - started, 3))
         log.error("%s failed: %s", key, exc)

@@ -7,8 +7,11 @@ COMMANDS = {
     "serve": ("serving.server", "gRPC server streaming per-patch tumour scores"),
     "score": ("serving.batch", "score every slide of a folder (in process or through a server)"),
     "client": ("serving.client", "score one slide through a running server"),
-    "spatiopath": ("serving.spatiopath", "analyse scored slides' tumour ROIs and cells with Spatiopath"),
-    "view": ("serving.viewer.app", "slide viewer in the browser: heatmap, ROIs, live scoring"),
+    # the two below live beside serving/ (viewer/, spatiopath_analysis/): they read results
+    # folders and, for live scoring, call a server as any client does
+    "spatiopath": ("spatiopath_analysis.command",
+                   "analyse scored slides' tumour ROIs and cells with Spatiopath"),
+    "view": ("viewer.app", "slide viewer in the browser: heatmap, ROIs, live scoring"),
 }
 
 

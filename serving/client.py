@@ -37,7 +37,7 @@ from shapely.geometry import Polygon
 
 from core.errors import AuthError, ConfigError, MilroiError, RequestError
 from milroi.v1 import scoring_pb2, scoring_pb2_grpc
-from serving.options import add_scoring_arguments
+from serving.overrides import add_scoring_arguments
 from serving.security import is_loopback_target, read_token
 
 log = logging.getLogger(__name__)
@@ -680,7 +680,7 @@ def _run_score(client: ScoringClient, args) -> int:
                   file=sys.stderr, disable=None) as bar:
             result = stream.collect(progress=bar.update)
     if args.out is not None:
-        from wsi.outputs import write_slide_outputs
+        from results.outputs import write_slide_outputs
         from wsi.slide import open_slide
 
         with open_slide(local_slide) as slide:

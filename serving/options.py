@@ -1,5 +1,5 @@
-"""The option groups the serving commands share, each declared once: the engine (`serve`,
-`score`) and the per-slide scoring overrides (`score`, `client score`)."""
+"""The engine option group the serving commands share, declared once (`serve`, `score`); the
+per-slide scoring overrides are `serving.overrides` (the client needs them, not the engine)."""
 from __future__ import annotations
 
 import argparse
@@ -71,23 +71,3 @@ def add_engine_arguments(parser: argparse.ArgumentParser, batching: bool = False
         parser.add_argument("--max-wait-ms", type=float, default=DEFAULT_MAX_WAIT_S * 1000,
                             help="how long the batcher waits to fill a batch (default "
                                  f"{DEFAULT_MAX_WAIT_S * 1000:g} ms)")
-
-
-@dataclass(frozen=True)
-class ScoringOverrides:
-    """Per-slide overrides of the model's own tiling and ROI threshold (None: the model's)."""
-
-    min_tissue: float | None = None
-    roi_threshold: float | None = None
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> ScoringOverrides:
-        return cls(args.min_tissue, args.roi_threshold)
-
-
-def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--min-tissue", type=float, default=None,
-                        help="minimum tissue fraction of a tile (default: the model's)")
-    parser.add_argument("--roi-threshold", type=float, default=None,
-                        help="patch score that makes a tile part of a tumour ROI "
-                             "(default: the model's)")

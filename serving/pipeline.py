@@ -7,7 +7,7 @@ the gRPC server (which converts them to messages) and in process by the batch jo
     PatchChunk   level-0 (x, y) and tumour probability of `chunk_size` patches, in grid order,
                  sent as soon as their batch is scored
     SlideSummary once: slide score and label (aggregator.onnx on the streaming pooling state),
-                 tumour ROI polygons (wsi.outputs.roi_polygons, level-0 px) with their area in
+                 tumour ROI polygons (results.outputs.roi_polygons, level-0 px) with their area in
                  um^2, timings, and every patch's coords, score and artefact flags (for the
                  batch job's files)
 
@@ -45,11 +45,11 @@ import numpy as np
 
 from core.errors import Cancelled, RequestError
 from core.runtime import available_cores
+from results.outputs import roi_polygons, roi_tile_stats
 from serving.aggregate import make_state, slide_score
 from serving.engine import Engine, ModelRef, on_device
 from wsi.decode_once import make_tile_reader
 from wsi.grid import tiles_for_slide
-from wsi.outputs import roi_polygons, roi_tile_stats
 from wsi.slide import open_slide
 from wsi.tile_quality import artefact_flags, measure_tiles
 from wsi.tiles import TileBatch

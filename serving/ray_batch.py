@@ -7,7 +7,7 @@ summary.csv and failed rows, and the same output files byte for byte.
 
 Why the actors return the scores to the driver instead of writing OUT themselves: a slide's
 result is small (int64 coords + float32 score per tile, ~1.2 MB for a 100k-tile slide), while
-the writing code (`serving.batch.score_one` -> `wsi.outputs`) then runs in exactly one process,
+the writing code (`serving.batch.score_one` -> `results.outputs`) then runs in exactly one process,
 so there is one writer of OUT/summary.csv and of the done markers (no cross-node races on the
 shared file system) and no second copy of the writing code. The driver reads each slide once
 more for its heatmap thumbnail (a low pyramid level), hence it needs the slides too: a shared
@@ -36,7 +36,8 @@ from ray.exceptions import RayActorError, RayTaskError
 from core.errors import ClusterError
 from core.ray_cluster import RayOptions, connect, default_actor_count, first_line
 from serving.backends import LocalBackend, ScoredSlide
-from serving.options import EngineOptions, ScoringOverrides
+from serving.options import EngineOptions
+from serving.overrides import ScoringOverrides
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from serving.batch import DONE_MARKER, SUMMARY_COLUMNS, SUMMARY_NAME
+from results.layout import DONE_MARKER, SUMMARY_COLUMNS, SUMMARY_NAME
 
 
 def read_summary(out: Path) -> dict[str, dict]:

@@ -229,7 +229,7 @@ class SlideRois:
 
 def slide_rois(coords: np.ndarray, scores: np.ndarray, tile_size: int, threshold: float, label: int,
                lesions: np.ndarray | None = None, itc: set[int] = frozenset()) -> SlideRois:
-    from wsi.outputs import roi_polygons
+    from results.outputs import roi_polygons
 
     rois = roi_polygons(coords, scores, tile_size, threshold=threshold)
     hits = None

@@ -35,8 +35,8 @@ def write_roc_png(path: Path, y: np.ndarray, p: np.ndarray, title: str = "valida
 
 def write_heatmaps(out: Path, model: MILHead, bags: Sequence[Bag], slides_dir,
                    limit: int = HEATMAPS) -> list[Path]:
-    """Heatmap PNGs (wsi.outputs) of the highest-scored slides whose files are reachable."""
-    from wsi.outputs import write_heatmap_png
+    """Heatmap PNGs (results.outputs) of the highest-scored slides whose files are reachable."""
+    from results.outputs import write_heatmap_png
     from wsi.slide import open_slide
 
     out.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Cell centroids of a slide, in level-0 px, for the Spatiopath analysis (`serving.spatiopath`).
+"""Cell centroids of a slide, in level-0 px, for the Spatiopath analysis (`spatiopath_analysis.command`).
 
 Two formats, chosen by the file's extension:
 

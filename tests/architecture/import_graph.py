@@ -21,17 +21,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # The top-level packages of milroi and the folders they live in (relative to the repository).
-PACKAGE_DIRS = {"core": "core", "wsi": "wsi", "training": "training", "serving": "serving",
-                "milroi": "proto/milroi"}
+PACKAGE_DIRS = {"core": "core", "wsi": "wsi", "results": "results", "training": "training",
+                "serving": "serving", "viewer": "viewer",
+                "spatiopath_analysis": "spatiopath_analysis", "milroi": "proto/milroi"}
 # The packages whose files are scanned; `milroi` holds only the generated gRPC stubs.
-SCANNED = ("core", "wsi", "training", "serving")
+SCANNED = ("core", "wsi", "results", "training", "serving", "viewer", "spatiopath_analysis")
 
 # What each layer may import of milroi (itself included).
 ALLOWED = {
     "core": frozenset({"core"}),
     "wsi": frozenset({"core", "wsi"}),
-    "training": frozenset({"core", "wsi", "training"}),
-    "serving": frozenset({"core", "wsi", "serving", "milroi"}),
+    "results": frozenset({"core", "wsi", "results"}),   # the scored slide's files and folder
+    "training": frozenset({"core", "wsi", "results", "training"}),
+    "serving": frozenset({"core", "wsi", "results", "serving", "milroi"}),
+    # readers of results folders; the viewer scores live as a gRPC client (serving.client)
+    "viewer": frozenset({"core", "wsi", "results", "serving", "viewer"}),
+    "spatiopath_analysis": frozenset({"core", "wsi", "results", "spatiopath_analysis"}),
 }
 
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2_grpc.py")

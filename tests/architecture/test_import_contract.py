@@ -1,9 +1,10 @@
 """The layering of docs/ARCHITECTURE.md, asserted on the source (ast; nothing is imported):
 
-    core  <  wsi  <  training | serving        (proto stubs `milroi`: serving only)
+    core  <  wsi  <  results  <  training | serving        (proto stubs `milroi`: serving only)
 
 - core imports only core (third-party packages other than numpy only lazily, inside functions);
 - wsi imports core and wsi;
+- results (the scored slide's files and the results folder) imports core, wsi and results;
 - training imports core, wsi and training, never serving nor the gRPC stubs (the train image
   has no serving/: Dockerfile.train deletes it, test_train_without_serving.py runs it so);
 - serving imports core, wsi, serving and the stubs `milroi`, never training (the serve image
@@ -91,12 +92,19 @@ def test_imported_names_exist(graph):
                          + "\n".join(f"  {m}" for m in missing))
 
 
+# `milroi-serve view` and `milroi-serve spatiopath` are commands of the serving console script,
+# while their code lives beside serving/ (it reads results folders and, for the viewer, calls a
+# server as a client does): the table names them, and no serving module imports them.
+COMMAND_TABLE_EXTRA = {"serving": frozenset({"viewer", "spatiopath_analysis"})}
+
+
 def test_command_tables_respect_the_layers(graph):
     # core.cli.dispatch imports the modules of a COMMANDS table by name (importlib): the table
     # of a console script is an edge of its package as much as an import statement is
     entries = command_tables(graph)
     assert {e.source for e in entries} >= {"training.cli", "serving.cli"}
-    bad = [e for e in entries if top(e.target) not in ALLOWED[top(e.source)]]
+    bad = [e for e in entries if top(e.target) not in
+           ALLOWED[top(e.source)] | COMMAND_TABLE_EXTRA.get(top(e.source), frozenset())]
     missing = [e for e in entries if e.target not in graph.modules]
     assert not bad, "sub-commands of another layer:\n" + _listing(bad)
     assert not missing, "sub-commands naming no module:\n" + _listing(missing)
@@ -239,3 +247,66 @@ def test_checker_reports_missing_names(tmp_path):
     assert sorted((m.edge.file, m.edge.line, m.name) for m in missing_names(graph)) == [
         ("serving/engine.py", 2, "tiling"), ("serving/engine.py", 5, "ClusterError")]
     assert "core.errors has no 'ClusterError'" in str(missing_names(graph)[-1])
+
+
+def test_checker_keeps_results_below_both_sides(tmp_path):
+    """results may import core and wsi only; wsi may not import results."""
+    root = _planted(tmp_path, {
+        "results/__init__.py": "",
+        "results/layout.py": "from core.errors import ConfigError\nfrom wsi.slide import Slide\n",
+        "results/outputs.py": "def f():\n    from serving.engine import Engine\n",
+        "wsi/grid.py": "from results.layout import SUMMARY_NAME\n",
+        "serving/batch.py": "from results.layout import SUMMARY_NAME\n",
+    })
+    graph = build_graph(root, {**PLANTED_DIRS, "results": "results"})
+    found = {(e.source, e.target) for e in layer_violations(graph)}
+    assert found == {("results.outputs", "serving.engine"), ("wsi.grid", "results.layout")}
+
+
+# -- the readers of results folders import no engine -------------------------------------------
+
+# What a client, the viewer or the Spatiopath analysis must never load: the engine and what
+# runs models (a viewer user's install need not import onnxruntime, OpenVINO or torch).
+ENGINE_MODULES = {"serving.engine", "serving.pipeline", "serving.server", "serving.batch",
+                  "serving.options", "serving.backends", "core.inference_backends"}
+ENGINE_PACKAGES = {"onnxruntime", "openvino", "torch", "torchvision", "tensorrt"}
+
+
+def reachable(graph, starts) -> tuple[set[str], set[str]]:
+    """(milroi modules, third-party top-level packages) that importing `starts` may load,
+    function-local imports included."""
+    adjacency = graph.adjacency()
+    seen, stack = set(), list(starts)
+    while stack:
+        module = stack.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        stack.extend(adjacency.get(module, ()))
+    external = {top(e.target) for e in graph.external if e.source in seen}
+    return seen, external
+
+
+@pytest.mark.parametrize("package", ["viewer", "spatiopath_analysis"])
+def test_readers_of_results_import_no_engine(graph, package):
+    modules, external = reachable(graph, [m for m in graph.scanned if top(m) == package])
+    assert not modules & ENGINE_MODULES, sorted(modules & ENGINE_MODULES)
+    assert not external & ENGINE_PACKAGES, sorted(external & ENGINE_PACKAGES)
+
+
+def test_the_client_imports_no_engine(graph):
+    modules, external = reachable(graph, ["serving.client"])
+    assert not modules & ENGINE_MODULES, sorted(modules & ENGINE_MODULES)
+    assert not external & ENGINE_PACKAGES, sorted(external & ENGINE_PACKAGES)
+
+
+def test_reachability_finds_a_planted_engine_import(tmp_path):
+    root = _planted(tmp_path, {
+        "viewer/__init__.py": "",
+        "viewer/app.py": "from serving.client import C\n",
+        "serving/client.py": "def f():\n    from serving.engine import Engine\n",
+        "serving/engine.py": "import onnxruntime\n",
+    })
+    graph = build_graph(root, {**PLANTED_DIRS, "viewer": "viewer"})
+    modules, external = reachable(graph, ["viewer.app"])
+    assert "serving.engine" in modules and "onnxruntime" in external

@@ -11,7 +11,7 @@ import pytest
 from batch_testing import read_summary, slide_files, stable_summary
 from hardening_helpers import BIN, write_bad_files
 
-from serving.batch import DONE_MARKER
+from results.layout import DONE_MARKER
 from serving.cli import main as serve_main
 
 # The bad files of conftest.write_bad_files that the folder walk takes for slides (a slide

@@ -10,7 +10,7 @@ import json
 import os
 from pathlib import Path
 
-from serving.batch import DONE_MARKER, SUMMARY_NAME
+from results.layout import DONE_MARKER, SUMMARY_NAME
 
 RUN_DEPENDENT = ("seconds",)  # the only summary/done-marker field that differs between runs
 

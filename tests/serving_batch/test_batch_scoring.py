@@ -13,7 +13,8 @@ from batch_testing import read_summary, slide_files, stable_summary
 from serving_batch_helpers import MILROI_SERVE, wait_for
 
 from core.errors import MilroiError
-from serving.batch import DONE_MARKER, SUMMARY_NAME, read_done_marker, slide_keys
+from results.layout import DONE_MARKER, SUMMARY_NAME, read_done_marker
+from serving.batch import slide_keys
 from serving.cli import main as serve_main
 from wsi.discovery import find_slides
 

@@ -1,5 +1,5 @@
 """Fixtures of the Spatiopath tests: small synthetic slides (wsi.synth) whose result files are
-written by milroi's own writer (`wsi.outputs.write_slide_outputs`, the code `milroi-serve score`
+written by milroi's own writer (`results.outputs.write_slide_outputs`, the code `milroi-serve score`
 runs) and the cells of the nuclei drawn on them (`wsi.synth.write_synthetic_cells`).
 
 The fast tests take the tile scores from the drawn tumour (each tile's tumour fraction): the
@@ -22,9 +22,9 @@ def write_oracle_scores(slide_path: Path, truth, out: Path) -> Path:
     with each tile's drawn tumour fraction as its score."""
     import json
 
+    from results.outputs import write_slide_outputs
     from wsi.annotations import tile_tumor_fraction
     from wsi.grid import tiles_for_slide
-    from wsi.outputs import write_slide_outputs
     from wsi.slide import open_slide
 
     with open_slide(slide_path) as slide:

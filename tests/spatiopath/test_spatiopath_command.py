@@ -37,8 +37,8 @@ def read_summary(out: Path) -> dict[str, dict]:
 def patterns(scored, tmp_path_factory):
     """The tumour slide analysed three times, its immune cells uniform, enriched in a 50 um
     band around the ROIs milroi wrote, and excluded from it; summary rows by mode."""
-    from serving.spatiopath import AnalysisOptions, analyse_folder
-    from wsi.analysis_windows import read_scored_rois
+    from spatiopath_analysis.command import AnalysisOptions, analyse_folder
+    from spatiopath_analysis.windows import read_scored_rois
     from wsi.synth import write_synthetic_cells
 
     root = tmp_path_factory.mktemp("patterns")
@@ -93,7 +93,7 @@ def test_results_are_spatiopaths_own_files(patterns):
     load; K0 plots; the windows JSON beside them."""
     from spatiopath.engine import SpatioPathResult
 
-    from wsi.analysis_windows import read_windows_json
+    from spatiopath_analysis.windows import read_windows_json
 
     out = patterns["enriched"]["out"] / "tumor_a"
     windows = read_windows_json(out / "tumor_a_windows.json")
@@ -178,7 +178,7 @@ def test_python_api_is_what_the_engine_takes(scored):
     shows a Spatiopath user."""
     from spatiopath.engine import SpatioPath
 
-    from wsi.analysis_windows import windows_for_slide
+    from spatiopath_analysis.windows import windows_for_slide
     from wsi.synth import synthetic_cells
 
     windows = windows_for_slide(scored["scores"] / "tumor_a" / "tumor_a_spatiopath.json",
@@ -198,8 +198,8 @@ def test_python_api_is_what_the_engine_takes(scored):
 def test_client_layout_needs_the_slides_folder(scored, tmp_path):
     """`client score --out` leaves no done.json: the slide file is asked for (--slides), then
     found by name; the no-ROI slide still writes its empty windows file."""
-    from serving.spatiopath import AnalysisOptions, analyse_folder
-    from wsi.analysis_windows import read_windows_json
+    from spatiopath_analysis.command import AnalysisOptions, analyse_folder
+    from spatiopath_analysis.windows import read_windows_json
 
     scores = tmp_path / "scores"
     scores.mkdir()

@@ -1,4 +1,4 @@
-"""Analysis windows (wsi.analysis_windows) and cell files (wsi.cells): the geometry and the
+"""Analysis windows (spatiopath_analysis.windows) and cell files (wsi.cells): the geometry and the
 readers the Spatiopath command stands on, without the engine."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from conftest import ANALYSIS_ZONE_UM
 from shapely.geometry import Point
 
 from core.errors import ConfigError
-from wsi.analysis_windows import (
+from spatiopath_analysis.windows import (
     ScoredRois,
     choose_downsample,
     merge_boxes,

@@ -15,8 +15,8 @@ from PIL import Image
 from starlette.testclient import TestClient
 from viewer_testing import CORRUPT, JAPANESE, NEWLINE, SCRIPTED
 
-from serving.viewer.app import create_app, header_safe
-from serving.viewer.tiles import TileSource
+from viewer.app import create_app, header_safe
+from viewer.tiles import TileSource
 
 
 @pytest.fixture
@@ -228,8 +228,8 @@ def test_csp_allows_exactly_the_style_openseadragon_inserts():
     import hashlib
     import re
 
-    from serving.viewer.access import CSP
-    from serving.viewer.app import STATIC
+    from viewer.access import CSP
+    from viewer.app import STATIC
 
     script = (STATIC / "openseadragon" / "openseadragon.min.js").read_text()
     styles = re.findall(r'createElement\("style"\)[^;]*;[^;]*;\w+\.textContent="([^"]*)"', script)

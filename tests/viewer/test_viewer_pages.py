@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from viewer_testing import SLIDE, http_get, open_slide_page, read_csv_rows, screen_point
 
-from serving.viewer.app import DEFAULT_HOST, configure_parser
+from viewer.app import DEFAULT_HOST, configure_parser
 
 
 def shot(page, path, clip=None) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""serving.viewer without a browser: deep-zoom tiles line up with level 0, the tile cache is
+"""viewer without a browser: deep-zoom tiles line up with level 0, the tile cache is
 bounded, unreadable slides give error tiles, the heatmap image has one pixel per tile."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.viewer.results import PatchTable, heatmap_rgba
-from serving.viewer.tiles import OVERLAP, TILE_SIZE, TileSource
+from viewer.results import PatchTable, heatmap_rgba
+from viewer.tiles import OVERLAP, TILE_SIZE, TileSource
 from wsi.slide import open_slide
 
 

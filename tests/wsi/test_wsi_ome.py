@@ -164,8 +164,8 @@ def test_camelyon_size_ome_tiff_goes_through_mask_grid_tiles_and_outputs(tmp_pat
     """98304 x 196608 px: OpenSlide sees one level of 1.9e10 px, over the scan limit (refused
     before); through tiffslide, the mask is read from a SubIFD level and every tissue tile is
     read exactly (zstd tiles: lossless)."""
+    from results.outputs import write_slide_outputs
     from wsi.grid import tiles_for_slide
-    from wsi.outputs import write_slide_outputs
     from wsi.tiles import TileReader
 
     block, (ox, oy) = stained_tissue(2048, seed=3), (40_960, 90_112)

@@ -12,8 +12,8 @@ import pytest
 import shapely
 from format_slides import stained_tissue, write_sparse_tiff
 
+from results.outputs import roi_polygons, write_geojson, write_slide_outputs, write_spatiopath_json
 from wsi.grid import tiles_for_slide
-from wsi.outputs import roi_polygons, write_geojson, write_slide_outputs, write_spatiopath_json
 from wsi.slide import open_slide
 
 ORIGIN = (1280, 768)      # level-0 top-left of the stored tiles: OpenSlide's bounds-x/-y

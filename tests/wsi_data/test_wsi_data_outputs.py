@@ -1,4 +1,4 @@
-"""wsi.outputs: files a scored slide leaves, on constructed score grids and a synthetic slide."""
+"""results.outputs: files a scored slide leaves, on constructed score grids and a synthetic slide."""
 from __future__ import annotations
 
 import csv
@@ -12,7 +12,7 @@ from shapely.geometry import box, shape
 
 from core.errors import MilroiError
 from core.tiling import TilingParams
-from wsi.outputs import (
+from results.outputs import (
     atomic_write,
     roi_polygons,
     score_map,

@@ -3,7 +3,7 @@
 Spatiopath (`spatiopath.engine.SpatioPath`) rasterises its tumour regions (`setA`) and its
 analysed area (`roi`) onto a `height x width` pixel grid and computes distance maps there, so
 it analyses windows of a few thousand pixels, never a whole slide. This module turns a slide's
-`<slide>_spatiopath.json` (whole-slide ROI polygons in level-0 px, `wsi.outputs`) and its
+`<slide>_spatiopath.json` (whole-slide ROI polygons in level-0 px, `results.outputs`) and its
 tissue mask into such windows:
 
 - every ROI gets the box of its bounds plus a margin of `analysis_zone_um` (clipped to the
@@ -20,7 +20,7 @@ tissue mask into such windows:
 
 Memory and time depend on the windows, never on the slide's size: the tissue mask (computed
 at ~1/32, as scoring does) is cropped per window before it becomes polygons. No spatiopath
-import here: the engine side is `serving.spatiopath`.
+import here: the engine side is `spatiopath_analysis.command`.
 """
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def _ring(part: dict, path) -> np.ndarray:
 
 
 def read_scored_rois(path) -> ScoredRois:
-    """Read a `milroi-spatiopath/1` file (`wsi.outputs.write_spatiopath_json`)."""
+    """Read a `milroi-spatiopath/1` file (`results.outputs.write_spatiopath_json`)."""
     path = Path(path)
     try:
         doc = json.loads(path.read_text())

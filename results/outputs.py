@@ -25,13 +25,13 @@ import shapely
 from core.bundle import DEFAULT_ROI_THRESHOLD
 from core.errors import RequestError
 from core.files import atomic_write
+from results.layout import HEATMAP_CMAP, output_path
 from wsi.tile_quality import flag_names
 
 TUMOR_CLASS = {"name": "Tumor", "color": [200, 0, 0]}  # QuPath's own colour for "Tumor"
 IGNORE_CLASS = {"name": "Ignore*", "color": [180, 180, 180]}  # QuPath's built-in "leave out" class
 HEATMAP_MAX_SIZE = 2048
 HEATMAP_ALPHA = 0.5
-HEATMAP_CMAP = "jet"
 
 
 def _check(coords, scores) -> tuple[np.ndarray, np.ndarray]:
@@ -288,12 +288,14 @@ def write_slide_outputs(out_dir, slide, coords, scores, tile_size: int,
     name = slide.name
     offset = getattr(slide, "bounds_offset", (0, 0))
     return {
-        "csv": write_patch_csv(out / f"{name}_patches.csv", coords, scores, tile_size, flags),
-        "geojson": write_geojson(out / f"{name}.geojson", coords, scores, tile_size, rois, stats,
+        "csv": write_patch_csv(output_path(out, name, "csv"), coords, scores, tile_size, flags),
+        "geojson": write_geojson(output_path(out, name, "geojson"), coords, scores, tile_size,
+                                 rois, stats,
                                  mpp=slide.mpp, flags=flags, bounds_offset=offset),
-        "heatmap": write_heatmap_png(out / f"{name}_heatmap.png", slide, clean_coords, clean_scores,
-                                     tile_size),
-        "spatiopath": write_spatiopath_json(out / f"{name}_spatiopath.json", name, rois, slide.mpp,
+        "heatmap": write_heatmap_png(output_path(out, name, "heatmap"), slide, clean_coords,
+                                     clean_scores, tile_size),
+        "spatiopath": write_spatiopath_json(output_path(out, name, "spatiopath"), name, rois,
+                                            slide.mpp,
                                             clean_scores, stats, threshold, tile_size,
                                             slide.dimensions, bounds_offset=offset),
     }

@@ -1,7 +1,7 @@
 """What `milroi-serve score` left in SCORES_DIR, read for the viewer.
 
-SCORES_DIR/summary.csv lists the slides (one row per slide, `serving.batch.SUMMARY_COLUMNS`);
-SCORES_DIR/<slide>/ holds that slide's `wsi.outputs` files. Slide keys come from the browser, so
+SCORES_DIR/summary.csv lists the slides (one row per slide, `results.layout.SUMMARY_COLUMNS`);
+SCORES_DIR/<slide>/ holds that slide's `results.outputs` files. Slide keys come from the browser, so
 both the result folder and the slide file are found through `serving.security.SlideRoots`, the
 gRPC server's own confinement: no `..`, no absolute path, no symlink leading out (PathDenied ->
 403), and a key that is in no summary row is SlideNotFound (404).
@@ -21,14 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import ConfigError, PathDenied, SlideNotFound
-from serving.batch import SUMMARY_NAME
+from results.layout import HEATMAP_CMAP, OUTPUT_SUFFIXES, SUMMARY_NAME
 from serving.security import SlideRoots
 from wsi.discovery import find_slides, slide_name
-
-# Output files of one slide (wsi.outputs.write_slide_outputs), by the suffix after its name.
-OUTPUT_SUFFIXES = {"csv": "_patches.csv", "geojson": ".geojson", "spatiopath": "_spatiopath.json",
-                   "heatmap": "_heatmap.png"}
-HEATMAP_CMAP = "jet"   # the colour map of wsi.outputs' heatmap PNGs, so both read alike
 
 
 @dataclass(frozen=True)
@@ -76,7 +71,7 @@ def heatmap_rgba(table: PatchTable, dimensions: tuple[int, int], threshold: floa
                  cmap: str = HEATMAP_CMAP) -> np.ndarray:
     """One RGBA pixel per tile of the level-0 grid (rows = ceil(h / tile), cols = ceil(w / tile)):
     the colour-map colour of each clean tile scored >= threshold, transparent elsewhere
-    (background, tiles below the threshold, artefact tiles, as in wsi.outputs' heatmap)."""
+    (background, tiles below the threshold, artefact tiles, as in results.outputs' heatmap)."""
     from matplotlib import colormaps
 
     if not len(table):   # no tile (no tissue): nothing to place

@@ -4,7 +4,7 @@ the real `spatiopath` package (Benimam et al., Nature Communications 2025), with
 For every slide scored into SCORES_DIR (its `<slide>_spatiopath.json`, from `milroi-serve score`
 or `client score --out`; nothing is scored again):
 
-1. the analysis windows (`wsi.analysis_windows`): the ROIs with a margin of the analysis zone,
+1. the analysis windows (`spatiopath_analysis.windows`): the ROIs with a margin of the analysis zone,
    at one downsample per slide, the tissue (from the slide's tissue mask) as the analysed area;
    written to OUT/<slide>/<name>_windows.json;
 2. the cells (`wsi.cells`: a CSV of level-0 x,y[,class] or a QuPath detections GeoJSON), of
@@ -26,11 +26,7 @@ the package's own helpers, on the windows' per-cell zones and distances.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
-import json
 import logging
-import math
 import shutil
 import time
 import warnings
@@ -41,7 +37,14 @@ import numpy as np
 
 from core.errors import ConfigError, MilroiError
 from core.files import atomic_write
-from wsi.analysis_windows import (
+from results.layout import (
+    OUTPUT_SUFFIXES,
+    SUMMARY_NAME,
+    output_name,
+    recorded_slide_path,
+    write_summary,
+)
+from spatiopath_analysis.windows import (
     DEFAULT_ANALYSIS_ZONE_UM,
     DEFAULT_WINDOW_PX,
     SlideWindows,
@@ -55,9 +58,6 @@ from wsi.cells import CELL_SUFFIXES, GEOJSON_SUFFIXES, read_cells
 log = logging.getLogger(__name__)
 
 DEFAULT_ZONE_WIDTH_UM = 10.0    # Spatiopath's own default zone width
-SCORES_SUFFIX = "_spatiopath.json"
-SUMMARY_NAME = "summary.csv"
-DONE_MARKER = "done.json"       # serving.batch's marker: it records the slide's path
 BASE_COLUMNS = ("slide", "status", "windows", "cells", "downsample", "pixel_size_um")
 # The pooled `analysis` columns of spatiopath 0.5.0, used for the header only when no slide gave
 # a result to read them from; imageName ("GLOBAL") and pixelSize (-1 when pooled) are left out.
@@ -97,19 +97,13 @@ def find_scored_slides(scores_dir: Path, slides_dir: Path | None = None,
     from wsi.discovery import find_slide
 
     found = []
-    for path in sorted(scores_dir.rglob(f"*{SCORES_SUFFIX}")):
+    for path in sorted(scores_dir.rglob(f"*{OUTPUT_SUFFIXES['spatiopath']}")):
         if exclude is not None and exclude.resolve() in path.resolve().parents:
             continue
-        name = path.name[:-len(SCORES_SUFFIX)]
+        name = output_name(path, "spatiopath")
         folder = path.parent.relative_to(scores_dir)
         key = folder.as_posix() if folder.name == name else (folder / name).as_posix()
-        slide_path = None
-        try:
-            recorded = json.loads((path.parent / DONE_MARKER).read_text()).get("path")
-            if recorded and Path(recorded).exists():
-                slide_path = Path(recorded)
-        except (OSError, ValueError, AttributeError):
-            pass
+        slide_path = recorded_slide_path(path.parent)
         if slide_path is None and slides_dir is not None:
             slide_path = find_slide(slides_dir, name)
         found.append(ScoredSlide(key, name, path, slide_path))
@@ -283,30 +277,11 @@ def analyse_slide(slide: ScoredSlide, cells_path: Path, out_dir: Path, options: 
     return row
 
 
-def _fmt(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, (float, np.floating)):
-        return "" if math.isnan(value) else f"{float(value):.6g}"
-    if isinstance(value, np.integer):
-        return str(int(value))
-    return str(value)
-
-
-def write_summary(out_dir: Path, rows: list[dict]) -> Path:
+def write_analysis_summary(out_dir: Path, rows: list[dict]) -> Path:
     """OUT/summary.csv: BASE_COLUMNS, the pooled metric columns, seconds, error."""
     metrics = next((list(k for k in r if k not in BASE_COLUMNS + ("seconds", "error"))
                     for r in rows if r.get("status") == "ok" and "ACI" in r), list(SPATIOPATH_COLUMNS))
-    columns = list(BASE_COLUMNS) + metrics + ["seconds", "error"]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in sorted(rows, key=lambda r: r["slide"]):
-        writer.writerow({c: _fmt(row.get(c)) for c in columns})
-    path = out_dir / SUMMARY_NAME
-    with atomic_write(path, "w") as f:
-        f.write(buffer.getvalue())
-    return path
+    return write_summary(out_dir, rows, list(BASE_COLUMNS) + metrics + ["seconds", "error"])
 
 
 def analyse_folder(scores_dir: Path, cells: Path, out_dir: Path, options: AnalysisOptions,
@@ -321,8 +296,8 @@ def analyse_folder(scores_dir: Path, cells: Path, out_dir: Path, options: Analys
         raise ConfigError(f"--cells {cells}: no such file or folder")
     slides = find_scored_slides(scores_dir, slides_dir, exclude=out_dir)
     if not slides:
-        raise ConfigError(f"no <slide>{SCORES_SUFFIX} under {scores_dir}: score the slides first "
-                          "(milroi-serve score SLIDES --out SCORES_DIR)")
+        raise ConfigError(f"no <slide>{OUTPUT_SUFFIXES['spatiopath']} under {scores_dir}: score "
+                          "the slides first (milroi-serve score SLIDES --out SCORES_DIR)")
     logging.getLogger("spatiopath").setLevel(max(log.getEffectiveLevel(), logging.WARNING))
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -338,7 +313,7 @@ def analyse_folder(scores_dir: Path, cells: Path, out_dir: Path, options: Analys
             row = {"slide": slide.key, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
         row.setdefault("seconds", round(time.perf_counter() - started, 3))
         rows.append(row)
-        write_summary(out_dir, rows)
+        write_analysis_summary(out_dir, rows)
     return rows
 
 

@@ -34,12 +34,13 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from core.errors import ConfigError, MilroiError, PathDenied, SlideError, SlideNotFound
+from results.layout import OUTPUT_SUFFIXES
 from serving.client import ScoringClient, add_connection_arguments, client_from_args
 from serving.security import read_token
-from serving.viewer import access
-from serving.viewer.live import LiveScoring
-from serving.viewer.results import OUTPUT_SUFFIXES, ScoresDir, heatmap_rgba, legend_stops, png_bytes
-from serving.viewer.tiles import TileSource
+from viewer import access
+from viewer.live import LiveScoring
+from viewer.results import ScoresDir, heatmap_rgba, legend_stops, png_bytes
+from viewer.tiles import TileSource
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +289,7 @@ def run(args: argparse.Namespace) -> int:
     url_host = f"[{args.host}]" if ":" in args.host else args.host
     url = f"http://{url_host}:{args.port}/" + (f"?token={quote(token)}" if token else "")
     print(f"milroi viewer: {url}  ({args.scores_dir}; answers Host {', '.join(hosts)})", flush=True)
-    logging.getLogger("serving.viewer").setLevel(logging.INFO)
+    logging.getLogger("viewer").setLevel(logging.INFO)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
                 timeout_graceful_shutdown=2)
     return 0
