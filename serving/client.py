@@ -108,15 +108,18 @@ class SlideHeader:
     level_count: int
     mpp: float
     mpp_source: str
-    tile_size: int
-    tile_level: int
+    tile_size: int       # side of a grid tile in level-0 px (the coordinates' frame)
+    tile_level: int      # the level the model reads its input from
     tile_count: int
     model: ModelRef
+    input_px: int        # side of the model's input tile, px at tile_level
 
     @classmethod
     def from_proto(cls, h: scoring_pb2.SlideHeader) -> SlideHeader:
+        # A server from before input_px tiled level 0 only, where tile_size is the input side
         return cls(h.slide_path, h.width, h.height, h.level_count, h.mpp, h.mpp_source,
-                   h.tile_size, h.tile_level, h.tile_count, ModelRef.from_proto(h.model))
+                   h.tile_size, h.tile_level, h.tile_count, ModelRef.from_proto(h.model),
+                   h.input_px or h.tile_size)
 
 
 @dataclass(frozen=True)
@@ -193,7 +196,7 @@ class SlideResult:
 class ServedModel:
     model: ModelRef
     head: str
-    tile_size: int
+    input_px: int        # side of the model's input tile, px at tile_level
     tile_level: int
     feature_dim: int
     threshold: float
@@ -205,7 +208,7 @@ class ServedModel:
     @classmethod
     def from_proto(cls, m: scoring_pb2.ModelInfo) -> ServedModel:
         manifest = json.loads(m.manifest_json) if m.manifest_json else {}
-        return cls(ModelRef.from_proto(m.model), m.head, m.tile_size, m.tile_level,
+        return cls(ModelRef.from_proto(m.model), m.head, m.input_px or m.tile_size, m.tile_level,
                    m.feature_dim, m.threshold, m.roi_threshold, m.provider, list(m.providers),
                    manifest)
 
@@ -654,7 +657,7 @@ def _run_model(client: ScoringClient, args) -> int:
     m = model.model
     print(f"model      {m.name} version {m.version}" + (f" (@{m.alias})" if m.alias else ""))
     print(f"run        {m.run_id or '-'}")
-    print(f"head       {model.head}, {model.feature_dim}-d features, tile {model.tile_size} px "
+    print(f"head       {model.head}, {model.feature_dim}-d features, tile {model.input_px} px "
           f"at level {model.tile_level}")
     print(f"thresholds slide {model.threshold:g}, ROI {model.roi_threshold:g}")
     print(f"provider   {model.provider} (of {', '.join(model.providers)})")

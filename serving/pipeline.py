@@ -70,10 +70,11 @@ class SlideHeader:
     level_count: int
     mpp: float
     mpp_source: str
-    tile_size: int        # px at tile_level
-    tile_level: int
+    tile_size: int        # side of a grid tile in level-0 px (the coordinates' frame)
+    tile_level: int       # the level the model reads its input from
     tile_count: int
     model: ModelRef
+    input_px: int         # side of the model's input tile, px at tile_level
 
 
 @dataclass
@@ -230,8 +231,8 @@ class SlideScorer:
             tile_size0 = grid.tile_size_level0
             name = display_path if display_path is not None else str(slide_path)
             yield SlideHeader(name, slide.name, slide.dimensions[0], slide.dimensions[1],
-                              slide.level_count, slide.mpp, slide.mpp_source, self.tile_size,
-                              self.level, n, engine.model)
+                              slide.level_count, slide.mpp, slide.mpp_source, tile_size0,
+                              self.level, n, engine.model, self.tile_size)
             if cancel.is_set():
                 return
             scores = np.empty(n, np.float32)

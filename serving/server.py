@@ -122,7 +122,7 @@ def event_pb(event) -> pb.ScoreSlideResponse:
             slide_path=event.slide_path, width=event.width, height=event.height,
             level_count=event.level_count, mpp=event.mpp, mpp_source=event.mpp_source,
             tile_size=event.tile_size, tile_level=event.tile_level, tile_count=event.tile_count,
-            model=model_ref_pb(event.model)))
+            model=model_ref_pb(event.model), input_px=event.input_px))
     if isinstance(event, SlideSummary):
         t = event.timings
         rois = [pb.Polygon(exterior=_ring(r.polygon.exterior.coords),
@@ -304,6 +304,7 @@ def model_info(model: LoadedModel) -> pb.ModelInfo:
     return pb.ModelInfo(
         model=model_ref_pb(model.ref), head=manifest.head,
         tile_size=manifest.tiling.tile_size, tile_level=manifest.tiling.level,
+        input_px=manifest.tiling.tile_size,
         feature_dim=manifest.feature_dim, threshold=manifest.threshold,
         roi_threshold=manifest.patch_threshold,
         provider=PROVIDER_NAMES[engine.provider], providers=list(engine.providers),

@@ -98,7 +98,7 @@ def test_every_method_but_health_needs_the_token(server):
 def test_client_sends_the_token_as_call_credentials_on_loopback(server):
     with ScoringClient(server.address, token=TOKEN, timeout=60) as client:
         client.wait_until_serving(10)
-        assert client.get_model().tile_size == 224
+        assert client.get_model().input_px == 224
         scores = client.score_tiles(np.zeros((2, 224, 224, 3), np.uint8))
         assert scores.shape == (2,) and np.isfinite(scores).all()
         assert client.score_slide_all("blank.tiff").summary.label == "no_tissue"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -199,3 +200,55 @@ def test_score_sets_the_engine_batch_size_and_threads(bundle, slides_dir, tmp_pa
         batch_command.backend_from_args(parser.parse_args(
             [str(slides_dir), "--out", str(tmp_path / "out"), "--model", str(bundle),
              "--threads", "0"]))
+
+
+def test_a_level_1_model_writes_level_0_tiles_alike_in_process_and_through_a_server(
+        bundle, slides_dir, tmp_path):
+    """A bundle that reads its 224 px input at pyramid level 1 (2x): every file states tiles in
+    level-0 px (448), whether the slide was scored in this process, through a server (`score
+    --server`) or with `client score --out`. The server's header says so (tile_size, level-0
+    px) beside the model's input side (input_px)."""
+    from serving_batch_helpers import ServerProcess
+
+    from serving.client import ScoringClient
+    from wsi.slide import open_slide
+
+    level1 = tmp_path / "level1"
+    shutil.copytree(bundle, level1)
+    manifest = json.loads((level1 / "manifest.json").read_text())
+    manifest["level"] = 1
+    (level1 / "manifest.json").write_text(json.dumps(manifest))
+    root = tmp_path / "slides"
+    root.mkdir()
+    shutil.copy(slides_dir / "sub" / "synth_tumor.tif", root / "synth_tumor.tif")
+    with open_slide(root / "synth_tumor.tif") as slide:
+        size0 = round(224 * slide.level_downsamples[1])
+    assert size0 == 448
+    local, remote, client_out = tmp_path / "local", tmp_path / "remote", tmp_path / "client"
+    assert batch(root, "--model", level1, "--out", local) == 0
+    server = ServerProcess(level1, [root], tmp_path / "server.log")
+    try:
+        server.wait_serving()
+        assert batch(root, "--server", server.target, "--out", remote) == 0
+        assert serve_main(["client", "score", "synth_tumor.tif", "--server", server.target,
+                           "--out", str(client_out), "--local-slide",
+                           str(root / "synth_tumor.tif")]) == 0
+        with ScoringClient(server.target) as client:
+            header = client.score_slide_all("synth_tumor.tif").header
+            assert (header.tile_size, header.input_px, header.tile_level) == (448, 224, 1)
+            assert client.get_model().input_px == 224
+    finally:
+        server.stop()
+    tables = [np.loadtxt(folder / name, delimiter=",", skiprows=1, usecols=(0, 1, 2, 3), ndmin=2)
+              for folder, name in ((local / "synth_tumor", "synth_tumor_patches.csv"),
+                                   (remote / "synth_tumor", "synth_tumor_patches.csv"),
+                                   (client_out, "synth_tumor_patches.csv"))]
+    assert len(tables[0]) > 0 and set(tables[0][:, 2]) == {448}
+    for other in tables[1:]:
+        np.testing.assert_array_equal(other[:, :3], tables[0][:, :3])
+        np.testing.assert_allclose(other[:, 3], tables[0][:, 3], atol=2e-6)
+    spatiopath = [json.loads(p.read_text())["tile_size"] for p in
+                  (local / "synth_tumor" / "synth_tumor_spatiopath.json",
+                   remote / "synth_tumor" / "synth_tumor_spatiopath.json",
+                   client_out / "synth_tumor_spatiopath.json")]
+    assert spatiopath == [448, 448, 448]

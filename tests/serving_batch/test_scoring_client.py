@@ -99,7 +99,7 @@ def test_get_model_describes_the_bundle(server, bundle):
     with ScoringClient(server.target) as client:
         model = client.get_model()
     assert model.model.name == "batch-test" and model.model.version == bundle_digest(bundle)
-    assert model.head == "chowder" and model.feature_dim == 1024 and model.tile_size == 224
+    assert model.head == "chowder" and model.feature_dim == 1024 and model.input_px == 224
     assert model.provider and model.manifest["format"] == "milroi-bundle/1"
 
 

@@ -41,7 +41,7 @@ class ModelRef(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., alias: _Optional[str] = ..., run_id: _Optional[str] = ...) -> None: ...
 
 class SlideHeader(_message.Message):
-    __slots__ = ("slide_path", "width", "height", "level_count", "mpp", "mpp_source", "tile_size", "tile_level", "tile_count", "model")
+    __slots__ = ("slide_path", "width", "height", "level_count", "mpp", "mpp_source", "tile_size", "tile_level", "tile_count", "model", "input_px")
     SLIDE_PATH_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,7 @@ class SlideHeader(_message.Message):
     TILE_LEVEL_FIELD_NUMBER: _ClassVar[int]
     TILE_COUNT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    INPUT_PX_FIELD_NUMBER: _ClassVar[int]
     slide_path: str
     width: int
     height: int
@@ -62,7 +63,8 @@ class SlideHeader(_message.Message):
     tile_level: int
     tile_count: int
     model: ModelRef
-    def __init__(self, slide_path: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., level_count: _Optional[int] = ..., mpp: _Optional[float] = ..., mpp_source: _Optional[str] = ..., tile_size: _Optional[int] = ..., tile_level: _Optional[int] = ..., tile_count: _Optional[int] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ...) -> None: ...
+    input_px: int
+    def __init__(self, slide_path: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., level_count: _Optional[int] = ..., mpp: _Optional[float] = ..., mpp_source: _Optional[str] = ..., tile_size: _Optional[int] = ..., tile_level: _Optional[int] = ..., tile_count: _Optional[int] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., input_px: _Optional[int] = ...) -> None: ...
 
 class PatchScores(_message.Message):
     __slots__ = ("offset", "x", "y", "score", "artefact")
@@ -173,7 +175,7 @@ class GetModelRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "head", "tile_size", "tile_level", "feature_dim", "threshold", "roi_threshold", "provider", "providers", "manifest_json", "backend", "precision", "backend_choice_json")
+    __slots__ = ("model", "head", "tile_size", "tile_level", "feature_dim", "threshold", "roi_threshold", "provider", "providers", "manifest_json", "backend", "precision", "backend_choice_json", "input_px")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     HEAD_FIELD_NUMBER: _ClassVar[int]
     TILE_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -187,6 +189,7 @@ class ModelInfo(_message.Message):
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     BACKEND_CHOICE_JSON_FIELD_NUMBER: _ClassVar[int]
+    INPUT_PX_FIELD_NUMBER: _ClassVar[int]
     model: ModelRef
     head: str
     tile_size: int
@@ -200,4 +203,5 @@ class ModelInfo(_message.Message):
     backend: str
     precision: str
     backend_choice_json: str
-    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., head: _Optional[str] = ..., tile_size: _Optional[int] = ..., tile_level: _Optional[int] = ..., feature_dim: _Optional[int] = ..., threshold: _Optional[float] = ..., roi_threshold: _Optional[float] = ..., provider: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., manifest_json: _Optional[str] = ..., backend: _Optional[str] = ..., precision: _Optional[str] = ..., backend_choice_json: _Optional[str] = ...) -> None: ...
+    input_px: int
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., head: _Optional[str] = ..., tile_size: _Optional[int] = ..., tile_level: _Optional[int] = ..., feature_dim: _Optional[int] = ..., threshold: _Optional[float] = ..., roi_threshold: _Optional[float] = ..., provider: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., manifest_json: _Optional[str] = ..., backend: _Optional[str] = ..., precision: _Optional[str] = ..., backend_choice_json: _Optional[str] = ..., input_px: _Optional[int] = ...) -> None: ...
