@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 
 from core.errors import MilroiError
 from core.ray_cluster import DEFAULT_ACTOR_CPUS, DEFAULT_ACTOR_GPUS, DEFAULT_MAX_RESTARTS
-from core.tiling import CAMELYON16_MPP, DEFAULT_TILING, TilingParams
+from core.tiling import CAMELYON16_MPP, DEFAULT_TILING, TilingParams, TissueParams
 from core.tracking import tracking_uri_help
 
 
@@ -95,6 +95,18 @@ def tiling_from_args(args: argparse.Namespace) -> TilingParams:
     """The TilingParams of `add_tiling_arguments`' flags (ConfigError when out of range)."""
     return TilingParams(tile_size=args.tile_size, level=getattr(args, "level", DEFAULT_TILING.level),
                         min_tissue=args.min_tissue)
+
+
+def add_tissue_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--tissue NAME=VALUE` (repeatable): the tissue mask's settings (core.tiling.TissueParams),
+    which then travel with the features, the fit run and the bundle to serving."""
+    names = ", ".join(TissueParams().to_dict())
+    parser.add_argument("--tissue", action="append", default=[], metavar="NAME=VALUE",
+                        help=f"a tissue-mask setting other than its default (repeat; one of {names})")
+
+
+def tissue_from_args(args: argparse.Namespace) -> TissueParams:
+    return TissueParams().with_overrides(args.tissue)
 
 
 def add_fallback_mpp_argument(parser: argparse.ArgumentParser) -> None:

@@ -47,6 +47,30 @@ class TissueParams:
             raise ConfigError(f"unknown tissue parameters: {sorted(unknown)}")
         return cls(**values)
 
+    def with_overrides(self, overrides: list[str]) -> TissueParams:
+        """A copy with `NAME=VALUE` settings applied (`--tissue`), each value read as its
+        field's type: `min_saturation=30`, `optical_density=false`."""
+        defaults = self.to_dict()
+        changes = {}
+        for item in overrides:
+            name, sep, text = item.partition("=")
+            name = name.strip().replace("-", "_")
+            if not sep or name not in defaults:
+                raise ConfigError(f"--tissue {item!r}: give NAME=VALUE with NAME one of "
+                                  f"{', '.join(defaults)}")
+            kind = type(defaults[name])
+            try:
+                if kind is bool:
+                    if text.strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
+                        raise ValueError(text)
+                    value = text.strip().lower() in ("true", "1", "yes")
+                else:
+                    value = kind(text)
+            except ValueError:
+                raise ConfigError(f"--tissue {item!r}: {name} takes a {kind.__name__}") from None
+            changes[name] = value
+        return dataclasses.replace(self, **changes)
+
 
 @dataclass(frozen=True)
 class ArtefactParams:

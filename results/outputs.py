@@ -25,6 +25,7 @@ import shapely
 from core.bundle import DEFAULT_ROI_THRESHOLD
 from core.errors import RequestError
 from core.files import atomic_write
+from core.tiling import TissueParams
 from results.layout import HEATMAP_CMAP, output_path
 from wsi.tile_quality import flag_names
 
@@ -232,10 +233,13 @@ def _xy(ring) -> dict:
 def write_spatiopath_json(path, slide_name: str, rois: Sequence, mpp: float,
                           scores=None, roi_stats: Sequence[dict] | None = None,
                           threshold: float | None = None, tile_size: int | None = None,
-                          dimensions=None, bounds_offset=(0, 0)) -> Path:
+                          dimensions=None, bounds_offset=(0, 0),
+                          tissue: TissueParams | None = None) -> Path:
     """Tumour ROIs for Spatiopath: polygons as {"x": [...], "y": [...]} arrays in level-0 px
     (exterior closed, first point repeated) plus holes, the pixel size, score statistics, and
-    the slide's `bounds_offset` (what to subtract to get QuPath's frame, as in the GeoJSON)."""
+    the slide's `bounds_offset` (what to subtract to get QuPath's frame, as in the GeoJSON).
+    `tissue`: the tissue-mask settings the slide was scored with (the model's), so that the
+    Spatiopath analysis cuts its windows from the same mask."""
     bx, by = _offset(bounds_offset)
     roi_stats = list(roi_stats) if roi_stats is not None else [{} for _ in rois]
     s = np.asarray(scores, np.float64) if scores is not None else np.zeros(0)
@@ -252,6 +256,7 @@ def write_spatiopath_json(path, slide_name: str, rois: Sequence, mpp: float,
         "dimensions": None if dimensions is None else [int(v) for v in dimensions],
         "tile_size": tile_size,
         "threshold": threshold,
+        "tissue_params": None if tissue is None else tissue.to_dict(),
         "score_stats": {"tiles": int(len(s)),
                         "min": float(s.min()) if len(s) else None,
                         "max": float(s.max()) if len(s) else None,
@@ -272,7 +277,7 @@ def write_spatiopath_json(path, slide_name: str, rois: Sequence, mpp: float,
 
 def write_slide_outputs(out_dir, slide, coords, scores, tile_size: int,
                         threshold: float = DEFAULT_ROI_THRESHOLD, min_area_px: float = 0.0,
-                        flags=None) -> dict[str, Path]:
+                        flags=None, tissue: TissueParams | None = None) -> dict[str, Path]:
     """All four outputs of one scored slide in `out_dir`, named after the slide; returns
     {"csv", "geojson", "heatmap", "spatiopath"} -> path. Tiles with artefact `flags` are listed
     (CSV, GeoJSON) but make no ROI and no heatmap colour. The GeoJSON is in QuPath's frame for
@@ -297,5 +302,5 @@ def write_slide_outputs(out_dir, slide, coords, scores, tile_size: int,
         "spatiopath": write_spatiopath_json(output_path(out, name, "spatiopath"), name, rois,
                                             slide.mpp,
                                             clean_scores, stats, threshold, tile_size,
-                                            slide.dimensions, bounds_offset=offset),
+                                            slide.dimensions, bounds_offset=offset, tissue=tissue),
     }

@@ -11,6 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
+from core.tiling import TissueParams
 from serving.model_source import ModelSource
 from serving.options import EngineOptions
 from serving.overrides import ScoringOverrides
@@ -31,6 +32,7 @@ class ScoredSlide:
     model: str
     model_version: str
     flags: np.ndarray | None = None   # uint8 [N] artefact bits (wsi.tile_quality), 0 = clean
+    tissue: TissueParams | None = None   # the model's tissue-mask settings (for the outputs)
 
     @property
     def artefact_tiles(self) -> int:
@@ -67,7 +69,8 @@ class LocalBackend:
         s = self.scorer.score_slide(path, min_tissue=self.min_tissue,
                                     roi_threshold=self.roi_threshold, display_path=key)
         return ScoredSlide(s.coords, s.scores, s.tile_size, s.slide_score, s.label, s.threshold,
-                           s.roi_threshold, len(s.rois), s.model.name, s.model.version, s.flags)
+                           s.roi_threshold, len(s.rois), s.model.name, s.model.version, s.flags,
+                           self.engine.manifest.tissue)
 
     def close(self) -> None:
         self.engine.close()
@@ -83,6 +86,7 @@ class RemoteBackend:
         self.remote_root = PurePosixPath(remote_root) if remote_root else None
         served = client.get_model()
         self.model, self.model_version = served.model.name, served.model.version
+        self.tissue = served.tissue
         self.min_tissue, self.roi_threshold = overrides.min_tissue, overrides.roi_threshold
 
     def remote_path(self, path: Path) -> str:
@@ -95,7 +99,7 @@ class RemoteBackend:
         s = result.summary
         return ScoredSlide(result.coords, result.scores, result.header.tile_size, s.slide_score,
                            s.label, s.threshold, s.roi_threshold, len(s.rois), s.model.name,
-                           s.model.version, result.artefact)
+                           s.model.version, result.artefact, self.tissue)
 
     def close(self) -> None:
         self.client.close()

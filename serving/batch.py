@@ -78,7 +78,7 @@ def score_one(backend: SlideScoringBackend, path: Path, key: str, out_dir: Path)
         scored = backend.score(path, key)
         with open_slide(path) as slide:
             write_slide_outputs(slide_out, slide, scored.coords, scored.scores, scored.tile_size,
-                                scored.roi_threshold, flags=scored.flags)
+                                scored.roi_threshold, flags=scored.flags, tissue=scored.tissue)
         score = float(scored.slide_score)
         row.update(status="ok", label=scored.label, score=None if np.isnan(score) else score,
                    threshold=float(scored.threshold), tiles=len(scored.scores), rois=scored.rois,

@@ -36,6 +36,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from shapely.geometry import Polygon
 
 from core.errors import AuthError, ConfigError, MilroiError, RequestError
+from core.tiling import TissueParams
 from milroi.v1 import scoring_pb2, scoring_pb2_grpc
 from serving.overrides import add_scoring_arguments
 from serving.security import is_loopback_target, read_token
@@ -204,6 +205,13 @@ class ServedModel:
     provider: str
     providers: list[str]
     manifest: dict = field(default_factory=dict)
+
+    @property
+    def tissue(self) -> TissueParams | None:
+        """The model's tissue-mask settings (None from a server that does not send its
+        manifest)."""
+        values = self.manifest.get("tissue")
+        return TissueParams.from_dict(values) if isinstance(values, dict) else None
 
     @classmethod
     def from_proto(cls, m: scoring_pb2.ModelInfo) -> ServedModel:
@@ -689,7 +697,7 @@ def _run_score(client: ScoringClient, args) -> int:
         with open_slide(local_slide) as slide:
             paths = write_slide_outputs(args.out, slide, result.coords, result.scores,
                                         h.tile_size, result.summary.roi_threshold,
-                                        flags=result.artefact)
+                                        flags=result.artefact, tissue=client.get_model().tissue)
         log.info("outputs: %s", ", ".join(str(p) for p in paths.values()))
     s = result.summary
     if args.json:

@@ -59,6 +59,7 @@ class ScoredRois:
     ids: list[int]
     path: Path | None = None
     bounds_offset: tuple[int, int] = (0, 0)
+    tissue: TissueParams | None = None   # the mask settings it was scored with (None: unrecorded)
 
 
 def _ring(part: dict, path) -> np.ndarray:
@@ -91,9 +92,11 @@ def read_scored_rois(path) -> ScoredRois:
         ids.append(int(item.get("id", i + 1)))
     width, height = (int(v) for v in doc["dimensions"])
     offset = doc.get("bounds_offset") or {}
+    tissue = doc.get("tissue_params")
     return ScoredRois(slide=str(doc.get("slide", path.stem)), mpp=float(doc["pixel_size_um"]["mpp"]),
                       dimensions=(width, height), polygons=polygons, ids=ids, path=path,
-                      bounds_offset=(int(offset.get("x", 0)), int(offset.get("y", 0))))
+                      bounds_offset=(int(offset.get("x", 0)), int(offset.get("y", 0))),
+                      tissue=TissueParams.from_dict(tissue) if isinstance(tissue, dict) else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,7 +363,7 @@ def plan_windows(rois: ScoredRois, tissue: TissueMask, *,
 
 def windows_for_slide(scores_json, slide, *, analysis_zone_um: float = DEFAULT_ANALYSIS_ZONE_UM,
                       window_px: int = DEFAULT_WINDOW_PX,
-                      tissue_params: TissueParams = TissueParams()) -> SlideWindows:
+                      tissue_params: TissueParams | None = None) -> SlideWindows:
     """Spatiopath-ready windows of a scored slide, for a Spatiopath user's own code.
 
     `scores_json`: the slide's `<slide>_spatiopath.json` (from `milroi-serve score` or
@@ -371,12 +374,16 @@ def windows_for_slide(scores_json, slide, *, analysis_zone_um: float = DEFAULT_A
                             height=result.canvas[1], width=result.canvas[0])
         engine.add_patch(w.id, w.set_a, cells_in_window_px, w.roi)
 
-    with the cells of `result.split_cells(level0_xy)`.
+    with the cells of `result.split_cells(level0_xy)`. The tissue mask uses `tissue_params`,
+    else the settings the slide was scored with (recorded in `scores_json` from the model's
+    manifest), else the defaults (files from before the record).
     """
     from wsi.slide import Slide, open_slide
     from wsi.tissue import compute_tissue_mask
 
     rois = read_scored_rois(scores_json)
+    if tissue_params is None:
+        tissue_params = rois.tissue or TissueParams()
 
     def mask_of(opened: Slide):
         if tuple(opened.dimensions) != rois.dimensions:

@@ -319,7 +319,7 @@ def export_run(run_id: str, name: str, *, alias: str | None = None,
     extra = {"name": name, "run_id": run_id, "fingerprint": run.fingerprint,
              "metrics": run.metrics, "threshold": run.threshold,
              "patch_threshold": run.patch_threshold, **run.tiling.to_dict(),
-             "artefacts": run.artefacts.to_dict()}
+             "artefacts": run.artefacts.to_dict(), "tissue": run.tissue.to_dict()}
     tags = {"val_auc": "" if run.val_auc is None else repr(run.val_auc), "head": head.kind,
             "fingerprint": run.fingerprint or ""}
     with tempfile.TemporaryDirectory() as tmp:

@@ -27,10 +27,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from core.cli import add_fallback_mpp_argument, add_tiling_arguments, tiling_from_args
+from core.cli import (
+    add_fallback_mpp_argument,
+    add_tiling_arguments,
+    add_tissue_arguments,
+    tiling_from_args,
+    tissue_from_args,
+)
 from core.errors import ConfigError
 from core.inference_backends import DEFAULT_BACKEND, DEFAULT_PRECISION, add_backend_arguments
-from core.tiling import DEFAULT_TILING, ArtefactParams, TilingParams
+from core.tiling import DEFAULT_TILING, ArtefactParams, TilingParams, TissueParams
 from training.backbone import LAYERS, Backbone, build_backbone
 from training.feature_file import FeatureAttrs
 from training.onnx_backbone import OnnxBackbone
@@ -70,6 +76,7 @@ class ExtractionOptions:
     limit_tiles: int | None = None    # only the first N tiles (quick runs)
     fallback_mpp: float | None = None
     artefacts: ArtefactParams = ArtefactParams()   # which tiles are flagged (wsi.tile_quality)
+    tissue: TissueParams = TissueParams()   # the tissue mask (and the tiles' ink/glass measures)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.workers < 1:
@@ -79,7 +86,7 @@ class ExtractionOptions:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ExtractionOptions:
         return cls(tiling_from_args(args), args.batch_size, args.workers, args.limit_tiles,
-                   args.fallback_mpp)
+                   args.fallback_mpp, tissue=tissue_from_args(args))
 
 
 def add_feature_arguments(parser: argparse.ArgumentParser) -> None:
@@ -93,6 +100,7 @@ def add_feature_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layer", choices=sorted(LAYERS), default=m.layer,
                         help=f"pool: 2048-d after layer4; layer3: CLAM's 1024-d (default {m.layer})")
     add_tiling_arguments(parser, level=False)
+    add_tissue_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=e.batch_size,
                         help=f"tiles per batch ({e.batch_size})")
     parser.add_argument("--workers", type=int, default=e.workers,
@@ -179,7 +187,7 @@ def extract_features(slide_path: str | os.PathLike, out_h5: str | os.PathLike,
     out_h5.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_path(out_h5)
     with open_slide(slide_path, fallback_mpp=o.fallback_mpp) as slide:
-        _, grid = tiles_for_slide(slide, o.tiling)
+        _, grid = tiles_for_slide(slide, o.tiling, params=o.tissue)
         coords, fraction = grid.coords, grid.tissue_fraction
         if o.limit_tiles is not None:
             coords, fraction = coords[:o.limit_tiles], fraction[:o.limit_tiles]
@@ -189,7 +197,8 @@ def extract_features(slide_path: str | os.PathLike, out_h5: str | os.PathLike,
                              mpp=slide.mpp, mpp_source=slide.mpp_source, tiling=o.tiling,
                              backbone_layer=facts["backbone_layer"], weights=facts["weights"],
                              weights_seed=facts["weights_seed"],
-                             feature_engine=facts["feature_engine"], artefacts=o.artefacts).to_h5()
+                             feature_engine=facts["feature_engine"], artefacts=o.artefacts,
+                             tissue=o.tissue).to_h5()
         try:
             with h5py.File(tmp, "w") as f:
                 f.attrs.update(attrs)
@@ -258,7 +267,7 @@ def _fill(features: h5py.Dataset, slide, coords: np.ndarray, model: Backbone | O
                 out = tile_features(batch.tiles)
                 # Batches come in grid order as one contiguous index run: a slice write.
                 features[int(batch.index[0]):int(batch.index[-1]) + 1] = out
-                measures.append(measure_tiles(batch.tiles))
+                measures.append(measure_tiles(batch.tiles, options.tissue))
                 bar.update(len(out))
     finally:
         reader.close()

@@ -14,6 +14,7 @@ and `camelyon16` read them back as `Bag`s.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from core.errors import ConfigError
-from core.tiling import ArtefactParams, TilingParams
+from core.tiling import ArtefactParams, TilingParams, TissueParams
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class FeatureAttrs:
     weights_seed: int
     feature_engine: str
     artefacts: ArtefactParams = ArtefactParams()
+    tissue: TissueParams = TissueParams()   # the tissue mask the tiles were chosen with
 
     def to_h5(self) -> dict[str, Any]:
         """The attributes as written (CLAM's names for the tile size and level)."""
@@ -61,7 +63,8 @@ class FeatureAttrs:
                 "mpp": float(self.mpp), "mpp_source": self.mpp_source, "slide": self.slide,
                 "min_tissue": float(self.tiling.min_tissue), "backbone_layer": self.backbone_layer,
                 "weights": self.weights, "weights_seed": self.weights_seed,
-                "feature_engine": self.feature_engine, **self.artefacts.to_dict()}
+                "feature_engine": self.feature_engine, **self.artefacts.to_dict(),
+                "tissue_params": json.dumps(self.tissue.to_dict(), sort_keys=True)}
 
     @classmethod
     def from_h5(cls, attrs: Mapping[str, Any], where: str | os.PathLike) -> FeatureAttrs:
@@ -77,7 +80,9 @@ class FeatureAttrs:
                        weights_seed=int(values["weights_seed"]),
                        feature_engine=str(values.get("feature_engine", "torch")),
                        artefacts=ArtefactParams.from_dict(
-                           {k: float(values[k]) for k in ArtefactParams().to_dict() if k in values}))
+                           {k: float(values[k]) for k in ArtefactParams().to_dict() if k in values}),
+                       # files from before the attribute: the defaults they were made with
+                       tissue=TissueParams.from_dict(json.loads(values.get("tissue_params", "{}"))))
         except (KeyError, ValueError, ConfigError) as exc:
             raise ConfigError(f"feature file {where} lacks or garbles attribute {exc} "
                               f"(was it written by `milroi-train features`?)") from None

@@ -18,7 +18,7 @@ from typing import Any
 
 from core.bundle import DEFAULT_ROI_THRESHOLD, DEFAULT_SLIDE_THRESHOLD
 from core.errors import ConfigError, RegistryError
-from core.tiling import DEFAULT_TILING, ArtefactParams, TilingParams
+from core.tiling import DEFAULT_TILING, ArtefactParams, TilingParams, TissueParams
 from core.tracking import mlflow_client, resolve_tracking_uri
 from training.feature_file import Bag
 
@@ -36,7 +36,8 @@ def provenance_params(bags: Sequence[Bag]) -> dict[str, Any]:
         rows.append({"backbone_layer": a.backbone_layer, "weights": a.weights,
                      "weights_seed": a.weights_seed, "tile_size": a.tiling.tile_size,
                      "patch_level": a.tiling.level, "min_tissue": a.tiling.min_tissue,
-                     "mpp": a.mpp, "artefacts": json.dumps(a.artefacts.to_dict(), sort_keys=True)})
+                     "mpp": a.mpp, "artefacts": json.dumps(a.artefacts.to_dict(), sort_keys=True),
+                     "tissue": json.dumps(a.tissue.to_dict(), sort_keys=True)})
     params: dict[str, Any] = {}
     for key in rows[0]:
         values = {str(row[key]) for row in rows}
@@ -58,6 +59,7 @@ class FitRun:
     weights_seed: int
     tiling: TilingParams
     artefacts: ArtefactParams  # the limits the training bags were filtered with
+    tissue: TissueParams       # the tissue mask the training tiles were chosen with
     threshold: float          # slide probability threshold (Youden on held-out slides)
     patch_threshold: float    # ROI threshold (runs from before fit chose it: the old fixed one)
     val_auc: float | None
@@ -91,8 +93,11 @@ class FitRun:
         threshold, patch_threshold = number("threshold"), number("patch_threshold")
         artefacts = ArtefactParams.from_dict(json.loads(params["artefacts"])) if "artefacts" in params \
             else ArtefactParams()
+        # runs from before the param: their features used the default mask
+        tissue = TissueParams.from_dict(json.loads(params["tissue"])) if "tissue" in params \
+            else TissueParams()
         return cls(run_id, params["backbone_layer"], params["weights"],
-                   int(params["weights_seed"]), tiling, artefacts,
+                   int(params["weights_seed"]), tiling, artefacts, tissue,
                    DEFAULT_SLIDE_THRESHOLD if threshold is None else threshold,
                    DEFAULT_ROI_THRESHOLD if patch_threshold is None else patch_threshold,
                    number("val_auc"), run.data.tags.get(FINGERPRINT_TAG), metrics)

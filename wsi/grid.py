@@ -21,7 +21,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from core.cli import add_fallback_mpp_argument, add_tiling_arguments, tiling_from_args
+from core.cli import (
+    add_fallback_mpp_argument,
+    add_tiling_arguments,
+    add_tissue_arguments,
+    tiling_from_args,
+    tissue_from_args,
+)
 from core.errors import ConfigError, RequestError
 from core.files import atomic_write
 from core.tiling import DEFAULT_TILING, TilingParams
@@ -188,9 +194,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     add_tiling_arguments(parser)
     parser.add_argument("--stride", type=int, default=None, help="grid step in px (default: tile size)")
-    parser.add_argument("--target-downsample", type=float, default=TissueParams.target_downsample,
+    parser.add_argument("--target-downsample", type=float, default=None,
                         help=f"level-0 px per tissue-mask px (default "
                              f"{TissueParams.target_downsample:g})")
+    add_tissue_arguments(parser)   # the same --tissue NAME=VALUE as `features`
     add_fallback_mpp_argument(parser)
 
 
@@ -198,7 +205,9 @@ def run(args: argparse.Namespace) -> int:
     from wsi.slide import open_slide
 
     started = time.perf_counter()
-    params = TissueParams(target_downsample=args.target_downsample)
+    params = tissue_from_args(args)
+    if args.target_downsample is not None:
+        params = params.with_overrides([f"target_downsample={args.target_downsample}"])
     with open_slide(args.slide, fallback_mpp=args.fallback_mpp) as slide:
         tissue, grid = tiles_for_slide(slide, tiling_from_args(args), params=params,
                                        stride=args.stride)

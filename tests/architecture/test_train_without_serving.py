@@ -97,7 +97,7 @@ def test_the_training_packages_import_from_anywhere(train_env):
     # every package training needs must be in it, not only importable from the checkout
     probe = ("import importlib, sys\n"
              "missing = []\n"
-             "for name in ('core', 'wsi', 'training', 'training.cli', 'milroi'):\n"
+             "for name in ('core', 'wsi', 'results', 'training', 'training.cli', 'milroi'):\n"
              "    try:\n"
              "        importlib.import_module(name)\n"
              "    except ImportError as exc:\n"
