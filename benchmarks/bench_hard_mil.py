@@ -136,8 +136,8 @@ def run_row(row: Row, root: Path, tracking_uri: str) -> dict[str, Any]:
     return {"row": row.name, "head": row.head, "what": row.what,
             "head_config": fitted.head.config, "run_id": fitted.run_id,
             "dev": {"cv_auc_mean": m.get("cv_auc_mean"), "cv_auc_std": m.get("cv_auc_std"),
-                    "oof_auc": m.get("val_auc"), "threshold": fitted.threshold,
-                    "patch_threshold": fitted.patch_threshold},
+                    "oof_auc": m.get("val_auc"), "threshold": fitted.slide_threshold,
+                    "roi_threshold": fitted.roi_threshold},
             "heldout": _summary(result), "fit_s": round(fit_s, 1),
             "eval_s": round(time.perf_counter() - t0 - fit_s, 1)}
 
@@ -151,11 +151,11 @@ def run_probe(root: Path) -> dict[str, Any]:
     probe = fit_probe(tile_set(root / "feat_dev", root / "dev" / "reference.csv", root / "dev"))
     result = evaluate_scores(probe, root / "feat_heldout", root / "heldout" / "reference.csv",
                              root / "heldout", threshold=probe.threshold,
-                             roi_threshold=probe.patch_threshold)
+                             roi_threshold=probe.roi_threshold)
     return {"row": "probe", "head": "logistic regression", "what": "tile-supervised linear "
             f"probe (C = {probe.c:g} by grouped 4-fold CV on dev tiles; the ceiling)",
             "dev": {"cv_tile_auc": {f"{c:g}": a for c, a in probe.cv_tile_auc.items()},
-                    "threshold": probe.threshold, "patch_threshold": probe.patch_threshold,
+                    "threshold": probe.threshold, "roi_threshold": probe.roi_threshold,
                     **probe.extra},
             "heldout": _summary(result), "fit_s": round(time.perf_counter() - t0, 1)}
 

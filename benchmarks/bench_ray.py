@@ -34,7 +34,7 @@ def make_inputs(root: Path, slides: int, size: int) -> tuple[Path, Path]:
     torch.manual_seed(0)
     bundle = export_bundle(root / "bundle", backbone=build_backbone("none", layer="layer3", seed=0),
                            head=build_head({"kind": "chowder", "in_dim": 1024, "k": 3}).eval(),
-                           manifest_extra={"name": "bench-ray", "threshold": 0.5})
+                           manifest_extra={"name": "bench-ray", "slide_threshold": 0.5})
     slides_dir = root / "slides"
     slides_dir.mkdir()
     for i in range(slides):

@@ -39,14 +39,33 @@ BUNDLE_LOCATIONS = (f"artifacts/{BUNDLE_ARTIFACT_PATH}", ".", BUNDLE_ARTIFACT_PA
 DIGEST_TAG = "bundle_digest"
 DIGEST_LENGTH = 64
 
-# A slide is called tumour when its probability reaches `threshold`; tiles scored at or above
-# `patch_threshold` form tumour ROIs. `milroi-train fit` chooses both from held-out slides; these
+# A slide is called tumour when its probability reaches `slide_threshold`; tiles scored at or above
+# `roi_threshold` form tumour ROIs. `milroi-train fit` chooses both from held-out slides; these
 # are the values of a bundle made without a fit run (the tests' small bundles).
 DEFAULT_SLIDE_THRESHOLD = 0.5
 DEFAULT_ROI_THRESHOLD = 0.5
+# The keys of both thresholds in manifests (and fit runs) written before each had one name
+LEGACY_ROI_THRESHOLD_KEY = "patch_threshold"
+LEGACY_SLIDE_THRESHOLD_KEY = "threshold"
+LEGACY_KEYS = {LEGACY_ROI_THRESHOLD_KEY: "roi_threshold", LEGACY_SLIDE_THRESHOLD_KEY: "slide_threshold"}
+
+
+
+def current_keys(values: dict[str, Any], where: str | os.PathLike = "manifest") -> dict[str, Any]:
+    """`values` with the keys of manifests exported before the renames (LEGACY_KEYS) under
+    their current names; BundleError when a manifest holds both names of one setting."""
+    out = dict(values)
+    for legacy, name in LEGACY_KEYS.items():
+        if legacy in out:
+            if name in out:
+                raise BundleError(where, f"manifest.json holds both {legacy!r} (the old name) "
+                                         f"and {name!r}")
+            out[name] = out.pop(legacy)
+    return out
+
 
 # Keys a manifest must have; every other one has a default below.
-REQUIRED_KEYS = ("format", "name", "tile_size", "level", "feature_dim", "pooling", "threshold",
+REQUIRED_KEYS = ("format", "name", "tile_size", "level", "feature_dim", "pooling", "slide_threshold",
                  "files")
 
 
@@ -57,8 +76,8 @@ class BundleManifest:
     name: str
     feature_dim: int
     pooling: dict[str, Any]                # {"kind": "extremes", "k": K} | {"kind": "attention"}
-    threshold: float = DEFAULT_SLIDE_THRESHOLD
-    patch_threshold: float = DEFAULT_ROI_THRESHOLD
+    slide_threshold: float = DEFAULT_SLIDE_THRESHOLD
+    roi_threshold: float = DEFAULT_ROI_THRESHOLD
     tiling: TilingParams = DEFAULT_TILING
     tissue: TissueParams = field(default_factory=TissueParams)
     artefacts: ArtefactParams = field(default_factory=ArtefactParams)   # tiles left out of scores
@@ -93,6 +112,7 @@ class BundleManifest:
         """Parse and check a manifest's JSON object; BundleError naming `where` otherwise."""
         if not isinstance(values, dict):
             raise BundleError(where, f"manifest.json holds a {type(values).__name__}, not an object")
+        values = current_keys(values, where)
         missing = [k for k in REQUIRED_KEYS if k not in values]
         if missing:
             raise BundleError(where, f"manifest.json lacks {missing}")

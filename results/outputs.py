@@ -92,13 +92,13 @@ def _polygons(geometry) -> list:
     return [g for part in geometry.geoms for g in _polygons(part)]
 
 
-def roi_polygons(coords, scores, tile_size: int, threshold: float = DEFAULT_ROI_THRESHOLD,
+def roi_polygons(coords, scores, tile_size: int, roi_threshold: float = DEFAULT_ROI_THRESHOLD,
                  min_area_px: float = 0.0) -> list:
     """Tumour ROIs (shapely Polygons in level-0 px, largest first): the union of the squares of
-    the tiles scored >= threshold, one polygon per connected component, holes kept, collinear
+    the tiles scored >= roi_threshold, one polygon per connected component, holes kept, collinear
     vertices removed, components smaller than `min_area_px` dropped."""
     coords, scores = _check(coords, scores)
-    hot = coords[scores >= threshold].astype(np.float64)
+    hot = coords[scores >= roi_threshold].astype(np.float64)
     if len(hot) == 0:
         return []
     boxes = shapely.box(hot[:, 0], hot[:, 1], hot[:, 0] + tile_size, hot[:, 1] + tile_size)
@@ -232,7 +232,7 @@ def _xy(ring) -> dict:
 
 def write_spatiopath_json(path, slide_name: str, rois: Sequence, mpp: float,
                           scores=None, roi_stats: Sequence[dict] | None = None,
-                          threshold: float | None = None, tile_size: int | None = None,
+                          roi_threshold: float | None = None, tile_size: int | None = None,
                           dimensions=None, bounds_offset=(0, 0),
                           tissue: TissueParams | None = None) -> Path:
     """Tumour ROIs for Spatiopath: polygons as {"x": [...], "y": [...]} arrays in level-0 px
@@ -255,14 +255,15 @@ def write_spatiopath_json(path, slide_name: str, rois: Sequence, mpp: float,
         "bounds_offset": {"x": bx, "y": by},
         "dimensions": None if dimensions is None else [int(v) for v in dimensions],
         "tile_size": tile_size,
-        "threshold": threshold,
+        "threshold": roi_threshold,   # the ROI threshold (the key of milroi-spatiopath/1)
         "tissue_params": None if tissue is None else tissue.to_dict(),
         "score_stats": {"tiles": int(len(s)),
                         "min": float(s.min()) if len(s) else None,
                         "max": float(s.max()) if len(s) else None,
                         "mean": float(s.mean()) if len(s) else None,
                         "median": float(np.median(s)) if len(s) else None,
-                        "above_threshold": int((s >= threshold).sum()) if threshold is not None else None},
+                        "above_threshold": (int((s >= roi_threshold).sum()) if roi_threshold is not None
+                                            else None)},
         "polygons": [
             {"id": i + 1, **_xy(roi.exterior), "holes": [_xy(r) for r in roi.interiors],
              "area_px2": float(roi.area), "area_um2": float(roi.area) * mpp * mpp,
@@ -276,7 +277,7 @@ def write_spatiopath_json(path, slide_name: str, rois: Sequence, mpp: float,
 
 
 def write_slide_outputs(out_dir, slide, coords, scores, tile_size: int,
-                        threshold: float = DEFAULT_ROI_THRESHOLD, min_area_px: float = 0.0,
+                        roi_threshold: float = DEFAULT_ROI_THRESHOLD, min_area_px: float = 0.0,
                         flags=None, tissue: TissueParams | None = None) -> dict[str, Path]:
     """All four outputs of one scored slide in `out_dir`, named after the slide; returns
     {"csv", "geojson", "heatmap", "spatiopath"} -> path. Tiles with artefact `flags` are listed
@@ -288,7 +289,7 @@ def write_slide_outputs(out_dir, slide, coords, scores, tile_size: int,
     clean_coords, clean_scores = coords[keep], scores[keep]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rois = roi_polygons(clean_coords, clean_scores, tile_size, threshold, min_area_px)
+    rois = roi_polygons(clean_coords, clean_scores, tile_size, roi_threshold, min_area_px)
     stats = roi_tile_stats(rois, clean_coords, clean_scores, tile_size)
     name = slide.name
     offset = getattr(slide, "bounds_offset", (0, 0))
@@ -301,6 +302,6 @@ def write_slide_outputs(out_dir, slide, coords, scores, tile_size: int,
                                      clean_scores, tile_size),
         "spatiopath": write_spatiopath_json(output_path(out, name, "spatiopath"), name, rois,
                                             slide.mpp,
-                                            clean_scores, stats, threshold, tile_size,
+                                            clean_scores, stats, roi_threshold, tile_size,
                                             slide.dimensions, bounds_offset=offset, tissue=tissue),
     }

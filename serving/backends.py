@@ -26,7 +26,7 @@ class ScoredSlide:
     tile_size: int
     slide_score: float
     label: str
-    threshold: float
+    slide_threshold: float
     roi_threshold: float
     rois: int            # tumour ROI polygons at roi_threshold
     model: str
@@ -68,7 +68,7 @@ class LocalBackend:
     def score(self, path: Path, key: str) -> ScoredSlide:
         s = self.scorer.score_slide(path, min_tissue=self.min_tissue,
                                     roi_threshold=self.roi_threshold, display_path=key)
-        return ScoredSlide(s.coords, s.scores, s.tile_size, s.slide_score, s.label, s.threshold,
+        return ScoredSlide(s.coords, s.scores, s.tile_size, s.slide_score, s.label, s.slide_threshold,
                            s.roi_threshold, len(s.rois), s.model.name, s.model.version, s.flags,
                            self.engine.manifest.tissue)
 
@@ -98,7 +98,7 @@ class RemoteBackend:
                                              roi_threshold=self.roi_threshold)
         s = result.summary
         return ScoredSlide(result.coords, result.scores, result.header.tile_size, s.slide_score,
-                           s.label, s.threshold, s.roi_threshold, len(s.rois), s.model.name,
+                           s.label, s.slide_threshold, s.roi_threshold, len(s.rois), s.model.name,
                            s.model.version, result.artefact, self.tissue)
 
     def close(self) -> None:

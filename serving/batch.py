@@ -81,7 +81,7 @@ def score_one(backend: SlideScoringBackend, path: Path, key: str, out_dir: Path)
                                 scored.roi_threshold, flags=scored.flags, tissue=scored.tissue)
         score = float(scored.slide_score)
         row.update(status="ok", label=scored.label, score=None if np.isnan(score) else score,
-                   threshold=float(scored.threshold), tiles=len(scored.scores), rois=scored.rois,
+                   threshold=float(scored.slide_threshold), tiles=len(scored.scores), rois=scored.rois,
                    artefact_tiles=scored.artefact_tiles,
                    model=scored.model, model_version=scored.model_version, error="",
                    seconds=round(time.perf_counter() - started, 3))

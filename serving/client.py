@@ -153,7 +153,7 @@ class Roi:
 class SlideSummary:
     slide_score: float
     label: str
-    threshold: float
+    slide_threshold: float   # the slide probability at which the label is "tumor"
     tile_count: int
     rois: list[Roi]
     mpp: float            # pixel size of the ROI coordinates, um/px
@@ -200,7 +200,7 @@ class ServedModel:
     input_px: int        # side of the model's input tile, px at tile_level
     tile_level: int
     feature_dim: int
-    threshold: float
+    slide_threshold: float
     roi_threshold: float
     provider: str
     providers: list[str]
@@ -703,7 +703,7 @@ def _run_score(client: ScoringClient, args) -> int:
     if args.json:
         print(json.dumps({"header": asdict(h), "summary": s.to_dict()}, indent=2))
     else:
-        print(f"{h.slide_path}: {s.label} (score {s.slide_score:.4f}, threshold {s.threshold:g}), "
+        print(f"{h.slide_path}: {s.label} (score {s.slide_score:.4f}, threshold {s.slide_threshold:g}), "
               f"{s.tile_count} tiles ({s.artefact_count} artefacts left out), {len(s.rois)} ROI(s) "
               f"at patch score >= "
               f"{s.roi_threshold:g}, {s.timings.get('total_s', 0):.1f} s, "

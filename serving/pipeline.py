@@ -109,7 +109,7 @@ class SlideSummary:
     slide_score: float       # slide-level tumour probability (NaN without tissue tiles)
     slide_logit: float
     label: str               # "tumor" | "normal" | "no_tissue"
-    threshold: float
+    slide_threshold: float   # the slide probability at which the label is "tumor"
     tile_count: int
     rois: list[Roi]
     mpp: float
@@ -136,7 +136,7 @@ def roi_summaries(coords: np.ndarray, scores: np.ndarray, tile_size: int, thresh
     (NaN for an ROI that holds no tile centre)."""
     if len(coords) == 0:
         return []
-    polygons = roi_polygons(coords, scores, tile_size, threshold=threshold)
+    polygons = roi_polygons(coords, scores, tile_size, roi_threshold=threshold)
     stats = roi_tile_stats(polygons, coords, scores, tile_size)
     return [Roi(polygon, s["area_px"] * mpp * mpp,
                 np.nan if s["max_score"] is None else s["max_score"],
@@ -184,8 +184,8 @@ class SlideScorer:
         self.tiling = manifest.tiling
         self.tile_size, self.level = self.tiling.tile_size, self.tiling.level
         self.min_tissue = self.tiling.min_tissue
-        self.threshold = manifest.threshold
-        self.roi_threshold = manifest.patch_threshold
+        self.slide_threshold = manifest.slide_threshold
+        self.roi_threshold = manifest.roi_threshold
         self.tissue_params = manifest.tissue
         self.artefacts = manifest.artefacts
         self.reader_workers = reader_workers or default_reader_workers()
@@ -297,7 +297,7 @@ class SlideScorer:
             clean = flags == 0
             if state.count:
                 logit, probability = slide_score(engine, state)
-                label = "tumor" if probability >= self.threshold else "normal"
+                label = "tumor" if probability >= self.slide_threshold else "normal"
             else:   # no tile, or only artefacts: nothing to base a slide label on
                 logit = probability = float("nan")
                 label = NO_TISSUE
@@ -308,7 +308,7 @@ class SlideScorer:
                                  slide.mpp)
             timings.total_s = time.perf_counter() - started
             timings.tiles_per_second = n / timings.scoring_s if timings.scoring_s > 0 else 0.0
-            yield SlideSummary(name, probability, logit, label, self.threshold, n, rois,
+            yield SlideSummary(name, probability, logit, label, self.slide_threshold, n, rois,
                                slide.mpp, roi_threshold, tile_size0, timings, engine.model,
                                grid.coords, scores, flags)
 

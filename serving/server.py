@@ -130,7 +130,7 @@ def event_pb(event) -> pb.ScoreSlideResponse:
                            area_um2=r.area_um2, max_score=r.max_score, mean_score=r.mean_score)
                 for r in event.rois]
         return pb.ScoreSlideResponse(summary=pb.SlideSummary(
-            slide_score=event.slide_score, label=event.label, threshold=event.threshold,
+            slide_score=event.slide_score, label=event.label, threshold=event.slide_threshold,
             tile_count=event.tile_count, rois=rois, mpp=event.mpp,
             roi_threshold=event.roi_threshold, model=model_ref_pb(event.model),
             artefact_count=event.artefact_count,
@@ -305,8 +305,8 @@ def model_info(model: LoadedModel) -> pb.ModelInfo:
         model=model_ref_pb(model.ref), head=manifest.head,
         tile_size=manifest.tiling.tile_size, tile_level=manifest.tiling.level,
         input_px=manifest.tiling.tile_size,
-        feature_dim=manifest.feature_dim, threshold=manifest.threshold,
-        roi_threshold=manifest.patch_threshold,
+        feature_dim=manifest.feature_dim, threshold=manifest.slide_threshold,
+        roi_threshold=manifest.roi_threshold,
         provider=PROVIDER_NAMES[engine.provider], providers=list(engine.providers),
         manifest_json=json.dumps(manifest.to_dict(), sort_keys=True),
         backend=engine.backend, precision=engine.precision,

@@ -20,4 +20,4 @@ def export_test_bundle(folder: Path, name: str) -> Path:
     backbone = build_backbone("none", layer="layer3", seed=0)
     head = build_head({"kind": "chowder", "in_dim": 1024, "k": 3}).eval()
     return export_bundle(folder, backbone=backbone, head=head,
-                         manifest_extra={"name": name, "threshold": 0.5})
+                         manifest_extra={"name": name, "slide_threshold": 0.5})

@@ -68,9 +68,9 @@ def register_bundle(client, name: str, bundle: Path, experiment: str = "tests") 
     return str(version.version)
 
 
-def log_fit_run(tracking_uri: str, head, val_auc: float | None = None, threshold: float = 0.42,
+def log_fit_run(tracking_uri: str, head, val_auc: float | None = None, slide_threshold: float = 0.42,
                 layer: str = "layer3", experiment: str = "milroi-test",
-                patch_threshold: float | None = None) -> str:
+                roi_threshold: float | None = None) -> str:
     """A run in the layout `milroi-train fit` logs (params, head/ artifact, val_auc, tag), so
     that `milroi-train export` can read it; on a sqlite store the artifacts sit beside the db."""
     import json
@@ -85,13 +85,13 @@ def log_fit_run(tracking_uri: str, head, val_auc: float | None = None, threshold
     run_id = client.create_run(ensure_experiment(tracking_uri, experiment)).info.run_id
     for key, value in {"backbone_layer": layer, "weights": "none", "weights_seed": "0",
                        "tile_size": "224", "patch_level": "0", "min_tissue": "0.25",
-                       "head": head.kind, "threshold": str(threshold)}.items():
+                       "head": head.kind, "slide_threshold": str(slide_threshold)}.items():
         client.log_param(run_id, key, value)
     if val_auc is not None:
         client.log_metric(run_id, "val_auc", val_auc)
-    if patch_threshold is not None:  # as fit logs it: param and metric
-        client.log_param(run_id, "patch_threshold", str(patch_threshold))
-        client.log_metric(run_id, "patch_threshold", patch_threshold)
+    if roi_threshold is not None:  # as fit logs it: param and metric
+        client.log_param(run_id, "roi_threshold", str(roi_threshold))
+        client.log_metric(run_id, "roi_threshold", roi_threshold)
     client.set_tag(run_id, "data_fingerprint", "f" * 64)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "head"

@@ -135,7 +135,7 @@ class ProtocolOptions:
     features: FeatureModelOptions = FeatureModelOptions()
     extraction: ExtractionOptions = ExtractionOptions()
     bootstrap: int = DEFAULT_BOOTSTRAP
-    roi_threshold: float | None = None   # default: the run's patch_threshold
+    roi_threshold: float | None = None   # default: the run's roi_threshold
     ray: RayOptions | None = None        # features over Ray actors
     experiment: str = DEFAULT_EXPERIMENT
     tracking_uri: str | None = None   # default: OUT/mlflow.db (after $MLFLOW_TRACKING_URI)
@@ -178,8 +178,8 @@ def run_protocol(options: ProtocolOptions) -> dict:
                "tracking_uri": tracking_uri, "train_slides": len(train),
                "train_tumor": int(sum(train.values())), "test_slides": len(test_labels),
                "validation": {k: v for k, v in result.metrics.items()
-                              if k in {"val_auc", "cv_auc_mean", "cv_auc_std", "threshold",
-                                      "patch_threshold"}},
+                              if k in {"val_auc", "cv_auc_mean", "cv_auc_std", "slide_threshold",
+                                      "roi_threshold"}},
                "test": {k: v for k, v in evaluation.items() if k != "predictions"}}
     (out / "camelyon16.json").write_text(json.dumps(summary, indent=2))
     print(format_result(evaluation))

@@ -13,7 +13,7 @@ The metric functions are pure (arrays in, numbers out) so they can be checked on
   there is neither TP nor FP); each lesion's TP probability is its best detection; a detection
   outside every lesion is a FP; sensitivity is interpolated at 1/4, 1/2, 1, 2, 4, 8 FP per slide
   and averaged. Detections are the local maxima of the tile score map (peak_local_max).
-- `roi_metrics`: what a user sees at the ROI threshold (the run's `patch_threshold`): how many
+- `roi_metrics`: what a user sees at the ROI threshold (the run's `roi_threshold`): how many
   normal slides get a tumour ROI polygon and how many per slide, how many tumour slides get one,
   and the share of counted lesions that hold a tile scored at or above it.
 """
@@ -231,7 +231,7 @@ def slide_rois(coords: np.ndarray, scores: np.ndarray, tile_size: int, threshold
                lesions: np.ndarray | None = None, itc: set[int] = frozenset()) -> SlideRois:
     from results.outputs import roi_polygons
 
-    rois = roi_polygons(coords, scores, tile_size, threshold=threshold)
+    rois = roi_polygons(coords, scores, tile_size, roi_threshold=threshold)
     hits = None
     if lesions is not None:
         hot = scores >= threshold
@@ -244,7 +244,7 @@ def roi_metrics(slides: Sequence[SlideRois], threshold: float) -> dict[str, Any]
     normal = [s for s in slides if s.label == 0]
     tumor = [s for s in slides if s.label == 1]
     result: dict[str, Any] = {
-        "threshold": float(threshold),
+        "roi_threshold": float(threshold),
         "normal_slides": len(normal),
         "normal_slides_with_roi": sum(s.n_rois > 0 for s in normal),
         "false_rois_per_normal_slide": (float(np.mean([s.n_rois for s in normal]))
@@ -268,7 +268,7 @@ def evaluate_run(run_id: str, features_dir: str | Path, labels_path: str | Path,
                  n_bootstrap: int = DEFAULT_BOOTSTRAP, log_to_run: bool = True,
                  roi_threshold: float | None = None) -> dict[str, Any]:
     """Score every labelled slide with the run's head; slide, patch, lesion and ROI metrics
-    (ROIs at `roi_threshold`, by default the run's `patch_threshold`, which export puts in the
+    (ROIs at `roi_threshold`, by default the run's `roi_threshold`, which export puts in the
     manifest)."""
     import torch
 
@@ -282,8 +282,8 @@ def evaluate_run(run_id: str, features_dir: str | Path, labels_path: str | Path,
         return torch.sigmoid(out.slide_logit).item(), out.patch_scores.numpy()
 
     result = {"run_id": run_id, **evaluate_scores(
-        score, features_dir, labels_path, annotations_dir, threshold=run.threshold,
-        roi_threshold=run.patch_threshold if roi_threshold is None else roi_threshold,
+        score, features_dir, labels_path, annotations_dir, threshold=run.slide_threshold,
+        roi_threshold=run.roi_threshold if roi_threshold is None else roi_threshold,
         n_bootstrap=n_bootstrap)}
     if log_to_run:
         _log_evaluation(run_id, tracking_uri, result)
@@ -340,7 +340,7 @@ def evaluate_scores(score: SlideScorer, features_dir: str | Path, labels_path: s
         patch_scores.append(scores)
         patch_tgts.append(tgt)
         hits.append(lesion_hits(*detections(bag.coords, scores, tile), lesions, itc))
-    result: dict[str, Any] = {"threshold": threshold,
+    result: dict[str, Any] = {"slide_threshold": threshold,
                               "slide": slide_metrics(y, p, threshold, n_bootstrap),
                               "predictions": [{"slide": n, "label": int(t), "score": float(s)}
                                               for n, t, s in zip(scored, y, p)],
@@ -396,14 +396,14 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP,
                         help=f"bootstrap resamples of the slide metrics ({DEFAULT_BOOTSTRAP})")
     parser.add_argument("--roi-threshold", type=float, default=None,
-                        help="patch score for tumour ROIs (default the run's patch_threshold)")
+                        help="patch score for tumour ROIs (default the run's roi_threshold)")
 
 
 def format_result(result: dict[str, Any]) -> str:
     s = result["slide"]
     lines = [f"slide AUC      {s['auc']:.3f} (95% CI {s['auc_ci_low']:.3f}-{s['auc_ci_high']:.3f})",
              f"slide accuracy {s['accuracy']:.3f} (95% CI {s['accuracy_ci_low']:.3f}-"
-             f"{s['accuracy_ci_high']:.3f}) at threshold {result['threshold']:.3f}, "
+             f"{s['accuracy_ci_high']:.3f}) at threshold {result['slide_threshold']:.3f}, "
              f"{s['n_slides']} slides"]
     if "patch_auc" in result:
         lines.append(f"patch AUC      {result['patch_auc']:.3f}")
@@ -412,7 +412,7 @@ def format_result(result: dict[str, Any]) -> str:
         lines.append(f"lesion FROC    {result['froc']['score']:.3f} "
                      f"({result['froc']['n_lesions']} lesions; sensitivity at FP/slide {at})")
     r = result["roi"]
-    line = (f"ROIs at {r['threshold']:.6g}: {r['normal_slides_with_roi']} of {r['normal_slides']} "
+    line = (f"ROIs at {r['roi_threshold']:.6g}: {r['normal_slides_with_roi']} of {r['normal_slides']} "
             f"normal slides ({r['false_rois_per_normal_slide']:.2f} ROIs per normal slide), "
             f"{r['tumor_slides_with_roi']} of {r['tumor_slides']} tumour slides")
     if "lesion_sensitivity" in r:

@@ -38,7 +38,15 @@ import onnx
 import torch
 from torch import nn
 
-from core.bundle import DIGEST_LENGTH, DIGEST_TAG, GRAPH_FILES, INT8_ROLE, BundleManifest, bundle_digest
+from core.bundle import (
+    DIGEST_LENGTH,
+    DIGEST_TAG,
+    GRAPH_FILES,
+    INT8_ROLE,
+    BundleManifest,
+    bundle_digest,
+    current_keys,
+)
 from core.cli import add_tracking_uri_argument
 from core.errors import ConfigError, ExportError
 from core.inference_backends import he_like_tiles
@@ -199,7 +207,9 @@ def build_manifest(backbone: Backbone, head: nn.Module, opset: int,
                   "onnx": onnx.__version__, "opset": opset})
     if not manifest_extra:
         return manifest
-    return BundleManifest.from_dict({**manifest.to_dict(), **manifest_extra}, "manifest_extra")
+    return BundleManifest.from_dict({**manifest.to_dict(),
+                                     **current_keys(manifest_extra, "manifest_extra")},
+                                    "manifest_extra")
 
 
 def export_bundle(out_dir: str | os.PathLike, backbone: Backbone, head: nn.Module,
@@ -317,8 +327,8 @@ def export_run(run_id: str, name: str, *, alias: str | None = None,
             log.warning("--int8 without --calibration-slide: calibrating on a synthetic slide")
             int8_tiles = synthetic_calibration_tiles()
     extra = {"name": name, "run_id": run_id, "fingerprint": run.fingerprint,
-             "metrics": run.metrics, "threshold": run.threshold,
-             "patch_threshold": run.patch_threshold, **run.tiling.to_dict(),
+             "metrics": run.metrics, "slide_threshold": run.slide_threshold,
+             "roi_threshold": run.roi_threshold, **run.tiling.to_dict(),
              "artefacts": run.artefacts.to_dict(), "tissue": run.tissue.to_dict()}
     tags = {"val_auc": "" if run.val_auc is None else repr(run.val_auc), "head": head.kind,
             "fingerprint": run.fingerprint or ""}

@@ -8,11 +8,11 @@ Protocol (what the logged metrics mean and which model is exported):
   again (stratified, `--val-fraction`) into an inner training set and an inner validation set used
   only for early stopping on validation AUC; the held-out fold is predicted by the best epoch.
   `val_auc` is the AUC of these out-of-fold predictions (every slide predicted by a model that never
-  saw it); `threshold` is Youden's J on them. The registered/exported model is then a refit on all
+  saw it); `slide_threshold` is Youden's J on them. The registered/exported model is then a refit on all
   training slides for the median early-stopping epoch count of the folds.
 - `--folds 1`: a single stratified train/validation split; the early-stopped model is the exported
-  one, `val_auc` and `threshold` come from its validation slides.
-- `patch_threshold`, the patch score at and above which tiles form tumour ROI polygons (the
+  one, `val_auc` and `slide_threshold` come from its validation slides.
+- `roi_threshold`, the patch score at and above which tiles form tumour ROI polygons (the
   manifest's ROI threshold), comes from the same out-of-fold (or validation) slides, slide labels
   only: a normal slide should get no ROI and a tumour slide at least one, so it is the Youden cut
   on each slide's highest patch logit, halfway (in logit space) across the gap it falls in
@@ -67,7 +67,7 @@ from training.runs import (
     log_params,
     provenance_params,
 )
-from training.thresholds import roi_threshold, safe_auc, youden_threshold
+from training.thresholds import choose_roi_threshold, safe_auc, youden_threshold
 from training.trainer import head_from_state, max_patch_logit, predict, train_head
 
 log = logging.getLogger(__name__)
@@ -136,8 +136,8 @@ class FitResult:
     metrics: dict[str, float]
     predictions: list[dict[str, Any]]  # slide, label, score, max_patch_score, fold
     head: MILHead
-    threshold: float
-    patch_threshold: float = DEFAULT_ROI_THRESHOLD
+    slide_threshold: float
+    roi_threshold: float = DEFAULT_ROI_THRESHOLD
 
 
 def _split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -229,17 +229,17 @@ def fit(features_dir: str | Path, labels_path: str | Path, options: FitOptions =
         y_pred = np.array([r["label"] for r in preds])
         p_pred = np.array([r["score"] for r in preds])
         metrics["val_auc"] = safe_auc(y_pred, p_pred)
-        threshold = youden_threshold(y_pred, p_pred)
-        metrics["threshold"] = threshold
-        metrics["val_accuracy"] = float(np.mean((p_pred >= threshold) == y_pred))
-        client.log_param(run_id, "threshold", threshold)
-        patch_threshold = _log_patch_threshold(client, run_id, preds, metrics)
+        slide_threshold = youden_threshold(y_pred, p_pred)
+        metrics["slide_threshold"] = slide_threshold
+        metrics["val_accuracy"] = float(np.mean((p_pred >= slide_threshold) == y_pred))
+        client.log_param(run_id, "slide_threshold", slide_threshold)
+        roi_threshold = _log_roi_threshold(client, run_id, preds, metrics)
         if held_out:
             test_bags = load_bags(features_dir, sorted(held_out), skip_no_tissue=True)
             y_test = np.array([labels[b.name] for b in test_bags])
             p_test = predict(model, test_bags)
             metrics["test_auc"] = safe_auc(y_test, p_test)
-            metrics["test_accuracy"] = float(np.mean((p_test >= threshold) == y_test))
+            metrics["test_accuracy"] = float(np.mean((p_test >= slide_threshold) == y_test))
             preds += [_prediction(model, b, labels, s, "test") for b, s in zip(test_bags, p_test)]
         client.log_batch(run_id, metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()
                                           if np.isfinite(v)])
@@ -253,7 +253,7 @@ def fit(features_dir: str | Path, labels_path: str | Path, options: FitOptions =
                     client.log_artifact(run_id, str(extra))
                 elif extra.name != HEAD_ARTIFACT_PATH:
                     client.log_artifacts(run_id, str(extra), artifact_path=extra.name)
-    return FitResult(run_id, metrics, preds, model, threshold, patch_threshold)
+    return FitResult(run_id, metrics, preds, model, slide_threshold, roi_threshold)
 
 
 def _prediction(head: MILHead, bag: Bag, labels: dict[str, int], score: float, fold) -> dict:
@@ -264,23 +264,23 @@ def _prediction(head: MILHead, bag: Bag, labels: dict[str, int], score: float, f
             "fold": fold}
 
 
-def _log_patch_threshold(client, run_id: str, preds: list[dict],
+def _log_roi_threshold(client, run_id: str, preds: list[dict],
                          metrics: dict[str, float]) -> float:
     """`roi_threshold` on the out-of-fold / validation slides, logged as param and metrics,
     with how many of those slides it gets wrong (a normal slide with an ROI, a tumour slide
     without one)."""
     y = np.array([r["label"] for r in preds])
     logits = np.array([r["max_patch_logit"] for r in preds])
-    patch_threshold = roi_threshold(logits, y)
-    hot = expit(logits) >= patch_threshold
-    metrics["patch_threshold"] = patch_threshold
+    roi_threshold = choose_roi_threshold(logits, y)
+    hot = expit(logits) >= roi_threshold
+    metrics["roi_threshold"] = roi_threshold
     metrics["val_normal_slides_with_roi"] = int(np.sum(hot & (y == 0)))
     metrics["val_tumor_slides_without_roi"] = int(np.sum(~hot & (y == 1)))
-    client.log_param(run_id, "patch_threshold", patch_threshold)
-    log.info("patch_threshold %.6g: %d of %d held-out normal slides with an ROI, %d of %d "
-             "tumour slides without one", patch_threshold, metrics["val_normal_slides_with_roi"],
+    client.log_param(run_id, "roi_threshold", roi_threshold)
+    log.info("roi_threshold %.6g: %d of %d held-out normal slides with an ROI, %d of %d "
+             "tumour slides without one", roi_threshold, metrics["val_normal_slides_with_roi"],
              int(np.sum(y == 0)), metrics["val_tumor_slides_without_roi"], int(np.sum(y == 1)))
-    return patch_threshold
+    return roi_threshold
 
 
 def _write_artifacts(out: Path, model: MILHead, state: dict, preds: list[dict], y: np.ndarray,
@@ -322,10 +322,10 @@ def run(args: argparse.Namespace) -> int:
                  test_slides=read_slide_names(args.test_slides), tracking_uri=args.tracking_uri,
                  experiment=args.experiment,
                  slides_dir=args.slides, run_name=args.run_name)
-    for key in ("val_auc", "val_accuracy", "threshold", "cv_auc_mean", "cv_auc_std",
+    for key in ("val_auc", "val_accuracy", "slide_threshold", "cv_auc_mean", "cv_auc_std",
                 "test_auc", "test_accuracy"):
         if key in result.metrics:
             print(f"{key}={result.metrics[key]:.4f}")
-    print(f"patch_threshold={result.patch_threshold:.6g}")
+    print(f"roi_threshold={result.roi_threshold:.6g}")
     print(f"run_id={result.run_id}")
     return 0

@@ -136,7 +136,7 @@ def model_description(manifest: BundleManifest, digest: str, val_auc: str | None
         f"MLflow pyfunc: uint8 RGB tiles [n, {tiling.tile_size}, {tiling.tile_size}, 3] of level "
         f"{tiling.level} (~{manifest.target_mpp} um/px) -> float32 patch tumour probabilities [n]. "
         f"The milroi server (milroi-serve) reads the ONNX bundle in artifacts/"
-        f"{BUNDLE_ARTIFACT_PATH}/ and adds slide scores (threshold {manifest.threshold:g}) and "
-        f"ROIs (patch threshold {manifest.patch_threshold:g}).\n"
+        f"{BUNDLE_ARTIFACT_PATH}/ and adds slide scores (threshold {manifest.slide_threshold:g}) and "
+        f"ROIs (patch threshold {manifest.roi_threshold:g}).\n"
         f"Run {manifest.run_id or '-'}, data fingerprint {manifest.fingerprint or '-'}, {auc}; "
         f"bundle sha256 {digest}.")

@@ -28,7 +28,7 @@ from core.errors import ConfigError
 from training.evaluate import annotation_targets
 from training.feature_file import Bag, feature_path, load_bag
 from training.labels import read_labels
-from training.thresholds import roi_threshold, safe_auc, youden_threshold
+from training.thresholds import choose_roi_threshold, safe_auc, youden_threshold
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class Probe:
     c: float
     cv_tile_auc: dict[float, float]
     threshold: float
-    patch_threshold: float
+    roi_threshold: float
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __call__(self, bag: Bag) -> tuple[float, np.ndarray]:
@@ -129,7 +129,7 @@ def fit_probe(tiles: TileSet, cs: Sequence[float] = PROBE_CS, folds: int = PROBE
     slide_max = _slide_max(oof, tiles.slide_index, len(tiles.slides))
     model = _pipeline(best, seed).fit(tiles.features, tiles.targets)
     return Probe(model, best, aucs, threshold=youden_threshold(tiles.slide_labels, slide_max),
-                 patch_threshold=roi_threshold(logit(slide_max), tiles.slide_labels),
+                 roi_threshold=choose_roi_threshold(logit(slide_max), tiles.slide_labels),
                  extra={"oof_slide_auc": safe_auc(tiles.slide_labels, slide_max),
                         "oof_tile_auc": aucs[best], "n_tiles": int(len(tiles.targets)),
                         "n_tumor_tiles": int(tiles.targets.sum()),

@@ -16,7 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.bundle import DEFAULT_ROI_THRESHOLD, DEFAULT_SLIDE_THRESHOLD
+from core.bundle import (
+    DEFAULT_ROI_THRESHOLD,
+    DEFAULT_SLIDE_THRESHOLD,
+    LEGACY_ROI_THRESHOLD_KEY,
+    LEGACY_SLIDE_THRESHOLD_KEY,
+)
 from core.errors import ConfigError, RegistryError
 from core.tiling import DEFAULT_TILING, ArtefactParams, TilingParams, TissueParams
 from core.tracking import mlflow_client, resolve_tracking_uri
@@ -60,8 +65,8 @@ class FitRun:
     tiling: TilingParams
     artefacts: ArtefactParams  # the limits the training bags were filtered with
     tissue: TissueParams       # the tissue mask the training tiles were chosen with
-    threshold: float          # slide probability threshold (Youden on held-out slides)
-    patch_threshold: float    # ROI threshold (runs from before fit chose it: the old fixed one)
+    slide_threshold: float    # slide probability threshold (Youden on held-out slides)
+    roi_threshold: float    # ROI threshold (runs from before fit chose it: the old fixed one)
     val_auc: float | None
     fingerprint: str | None
     metrics: dict[str, float]
@@ -81,7 +86,7 @@ class FitRun:
             raise RegistryError(f"run {run_id} lacks the feature params {missing}: was it made "
                                 f"by milroi-train fit?")
 
-        def number(key: str) -> float | None:   # threshold is logged as metric and param
+        def number(key: str) -> float | None:   # thresholds are logged as metric and param
             if key in metrics:
                 return float(metrics[key])
             return float(params[key]) if key in params else None
@@ -90,7 +95,12 @@ class FitRun:
             tile_size=int(params["tile_size"]) if "tile_size" in params else None,
             level=int(params["patch_level"]) if "patch_level" in params else None,
             min_tissue=float(params["min_tissue"]) if "min_tissue" in params else None)
-        threshold, patch_threshold = number("threshold"), number("patch_threshold")
+        slide_threshold = number("slide_threshold")
+        if slide_threshold is None:   # runs logged before the rename
+            slide_threshold = number(LEGACY_SLIDE_THRESHOLD_KEY)
+        roi_threshold = number("roi_threshold")
+        if roi_threshold is None:   # runs logged before the rename
+            roi_threshold = number(LEGACY_ROI_THRESHOLD_KEY)
         artefacts = ArtefactParams.from_dict(json.loads(params["artefacts"])) if "artefacts" in params \
             else ArtefactParams()
         # runs from before the param: their features used the default mask
@@ -98,8 +108,8 @@ class FitRun:
             else TissueParams()
         return cls(run_id, params["backbone_layer"], params["weights"],
                    int(params["weights_seed"]), tiling, artefacts, tissue,
-                   DEFAULT_SLIDE_THRESHOLD if threshold is None else threshold,
-                   DEFAULT_ROI_THRESHOLD if patch_threshold is None else patch_threshold,
+                   DEFAULT_SLIDE_THRESHOLD if slide_threshold is None else slide_threshold,
+                   DEFAULT_ROI_THRESHOLD if roi_threshold is None else roi_threshold,
                    number("val_auc"), run.data.tags.get(FINGERPRINT_TAG), metrics)
 
 

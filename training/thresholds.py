@@ -31,12 +31,12 @@ def youden_threshold(y: np.ndarray, p: np.ndarray, default: float = DEFAULT_SLID
     return float(np.clip((thresholds[best] + lower) / 2, 0.0, 1.0))
 
 
-# `patch_threshold` stays strictly inside (0, 1) (the server's roi_threshold range) and apart
+# `roi_threshold` stays strictly inside (0, 1) (the server's roi_threshold range) and apart
 # from 1.0 in float32, where saturated tumour patch scores land.
 ROI_THRESHOLD_RANGE = (1e-6, 1.0 - 1e-6)
 
 
-def roi_threshold(max_patch_logits: np.ndarray, y: np.ndarray,
+def choose_roi_threshold(max_patch_logits: np.ndarray, y: np.ndarray,
                   default: float = DEFAULT_ROI_THRESHOLD) -> float:
     """The patch-score threshold for tumour ROIs from held-out slides' highest patch logits.
 

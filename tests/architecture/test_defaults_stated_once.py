@@ -22,8 +22,9 @@ PACKAGES = ("core", "wsi", "training", "serving")
 OWNED_LITERALS = {(int, 224): "core/tiling.py", (float, 0.243): "core/tiling.py",
                   (str, "sqlite:///mlflow.db"): "core/tracking.py"}
 # Parameters (function arguments and argparse destinations) that carry a shared default.
-SHARED_SETTINGS = {"tile_size", "min_tissue", "threshold", "patch_threshold", "roi_threshold",
-                   "tracking_uri", "fallback_mpp", "target_mpp"}
+SHARED_SETTINGS = {"tile_size", "min_tissue", "threshold", "slide_threshold", "roi_threshold",
+                   "tracking_uri",
+                   "fallback_mpp", "target_mpp"}
 # The modules where those defaults are stated.
 OWNERS = {"core/tiling.py", "core/bundle.py", "core/tracking.py"}
 

@@ -156,7 +156,7 @@ def test_cli_export_int8_registers_a_bundle_with_the_int8_graph(tmp_path, capsys
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     torch.manual_seed(0)
     head = build_head({"kind": "chowder", "in_dim": 2048})
-    run_id = log_fit_run(tracking_uri, head, threshold=0.5, layer="pool",
+    run_id = log_fit_run(tracking_uri, head, slide_threshold=0.5, layer="pool",
                          experiment="bench-int8")
     out = tmp_path / "bundle"
     code = train_main(["export", run_id, "--name", "int8-model", "--tracking-uri", tracking_uri,

@@ -31,7 +31,7 @@ def test_promotion_and_rollback_during_mixed_traffic_fail_no_request(
     second = tmp_path / "bundle2"          # the same graphs, slide threshold 0: always "tumor"
     shutil.copytree(bundle, second)
     manifest = json.loads((second / "manifest.json").read_text())
-    (second / "manifest.json").write_text(json.dumps({**manifest, "threshold": 0.0}))
+    (second / "manifest.json").write_text(json.dumps({**manifest, "slide_threshold": 0.0}))
     v1 = register(registry, bundle)
     registry.set_registered_model_alias("milroi", "champion", v1)
     server = serve_process(["--model", "models:/milroi@champion", "--tracking-uri", mlflow_server,

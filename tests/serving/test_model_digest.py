@@ -65,7 +65,7 @@ def test_changed_files_are_refused_and_the_previous_model_kept(registry, chowder
         # version 2's manifest is edited in the store after registration
         manifest_path = _stored_manifest(client, artifacts, v2)
         original = manifest_path.read_bytes()
-        manifest_path.write_text(json.dumps({**json.loads(original), "threshold": 0.0}))
+        manifest_path.write_text(json.dumps({**json.loads(original), "slide_threshold": 0.0}))
         client.set_registered_model_alias(NAME, "champion", v2)
         with pytest.raises(BundleError, match=f"version {v2}: the files differ from those "
                                               f"registered \\({DIGEST_TAG} [0-9a-f]{{12}}"):

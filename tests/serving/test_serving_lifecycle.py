@@ -61,7 +61,7 @@ def test_model_swap_while_streaming(mlflow_server, chowder_bundle, slide_root, t
     second = tmp_path / "bundle2"
     shutil.copytree(chowder_bundle, second)
     manifest = json.loads((second / "manifest.json").read_text())
-    manifest["threshold"] = 0.0
+    manifest["slide_threshold"] = 0.0
     (second / "manifest.json").write_text(json.dumps(manifest))
     v1 = _register(client, "milroi", chowder_bundle)
     client.set_registered_model_alias("milroi", "champion", v1)

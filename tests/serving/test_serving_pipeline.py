@@ -49,7 +49,7 @@ def test_stream_order_and_content(engine, slide_root):
     np.testing.assert_allclose(np.concatenate([c.scores for c in chunks]), scores, atol=1e-5)
     assert summary.slide_logit == pytest.approx(logit, abs=1e-4)
     assert summary.slide_score == pytest.approx(probability, abs=1e-5)
-    assert summary.label == ("tumor" if probability >= summary.threshold else "normal")
+    assert summary.label == ("tumor" if probability >= summary.slide_threshold else "normal")
     np.testing.assert_allclose(summary.scores, scores, atol=1e-5)
     assert summary.timings.first_score_s > 0 and summary.timings.tiles_per_second > 0
     assert summary.model == engine.model

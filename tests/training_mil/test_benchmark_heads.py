@@ -134,7 +134,7 @@ def test_probe_learns_tile_labels_and_scores_a_bag_by_its_top_tile():
     probe = fit_probe(_tile_set(rng))
     assert probe.extra["oof_tile_auc"] > 0.95 and probe.extra["oof_slide_auc"] > 0.9
     assert set(probe.cv_tile_auc) == {1e-4, 1e-3, 1e-2, 1e-1} and probe.c in probe.cv_tile_auc
-    assert 0.0 < probe.patch_threshold < 1.0
+    assert 0.0 < probe.roi_threshold < 1.0
     tumour = _tile_set(np.random.default_rng(4), n_slides=2)
     bag_feats = tumour.features[tumour.slide_index == 1]
     slide_p, scores = probe(Bag("t", torch.tensor(bag_feats, dtype=torch.float32),

@@ -124,8 +124,8 @@ def test_evaluate_command_scores_a_fit_run(bag_dataset, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "slide AUC" in out and "20 slides" in out
     run = mlflow.MlflowClient(uri).get_run(run_id)
-    # ROIs at the run's own patch_threshold, which fit chose and logged
-    assert f"ROIs at {float(run.data.params['patch_threshold']):.6g}: " in out
+    # ROIs at the run's own roi_threshold, which fit chose and logged
+    assert f"ROIs at {float(run.data.params['roi_threshold']):.6g}: " in out
     assert "of 10 normal slides" in out and "of 10 tumour slides" in out
     metrics = run.data.metrics
     assert 0 <= metrics["test_roi_normal_slides_with_roi"] <= 10

@@ -45,12 +45,12 @@ def test_fit_separates_tumour_bags_and_logs_run(bag_dataset, tmp_path, head):
     assert p["head"] == head and p["backbone_layer"] == "pool" and p["weights"] == "none"
     assert p["tile_size"] == "224" and p["patch_level"] == "0" and p["min_tissue"] == "0.25"
     assert p["weights_seed"] == "0" and p["folds"] == "2"
-    assert float(p["threshold"]) == pytest.approx(run.data.metrics["threshold"])
+    assert float(p["slide_threshold"]) == pytest.approx(run.data.metrics["slide_threshold"])
     # the ROI threshold splits the out-of-fold slides by their highest patch score as well as
     # any cut can (Youden's J), at least as well as the old fixed 0.5, and says how well
-    t = result.patch_threshold
-    assert float(p["patch_threshold"]) == pytest.approx(t)
-    assert run.data.metrics["patch_threshold"] == pytest.approx(t)
+    t = result.roi_threshold
+    assert float(p["roi_threshold"]) == pytest.approx(t)
+    assert run.data.metrics["roi_threshold"] == pytest.approx(t)
     y = np.array([r["label"] for r in result.predictions])
     top = np.array([r["max_patch_score"] for r in result.predictions])
 
@@ -208,23 +208,23 @@ def test_youden_threshold_sits_between_the_classes():
 def test_roi_threshold_is_the_youden_cut_on_slide_maxima_in_logit_space():
     from scipy.special import expit, logit
 
-    from training.thresholds import ROI_THRESHOLD_RANGE, roi_threshold
+    from training.thresholds import ROI_THRESHOLD_RANGE, choose_roi_threshold
 
     y = np.array([0, 0, 0, 1, 1])
     # separated: halfway between the highest normal (2) and the lowest tumour maximum (10) in
     # logits, so a normal slide scoring a little higher than in validation still gets no ROI
-    assert roi_threshold(np.array([-1.0, 0.5, 2.0, 10.0, 30.0]), y) == pytest.approx(expit(6.0))
+    assert choose_roi_threshold(np.array([-1.0, 0.5, 2.0, 10.0, 30.0]), y) == pytest.approx(expit(6.0))
     # overlap: the best sensitivity + specificity (one normal slide above, none missed) wins
     # over cuts that miss a tumour slide
-    t = roi_threshold(np.array([-1.0, 0.0, 8.0, 4.0, 12.0]), y)
+    t = choose_roi_threshold(np.array([-1.0, 0.0, 8.0, 4.0, 12.0]), y)
     assert logit(t) == pytest.approx(2.0)
     # equally good cuts (J = 0.5 each): the widest gap, between 8 and 20, not -3 and -2.5
-    t = roi_threshold(np.array([-3.0, -2.5, 8.0, 20.0]), np.array([0, 1, 0, 1]))
+    t = choose_roi_threshold(np.array([-3.0, -2.5, 8.0, 20.0]), np.array([0, 1, 0, 1]))
     assert t > 0.5 and logit(t) == pytest.approx(14.0, abs=0.2)  # clipped at 1 - 1e-6: 13.8
     # saturated heads: the threshold stays below 1.0 in float32, where tumour scores land
-    t = roi_threshold(np.array([0.0, 1.0, 2.0, 60.0, 80.0]), y)
+    t = choose_roi_threshold(np.array([0.0, 1.0, 2.0, 60.0, 80.0]), y)
     assert t == pytest.approx(ROI_THRESHOLD_RANGE[1]) and np.float32(t) < np.float32(1.0)
-    assert roi_threshold(np.array([0.0, 3.0]), np.array([1, 1])) == 0.5  # one class: default
+    assert choose_roi_threshold(np.array([0.0, 3.0]), np.array([1, 1])) == 0.5  # one class: default
 
 
 def test_fit_and_evaluate_leave_out_slides_without_tissue(bag_dataset, tmp_path, caplog):

@@ -50,7 +50,7 @@ def chowder_bundle(tmp_path_factory, layer3_backbone, real_tiles):
     head = build_head({"kind": "chowder", "in_dim": 1024, "k": 3}).eval()
     out = tmp_path_factory.mktemp("bundles") / "chowder"
     export_bundle(out, backbone=layer3_backbone, head=head,
-                  manifest_extra={"name": "test-chowder", "threshold": 0.4},
+                  manifest_extra={"name": "test-chowder", "slide_threshold": 0.4},
                   parity_tiles=real_tiles)
     return out, head
 
@@ -86,7 +86,7 @@ def exported(mlflow_server, trained_head, tmp_path_factory):
 
     from training.export import export_run
 
-    rid = log_fit_run(mlflow_server, trained_head, val_auc=0.80, patch_threshold=0.97)
+    rid = log_fit_run(mlflow_server, trained_head, val_auc=0.80, roi_threshold=0.97)
     out = tmp_path_factory.mktemp("export") / "bundle"
     registered = export_run(rid, "milroi-test", alias="champion", tracking_uri=mlflow_server,
                             out_dir=out, parity_slide=CMU_SMALL)

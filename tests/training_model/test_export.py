@@ -23,11 +23,11 @@ def test_bundle_files_and_manifest(chowder_bundle):
     assert sorted(p.name for p in out.iterdir()) == sorted([*FILES.values(), "manifest.json"])
     manifest = json.loads((out / "manifest.json").read_text())
     for key in ("format", "name", "head", "tile_size", "level", "target_mpp", "feature_dim",
-                "backbone_layer", "weights", "pooling", "threshold", "patch_threshold",
+                "backbone_layer", "weights", "pooling", "slide_threshold", "roi_threshold",
                 "min_tissue", "tissue", "files", "fingerprint", "metrics", "run_id", "versions"):
         assert key in manifest, key
     assert manifest["format"] == "milroi-bundle/1"
-    assert manifest["name"] == "test-chowder" and manifest["threshold"] == 0.4
+    assert manifest["name"] == "test-chowder" and manifest["slide_threshold"] == 0.4
     assert manifest["head"] == "chowder" and manifest["pooling"] == {"kind": "extremes", "k": 3}
     assert manifest["feature_dim"] == 1024 and manifest["backbone_layer"] == "layer3"
     assert manifest["weights"] == "none" and manifest["weights_seed"] == 0

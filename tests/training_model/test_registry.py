@@ -37,8 +37,8 @@ def test_registered_bundle_downloads_and_runs(exported, mlflow_server, real_tile
         "models:/milroi-test@champion", dst_path=str(tmp_path), tracking_uri=mlflow_server))
     manifest = json.loads((local / "manifest.json").read_text())
     assert manifest["name"] == "milroi-test" and manifest["run_id"] == exported[0]
-    assert manifest["threshold"] == pytest.approx(0.42)  # from the run, not the 0.5 default
-    assert manifest["patch_threshold"] == pytest.approx(0.97)  # the ROI threshold fit chose
+    assert manifest["slide_threshold"] == pytest.approx(0.42)  # from the run, not the 0.5 default
+    assert manifest["roi_threshold"] == pytest.approx(0.97)  # the ROI threshold fit chose
     assert manifest["metrics"]["val_auc"] == pytest.approx(0.80)
     assert manifest["fingerprint"] == "f" * 64
     assert manifest["parity"]["features"] <= 1e-4 and manifest["parity"]["patch_scores"] <= 1e-5

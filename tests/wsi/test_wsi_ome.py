@@ -199,7 +199,7 @@ def test_camelyon_size_ome_tiff_goes_through_mask_grid_tiles_and_outputs(tmp_pat
                     cy, cx = y - oy + 448, x - ox + 448
                     np.testing.assert_array_equal(tile, canvas[cy:cy + 224, cx:cx + 224])
         scores = np.linspace(0, 1, len(grid))
-        paths = write_slide_outputs(tmp_path / "out", slide, grid.coords, scores, 224, threshold=0.5)
+        paths = write_slide_outputs(tmp_path / "out", slide, grid.coords, scores, 224, roi_threshold=0.5)
     document = json.loads(paths["spatiopath"].read_text())
     assert document["pixel_size_um"]["mpp"] == pytest.approx(0.243)
     assert document["bounds_offset"] == {"x": 0, "y": 0}

@@ -51,7 +51,7 @@ def test_outputs_on_a_slide_with_bounds(tmp_path, sparse_slide):
         assert len(grid) > 20
         coords = grid.coords
         scores = _scores(coords)
-        paths = write_slide_outputs(tmp_path, slide, coords, scores, 224, threshold=0.5)
+        paths = write_slide_outputs(tmp_path, slide, coords, scores, 224, roi_threshold=0.5)
         # What QuPath shows: the slide cropped to its bounds (its default for OpenSlide slides).
         bx, by = slide.bounds_offset
         bw, bh = (int(slide.properties[f"openslide.bounds-{k}"]) for k in ("width", "height"))
@@ -82,7 +82,7 @@ def test_outputs_on_a_slide_with_bounds(tmp_path, sparse_slide):
     spatio = json.loads(paths["spatiopath"].read_text())
     assert spatio["bounds_offset"] == {"x": ORIGIN[0], "y": ORIGIN[1]}
     assert spatio["units"]["coordinates"].startswith("level-0")
-    expected = roi_polygons(coords, scores, 224, threshold=0.5)
+    expected = roi_polygons(coords, scores, 224, roi_threshold=0.5)
     assert len(spatio["polygons"]) == len(expected) == 1 and len(expected[0].interiors) == 1
     level0 = shapely.Polygon(np.column_stack([spatio["polygons"][0]["x"], spatio["polygons"][0]["y"]]),
                              [np.column_stack([h["x"], h["y"]]) for h in spatio["polygons"][0]["holes"]])
@@ -100,7 +100,7 @@ def test_a_slide_without_bounds_is_unchanged(tmp_path, lossless_tiff):
     with open_slide(path) as slide:
         assert "openslide.bounds-x" not in slide.properties
         assert slide.bounds_offset == (0, 0)
-        paths = write_slide_outputs(tmp_path, slide, coords, scores, 224, threshold=0.5)
+        paths = write_slide_outputs(tmp_path, slide, coords, scores, 224, roi_threshold=0.5)
     geo = json.loads(paths["geojson"].read_text())
     assert geo["properties"]["bounds_offset"] == {"x": 0, "y": 0}
     top_left = [f["geometry"]["coordinates"][0][0] for f in geo["features"]
@@ -108,7 +108,7 @@ def test_a_slide_without_bounds_is_unchanged(tmp_path, lossless_tiff):
     np.testing.assert_array_equal(top_left, coords)
     rois = [shapely.geometry.shape(f["geometry"]) for f in geo["features"]
             if f["properties"]["objectType"] == "annotation"]
-    expected = roi_polygons(coords, scores, 224, threshold=0.5)
+    expected = roi_polygons(coords, scores, 224, roi_threshold=0.5)
     assert len(rois) == len(expected) and all(a.equals(b) for a, b in zip(rois, expected))
     assert json.loads(paths["spatiopath"].read_text())["bounds_offset"] == {"x": 0, "y": 0}
 
@@ -118,7 +118,7 @@ def test_the_transform_alone(tmp_path):
     areas, scores and the Spatiopath polygons do not move."""
     coords = np.array([[1000, 2000], [1224, 2000], [1000, 2224]], np.int64)
     scores = np.array([0.9, 0.6, 0.1])
-    rois = roi_polygons(coords, scores, 224, threshold=0.5)
+    rois = roi_polygons(coords, scores, 224, roi_threshold=0.5)
     offset = (300, 1500)
     shifted = write_geojson(tmp_path / "a.geojson", coords, scores, 224, rois, mpp=0.25,
                             bounds_offset=offset)

@@ -112,7 +112,7 @@ def test_score_map_places_each_tile(two_components_one_hole):
 
 def test_roi_polygons_two_components_and_a_hole(two_components_one_hole):
     coords, scores = grid_of(two_components_one_hole)
-    rois = roi_polygons(coords, scores, TILE, threshold=0.5)
+    rois = roi_polygons(coords, scores, TILE, roi_threshold=0.5)
     assert len(rois) == 2 and all(r.is_valid for r in rois)
     big, small = rois
     assert big.area == (36 - 4) * TILE**2 and len(big.interiors) == 1
@@ -120,7 +120,7 @@ def test_roi_polygons_two_components_and_a_hole(two_components_one_hole):
     assert small.equals(box(9 * TILE, 8 * TILE, 13 * TILE, 11 * TILE))
     assert len(small.exterior.coords) == 5  # collinear tile corners simplified away
     assert roi_polygons(coords, scores, TILE, 0.5, min_area_px=13 * TILE**2) == [big]
-    assert roi_polygons(coords, scores, TILE, threshold=0.95) == []
+    assert roi_polygons(coords, scores, TILE, roi_threshold=0.95) == []
 
 
 def test_roi_polygons_corner_touching_tiles_are_separate():
@@ -154,7 +154,8 @@ def test_geojson_is_a_valid_qupath_feature_collection(tmp_path, two_components_o
 def test_spatiopath_json_pixel_size_polygons_and_holes(tmp_path, two_components_one_hole):
     coords, scores = grid_of(two_components_one_hole)
     rois = roi_polygons(coords, scores, TILE)
-    path = write_spatiopath_json(tmp_path / "sp.json", "slide_a", rois, 0.243, scores, threshold=0.5)
+    path = write_spatiopath_json(tmp_path / "sp.json", "slide_a", rois, 0.243, scores,
+                                 roi_threshold=0.5)
     doc = json.loads(path.read_text())
     assert doc["slide"] == "slide_a" and doc["pixel_size_um"] == {"mpp": 0.243}
     assert "level-0 pixels" in doc["units"]["coordinates"]
