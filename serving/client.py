@@ -27,7 +27,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TypeVar
 
 import grpc
@@ -38,6 +38,7 @@ from shapely.geometry import Polygon
 from core.errors import AuthError, ConfigError, MilroiError, RequestError
 from core.tiling import TissueParams
 from milroi.v1 import scoring_pb2, scoring_pb2_grpc
+from results.scored import ModelRef, Roi, SlideHeader
 from serving.overrides import add_scoring_arguments
 from serving.security import is_loopback_target, read_token
 
@@ -89,38 +90,15 @@ def _scoring_error(code_name: str, message: str, target: str, method: str,
 # Plain results (no protobuf types leak out of this module)
 
 
-@dataclass(frozen=True)
-class ModelRef:
-    name: str
-    version: str
-    alias: str = ""
-    run_id: str = ""
-
-    @classmethod
-    def from_proto(cls, ref: scoring_pb2.ModelRef) -> ModelRef:
-        return cls(ref.name, ref.version, ref.alias, ref.run_id)
+def model_ref_from_proto(ref: scoring_pb2.ModelRef) -> ModelRef:
+    return ModelRef(ref.name, ref.version, ref.alias, ref.run_id)
 
 
-@dataclass(frozen=True)
-class SlideHeader:
-    slide_path: str
-    width: int
-    height: int
-    level_count: int
-    mpp: float
-    mpp_source: str
-    tile_size: int       # side of a grid tile in level-0 px (the coordinates' frame)
-    tile_level: int      # the level the model reads its input from
-    tile_count: int
-    model: ModelRef
-    input_px: int        # side of the model's input tile, px at tile_level
-
-    @classmethod
-    def from_proto(cls, h: scoring_pb2.SlideHeader) -> SlideHeader:
-        # A server from before input_px tiled level 0 only, where tile_size is the input side
-        return cls(h.slide_path, h.width, h.height, h.level_count, h.mpp, h.mpp_source,
-                   h.tile_size, h.tile_level, h.tile_count, ModelRef.from_proto(h.model),
-                   h.input_px or h.tile_size)
+def header_from_proto(h: scoring_pb2.SlideHeader) -> SlideHeader:
+    # A server from before input_px tiled level 0 only, where tile_size is the input side
+    return SlideHeader(h.slide_path, PurePosixPath(h.slide_path).stem, h.width, h.height,
+                       h.level_count, h.mpp, h.mpp_source, h.tile_size, h.tile_level, h.tile_count,
+                       model_ref_from_proto(h.model), h.input_px or h.tile_size)
 
 
 @dataclass(frozen=True)
@@ -138,15 +116,6 @@ class ScoreChunk:
 
     def __len__(self) -> int:
         return len(self.score)
-
-
-@dataclass(frozen=True)
-class Roi:
-    """A tumour region: a polygon in level-0 pixels with its area and patch-score statistics."""
-    polygon: Polygon
-    area_um2: float
-    max_score: float
-    mean_score: float
 
 
 @dataclass(frozen=True)
@@ -171,7 +140,7 @@ class SlideSummary:
         rois = [Roi(_polygon_from_proto(p), p.area_um2, p.max_score, p.mean_score) for p in s.rois]
         timings = {f.name: getattr(s.timings, f.name) for f in s.timings.DESCRIPTOR.fields}
         return cls(s.slide_score, s.label, s.threshold, s.tile_count, rois, s.mpp,
-                   s.roi_threshold, timings, ModelRef.from_proto(s.model), s.artefact_count)
+                   s.roi_threshold, timings, model_ref_from_proto(s.model), s.artefact_count)
 
     def to_dict(self) -> dict:
         """JSON-ready: polygons as GeoJSON-like coordinate lists (level-0 px)."""
@@ -216,7 +185,7 @@ class ServedModel:
     @classmethod
     def from_proto(cls, m: scoring_pb2.ModelInfo) -> ServedModel:
         manifest = json.loads(m.manifest_json) if m.manifest_json else {}
-        return cls(ModelRef.from_proto(m.model), m.head, m.input_px or m.tile_size, m.tile_level,
+        return cls(model_ref_from_proto(m.model), m.head, m.input_px or m.tile_size, m.tile_level,
                    m.feature_dim, m.threshold, m.roi_threshold, m.provider, list(m.providers),
                    manifest)
 
@@ -245,7 +214,7 @@ class SlideScoringStream:
         if first.WhichOneof("kind") != "header":
             call.cancel()
             raise error(None, f"stream began with {first.WhichOneof('kind')!r}, not a header")
-        self.header = SlideHeader.from_proto(first.header)
+        self.header = header_from_proto(first.header)
         self._summary: SlideSummary | None = None
         self._received = 0
 
@@ -667,7 +636,7 @@ def _run_model(client: ScoringClient, args) -> int:
     print(f"run        {m.run_id or '-'}")
     print(f"head       {model.head}, {model.feature_dim}-d features, tile {model.input_px} px "
           f"at level {model.tile_level}")
-    print(f"thresholds slide {model.threshold:g}, ROI {model.roi_threshold:g}")
+    print(f"thresholds slide {model.slide_threshold:g}, ROI {model.roi_threshold:g}")
     print(f"provider   {model.provider} (of {', '.join(model.providers)})")
     return 0
 

@@ -59,6 +59,7 @@ from core.inference_backends import (
     measure,
 )
 from core.runtime import available_cores, session_options
+from results.scored import ModelRef
 
 log = logging.getLogger(__name__)
 
@@ -69,16 +70,6 @@ DEFAULT_PROVIDER = "auto"
 GPU_PRECISIONS = ("fp32", "fp16", "int8")   # what onnxruntime's CUDA/TensorRT providers run
 DEFAULT_BATCH_SIZE = 64      # tiles per model run
 DEFAULT_MAX_WAIT_S = 0.005   # how long the batcher waits to fill a batch
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """Which model computed a score: registry name + version (or the bundle's content digest)."""
-
-    name: str
-    version: str
-    alias: str = ""
-    run_id: str = ""
 
 
 def _tensorrt_loadable() -> bool:

@@ -34,7 +34,8 @@ from pathlib import Path
 from core.bundle import DIGEST_TAG, BundleManifest, bundle_digest, find_bundle
 from core.errors import BundleError, ModelNotReady, RegistryError
 from core.tracking import ModelUri, mlflow_client, resolve_tracking_uri, version_artifact_uri
-from serving.engine import Engine, ModelRef
+from results.scored import ModelRef
+from serving.engine import Engine
 
 log = logging.getLogger(__name__)
 

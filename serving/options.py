@@ -14,13 +14,13 @@ from core.inference_backends import (
     add_backend_arguments,
     check_choice,
 )
+from results.scored import ModelRef
 from serving.engine import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_MAX_WAIT_S,
     DEFAULT_PROVIDER,
     PROVIDER_CHOICES,
     Engine,
-    ModelRef,
 )
 
 

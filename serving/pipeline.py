@@ -46,8 +46,9 @@ import numpy as np
 from core.errors import Cancelled, RequestError
 from core.runtime import available_cores
 from results.outputs import roi_polygons, roi_tile_stats
+from results.scored import ModelRef, Roi, SlideHeader
 from serving.aggregate import make_state, slide_score
-from serving.engine import Engine, ModelRef, on_device
+from serving.engine import Engine, on_device
 from wsi.decode_once import make_tile_reader
 from wsi.grid import tiles_for_slide
 from wsi.slide import open_slide
@@ -62,35 +63,11 @@ NO_TISSUE = "no_tissue"
 
 
 @dataclass
-class SlideHeader:
-    slide_path: str
-    name: str
-    width: int
-    height: int
-    level_count: int
-    mpp: float
-    mpp_source: str
-    tile_size: int        # side of a grid tile in level-0 px (the coordinates' frame)
-    tile_level: int       # the level the model reads its input from
-    tile_count: int
-    model: ModelRef
-    input_px: int         # side of the model's input tile, px at tile_level
-
-
-@dataclass
 class PatchChunk:
     offset: int              # index of the first patch in grid order
     coords: np.ndarray       # int64 [n, 2] level-0 (x, y) top-left
     scores: np.ndarray       # float32 [n] tumour probability
     flags: np.ndarray | None = None   # uint8 [n] artefact bits (wsi.tile_quality), 0 = clean
-
-
-@dataclass
-class Roi:
-    polygon: object          # shapely Polygon, level-0 px
-    area_um2: float
-    max_score: float
-    mean_score: float
 
 
 @dataclass

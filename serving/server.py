@@ -56,18 +56,18 @@ from core.errors import (
 from core.inference_backends import DEFAULT_BACKEND, DEFAULT_PRECISION
 from milroi.v1 import scoring_pb2 as pb
 from milroi.v1 import scoring_pb2_grpc as pb_grpc
+from results.scored import ModelRef, SlideHeader
 from serving.engine import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_MAX_WAIT_S,
     DEFAULT_PROVIDER,
     PROVIDER_NAMES,
     Engine,
-    ModelRef,
 )
 from serving.metrics import ServerMetrics
 from serving.model_source import LoadedModel, ModelSource, ModelSpec
 from serving.options import EngineOptions, add_engine_arguments
-from serving.pipeline import PatchChunk, SlideHeader, SlideScorer, SlideSummary
+from serving.pipeline import PatchChunk, SlideScorer, SlideSummary
 from serving.security import BearerTokenInterceptor, SlideRoots, read_token, server_credentials
 
 log = logging.getLogger(__name__)

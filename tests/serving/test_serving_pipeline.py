@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from core.errors import MilroiError, SlideError
+from results.scored import SlideHeader
 from serving.aggregate import make_state, slide_score
 from serving.engine import Engine
-from serving.pipeline import PatchChunk, SlideHeader, SlideScorer, SlideSummary
+from serving.pipeline import PatchChunk, SlideScorer, SlideSummary
 from wsi.grid import tiles_for_slide
 from wsi.slide import open_slide
 
