@@ -286,6 +286,9 @@ def run(args: argparse.Namespace) -> int:
     if token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("the viewer has no authentication: anyone who reaches %s:%d sees the slides "
                     "(give --token-file)", args.host, args.port)
+    if args.host in access.WILDCARD_BINDS and not args.allowed_host:
+        log.warning("bound to every interface, but only Host names %s are answered: add "
+                    "--allowed-host NAME for the name other machines use", ", ".join(hosts))
     url_host = f"[{args.host}]" if ":" in args.host else args.host
     url = f"http://{url_host}:{args.port}/" + (f"?token={quote(token)}" if token else "")
     print(f"milroi viewer: {url}  ({args.scores_dir}; answers Host {', '.join(hosts)})", flush=True)
