@@ -73,13 +73,9 @@ def write_summary(out_dir: Path, rows: list[dict], columns: Sequence[str] = SUMM
     return path
 
 
-def summary_path(out_dir: Path) -> Path:
-    return Path(out_dir) / SUMMARY_NAME
-
-
 def read_summary(out_dir: Path) -> list[dict]:
     """summary.csv's rows as written (strings)."""
-    with open(summary_path(out_dir), newline="") as f:
+    with open(Path(out_dir) / SUMMARY_NAME, newline="") as f:
         return list(csv.DictReader(f))
 
 

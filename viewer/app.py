@@ -126,7 +126,8 @@ def create_app(scores_dir: Path, slide_dirs: list[Path], client: ScoringClient |
 
     async def summary(request: Request) -> Response:
         rows = await run_in_threadpool(scores.summary)
-        return JSONResponse({"rows": rows, "live": live is not None, "scores_dir": str(scores.path)})
+        # the folder's name only: the page never sees where it lies on this machine
+        return JSONResponse({"rows": rows, "live": live is not None, "scores_dir": scores.path.name})
 
     def slide_info(key: str) -> dict:
         row = scores.row(key)

@@ -8,7 +8,6 @@ gRPC server's own confinement: no `..`, no absolute path, no symlink leading out
 """
 from __future__ import annotations
 
-import csv
 import io
 import json
 import threading
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import ConfigError, PathDenied, SlideNotFound
-from results.layout import HEATMAP_CMAP, OUTPUT_SUFFIXES, SUMMARY_NAME
+from results.layout import HEATMAP_CMAP, OUTPUT_SUFFIXES, SUMMARY_NAME, read_summary
 from serving.security import SlideRoots
 from wsi.discovery import find_slides, slide_name
 
@@ -137,17 +136,16 @@ class ScoresDir:
         with self._lock:
             if self._summary is not None and self._summary.version == version:
                 return self._summary
-        with open(file, newline="") as f:
-            rows = list(csv.DictReader(f))
-        snapshot = _Summary(version, rows)
+        snapshot = _Summary(version, read_summary(self.path))
         with self._lock:
             self._summary = snapshot
             self.summary_reads += 1
         return snapshot
 
     def summary(self) -> list[dict]:
-        """summary.csv's rows, as written (a running job updates it: see `_current`)."""
-        return [dict(row) for row in self._current().rows]
+        """summary.csv's rows as a browser may read them (`browser_row`; a running job updates
+        the file: see `_current`)."""
+        return [self.browser_row(row) for row in self._current().rows]
 
     def row(self, key: str) -> dict:
         """The summary row of `key`, once the key passed the confinement rules."""
@@ -155,7 +153,18 @@ class ScoresDir:
         row = self._current().by_key.get(key)
         if row is None:
             raise SlideNotFound(f"no slide {key!r} in {SUMMARY_NAME}")
-        return dict(row)
+        return self.browser_row(row)
+
+    def browser_row(self, row: dict) -> dict:
+        """A summary row without this machine's paths: the error's paths relative to their
+        folder, the slide's `path` relative to its --slides folder (its file name when it lies
+        in none: scores copied from elsewhere)."""
+        out = dict(row)
+        out["error"] = self.wire_message(out.get("error") or "")
+        recorded = out.get("path") or ""
+        relative = self.wire_message(recorded)
+        out["path"] = Path(relative).name if Path(relative).is_absolute() else relative
+        return out
 
     def result_folder(self, key: str) -> Path | None:
         """SCORES_DIR/<key> resolved (None when a failed slide left no folder); PathDenied for
@@ -229,7 +238,7 @@ class ScoresDir:
                 found = self._find_slide_path(snapshot, key)
                 snapshot.slide_paths[key] = found
         if isinstance(found, SlideNotFound):
-            raise found
+            raise SlideNotFound(str(found))   # a fresh exception: no traceback grows on the cached one
         return found
 
     def _find_slide_path(self, snapshot: _Summary, key: str) -> str | SlideNotFound:

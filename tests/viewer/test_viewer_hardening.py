@@ -90,6 +90,12 @@ def test_errors_name_files_as_the_browser_does(client, hostile):
              client.get("/slide/nope").text, client.get("/api/scores/nope").text]
     for text in pages:
         assert not any(p in unquote(text) for p in server_paths), text
+    # The slide list and the slide's row carry the failed slides' errors and the slide paths
+    listing = client.get("/api/summary").text
+    assert client.get("/api/summary").json()["scores_dir"] == out.name and ".svs" in listing
+    assert not any(p in listing for p in server_paths), listing
+    row = client.get(f"/api/slide/{key_url(SCRIPTED)}").json()["row"]
+    assert row["path"] == f"{SCRIPTED}.svs" and f"{SCRIPTED}.svs" in row["error"]
 
 
 def test_header_safe_is_ascii_and_round_trips():
