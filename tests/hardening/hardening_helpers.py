@@ -159,3 +159,4 @@ class ServeProcess:
     def stop(self) -> None:
         stop_process(self.proc, 30)
         self._log.close()
+
