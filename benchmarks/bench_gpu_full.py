@@ -162,7 +162,8 @@ class _ReaderLog(logging.Handler):
 def score_slide(engine, path: Path) -> dict:
     """One slide through SlideScorer: tiles, seconds, tiles/s over the whole call and over the
     scoring phase, first-score latency (call -> first patch scores)."""
-    from serving.pipeline import PatchChunk, SlideScorer, SlideSummary
+    from results.scored import PatchChunk, SlideSummary
+    from serving.pipeline import SlideScorer
 
     scorer = SlideScorer(engine)
     started = time.perf_counter()

@@ -114,7 +114,8 @@ def write_inputs(slide_path: Path, work: Path, cells_per_mm2: float) -> dict:
     import shapely
 
     from results.layout import output_path, write_done_marker
-    from results.outputs import roi_polygons, write_spatiopath_json
+    from results.outputs import write_spatiopath_json
+    from results.rois import roi_polygons
     from wsi.cells import write_cells_csv
     from wsi.grid import tiles_for_slide
     from wsi.slide import open_slide

@@ -5,6 +5,7 @@
     OUT/<key>/<name>.geojson         QuPath detections + ROIs  | results.outputs, OUTPUT_SUFFIXES
     OUT/<key>/<name>_heatmap.png     heatmap over a thumbnail  |
     OUT/<key>/<name>_spatiopath.json ROI polygons, pixel size /
+    OUT/<key>/<name>_scores.npz      the patch CSV's columns in binary (what the viewer reads)
     OUT/<key>/done.json              written last: the slide is finished (its summary row)
 
 `<key>` is the slide's path under the slide folder without its extension (a/b/tumor_001), and
@@ -29,7 +30,7 @@ SUMMARY_NAME = "summary.csv"
 DONE_MARKER = "done.json"
 # The files of one scored slide, by kind, as the suffix after the slide's name.
 OUTPUT_SUFFIXES = {"csv": "_patches.csv", "geojson": ".geojson", "heatmap": "_heatmap.png",
-                   "spatiopath": "_spatiopath.json"}
+                   "spatiopath": "_spatiopath.json", "scores": "_scores.npz"}
 # The columns of the scoring job's summary.csv.
 SUMMARY_COLUMNS = ("slide", "status", "label", "score", "threshold", "tiles", "rois", "seconds",
                    "model", "model_version", "error", "path", "artefact_tiles")

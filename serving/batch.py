@@ -66,7 +66,7 @@ def slide_keys(root: Path, slides: list[Path]) -> list[str]:
 def score_one(backend: SlideScoringBackend, path: Path, key: str, out_dir: Path) -> dict:
     """Score one slide and write its outputs then its done marker; returns its summary row.
     Never raises for a bad slide or a failed call: the row says `failed` with the error."""
-    from results.outputs import write_slide_outputs
+    from results.outputs import write_scored_slide
     from wsi.slide import open_slide
 
     started = time.perf_counter()
@@ -75,15 +75,23 @@ def score_one(backend: SlideScoringBackend, path: Path, key: str, out_dir: Path)
            "model_version": backend.model_version}
     try:
         clear_unfinished(slide_out)
-        scored = backend.score(path, key)
-        with open_slide(path) as slide:
-            write_slide_outputs(slide_out, slide, scored.coords, scored.scores, scored.tile_size,
-                                scored.roi_threshold, flags=scored.flags, tissue=scored.tissue)
-        score = float(scored.slide_score)
-        row.update(status="ok", label=scored.label, score=None if np.isnan(score) else score,
-                   threshold=float(scored.slide_threshold), tiles=len(scored.scores), rois=scored.rois,
-                   artefact_tiles=scored.artefact_tiles,
-                   model=scored.model, model_version=scored.model_version, error="",
+        # Opened once here: an in-process backend scores from this handle, and the writers
+        # read the thumbnail and the bounds from it. A backend that scores elsewhere (a server,
+        # Ray actors) scores first, so that a slide it rejects fails with its own error.
+        if backend.scores_here:
+            with open_slide(path) as slide:
+                scored = backend.score(path, key, slide)
+                write_scored_slide(slide_out, slide, scored, tissue=backend.tissue)
+        else:
+            scored = backend.score(path, key)
+            with open_slide(path) as slide:
+                write_scored_slide(slide_out, slide, scored, tissue=backend.tissue)
+        s = scored.summary
+        score = float(s.slide_score)
+        row.update(status="ok", label=s.label, score=None if np.isnan(score) else score,
+                   threshold=float(s.slide_threshold), tiles=len(scored.scores), rois=len(s.rois),
+                   artefact_tiles=s.artefact_count,
+                   model=s.model.name, model_version=s.model.version, error="",
                    seconds=round(time.perf_counter() - started, 3))
         write_done_marker(slide_out, row)   # last: marks the slide finished
     except MilroiError as exc:  # SlideError (bad file), ScoringError (server), ...

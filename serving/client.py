@@ -3,9 +3,10 @@
 `ScoringClient` wraps one synchronous gRPC channel:
 
 - `score_slide(path)` streams one slide: the returned `SlideScoringStream` already holds the
-  `header`, iterates over `ScoreChunk`s (numpy x, y, score) as the server computes them, and has
-  the `summary` (slide score, label, ROI polygons as shapely Polygons, mpp) once exhausted;
-  `score_slide_all(path)` collects all of it into one `SlideResult`;
+  `header`, iterates over `PatchChunk`s (numpy coords, scores, flags) as the server computes
+  them, and has the `summary` (slide score, label, the server's ROI polygons as shapely
+  Polygons, mpp) once exhausted; `score_slide_all(path)` collects all of it into one
+  `results.scored.ScoredSlide`, the type the in-process pipeline gives too;
 - `score_tiles(tiles)` scores uint8 [N, 224, 224, 3] tiles the caller read itself;
 - `get_model()` describes the served model; `wait_until_serving()` polls grpc.health.v1.
 
@@ -22,11 +23,12 @@ import argparse
 import collections
 import json
 import logging
+import math
 import random
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import TypeVar
 
@@ -38,7 +40,8 @@ from shapely.geometry import Polygon
 from core.errors import AuthError, ConfigError, MilroiError, RequestError
 from core.tiling import TissueParams
 from milroi.v1 import scoring_pb2, scoring_pb2_grpc
-from results.scored import ModelRef, Roi, SlideHeader
+from results.rois import with_tile_stats
+from results.scored import ModelRef, PatchChunk, Roi, ScoredSlide, SlideHeader, SlideSummary, Timings
 from serving.overrides import add_scoring_arguments
 from serving.security import is_loopback_target, read_token
 
@@ -98,68 +101,23 @@ def header_from_proto(h: scoring_pb2.SlideHeader) -> SlideHeader:
     # A server from before input_px tiled level 0 only, where tile_size is the input side
     return SlideHeader(h.slide_path, PurePosixPath(h.slide_path).stem, h.width, h.height,
                        h.level_count, h.mpp, h.mpp_source, h.tile_size, h.tile_level, h.tile_count,
-                       model_ref_from_proto(h.model), h.input_px or h.tile_size)
+                       model_ref_from_proto(h.model), h.input_px or h.tile_size,
+                       (h.bounds_x, h.bounds_y))
 
 
-@dataclass(frozen=True)
-class ScoreChunk:
-    """Scores of consecutive patches in grid order, starting at patch index `offset`."""
-    offset: int
-    x: np.ndarray      # int64 [n], level-0 top-left corners
-    y: np.ndarray      # int64 [n]
-    score: np.ndarray  # float32 [n], tumour probability
-    artefact: np.ndarray | None = None   # uint8 [n] artefact bits (0 clean; 1 ink, 2 glass, 4 blur)
-
-    @property
-    def coords(self) -> np.ndarray:
-        return np.column_stack([self.x, self.y])
-
-    def __len__(self) -> int:
-        return len(self.score)
+def summary_from_proto(s: scoring_pb2.SlideSummary, slide_path: str) -> SlideSummary:
+    rois = [Roi(_polygon_from_proto(p), p.area_um2, p.max_score, p.mean_score, p.tiles)
+            for p in s.rois]
+    timings = Timings(**{f.name: getattr(s.timings, f.name) for f in fields(Timings)})
+    # A server from before slide_logit sends 0.0 for it: recover it from the score.
+    logit = s.slide_logit if s.HasField("slide_logit") else _logit(s.slide_score)
+    return SlideSummary(slide_path, s.slide_score, s.label, s.threshold, s.roi_threshold,
+                        s.tile_count, s.artefact_count, rois, s.mpp, timings,
+                        model_ref_from_proto(s.model), logit)
 
 
-@dataclass(frozen=True)
-class SlideSummary:
-    slide_score: float
-    label: str
-    slide_threshold: float   # the slide probability at which the label is "tumor"
-    tile_count: int
-    rois: list[Roi]
-    mpp: float            # pixel size of the ROI coordinates, um/px
-    roi_threshold: float
-    timings: dict[str, float]
-    model: ModelRef
-    artefact_count: int = 0   # patches left out of the score and the ROIs as artefacts
-
-    @property
-    def polygons(self) -> list[Polygon]:
-        return [roi.polygon for roi in self.rois]
-
-    @classmethod
-    def from_proto(cls, s: scoring_pb2.SlideSummary) -> SlideSummary:
-        rois = [Roi(_polygon_from_proto(p), p.area_um2, p.max_score, p.mean_score) for p in s.rois]
-        timings = {f.name: getattr(s.timings, f.name) for f in s.timings.DESCRIPTOR.fields}
-        return cls(s.slide_score, s.label, s.threshold, s.tile_count, rois, s.mpp,
-                   s.roi_threshold, timings, model_ref_from_proto(s.model), s.artefact_count)
-
-    def to_dict(self) -> dict:
-        """JSON-ready: polygons as GeoJSON-like coordinate lists (level-0 px)."""
-        out = asdict(self)
-        out["rois"] = [{"exterior": [list(c) for c in roi.polygon.exterior.coords],
-                        "holes": [[list(c) for c in ring.coords] for ring in roi.polygon.interiors],
-                        "area_um2": roi.area_um2, "max_score": roi.max_score,
-                        "mean_score": roi.mean_score} for roi in self.rois]
-        return out
-
-
-@dataclass(frozen=True)
-class SlideResult:
-    """Everything the server sent for one slide, the patches concatenated in grid order."""
-    header: SlideHeader
-    coords: np.ndarray  # int64 [N, 2] level-0 (x, y)
-    scores: np.ndarray  # float32 [N]
-    summary: SlideSummary
-    artefact: np.ndarray | None = None   # uint8 [N] artefact bits, 0 = clean
+def _logit(p: float) -> float:
+    return math.nan if not 0.0 < p < 1.0 else math.log(p / (1.0 - p))
 
 
 @dataclass(frozen=True)
@@ -229,14 +187,14 @@ class SlideScoringStream:
         """Patches received so far."""
         return self._received
 
-    def __iter__(self) -> Iterator[ScoreChunk]:
+    def __iter__(self) -> Iterator[PatchChunk]:
         try:
             for response in self._call:
                 kind = response.WhichOneof("kind")
                 if kind == "patches":
                     yield self._chunk(response.patches)
                 elif kind == "summary":
-                    self._summary = SlideSummary.from_proto(response.summary)
+                    self._summary = summary_from_proto(response.summary, self.header.slide_path)
                 else:
                     raise self._error(None, f"unexpected {kind!r} message in the stream")
         except grpc.RpcError as exc:
@@ -250,7 +208,7 @@ class SlideScoringStream:
             raise self._error(None, f"summary counts {self._summary.tile_count} tiles but "
                                     f"{self._received} scores arrived")
 
-    def _chunk(self, p: scoring_pb2.PatchScores) -> ScoreChunk:
+    def _chunk(self, p: scoring_pb2.PatchScores) -> PatchChunk:
         n = len(p.score)
         if p.offset != self._received or len(p.x) != n or len(p.y) != n:
             raise self._error(None, f"malformed chunk at offset {p.offset} (expected offset "
@@ -259,26 +217,25 @@ class SlideScoringStream:
             raise self._error(None, f"malformed chunk at offset {p.offset}: {len(p.artefact)} "
                                     f"artefact flags for {n} scores")
         self._received += n
-        artefact = np.asarray(p.artefact, np.uint8) if len(p.artefact) else np.zeros(n, np.uint8)
-        return ScoreChunk(p.offset, np.asarray(p.x, np.int64), np.asarray(p.y, np.int64),
-                          np.asarray(p.score, np.float32), artefact)
+        flags = np.asarray(p.artefact, np.uint8) if len(p.artefact) else np.zeros(n, np.uint8)
+        coords = np.column_stack([np.asarray(p.x, np.int64), np.asarray(p.y, np.int64)])
+        return PatchChunk(p.offset, coords.reshape(-1, 2), np.asarray(p.score, np.float32), flags)
 
-    def collect(self, progress: Callable[[int], None] | None = None) -> SlideResult:
-        """Read the rest of the stream into one `SlideResult`; `progress(n)` after each chunk."""
-        xs, ys, scores, artefacts = [], [], [], []
+    def collect(self, progress: Callable[[int], None] | None = None) -> ScoredSlide:
+        """Read the rest of the stream into one `ScoredSlide`; `progress(n)` after each chunk.
+
+        The ROIs are the server's polygons; their tile statistics are taken again from the
+        scores received, in float64 (the message carries them as float32)."""
+        chunks = []
         for chunk in self:
-            xs.append(chunk.x)
-            ys.append(chunk.y)
-            scores.append(chunk.score)
-            artefacts.append(chunk.artefact)
+            chunks.append(chunk)
             if progress is not None:
                 progress(len(chunk))
-        coords = np.column_stack([np.concatenate(xs), np.concatenate(ys)]) if xs \
-            else np.zeros((0, 2), np.int64)
-        return SlideResult(self.header, coords,
-                           np.concatenate(scores) if scores else np.zeros(0, np.float32),
-                           self.summary,
-                           np.concatenate(artefacts) if artefacts else np.zeros(0, np.uint8))
+        scored = ScoredSlide.from_chunks(self.header, chunks, self.summary)
+        clean = scored.clean
+        return scored.with_rois(with_tile_stats(self.summary.polygons, scored.coords[clean],
+                                                scored.scores[clean], scored.tile_size,
+                                                self.summary.mpp))
 
     def cancel(self) -> None:
         self._call.cancel()
@@ -406,7 +363,7 @@ class ScoringClient:
                                                      self._deadline(timeout))
         return SlideScoringStream(call, first, self._error_factory("ScoreSlide", attempts))
 
-    def score_slide_all(self, slide_path: str, **kwargs) -> SlideResult:
+    def score_slide_all(self, slide_path: str, **kwargs) -> ScoredSlide:
         """Score a slide and return every patch score, the header and the summary."""
         with self.score_slide(slide_path, **kwargs) as stream:
             return stream.collect()
@@ -660,13 +617,11 @@ def _run_score(client: ScoringClient, args) -> int:
                   file=sys.stderr, disable=None) as bar:
             result = stream.collect(progress=bar.update)
     if args.out is not None:
-        from results.outputs import write_slide_outputs
+        from results.outputs import write_scored_slide
         from wsi.slide import open_slide
 
         with open_slide(local_slide) as slide:
-            paths = write_slide_outputs(args.out, slide, result.coords, result.scores,
-                                        h.tile_size, result.summary.roi_threshold,
-                                        flags=result.artefact, tissue=client.get_model().tissue)
+            paths = write_scored_slide(args.out, slide, result, tissue=client.get_model().tissue)
         log.info("outputs: %s", ", ".join(str(p) for p in paths.values()))
     s = result.summary
     if args.json:
@@ -675,6 +630,6 @@ def _run_score(client: ScoringClient, args) -> int:
         print(f"{h.slide_path}: {s.label} (score {s.slide_score:.4f}, threshold {s.slide_threshold:g}), "
               f"{s.tile_count} tiles ({s.artefact_count} artefacts left out), {len(s.rois)} ROI(s) "
               f"at patch score >= "
-              f"{s.roi_threshold:g}, {s.timings.get('total_s', 0):.1f} s, "
+              f"{s.roi_threshold:g}, {s.timings.total_s:.1f} s, "
               f"model {s.model.name} v{s.model.version}")
     return 0

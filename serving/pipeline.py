@@ -7,9 +7,11 @@ the gRPC server (which converts them to messages) and in process by the batch jo
     PatchChunk   level-0 (x, y) and tumour probability of `chunk_size` patches, in grid order,
                  sent as soon as their batch is scored
     SlideSummary once: slide score and label (aggregator.onnx on the streaming pooling state),
-                 tumour ROI polygons (results.outputs.roi_polygons, level-0 px) with their area in
-                 um^2, timings, and every patch's coords, score and artefact flags (for the
-                 batch job's files)
+                 tumour ROIs (results.rois, level-0 px: computed here, once per slide) with
+                 their area in um^2 and tile statistics, timings
+
+(results.scored holds the header and summary types; `score_slide` assembles all three into one
+`results.scored.ScoredSlide`, the batch job's in-process call.)
 
 Artefact tiles (wsi.tile_quality: pen / marker ink, glass, out of focus, under the manifest's
 `artefacts` limits) are measured on the tiles as read, scored and streamed with their flags,
@@ -39,19 +41,19 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from contextlib import nullcontext
 
 import numpy as np
 
 from core.errors import Cancelled, RequestError
 from core.runtime import available_cores
-from results.outputs import roi_polygons, roi_tile_stats
-from results.scored import ModelRef, Roi, SlideHeader
+from results.rois import tumour_rois
+from results.scored import PatchChunk, ScoredSlide, SlideHeader, SlideSummary, Timings
 from serving.aggregate import make_state, slide_score
 from serving.engine import Engine, on_device
 from wsi.decode_once import make_tile_reader
 from wsi.grid import tiles_for_slide
-from wsi.slide import open_slide
+from wsi.slide import Slide, open_slide
 from wsi.tile_quality import artefact_flags, measure_tiles
 from wsi.tiles import TileBatch
 
@@ -62,63 +64,7 @@ CANCEL_POLL_S = 0.05
 NO_TISSUE = "no_tissue"
 
 
-@dataclass
-class PatchChunk:
-    offset: int              # index of the first patch in grid order
-    coords: np.ndarray       # int64 [n, 2] level-0 (x, y) top-left
-    scores: np.ndarray       # float32 [n] tumour probability
-    flags: np.ndarray | None = None   # uint8 [n] artefact bits (wsi.tile_quality), 0 = clean
-
-
-@dataclass
-class Timings:
-    open_s: float = 0.0
-    tissue_s: float = 0.0
-    scoring_s: float = 0.0
-    total_s: float = 0.0
-    first_score_s: float = 0.0
-    tiles_per_second: float = 0.0
-
-
-@dataclass
-class SlideSummary:
-    slide_path: str
-    slide_score: float       # slide-level tumour probability (NaN without tissue tiles)
-    slide_logit: float
-    label: str               # "tumor" | "normal" | "no_tissue"
-    slide_threshold: float   # the slide probability at which the label is "tumor"
-    tile_count: int
-    rois: list[Roi]
-    mpp: float
-    roi_threshold: float
-    tile_size: int           # level-0 px side of a tile (for the ROI/heatmap writers)
-    timings: Timings
-    model: ModelRef
-    coords: np.ndarray = field(repr=False)   # int64 [N, 2], grid order
-    scores: np.ndarray = field(repr=False)   # float32 [N]
-    flags: np.ndarray = field(repr=False, default=None)   # uint8 [N] artefact bits, 0 = clean
-
-    @property
-    def artefact_count(self) -> int:
-        """Tiles flagged as artefacts: reported, but in no ROI and not in the slide score."""
-        return 0 if self.flags is None else int(np.count_nonzero(self.flags))
-
-
 SlideEvent = SlideHeader | PatchChunk | SlideSummary
-
-
-def roi_summaries(coords: np.ndarray, scores: np.ndarray, tile_size: int, threshold: float,
-                  mpp: float) -> list[Roi]:
-    """Tumour ROI polygons of the patch scores, with area and the scores of the tiles inside
-    (NaN for an ROI that holds no tile centre)."""
-    if len(coords) == 0:
-        return []
-    polygons = roi_polygons(coords, scores, tile_size, roi_threshold=threshold)
-    stats = roi_tile_stats(polygons, coords, scores, tile_size)
-    return [Roi(polygon, s["area_px"] * mpp * mpp,
-                np.nan if s["max_score"] is None else s["max_score"],
-                np.nan if s["mean_score"] is None else s["mean_score"])
-            for polygon, s in zip(polygons, stats)]
 
 
 # The first engine run of a slide scores this many tiles, the rest full batches: a slide's first
@@ -187,19 +133,22 @@ class SlideScorer:
 
     def score(self, slide_path: str | os.PathLike, *, chunk_size: int | None = None,
               min_tissue: float | None = None, roi_threshold: float | None = None,
-              cancel: threading.Event | None = None, display_path: str | None = None
-              ) -> Iterator[SlideEvent]:
+              cancel: threading.Event | None = None, display_path: str | None = None,
+              slide: Slide | None = None) -> Iterator[SlideEvent]:
         """Header, PatchChunks, Summary for one slide; returns early (no summary) on cancel.
 
         Raises SlideError (bad slide) or RequestError (bad parameter) before or while streaming.
         `display_path` is the name reported back (the server passes the client's relative path).
+        `slide`: the slide at `slide_path` already open (the batch job writes its files from the
+        same handle); the caller keeps it open and closes it.
         """
         chunk_size, min_tissue, roi_threshold = self.check_parameters(chunk_size, min_tissue,
                                                                       roi_threshold)
         cancel = cancel or threading.Event()
         engine = self.engine
         started = time.perf_counter()
-        with open_slide(slide_path, fallback_mpp=self.fallback_mpp) as slide:
+        with (nullcontext(slide) if slide is not None
+              else open_slide(slide_path, fallback_mpp=self.fallback_mpp)) as slide:
             timings = Timings(open_s=time.perf_counter() - started)
             _, grid = tiles_for_slide(slide, self.tiling.replace(min_tissue=min_tissue),
                                       params=self.tissue_params)
@@ -209,7 +158,8 @@ class SlideScorer:
             name = display_path if display_path is not None else str(slide_path)
             yield SlideHeader(name, slide.name, slide.dimensions[0], slide.dimensions[1],
                               slide.level_count, slide.mpp, slide.mpp_source, tile_size0,
-                              self.level, n, engine.model, self.tile_size)
+                              self.level, n, engine.model, self.tile_size,
+                              tuple(slide.bounds_offset))
             if cancel.is_set():
                 return
             scores = np.empty(n, np.float32)
@@ -281,13 +231,13 @@ class SlideScorer:
                 if n:
                     log.warning("%s: all %d tiles are artefacts (ink, glass or blur): %s", name, n,
                                 NO_TISSUE)
-            rois = roi_summaries(grid.coords[clean], scores[clean], tile_size0, roi_threshold,
-                                 slide.mpp)
+            rois = tumour_rois(grid.coords[clean], scores[clean], tile_size0, roi_threshold,
+                               slide.mpp)
             timings.total_s = time.perf_counter() - started
             timings.tiles_per_second = n / timings.scoring_s if timings.scoring_s > 0 else 0.0
-            yield SlideSummary(name, probability, logit, label, self.slide_threshold, n, rois,
-                               slide.mpp, roi_threshold, tile_size0, timings, engine.model,
-                               grid.coords, scores, flags)
+            yield SlideSummary(name, probability, label, self.slide_threshold, roi_threshold, n,
+                               int(np.count_nonzero(flags)), rois, slide.mpp, timings,
+                               engine.model, logit)
 
     def _tile_reader(self, slide, coords: np.ndarray):
         """The GPU decode reader when the engine runs on a GPU and the slide's tiles decode there
@@ -306,15 +256,20 @@ class SlideScorer:
                                 workers=self.reader_workers, batch_size=engine.batch_size,
                                 queue_batches=self.queue_batches)
 
-    def score_slide(self, slide_path: str | os.PathLike, **kwargs) -> SlideSummary:
-        """Run `score` to the end and return its summary (the batch job's in-process call)."""
-        summary = None
+    def score_slide(self, slide_path: str | os.PathLike, **kwargs) -> ScoredSlide:
+        """Run `score` to the end: the whole scored slide (the batch job's in-process call)."""
+        header = summary = None
+        chunks = []
         for event in self.score(slide_path, **kwargs):
-            if isinstance(event, SlideSummary):
+            if isinstance(event, PatchChunk):
+                chunks.append(event)
+            elif isinstance(event, SlideHeader):
+                header = event
+            else:
                 summary = event
         if summary is None:
             raise Cancelled(f"scoring of {slide_path} was cancelled")
-        return summary
+        return ScoredSlide.from_chunks(header, chunks, summary)
 
 
 def select_patches(outputs: dict[str, np.ndarray], keep: np.ndarray) -> dict[str, np.ndarray]:

@@ -35,7 +35,8 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from core.errors import ClusterError
 from core.ray_cluster import RayOptions, connect, default_actor_count, first_line
-from serving.backends import LocalBackend, ScoredSlide
+from results.scored import ScoredSlide
+from serving.backends import LocalBackend
 from serving.options import EngineOptions
 from serving.overrides import ScoringOverrides
 
@@ -56,10 +57,10 @@ class ScoringActor(LocalBackend):
             engine = dataclasses.replace(engine, threads=max(1, round(cpus)))
         super().__init__(model_uri, engine, overrides, tracking_uri=tracking_uri)
 
-    def describe(self) -> tuple[str, str, int]:
-        return self.model, self.model_version, self.engine.threads
+    def describe(self) -> tuple[str, str, int, object]:
+        return self.model, self.model_version, self.engine.threads, self.tissue
 
-    def score(self, path: str, key: str) -> ScoredSlide:
+    def score(self, path: str, key: str, slide=None) -> ScoredSlide:
         return super().score(Path(path), key)   # its errors pickle: the driver gets the same
 
 
@@ -80,6 +81,8 @@ class RayBackend:
     """`SlideScoringBackend` over a pool of Ray actors; thread safe: `score_folder` calls
     `score` from as many threads as there are actors, each call borrows one idle actor."""
 
+    scores_here = False   # the actors open the slides, maybe on other nodes
+
     def __init__(self, model_uri: str, ray_options: RayOptions,
                  engine: EngineOptions = EngineOptions(),
                  overrides: ScoringOverrides = ScoringOverrides(), *,
@@ -99,8 +102,9 @@ class RayBackend:
             self.close()
             cause = exc.cause if isinstance(exc, RayTaskError) else exc
             raise ClusterError(f"Ray actors could not load model {model_uri}: {cause}") from None
-        models = {(name, version) for name, version, _ in described}
-        self.engine_threads = [threads for _, _, threads in described]
+        models = {(name, version) for name, version, _, _ in described}
+        self.engine_threads = [threads for _, _, threads, _ in described]
+        self.tissue = described[0][3]
         if len(models) != 1:  # an alias moved while the actors started: one version per job
             self.close()
             raise ClusterError(f"Ray actors loaded different versions of {model_uri}: "
@@ -116,7 +120,7 @@ class RayBackend:
     def workers(self) -> int:
         return len(self.actors)
 
-    def score(self, path: Path, key: str) -> ScoredSlide:
+    def score(self, path: Path, key: str, slide=None) -> ScoredSlide:
         actor = self._idle.get()
         try:
             scored = ray.get(actor.score.remote(str(Path(path).absolute()), key))
@@ -131,8 +135,8 @@ class RayBackend:
                                f"({self.max_restarts} restarts): {first_line(exc)}") from None
         finally:
             self._idle.put(actor)
-        if scored.model_version != self.model_version:  # a restarted actor re-resolved an alias
-            raise ClusterError(f"{path}: scored by model version {scored.model_version}, the job "
+        if scored.model.version != self.model_version:  # a restarted actor re-resolved an alias
+            raise ClusterError(f"{path}: scored by model version {scored.model.version}, the job "
                                f"runs {self.model_version}; run the job again")
         return scored
 

@@ -56,7 +56,7 @@ from core.errors import (
 from core.inference_backends import DEFAULT_BACKEND, DEFAULT_PRECISION
 from milroi.v1 import scoring_pb2 as pb
 from milroi.v1 import scoring_pb2_grpc as pb_grpc
-from results.scored import ModelRef, SlideHeader
+from results.scored import ModelRef, PatchChunk, SlideHeader, SlideSummary
 from serving.engine import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_MAX_WAIT_S,
@@ -67,7 +67,7 @@ from serving.engine import (
 from serving.metrics import ServerMetrics
 from serving.model_source import LoadedModel, ModelSource, ModelSpec
 from serving.options import EngineOptions, add_engine_arguments
-from serving.pipeline import PatchChunk, SlideScorer, SlideSummary
+from serving.pipeline import SlideScorer
 from serving.security import BearerTokenInterceptor, SlideRoots, read_token, server_credentials
 
 log = logging.getLogger(__name__)
@@ -122,18 +122,20 @@ def event_pb(event) -> pb.ScoreSlideResponse:
             slide_path=event.slide_path, width=event.width, height=event.height,
             level_count=event.level_count, mpp=event.mpp, mpp_source=event.mpp_source,
             tile_size=event.tile_size, tile_level=event.tile_level, tile_count=event.tile_count,
-            model=model_ref_pb(event.model), input_px=event.input_px))
+            model=model_ref_pb(event.model), input_px=event.input_px,
+            bounds_x=event.bounds_offset[0], bounds_y=event.bounds_offset[1]))
     if isinstance(event, SlideSummary):
         t = event.timings
         rois = [pb.Polygon(exterior=_ring(r.polygon.exterior.coords),
                            holes=[_ring(h.coords) for h in r.polygon.interiors],
-                           area_um2=r.area_um2, max_score=r.max_score, mean_score=r.mean_score)
+                           area_um2=r.area_um2, max_score=r.max_score, mean_score=r.mean_score,
+                           tiles=r.tiles)
                 for r in event.rois]
         return pb.ScoreSlideResponse(summary=pb.SlideSummary(
             slide_score=event.slide_score, label=event.label, threshold=event.slide_threshold,
             tile_count=event.tile_count, rois=rois, mpp=event.mpp,
             roi_threshold=event.roi_threshold, model=model_ref_pb(event.model),
-            artefact_count=event.artefact_count,
+            artefact_count=event.artefact_count, slide_logit=event.slide_logit,
             timings=pb.Timings(open_s=t.open_s, tissue_s=t.tissue_s, scoring_s=t.scoring_s,
                                total_s=t.total_s, first_score_s=t.first_score_s,
                                tiles_per_second=t.tiles_per_second)))

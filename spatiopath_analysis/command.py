@@ -83,7 +83,8 @@ def import_spatiopath():
 
 
 @dataclass
-class ScoredSlide:
+class SpatiopathInput:
+    """A slide's entry in a results folder, as the analysis reads it (its ROIs file)."""
     key: str              # name in OUT and summary.csv (a/b/tumor_001, as `score` named it)
     name: str             # the slide's name (tumor_001)
     scores: Path          # <name>_spatiopath.json
@@ -91,7 +92,7 @@ class ScoredSlide:
 
 
 def find_scored_slides(scores_dir: Path, slides_dir: Path | None = None,
-                       exclude: Path | None = None) -> list[ScoredSlide]:
+                       exclude: Path | None = None) -> list[SpatiopathInput]:
     """Every `<name>_spatiopath.json` under `scores_dir` (`score`'s OUT/<key>/ or `client
     score`'s --out); its slide file from `score`'s done.json, else found under `slides_dir`."""
     from wsi.discovery import find_slide
@@ -106,11 +107,11 @@ def find_scored_slides(scores_dir: Path, slides_dir: Path | None = None,
         slide_path = recorded_slide_path(path.parent)
         if slide_path is None and slides_dir is not None:
             slide_path = find_slide(slides_dir, name)
-        found.append(ScoredSlide(key, name, path, slide_path))
+        found.append(SpatiopathInput(key, name, path, slide_path))
     return found
 
 
-def cells_file_for(cells: Path, slide: ScoredSlide, single: bool) -> Path:
+def cells_file_for(cells: Path, slide: SpatiopathInput, single: bool) -> Path:
     """The cells of one slide: CELLS itself when it is a file (one slide only), else
     CELLS/<key>.csv|.geojson|.json, then CELLS/<name>.<same>."""
     if cells.is_file():
@@ -236,7 +237,7 @@ class AnalysisOptions:
             raise ConfigError(f"--window must be at least 64 px, got {self.window}")
 
 
-def analyse_slide(slide: ScoredSlide, cells_path: Path, out_dir: Path, options: AnalysisOptions) -> dict:
+def analyse_slide(slide: SpatiopathInput, cells_path: Path, out_dir: Path, options: AnalysisOptions) -> dict:
     """One slide, start to end; returns its summary row (status ok, no_roi or failed)."""
     started = time.perf_counter()
     row = {"slide": slide.key, "windows": 0, "cells": 0}

@@ -229,7 +229,7 @@ class SlideRois:
 
 def slide_rois(coords: np.ndarray, scores: np.ndarray, tile_size: int, threshold: float, label: int,
                lesions: np.ndarray | None = None, itc: set[int] = frozenset()) -> SlideRois:
-    from results.outputs import roi_polygons
+    from results.rois import roi_polygons
 
     rois = roi_polygons(coords, scores, tile_size, roi_threshold=threshold)
     hits = None

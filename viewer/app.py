@@ -34,7 +34,6 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from core.errors import ConfigError, MilroiError, PathDenied, SlideError, SlideNotFound
-from results.layout import OUTPUT_SUFFIXES
 from serving.client import ScoringClient, add_connection_arguments, client_from_args
 from serving.security import read_token
 from viewer import access
@@ -51,7 +50,8 @@ DEFAULT_PORT = 8080
 # tiles alone, serving.pipeline.FIRST_BATCH_TILES) are painted as soon as they exist.
 LIVE_CHUNK_SIZE = 8
 DOWNLOAD_TYPES = {"csv": "text/csv", "geojson": "application/geo+json",
-                  "spatiopath": "application/json", "heatmap": "image/png"}
+                  "spatiopath": "application/json", "heatmap": "image/png",
+                  "scores": "application/octet-stream"}
 
 
 class _RevalidatedStaticFiles(StaticFiles):
@@ -167,19 +167,19 @@ def create_app(scores_dir: Path, slide_dirs: list[Path], client: ScoringClient |
         return JSONResponse(await run_in_threadpool(slide_info, request.path_params["key"]))
 
     async def scores_api(request: Request) -> Response:
-        table = await run_in_threadpool(scores.patch_table, request.path_params["key"])
-        body = await run_in_threadpool(lambda: table.json)   # encoded once per table
+        loaded = await run_in_threadpool(scores.tile_scores, request.path_params["key"])
+        body = await run_in_threadpool(lambda: loaded.json)   # encoded once per table
         return Response(body, media_type="application/json")
 
     def heatmap_png(key: str, threshold: float) -> bytes:
-        table = scores.patch_table(key)
+        table = scores.tile_scores(key).table
         path = scores.slide_file(key)
         try:
             dims = tiles.info(path)
             dimensions = (dims.width, dims.height)
         except SlideError:   # the slide is unreadable now: the grid spans the scored tiles
-            dimensions = (int(table.x.max(initial=0)) + table.tile_size,
-                          int(table.y.max(initial=0)) + table.tile_size)
+            dimensions = (int(table.coords[:, 0].max(initial=0)) + table.tile_size,
+                          int(table.coords[:, 1].max(initial=0)) + table.tile_size)
         return png_bytes(heatmap_rgba(table, dimensions, threshold))
 
     async def heatmap_api(request: Request) -> Response:
@@ -202,8 +202,8 @@ def create_app(scores_dir: Path, slide_dirs: list[Path], client: ScoringClient |
 
     async def download(request: Request) -> Response:
         kind = request.path_params["kind"]
-        if kind not in OUTPUT_SUFFIXES:
-            raise SlideNotFound(f"no output kind {kind!r} (one of {', '.join(OUTPUT_SUFFIXES)})")
+        if kind not in DOWNLOAD_TYPES:
+            raise SlideNotFound(f"no output kind {kind!r} (one of {', '.join(DOWNLOAD_TYPES)})")
         path = await run_in_threadpool(scores.output, request.path_params["key"], kind)
         return FileResponse(path, media_type=DOWNLOAD_TYPES[kind], filename=path.name)
 

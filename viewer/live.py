@@ -75,9 +75,10 @@ class LiveJob:
                     stream.cancel()
             self._put(("header", asdict(stream.header)))
             for chunk in stream:
-                self._put(("tiles", {"offset": chunk.offset, "x": chunk.x, "y": chunk.y,
-                                     "score": [round(float(s), 6) for s in chunk.score],
-                                     "artefact": chunk.artefact}))
+                self._put(("tiles", {"offset": chunk.offset, "x": chunk.coords[:, 0],
+                                     "y": chunk.coords[:, 1],
+                                     "score": [round(float(s), 6) for s in chunk.scores],
+                                     "artefact": chunk.flags}))
             self._put(("summary", stream.summary.to_dict()))
         except ScoringError as exc:
             if self.cancelled.is_set():

@@ -11,9 +11,7 @@ from __future__ import annotations
 import io
 import json
 import threading
-import warnings
 from collections import OrderedDict
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -21,52 +19,35 @@ import numpy as np
 
 from core.errors import ConfigError, PathDenied, SlideNotFound
 from results.layout import HEATMAP_CMAP, OUTPUT_SUFFIXES, SUMMARY_NAME, read_summary
+from results.outputs import TileScores, read_tile_scores, score_map
 from serving.security import SlideRoots
 from wsi.discovery import find_slides, slide_name
+from wsi.tile_quality import flag_names
 
 
-@dataclass(frozen=True)
-class PatchTable:
-    """A slide's `<slide>_patches.csv`: level-0 top-left corners, scores, artefact names."""
-    x: np.ndarray          # int64 [n]
-    y: np.ndarray          # int64 [n]
-    score: np.ndarray      # float64 [n], as written (6 decimals)
-    artefact: np.ndarray   # str [n], "" for a clean tile
-    tile_size: int
+def scores_json(table: TileScores) -> bytes:
+    """A slide's tile scores as JSON arrays, for the page's hover (scores to 6 decimals, as the
+    patch CSV has them; artefact names as the CSV writes them)."""
+    names = {int(v): flag_names(int(v)) for v in np.unique(table.flags)}
+    return json.dumps({"tile_size": table.tile_size, "x": table.coords[:, 0].tolist(),
+                       "y": table.coords[:, 1].tolist(),
+                       "score": np.round(table.scores.astype(np.float64), 6).tolist(),
+                       "artefact": [names[int(v)] for v in table.flags]},
+                      separators=(",", ":")).encode()
 
-    def __len__(self) -> int:
-        return len(self.score)
+
+class LoadedScores:
+    """A slide's tile scores as the viewer keeps them: the table, and its JSON encoded once."""
+
+    def __init__(self, table: TileScores):
+        self.table = table
 
     @cached_property
     def json(self) -> bytes:
-        """The table as JSON arrays, for the page's hover (the CSV's values: 6-decimal scores
-        print back as written)."""
-        return json.dumps({"tile_size": self.tile_size, "x": self.x.tolist(), "y": self.y.tolist(),
-                           "score": self.score.tolist(), "artefact": self.artefact.tolist()},
-                          separators=(",", ":")).encode()
+        return scores_json(self.table)
 
 
-def read_patch_csv(path: Path) -> PatchTable:
-    """The patch CSV (`x,y,size,score,artefact`), with numpy's C reader (10^5 rows in ~0.2 s)."""
-    with open(path) as f:
-        header = f.readline().strip().split(",")
-    if header[:4] != ["x", "y", "size", "score"]:
-        raise ConfigError(f"{path}: not a milroi patch CSV (header {header})")
-    with warnings.catch_warnings():   # a slide without a tissue tile has an empty table
-        warnings.simplefilter("ignore", UserWarning)
-        numbers = np.loadtxt(path, delimiter=",", skiprows=1, usecols=(0, 1, 2, 3), ndmin=2)
-    if numbers.size == 0:
-        numbers = np.zeros((0, 4))
-    if len(header) > 4 and len(numbers):
-        artefact = np.loadtxt(path, delimiter=",", skiprows=1, usecols=(4,), dtype=str, ndmin=1)
-    else:
-        artefact = np.full(len(numbers), "", dtype=str)
-    size = int(numbers[0, 2]) if len(numbers) else 0
-    return PatchTable(numbers[:, 0].astype(np.int64), numbers[:, 1].astype(np.int64),
-                      numbers[:, 3], artefact, size)
-
-
-def heatmap_rgba(table: PatchTable, dimensions: tuple[int, int], threshold: float,
+def heatmap_rgba(table: TileScores, dimensions: tuple[int, int], threshold: float,
                  cmap: str = HEATMAP_CMAP) -> np.ndarray:
     """One RGBA pixel per tile of the level-0 grid (rows = ceil(h / tile), cols = ceil(w / tile)):
     the colour-map colour of each clean tile scored >= threshold, transparent elsewhere
@@ -75,15 +56,12 @@ def heatmap_rgba(table: PatchTable, dimensions: tuple[int, int], threshold: floa
 
     if not len(table):   # no tile (no tissue): nothing to place
         return np.zeros((1, 1, 4), np.uint8)
-    size = table.tile_size
-    width, height = dimensions
-    rows, cols = -(-int(height) // size), -(-int(width) // size)
-    out = np.zeros((rows, cols, 4), np.uint8)
-    keep = (table.artefact == "") & (table.score >= threshold)
-    r, c = table.y[keep] // size, table.x[keep] // size
-    inside = (r >= 0) & (r < rows) & (c >= 0) & (c < cols)
-    out[r[inside], c[inside]] = colormaps[cmap](np.clip(table.score[keep][inside], 0, 1), bytes=True)
-    out[r[inside], c[inside], 3] = 255
+    keep = (table.flags == 0) & (table.scores >= threshold)
+    grid, _ = score_map(table.coords[keep], table.scores[keep], table.tile_size, dimensions)
+    shown = ~np.isnan(grid)
+    out = np.zeros((*grid.shape, 4), np.uint8)
+    out[shown] = colormaps[cmap](np.clip(grid[shown], 0, 1), bytes=True)
+    out[shown, 3] = 255
     return out
 
 
@@ -119,7 +97,7 @@ class ScoresDir:
                               "`milroi-serve score`")
         self.results = SlideRoots([self.path])
         self.slides = SlideRoots(slide_dirs)
-        self._tables: OrderedDict[Path, tuple[float, PatchTable]] = OrderedDict()
+        self._tables: OrderedDict[Path, tuple[float, LoadedScores]] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
         self._parse_lock = threading.Lock()
@@ -188,9 +166,13 @@ class ScoresDir:
             raise PathDenied(f"the {kind} output of {key!r} leads outside {self.path}")
         return resolved
 
-    def patch_table(self, key: str) -> PatchTable:
-        """The slide's patch CSV, parsed once per file version (a small LRU of tables)."""
-        path = self.output(key, "csv")
+    def tile_scores(self, key: str) -> LoadedScores:
+        """The slide's tile scores, read once per file version (a small LRU): the binary scores
+        file, or the patch CSV in a folder scored before that file existed."""
+        try:
+            path = self.output(key, "scores")
+        except SlideNotFound:
+            path = self.output(key, "csv")
         mtime = path.stat().st_mtime
         # One parse at a time: the page asks for the heatmap and the hover table at once, and
         # the second request waits for the first one's table instead of parsing it again.
@@ -200,7 +182,7 @@ class ScoresDir:
                 if cached is not None and cached[0] == mtime:
                     self._tables.move_to_end(path)
                     return cached[1]
-            table = read_patch_csv(path)
+            table = LoadedScores(read_tile_scores(path))
             with self._lock:
                 self._tables[path] = (mtime, table)
                 while len(self._tables) > self._cache_size:

@@ -141,6 +141,12 @@ def artefact_flags(quality: TileQuality, params: ArtefactParams = ArtefactParams
     return flags
 
 
+def flags_from_names(names: str) -> int:
+    """The bits of a `flag_names` text ("ink+blur" -> 5; "" -> 0)."""
+    bits = {name: bit for bit, name in FLAG_NAMES.items()}
+    return sum(bits[name] for name in names.split("+") if name)
+
+
 def flag_names(flags: int) -> str:
     """'ink+blur' for a flags value ('' when 0): the text of the CSV and GeoJSON columns."""
     return "+".join(name for bit, name in FLAG_NAMES.items() if flags & bit)

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from core.errors import MilroiError, SlideError
-from results.scored import SlideHeader
+from results.scored import PatchChunk, SlideHeader, SlideSummary
 from serving.aggregate import make_state, slide_score
 from serving.engine import Engine
-from serving.pipeline import PatchChunk, SlideScorer, SlideSummary
+from serving.pipeline import SlideScorer
 from wsi.grid import tiles_for_slide
 from wsi.slide import open_slide
 
@@ -51,7 +51,6 @@ def test_stream_order_and_content(engine, slide_root):
     assert summary.slide_logit == pytest.approx(logit, abs=1e-4)
     assert summary.slide_score == pytest.approx(probability, abs=1e-5)
     assert summary.label == ("tumor" if probability >= summary.slide_threshold else "normal")
-    np.testing.assert_allclose(summary.scores, scores, atol=1e-5)
     assert summary.timings.first_score_s > 0 and summary.timings.tiles_per_second > 0
     assert summary.model == engine.model
 
@@ -62,7 +61,8 @@ def test_roi_polygons_follow_the_threshold(engine, slide_root):
     threshold = float(np.median(scores))   # about half the tiles are "tumour"
     summary = scorer.score_slide(slide_root / "slide.tiff", roi_threshold=threshold)
     tile, hot = summary.tile_size, summary.scores >= threshold
-    assert summary.roi_threshold == pytest.approx(threshold)
+    assert summary.summary.roi_threshold == pytest.approx(threshold)
+    assert [r.tiles for r in summary.rois] and sum(r.tiles for r in summary.rois) == hot.sum()
     # tiles do not overlap: the ROIs' area is exactly the hot tiles' area
     total = sum(r.polygon.area for r in summary.rois)
     assert total == pytest.approx(hot.sum() * tile * tile, rel=1e-6)
@@ -133,7 +133,8 @@ def test_artefact_tiles_are_streamed_flagged_and_left_out_of_score_and_rois(engi
     events = list(SlideScorer(engine).score(path, chunk_size=16))
     chunks, summary = events[1:-1], events[-1]
     flags = np.concatenate([c.flags for c in chunks])
-    np.testing.assert_array_equal(flags, summary.flags)
+    scores = np.concatenate([c.scores for c in chunks])
+    coords = np.concatenate([c.coords for c in chunks])
     assert summary.artefact_count == np.count_nonzero(flags) >= 2
     # the same flags from the tiles read directly
     manifest = engine.manifest
@@ -149,12 +150,14 @@ def test_artefact_tiles_are_streamed_flagged_and_left_out_of_score_and_rois(engi
     logit, _ = slide_score(engine, state)
     assert summary.slide_logit == pytest.approx(logit, abs=1e-4)
     # ROIs at the median score: exactly the clean tiles at or above it, no flagged one
-    threshold = float(np.median(summary.scores))
-    rois = SlideScorer(engine).score_slide(path, roi_threshold=threshold).rois
+    threshold = float(np.median(scores))
+    scored = SlideScorer(engine).score_slide(path, roi_threshold=threshold)
+    np.testing.assert_array_equal(scored.flags, flags)
+    rois = scored.rois
     covered = sum(r.polygon.area for r in rois)
-    hot_clean = clean & (summary.scores >= threshold)
+    hot_clean = clean & (scores >= threshold)
     assert covered == pytest.approx(hot_clean.sum() * 224 * 224, rel=1e-6)
-    for x, y in summary.coords[~clean]:
+    for x, y in coords[~clean]:
         assert all(r.polygon.intersection(box(x, y, x + 224, y + 224)).area == 0 for r in rois)
 
 

@@ -62,7 +62,7 @@ def test_in_process_writes_every_output_and_a_summary_row_per_slide(in_process_o
         assert row["label"] == ("tumor" if float(row["score"]) >= 0.5 else "normal")
         assert row["model"] == "batch-test" and row["model_version"] == bundle_digest(bundle)
         files = {p.name for p in (out / key).iterdir()}
-        assert DONE_MARKER in files and len(files) == 5, files  # 4 outputs + marker
+        assert DONE_MARKER in files and len(files) == 6, files  # 5 outputs + marker
         # The patch table holds every scored tile.
         patch_csv = next((out / key).glob("*.csv"))
         table = np.loadtxt(patch_csv, delimiter=",", skiprows=1, ndmin=2, usecols=(0, 1, 2, 3))
@@ -252,3 +252,32 @@ def test_a_level_1_model_writes_level_0_tiles_alike_in_process_and_through_a_ser
                    remote / "synth_tumor" / "synth_tumor_spatiopath.json",
                    client_out / "synth_tumor_spatiopath.json")]
     assert spatiopath == [448, 448, 448]
+
+
+def test_in_process_opens_each_slide_once_and_computes_its_rois_once(bundle, slides_dir, tmp_path,
+                                                                     monkeypatch):
+    """The batch job's in-process path: one Slide per scored slide (the pipeline scores from the
+    handle the writers use), one ROI union per slide (the writers take the pipeline's)."""
+    import results.outputs
+    import results.rois
+    import wsi.slide
+
+    opened, unions = [], []
+    slide_init, roi_polygons = wsi.slide.Slide.__init__, results.rois.roi_polygons
+
+    def counting_init(self, path, *args, **kwargs):
+        opened.append(Path(path).name)
+        slide_init(self, path, *args, **kwargs)
+
+    def counting_polygons(*args, **kwargs):
+        unions.append(1)
+        return roi_polygons(*args, **kwargs)
+
+    monkeypatch.setattr(wsi.slide.Slide, "__init__", counting_init)
+    monkeypatch.setattr(results.rois, "roi_polygons", counting_polygons)
+    monkeypatch.setattr(results.outputs, "roi_polygons", counting_polygons)
+    src = tmp_path / "slides"
+    shutil.copytree(slides_dir / "sub", src)   # synth_tumor.tif: tissue and ROIs
+    assert batch(src, "--model", bundle, "--out", tmp_path / "out") == 0
+    assert opened == ["synth_tumor.tif"] and unions == [1]
+    assert int(read_summary(tmp_path / "out")["synth_tumor"]["rois"]) > 0

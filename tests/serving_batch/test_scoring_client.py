@@ -13,8 +13,9 @@ from server_testing import free_port, write_self_signed_cert
 from serving_batch_helpers import ServerProcess
 from shapely.geometry import Polygon
 
+from results.scored import ScoredSlide
 from serving.cli import main as serve_main
-from serving.client import ScoringClient, ScoringError, SlideResult
+from serving.client import ScoringClient, ScoringError
 
 SLIDE = "sub/synth_tumor.tif"
 
@@ -30,14 +31,12 @@ def in_process(bundle, slides_dir):
 
 
 @pytest.fixture(scope="module")
-def streamed(server) -> tuple[SlideResult, list]:
+def streamed(server) -> tuple[ScoredSlide, list]:
     """The test slide streamed in chunks of 7 patches, and the chunks themselves."""
     with ScoringClient(server.target, timeout=120) as client:
         with client.score_slide(SLIDE, chunk_size=7) as stream:
             chunks = list(stream)
-    result = SlideResult(stream.header, np.concatenate([c.coords for c in chunks]),
-                         np.concatenate([c.score for c in chunks]), stream.summary)
-    return result, chunks
+    return ScoredSlide.from_chunks(stream.header, chunks, stream.summary), chunks
 
 
 def test_score_slide_streams_header_chunks_and_summary(streamed, in_process):
@@ -56,13 +55,31 @@ def test_score_slide_streams_header_chunks_and_summary(streamed, in_process):
     assert s.tile_count == h.tile_count
     assert s.slide_score == pytest.approx(in_process.slide_score, abs=1e-5)
     assert s.label == in_process.label and s.mpp == pytest.approx(in_process.mpp)
-    assert s.timings["total_s"] > 0
+    assert s.timings.total_s > 0
+    assert s.slide_logit == pytest.approx(in_process.summary.slide_logit, abs=1e-4)
     # ROIs arrive as shapely polygons with their area in um^2 at the slide's mpp.
     assert len(s.rois) == len(in_process.rois)
     for got, want in zip(s.rois, in_process.rois):
         assert isinstance(got.polygon, Polygon) and got.polygon.is_valid
         assert got.polygon.equals(want.polygon)
         assert got.area_um2 == pytest.approx(got.polygon.area * s.mpp ** 2, rel=1e-6)
+        assert got.tiles == want.tiles > 0
+    assert h.bounds_offset == in_process.header.bounds_offset
+
+
+def test_collect_gives_the_scored_slide_the_pipeline_gives(server, in_process):
+    """One type either way: the client's ScoredSlide holds the server's polygons (not computed
+    again) with the same tile statistics as the in-process pipeline's, in float64."""
+    with ScoringClient(server.target, timeout=120) as client:
+        scored = client.score_slide_all(SLIDE)
+    assert isinstance(scored, ScoredSlide) and type(scored) is type(in_process)
+    np.testing.assert_array_equal(scored.flags, in_process.flags)
+    assert scored.header.tile_size == in_process.tile_size == scored.tile_size
+    assert len(scored.rois) == len(in_process.rois) > 0
+    for got, want in zip(scored.rois, in_process.rois):
+        assert got.polygon.equals_exact(want.polygon, 0.0)
+        assert (got.tiles, got.max_score) == (want.tiles, pytest.approx(want.max_score, abs=1e-6))
+        assert got.mean_score == pytest.approx(want.mean_score, abs=1e-6)
 
 
 def test_summary_only_after_the_stream_is_exhausted(server):
@@ -126,7 +143,7 @@ def test_deadline_exceeded_mid_stream_surfaces_cleanly(server):
         # the header comes after the tissue mask (~1 % of the time), the end much later than
         # a sixth of this (cold, slower) run.
         timings = client.score_slide_all("big.tif", timeout=120).summary.timings
-        deadline = max(timings["total_s"] / 6, 5 * timings["tissue_s"])
+        deadline = max(timings.total_s / 6, 5 * timings.tissue_s)
         started = time.monotonic()
         stream = client.score_slide("big.tif", chunk_size=8, timeout=deadline)
         assert stream.header.tile_count > 100

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from viewer.results import PatchTable, heatmap_rgba
+from results.outputs import TileScores
+from viewer.results import heatmap_rgba
 from viewer.tiles import OVERLAP, TILE_SIZE, TileSource
 from wsi.slide import open_slide
 
@@ -70,9 +71,9 @@ def test_unreadable_slide_and_bad_tile_give_error_tiles(tmp_path, slide_path):
 
 
 def test_heatmap_has_one_pixel_per_tile_and_hides_artefacts_and_low_scores():
-    table = PatchTable(x=np.array([0, 224, 448]), y=np.array([0, 0, 224]),
-                       score=np.array([0.9, 0.2, 0.7]), artefact=np.array(["", "", "ink"]),
-                       tile_size=224)
+    table = TileScores(coords=np.array([[0, 0], [224, 0], [448, 224]]),
+                       scores=np.array([0.9, 0.2, 0.7], np.float32),
+                       flags=np.array([0, 0, 1], np.uint8), tile_size=224)
     rgba = heatmap_rgba(table, (700, 500), threshold=0.5)
     assert rgba.shape == (3, 4, 4)    # ceil(500 / 224) rows, ceil(700 / 224) cols
     assert rgba[0, 0, 3] == 255       # 0.9: shown

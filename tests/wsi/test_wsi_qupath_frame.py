@@ -12,7 +12,8 @@ import pytest
 import shapely
 from format_slides import stained_tissue, write_sparse_tiff
 
-from results.outputs import roi_polygons, write_geojson, write_slide_outputs, write_spatiopath_json
+from results.outputs import write_geojson, write_slide_outputs, write_spatiopath_json
+from results.rois import roi_polygons
 from wsi.grid import tiles_for_slide
 from wsi.slide import open_slide
 

@@ -14,7 +14,7 @@ from core.errors import MilroiError
 from core.tiling import TilingParams
 from results.outputs import (
     atomic_write,
-    roi_polygons,
+    read_tile_scores,
     score_map,
     write_geojson,
     write_heatmap_png,
@@ -22,6 +22,7 @@ from results.outputs import (
     write_slide_outputs,
     write_spatiopath_json,
 )
+from results.rois import roi_polygons
 
 TILE = 224
 
@@ -95,6 +96,8 @@ def test_artefact_tiles_are_listed_but_make_no_roi(tmp_path, tumor_slide):
     assert "classification" not in detections[0]["properties"]
     rois = shapely.union_all([shape(a["geometry"]) for a in annotations])
     assert rois.equals(box(0, 0, 448, 224))       # the two clean hot tiles only
+    for kind in ("scores", "csv"):                 # both files give the flags back
+        np.testing.assert_array_equal(read_tile_scores(paths[kind]).flags, flags)
     assert max(a["properties"]["measurements"]["max_tumor_score"] for a in annotations) == \
         pytest.approx(0.95)
     spatiopath = json.loads(paths["spatiopath"].read_text())
@@ -178,8 +181,15 @@ def test_heatmap_and_slide_outputs_on_a_synthetic_slide(tmp_path, tumor_slide):
         scores = tile_tumor_fraction(tumor_slide.region, grid.coords, TILE)
         paths = write_slide_outputs(tmp_path / "out", slide, grid.coords, scores, TILE, 0.5)
         thumb = slide.thumbnail(2048)
-    assert set(paths) == {"csv", "geojson", "heatmap", "spatiopath"}
+    assert set(paths) == {"csv", "geojson", "heatmap", "spatiopath", "scores"}
     assert all(p.is_file() for p in paths.values())
+    # The binary scores are the scores as computed; the CSV's are the same to 6 decimals.
+    binary, text = read_tile_scores(paths["scores"]), read_tile_scores(paths["csv"])
+    np.testing.assert_array_equal(binary.coords, grid.coords)
+    np.testing.assert_array_equal(binary.scores, np.asarray(scores, np.float32))
+    np.testing.assert_array_equal(text.coords, binary.coords)
+    np.testing.assert_allclose(text.scores, binary.scores, atol=5e-7)
+    assert binary.tile_size == text.tile_size == TILE and not binary.flags.any()
     png = np.asarray(Image.open(paths["heatmap"]).convert("RGB"))
     assert png.shape == thumb.shape
     # Glass far from any tile keeps the thumbnail's colour; scored tiles are coloured.

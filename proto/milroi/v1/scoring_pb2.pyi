@@ -41,7 +41,7 @@ class ModelRef(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., alias: _Optional[str] = ..., run_id: _Optional[str] = ...) -> None: ...
 
 class SlideHeader(_message.Message):
-    __slots__ = ("slide_path", "width", "height", "level_count", "mpp", "mpp_source", "tile_size", "tile_level", "tile_count", "model", "input_px")
+    __slots__ = ("slide_path", "width", "height", "level_count", "mpp", "mpp_source", "tile_size", "tile_level", "tile_count", "model", "input_px", "bounds_x", "bounds_y")
     SLIDE_PATH_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +53,8 @@ class SlideHeader(_message.Message):
     TILE_COUNT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INPUT_PX_FIELD_NUMBER: _ClassVar[int]
+    BOUNDS_X_FIELD_NUMBER: _ClassVar[int]
+    BOUNDS_Y_FIELD_NUMBER: _ClassVar[int]
     slide_path: str
     width: int
     height: int
@@ -64,7 +66,9 @@ class SlideHeader(_message.Message):
     tile_count: int
     model: ModelRef
     input_px: int
-    def __init__(self, slide_path: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., level_count: _Optional[int] = ..., mpp: _Optional[float] = ..., mpp_source: _Optional[str] = ..., tile_size: _Optional[int] = ..., tile_level: _Optional[int] = ..., tile_count: _Optional[int] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., input_px: _Optional[int] = ...) -> None: ...
+    bounds_x: int
+    bounds_y: int
+    def __init__(self, slide_path: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., level_count: _Optional[int] = ..., mpp: _Optional[float] = ..., mpp_source: _Optional[str] = ..., tile_size: _Optional[int] = ..., tile_level: _Optional[int] = ..., tile_count: _Optional[int] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., input_px: _Optional[int] = ..., bounds_x: _Optional[int] = ..., bounds_y: _Optional[int] = ...) -> None: ...
 
 class PatchScores(_message.Message):
     __slots__ = ("offset", "x", "y", "score", "artefact")
@@ -89,18 +93,20 @@ class Ring(_message.Message):
     def __init__(self, x: _Optional[_Iterable[float]] = ..., y: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Polygon(_message.Message):
-    __slots__ = ("exterior", "holes", "area_um2", "max_score", "mean_score")
+    __slots__ = ("exterior", "holes", "area_um2", "max_score", "mean_score", "tiles")
     EXTERIOR_FIELD_NUMBER: _ClassVar[int]
     HOLES_FIELD_NUMBER: _ClassVar[int]
     AREA_UM2_FIELD_NUMBER: _ClassVar[int]
     MAX_SCORE_FIELD_NUMBER: _ClassVar[int]
     MEAN_SCORE_FIELD_NUMBER: _ClassVar[int]
+    TILES_FIELD_NUMBER: _ClassVar[int]
     exterior: Ring
     holes: _containers.RepeatedCompositeFieldContainer[Ring]
     area_um2: float
     max_score: float
     mean_score: float
-    def __init__(self, exterior: _Optional[_Union[Ring, _Mapping]] = ..., holes: _Optional[_Iterable[_Union[Ring, _Mapping]]] = ..., area_um2: _Optional[float] = ..., max_score: _Optional[float] = ..., mean_score: _Optional[float] = ...) -> None: ...
+    tiles: int
+    def __init__(self, exterior: _Optional[_Union[Ring, _Mapping]] = ..., holes: _Optional[_Iterable[_Union[Ring, _Mapping]]] = ..., area_um2: _Optional[float] = ..., max_score: _Optional[float] = ..., mean_score: _Optional[float] = ..., tiles: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("open_s", "tissue_s", "scoring_s", "total_s", "first_score_s", "tiles_per_second")
@@ -119,7 +125,7 @@ class Timings(_message.Message):
     def __init__(self, open_s: _Optional[float] = ..., tissue_s: _Optional[float] = ..., scoring_s: _Optional[float] = ..., total_s: _Optional[float] = ..., first_score_s: _Optional[float] = ..., tiles_per_second: _Optional[float] = ...) -> None: ...
 
 class SlideSummary(_message.Message):
-    __slots__ = ("slide_score", "label", "threshold", "tile_count", "rois", "mpp", "roi_threshold", "timings", "model", "artefact_count")
+    __slots__ = ("slide_score", "label", "threshold", "tile_count", "rois", "mpp", "roi_threshold", "timings", "model", "artefact_count", "slide_logit")
     SLIDE_SCORE_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +136,7 @@ class SlideSummary(_message.Message):
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ARTEFACT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    SLIDE_LOGIT_FIELD_NUMBER: _ClassVar[int]
     slide_score: float
     label: str
     threshold: float
@@ -140,7 +147,8 @@ class SlideSummary(_message.Message):
     timings: Timings
     model: ModelRef
     artefact_count: int
-    def __init__(self, slide_score: _Optional[float] = ..., label: _Optional[str] = ..., threshold: _Optional[float] = ..., tile_count: _Optional[int] = ..., rois: _Optional[_Iterable[_Union[Polygon, _Mapping]]] = ..., mpp: _Optional[float] = ..., roi_threshold: _Optional[float] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., artefact_count: _Optional[int] = ...) -> None: ...
+    slide_logit: float
+    def __init__(self, slide_score: _Optional[float] = ..., label: _Optional[str] = ..., threshold: _Optional[float] = ..., tile_count: _Optional[int] = ..., rois: _Optional[_Iterable[_Union[Polygon, _Mapping]]] = ..., mpp: _Optional[float] = ..., roi_threshold: _Optional[float] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., artefact_count: _Optional[int] = ..., slide_logit: _Optional[float] = ...) -> None: ...
 
 class ScoreTilesRequest(_message.Message):
     __slots__ = ("tiles", "count", "tile_size", "x", "y")
