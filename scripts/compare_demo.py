@@ -1,11 +1,14 @@
 """Compare the result files of two `make demo` runs (e.g. before and after a refactor).
 
     python scripts/compare_demo.py BEFORE_OUT AFTER_OUT [--added-field NAME ...]
+                                   [--added-file SUFFIX ...]
 
 Every file of scores/ and hard_scores/ is compared: summary.csv row by row and the JSON files
 key by key, leaving out what differs between any two runs (`seconds`; `path`, which names the
 demo folder) and the fields a change adds (--added-field, repeatable); every other file (patch
-CSV, GeoJSON, heatmap PNG) byte for byte. Exit status 1 when anything else differs.
+CSV, GeoJSON, heatmap PNG) byte for byte. Files only AFTER has are listed; those whose name
+ends with an --added-file suffix (a file kind the change adds) are not a difference. Exit status
+1 when anything else differs.
 """
 from __future__ import annotations
 
@@ -42,14 +45,20 @@ def main(argv=None) -> int:
     parser.add_argument("after", type=Path)
     parser.add_argument("--added-field", action="append", default=[],
                         help="a JSON key or CSV column the change adds (left out)")
+    parser.add_argument("--added-file", action="append", default=[],
+                        help="the name suffix of a file kind the change adds (e.g. _scores.npz)")
     args = parser.parse_args(argv)
+    added = tuple(args.added_file)
     ignored = VARYING | set(args.added_field)
     equal, problems = 0, []
     for sub in ("scores", "hard_scores"):
         files = [{p.relative_to(root / sub) for p in (root / sub).rglob("*") if p.is_file()}
                  for root in (args.before, args.after)]
-        if files[0] != files[1]:
-            problems.append(f"{sub}: only in one run: {sorted(files[0] ^ files[1])}")
+        new = {p for p in files[1] - files[0] if added and p.name.endswith(added)}
+        if new:
+            print(f"{sub}: {len(new)} added file(s) ({', '.join(added)})")
+        if files[0] != files[1] - new:
+            problems.append(f"{sub}: only in one run: {sorted(files[0] ^ (files[1] - new))}")
         for rel in sorted(files[0] & files[1]):
             if same(args.before / sub / rel, args.after / sub / rel, ignored):
                 equal += 1
