@@ -96,7 +96,7 @@ def bare_backbone_rate(bundle: Path, provider: str, batch_size: int, batches: in
 
     def run_once():
         if not engine.on_gpu:
-            engine.cpu_features(tiles)
+            engine.inference.features(tiles)
             return
         binding = engine.backbone.io_binding()
         binding.bind_cpu_input("tiles", tiles)

@@ -74,7 +74,7 @@ import onnxruntime as ort
 print("onnxruntime", ort.__version__, "device", ort.get_device())
 print("available providers:", ort.get_available_providers())
 # A real session tells whether CUDA initialises (onnxruntime-gpu lists it even when it cannot).
-from serving.engine import CUDA
+from serving.sessions import CUDA
 import numpy as np, onnx, onnx.helper as h
 graph = h.make_graph([h.make_node("Relu", ["x"], ["y"])], "probe",
                      [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],

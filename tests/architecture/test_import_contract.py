@@ -267,7 +267,8 @@ def test_checker_keeps_results_below_both_sides(tmp_path):
 
 # What a client, the viewer or the Spatiopath analysis must never load: the engine and what
 # runs models (a viewer user's install need not import onnxruntime, OpenVINO or torch).
-ENGINE_MODULES = {"serving.engine", "serving.pipeline", "serving.server", "serving.batch",
+ENGINE_MODULES = {"serving.engine", "serving.sessions", "serving.inference", "serving.batcher",
+                  "serving.pipeline", "serving.server", "serving.batch",
                   "serving.options", "serving.backends", "core.inference_backends"}
 ENGINE_PACKAGES = {"onnxruntime", "openvino", "torch", "torchvision", "tensorrt"}
 

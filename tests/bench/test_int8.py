@@ -81,7 +81,7 @@ def test_engine_int8_agrees_with_fp32_on_real_tiles(int8_bundle, tcga_tiles):
     with Engine(int8_bundle, provider="cpu", precision="int8", batch_size=8) as int8, \
             Engine(int8_bundle, provider="cpu", precision="fp32", batch_size=8) as fp32:
         assert int8.precision == "int8" and fp32.precision == "fp32"
-        f8, f32 = int8.cpu_features(tcga_tiles), fp32.cpu_features(tcga_tiles)
+        f8, f32 = int8.inference.features(tcga_tiles), fp32.inference.features(tcga_tiles)
         assert not np.array_equal(f8, f32)          # really another graph
         assert _cosine(f8, f32).min() >= 0.99
         s8, s32 = int8.score(tcga_tiles)["patch_scores"], fp32.score(tcga_tiles)["patch_scores"]

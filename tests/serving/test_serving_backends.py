@@ -35,7 +35,7 @@ def tiles():
 
 def _fp32_features(bundle, tiles):
     with Engine(bundle, provider="cpu", backend="onnxruntime", precision="fp32") as engine:
-        return engine.cpu_features(tiles)
+        return engine.inference.features(tiles)
 
 
 def test_auto_times_every_candidate_and_keeps_the_fastest_that_passes(chowder_bundle, cache_dir):
@@ -61,7 +61,7 @@ def test_explicit_openvino_fp32_is_exact_fp32(chowder_bundle, cache_dir, tiles):
     reference = _fp32_features(chowder_bundle, tiles)
     with Engine(chowder_bundle, provider="cpu", backend="openvino", precision="fp32") as engine:
         assert (engine.backend, engine.precision, engine.choice_table) == ("openvino", "fp32", [])
-        features = engine.cpu_features(tiles)
+        features = engine.inference.features(tiles)
     # f32 inference, not bf16: the features agree to float rounding, not to bf16's 3 digits.
     np.testing.assert_allclose(features, reference, rtol=1e-3, atol=1e-4)
     assert not (cache_dir / "backend_choice.json").exists()   # nothing was timed
@@ -71,7 +71,7 @@ def test_explicit_openvino_fp32_is_exact_fp32(chowder_bundle, cache_dir, tiles):
 def test_explicit_bf16_runs_bf16_and_stays_within_the_gate(chowder_bundle, cache_dir, tiles):
     reference = _fp32_features(chowder_bundle, tiles)
     with Engine(chowder_bundle, provider="cpu", backend="openvino", precision="bf16") as engine:
-        features = engine.cpu_features(tiles)
+        features = engine.inference.features(tiles)
     cosine = (features * reference).sum(1) / (np.linalg.norm(features, axis=1)
                                               * np.linalg.norm(reference, axis=1))
     assert cosine.min() >= MIN_COSINE
