@@ -1,6 +1,6 @@
 // One slide: OpenSeadragon deep zoom (image coordinates = level-0 px, the tiles are made with
 // limit_bounds=False), the heatmap (one RGBA pixel per tile) and the ROI polygons as overlays
-// placed in level-0 coordinates, hover scores from the patch CSV, downloads, live scoring (SSE).
+// placed in level-0 coordinates, hover scores from /api/scores, downloads, live scoring (SSE).
 "use strict";
 const keyPath = location.pathname.slice("/slide/".length);   // URL-encoded, as the API wants it
 const key = decodeURIComponent(keyPath);
@@ -114,7 +114,7 @@ function spatiopathRois(polygons) {
                              area_um2: p.area_um2, max_score: p.max_score}));
 }
 
-// -- hover: the patch CSV's row of the tile under the cursor
+// -- hover: the scores row (/api/scores) of the tile under the cursor
 function indexTable(table) {
   state.table = table;
   state.tiles = new Map();
