@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import shapely
+from shapely.geometry import Polygon
 
 from core.bundle import DEFAULT_ROI_THRESHOLD
 from core.errors import ConfigError, RequestError
@@ -37,6 +38,7 @@ from wsi.tile_quality import flag_names, flags_from_names
 
 TUMOR_CLASS = {"name": "Tumor", "color": [200, 0, 0]}  # QuPath's own colour for "Tumor"
 IGNORE_CLASS = {"name": "Ignore*", "color": [180, 180, 180]}  # QuPath's built-in "leave out" class
+SPATIOPATH_FORMAT = "milroi-spatiopath/1"   # the `format` of <slide>_spatiopath.json
 HEATMAP_MAX_SIZE = 2048
 HEATMAP_ALPHA = 0.5
 
@@ -258,7 +260,7 @@ def write_spatiopath_json(path, slide_name: str, rois: Sequence, mpp: float,
     roi_stats = list(roi_stats) if roi_stats is not None else [{} for _ in rois]
     s = np.asarray(scores, np.float64) if scores is not None else np.zeros(0)
     document = {
-        "format": "milroi-spatiopath/1",
+        "format": SPATIOPATH_FORMAT,
         "slide": slide_name,
         "pixel_size_um": {"mpp": float(mpp)},
         "units": {"coordinates": "level-0 pixels, origin top-left, x right, y down",
@@ -295,6 +297,61 @@ def _stats(rois: Sequence[Roi]) -> list[dict]:
     return [{"area_px": roi.area_px, "tiles": roi.tiles,
              "max_score": None if np.isnan(roi.max_score) else roi.max_score,
              "mean_score": None if np.isnan(roi.mean_score) else roi.mean_score} for roi in rois]
+
+
+@dataclass(frozen=True)
+class ScoredRois:
+    """What `<slide>_spatiopath.json` says: the ROIs (shapely Polygons, level-0 px), their ids,
+    the level-0 pixel size and dimensions, and `bounds_offset`: level-0 px of the origin of
+    QuPath's frame (OpenSlide's bounds, which QuPath crops to; (0, 0) without bounds or in
+    files that do not record it)."""
+
+    slide: str
+    mpp: float
+    dimensions: tuple[int, int]
+    polygons: list
+    ids: list[int]
+    path: Path | None = None
+    bounds_offset: tuple[int, int] = (0, 0)
+    tissue: TissueParams | None = None   # the mask settings it was scored with (None: unrecorded)
+
+
+def _xy_ring(part: dict, path) -> np.ndarray:
+    try:
+        xy = np.column_stack([np.asarray(part["x"], float), np.asarray(part["y"], float)])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{path}: a polygon without numeric x and y arrays ({exc})") from None
+    return xy
+
+
+def read_scored_rois(path) -> ScoredRois:
+    """Read a `milroi-spatiopath/1` file (`write_spatiopath_json`)."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read ROI file {path}: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("format") != SPATIOPATH_FORMAT:
+        raise ConfigError(f"{path} is not a milroi Spatiopath file (format {SPATIOPATH_FORMAT!r} "
+                          "expected)")
+    if not doc.get("dimensions"):
+        raise ConfigError(f"{path}: no slide dimensions (written by an older milroi: score again)")
+    polygons, ids = [], []
+    for i, item in enumerate(doc.get("polygons", [])):
+        shell = _xy_ring(item, path)
+        holes = [_xy_ring(h, path) for h in item.get("holes", [])]
+        polygon = Polygon(shell, holes)
+        if not polygon.is_valid:
+            polygon = shapely.make_valid(polygon)
+        polygons.append(polygon)
+        ids.append(int(item.get("id", i + 1)))
+    width, height = (int(v) for v in doc["dimensions"])
+    offset = doc.get("bounds_offset") or {}
+    tissue = doc.get("tissue_params")
+    return ScoredRois(slide=str(doc.get("slide", path.stem)), mpp=float(doc["pixel_size_um"]["mpp"]),
+                      dimensions=(width, height), polygons=polygons, ids=ids, path=path,
+                      bounds_offset=(int(offset.get("x", 0)), int(offset.get("y", 0))),
+                      tissue=TissueParams.from_dict(tissue) if isinstance(tissue, dict) else None)
 
 
 def write_scored_slide(out_dir, slide, scored: ScoredSlide,

@@ -44,12 +44,12 @@ from results.layout import (
     recorded_slide_path,
     write_summary,
 )
+from results.outputs import read_scored_rois
 from spatiopath_analysis.windows import (
     DEFAULT_ANALYSIS_ZONE_UM,
     DEFAULT_WINDOW_PX,
     SlideWindows,
     plan_windows,
-    read_scored_rois,
     windows_for_slide,
     write_windows_json,
 )

@@ -37,66 +37,12 @@ from shapely.geometry import Polygon
 from core.errors import ConfigError
 from core.files import atomic_write
 from core.tiling import TissueParams
+from results.outputs import ScoredRois, read_scored_rois
 from wsi.tissue import TissueMask
 
 WINDOWS_FORMAT = "milroi-spatiopath-windows/1"
-SCORES_FORMAT = "milroi-spatiopath/1"
 DEFAULT_ANALYSIS_ZONE_UM = 400.0   # Spatiopath's own default analysis zone
 DEFAULT_WINDOW_PX = 4096           # Spatiopath's own default height and width
-
-
-@dataclass(frozen=True)
-class ScoredRois:
-    """What `<slide>_spatiopath.json` says: the ROIs (shapely Polygons, level-0 px), their ids,
-    the level-0 pixel size and dimensions, and `bounds_offset`: level-0 px of the origin of
-    QuPath's frame (OpenSlide's bounds, which QuPath crops to; (0, 0) without bounds or in
-    files that do not record it)."""
-
-    slide: str
-    mpp: float
-    dimensions: tuple[int, int]
-    polygons: list
-    ids: list[int]
-    path: Path | None = None
-    bounds_offset: tuple[int, int] = (0, 0)
-    tissue: TissueParams | None = None   # the mask settings it was scored with (None: unrecorded)
-
-
-def _ring(part: dict, path) -> np.ndarray:
-    try:
-        xy = np.column_stack([np.asarray(part["x"], float), np.asarray(part["y"], float)])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ConfigError(f"{path}: a polygon without numeric x and y arrays ({exc})") from None
-    return xy
-
-
-def read_scored_rois(path) -> ScoredRois:
-    """Read a `milroi-spatiopath/1` file (`results.outputs.write_spatiopath_json`)."""
-    path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read ROI file {path}: {exc}") from None
-    if not isinstance(doc, dict) or doc.get("format") != SCORES_FORMAT:
-        raise ConfigError(f"{path} is not a milroi Spatiopath file (format {SCORES_FORMAT!r} expected)")
-    if not doc.get("dimensions"):
-        raise ConfigError(f"{path}: no slide dimensions (written by an older milroi: score again)")
-    polygons, ids = [], []
-    for i, item in enumerate(doc.get("polygons", [])):
-        shell = _ring(item, path)
-        holes = [_ring(h, path) for h in item.get("holes", [])]
-        polygon = Polygon(shell, holes)
-        if not polygon.is_valid:
-            polygon = shapely.make_valid(polygon)
-        polygons.append(polygon)
-        ids.append(int(item.get("id", i + 1)))
-    width, height = (int(v) for v in doc["dimensions"])
-    offset = doc.get("bounds_offset") or {}
-    tissue = doc.get("tissue_params")
-    return ScoredRois(slide=str(doc.get("slide", path.stem)), mpp=float(doc["pixel_size_um"]["mpp"]),
-                      dimensions=(width, height), polygons=polygons, ids=ids, path=path,
-                      bounds_offset=(int(offset.get("x", 0)), int(offset.get("y", 0))),
-                      tissue=TissueParams.from_dict(tissue) if isinstance(tissue, dict) else None)
 
 
 # ---------------------------------------------------------------------------------------------

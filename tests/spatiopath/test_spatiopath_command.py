@@ -37,8 +37,8 @@ def read_summary(out: Path) -> dict[str, dict]:
 def patterns(scored, tmp_path_factory):
     """The tumour slide analysed three times, its immune cells uniform, enriched in a 50 um
     band around the ROIs milroi wrote, and excluded from it; summary rows by mode."""
+    from results.outputs import read_scored_rois
     from spatiopath_analysis.command import AnalysisOptions, analyse_folder
-    from spatiopath_analysis.windows import read_scored_rois
     from wsi.synth import write_synthetic_cells
 
     root = tmp_path_factory.mktemp("patterns")

@@ -30,7 +30,7 @@ def score(slides, bundle, out, *extra):
 def test_scored_by_milroi_then_analysed(scored, tmp_path):
     from bundle_testing import export_test_bundle
 
-    from spatiopath_analysis.windows import read_scored_rois
+    from results.outputs import read_scored_rois
     from wsi.synth import write_synthetic_cells
 
     bundle = export_test_bundle(tmp_path / "bundle", "spatiopath-test")

@@ -11,12 +11,11 @@ from conftest import ANALYSIS_ZONE_UM
 from shapely.geometry import Point
 
 from core.errors import ConfigError
+from results.outputs import ScoredRois, read_scored_rois
 from spatiopath_analysis.windows import (
-    ScoredRois,
     choose_downsample,
     merge_boxes,
     plan_windows,
-    read_scored_rois,
     read_windows_json,
     tissue_polygons,
     windows_for_slide,

@@ -64,9 +64,9 @@ def test_the_run_and_the_manifest_carry_it(trained):
 def test_the_served_mask_is_the_training_mask(trained, tmp_path):
     """The server's pipeline scores exactly the tiles `features` chose, which differ from the
     default mask's; and the Spatiopath windows are cut from that same mask."""
+    from results.outputs import read_scored_rois
     from serving.engine import Engine
     from serving.pipeline import SlideScorer
-    from spatiopath_analysis.windows import read_scored_rois
     from wsi.grid import tiles_for_slide
     from wsi.slide import open_slide
 
