@@ -26,6 +26,19 @@ def _code(call):
     return info.value.code(), info.value.details()
 
 
+def _metrics_once_idle(url: str, timeout: float = 60) -> str:
+    """The metrics page once no RPC is in flight. A refused call's status reaches the client
+    from `context.abort`, before the handler's `finally` has counted it; the in-flight gauge
+    drops only after that count, so waiting on it waits on the count itself."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        if "\nmilroi_in_flight 0.0\n" in text:
+            return text
+        assert time.monotonic() < deadline, "RPCs still in flight:\n" + text
+        time.sleep(0.05)
+
+
 @pytest.fixture(scope="module")
 def reference(chowder_bundle, slide_root):
     """The in-process pipeline's summary of slide.tiff (what the server must stream)."""
@@ -95,7 +108,7 @@ def test_health_reflection_and_metrics(make_server, free_port):
     stub = pb_grpc.SlideScoringStub(channel)
     list(stub.ScoreSlide(pb.ScoreSlideRequest(slide_path="sub/other.tiff")))
     _code(lambda: list(stub.ScoreSlide(pb.ScoreSlideRequest(slide_path="nope.tiff"))))
-    text = urllib.request.urlopen(f"http://127.0.0.1:{free_port}/metrics", timeout=10).read().decode()
+    text = _metrics_once_idle(f"http://127.0.0.1:{free_port}/metrics")
     assert 'milroi_requests_total{code="OK",method="ScoreSlide"} 1.0' in text
     assert 'milroi_errors_total{code="NOT_FOUND",method="ScoreSlide"} 1.0' in text
     assert "milroi_tiles_scored_total" in text and "milroi_model_info{" in text
