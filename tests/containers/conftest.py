@@ -10,6 +10,9 @@ The tests need root (buildah with vfs/chroot) and, on a machine without buildah/
 Debian mirror to install them; without either they are skipped with that reason. Anything else
 that goes wrong is a failure.
 
+The images are built in the background from the moment collection ends, and these tests run
+last (image_builds.py): the builds overlap the rest of the suite instead of adding to it.
+
 MILROI_TEST_WITH_CUDA=1 builds the image as shipped (CUDA 13 / cuDNN 9 runtime wheels, ~3.3 GB);
 the default (0) leaves those wheels out, which keeps CI lean: the CI machines have no GPU and the
 image is otherwise identical (same Dockerfile, same onnxruntime-gpu package on its CPU provider).
@@ -17,53 +20,78 @@ image is otherwise identical (same Dockerfile, same onnxruntime-gpu package on i
 from __future__ import annotations
 
 import os
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
-from containers_support import (
-    BASE_IMAGE,
-    NO_TOOLS,
-    SCRIPTS,
-    SERVE_IMAGE,
-    WITH_CUDA,
-    Container,
-    image_size_bytes,
-)
+from containers_support import SERVE_IMAGE, Container, image_size_bytes
+from image_builds import ImageBuilds
+
+# The images each test file needs; test_build_script.py builds none but must not run beside one.
+IMAGES_OF = {"test_serve_image.py": ["serve"], "test_train_image.py": ["train"],
+             "test_build_script.py": []}
+_builds: ImageBuilds | None = None
+
+
+def pytest_collection_finish(session) -> None:
+    """Once the run's tests are known: move the container tests to the end and start building
+    the images they need in the background, so the builds overlap the other folders' tests."""
+    global _builds
+    here = Path(__file__).parent
+    ours = [item for item in session.items if here in item.path.parents]
+    if not ours or session.config.option.collectonly:
+        return
+    session.items[:] = [item for item in session.items if here not in item.path.parents] + ours
+    if os.geteuid() != 0:
+        return   # container_tools skips, saying why
+    wanted = {image for item in ours for image in IMAGES_OF.get(item.path.name, ["serve"])}
+    _builds = ImageBuilds([image for image in ("serve", "train") if image in wanted]).start()
+
+
+def pytest_sessionfinish(session) -> None:
+    if _builds is not None:
+        _builds.stop()
 
 
 @pytest.fixture(scope="session")
-def container_tools() -> None:
-    """buildah and debootstrap present (installed when missing), or a skip saying why not."""
+def image_builds() -> ImageBuilds:
+    """The background builds, started by pytest_collection_finish (or now, when a run reaches
+    a container test some other way)."""
+    global _builds
     if os.geteuid() != 0:
         pytest.skip("container tests need root (buildah with vfs storage and chroot isolation)")
-    result = subprocess.run(["bash", "-c", f"source {SCRIPTS / 'common.sh'} && ensure_tools"],
-                            capture_output=True, text=True, timeout=900)
-    if result.returncode == NO_TOOLS:
-        pytest.skip(f"cannot install buildah/debootstrap: {result.stderr.strip()}")
-    assert result.returncode == 0, result.stderr
+    if _builds is None:
+        _builds = ImageBuilds(["serve", "train"]).start()
+    return _builds
 
 
 @pytest.fixture(scope="session")
-def serve_image(container_tools, tmp_path_factory) -> dict:
+def container_tools(image_builds) -> None:
+    """buildah and debootstrap present (installed when missing), or a skip saying why not."""
+    result = image_builds.result("tools")
+    if result.skip:
+        pytest.skip(result.skip)
+    result.check()
+
+
+@pytest.fixture(scope="session")
+def all_builds_ended(container_tools, image_builds) -> None:
+    """Every background build has ended: for a test that counts the storage's images."""
+    for step in image_builds.steps:
+        image_builds.result(step)
+
+
+@pytest.fixture(scope="session")
+def serve_image(container_tools, image_builds) -> dict:
     """The serve image, built (or rebuilt from cached layers) by build_images.sh; returns the
     image name, the build seconds and the image size the script recorded."""
-    # the script's build figures go to $MILROI_CONTAINER_RESULTS when set, else to a scratch
-    # file: a test run never edits the committed benchmarks/results/containers.json
-    figures = os.environ.get("MILROI_CONTAINER_RESULTS") or str(
-        tmp_path_factory.mktemp("figures") / "containers.json")
-    env = dict(os.environ, SERVE_IMAGE=SERVE_IMAGE, BASE_IMAGE=BASE_IMAGE,
-               WITH_CUDA="1" if WITH_CUDA else "0", BENCH_JSON=figures)
-    start = time.monotonic()
-    result = subprocess.run(["bash", str(SCRIPTS / "build_images.sh"), "serve"], env=env,
-                            capture_output=True, text=True, timeout=1800)
-    seconds = time.monotonic() - start
-    assert result.returncode == 0, f"build failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+    result = image_builds.result("serve")
+    if result.skip:
+        pytest.skip(result.skip)
+    result.check()
     size = image_size_bytes(SERVE_IMAGE)
-    print(f"\n{SERVE_IMAGE}: built in {seconds:.0f} s (base image included), "
+    print(f"\n{SERVE_IMAGE}: built in {result.seconds:.0f} s (base image included), "
           f"{size / 2**30:.2f} GiB")
-    return {"image": SERVE_IMAGE, "build_seconds": seconds, "size_bytes": size}
+    return {"image": SERVE_IMAGE, "build_seconds": result.seconds, "size_bytes": size}
 
 
 @pytest.fixture

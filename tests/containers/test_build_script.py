@@ -9,7 +9,7 @@ import subprocess
 from containers_support import BASE_IMAGE, SCRIPTS, buildah
 
 
-def test_build_stops_before_writing_when_disk_is_short(container_tools, tmp_path):
+def test_build_stops_before_writing_when_disk_is_short(all_builds_ended, tmp_path):
     layers_before = buildah("images", "--all", "--quiet").stdout.split()
     env = dict(os.environ, MILROI_MIN_FREE_GIB="1000000", WITH_CUDA="0", BASE_IMAGE=BASE_IMAGE,
                SERVE_IMAGE="localhost/milroi-serve:disk-check", BENCH_JSON=str(tmp_path / "b.json"))

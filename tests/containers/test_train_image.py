@@ -3,46 +3,34 @@
 a MIL head fitted and tracked in MLflow, all inside the image, as its non-root user, with the
 image's own guarantee that `serving` is absent (the layering rule, docs/ARCHITECTURE.md).
 
-Measured on 2 shared CPUs: the build ~8 min (pip install ~150 s, the rest vfs layer copies), the
-run ~3 min; CI's 90 minutes hold it. Under buildah's vfs storage the build needs ~34 GB of
-transient disk: with less free the test is skipped, saying so (build_images.sh would refuse).
+Measured on 2 shared CPUs: the build ~4 min (pip install ~150 s, the rest vfs layer copies; it
+runs in the background while the other folders' tests run, image_builds.py), the run ~1 min.
+Under buildah's vfs storage the build needs ~34 GB of transient disk: with less free the test is
+skipped, saying so (build_images.sh would refuse).
 """
 from __future__ import annotations
 
-import os
 import shutil
 import sqlite3
-import subprocess
-import time
 
 import pytest
-from containers_support import SCRIPTS, Container, buildah, image_size_bytes
+from containers_support import Container, buildah, image_size_bytes
+from image_builds import TRAIN_IMAGE
 
 pytestmark = pytest.mark.slow
 
-TRAIN_IMAGE = "localhost/milroi-train:latest"
-TRAIN_BUILD_NEED_GIB = 34   # build_images.sh's measured peak for the train image
-
 
 @pytest.fixture(scope="module")
-def train_image(container_tools, tmp_path_factory) -> str:
-    """The train image of this checkout: built now, every run (a stale image would test old
+def train_image(container_tools, image_builds) -> str:
+    """The train image of this checkout, built in this run (a stale image would test old
     code); skipped when the disk cannot hold the build."""
-    root = buildah("info", "--format", "{{.store.GraphRoot}}").stdout.strip()
-    os.makedirs(root, exist_ok=True)
-    free = shutil.disk_usage(root).free
-    if free < TRAIN_BUILD_NEED_GIB * 2**30:
-        pytest.skip(f"building {TRAIN_IMAGE} needs ~{TRAIN_BUILD_NEED_GIB} GiB free in {root} "
-                    f"(buildah vfs), {free / 2**30:.1f} GiB are")
-    figures = os.environ.get("MILROI_CONTAINER_RESULTS") or str(
-        tmp_path_factory.mktemp("figures") / "containers.json")
-    env = dict(os.environ, TRAIN_IMAGE=TRAIN_IMAGE, BENCH_JSON=figures)
-    start = time.monotonic()
-    result = subprocess.run(["bash", str(SCRIPTS / "build_images.sh"), "train"], env=env,
-                            capture_output=True, text=True, timeout=2400)
-    assert result.returncode == 0, f"build failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
-    print(f"\n{TRAIN_IMAGE}: built in {time.monotonic() - start:.0f} s, "
+    result = image_builds.result("train")
+    if result.skip:
+        pytest.skip(result.skip)
+    result.check()
+    print(f"\n{TRAIN_IMAGE}: built in {result.seconds:.0f} s, "
           f"{image_size_bytes(TRAIN_IMAGE) / 2**30:.2f} GiB")
+    root = buildah("info", "--format", "{{.store.GraphRoot}}").stdout.strip()
     # under vfs a working container is a full copy of the image's file system (~7 GB): on a disk
     # without room for it, say so instead of failing halfway with "no space left on device"
     need = image_size_bytes(TRAIN_IMAGE) + 2 * 2**30
