@@ -19,18 +19,35 @@ plain one lacks, each drawn per slide from its seed:
   beneath), and an out-of-focus region (Gaussian blur); the truth records where they are;
 - micro-metastases only (1-5 tiles of tumour) on half of the tumour slides.
 
+The colour-matched mode (`--colour-matched`, `colour_matched=True`) leaves a single cue: tumour
+nuclei are lymphocyte nuclei made bigger (~8-11 um long instead of ~4.4-6 um) and irregular
+(elliptic, with a lobed outline), drawn in exactly the lymph texture's nucleus and stroma colours
+under the same stain. Their grid spacing and share of cells with a nucleus are chosen so that the
+expected nuclear area fraction is the lymph texture's (`_matched_tumour_grid`), so a tumour
+tile's mean colour is that of a lymph-node tile and a model must use morphology. The lymph node
+and the layout are drawn as in the default mode: normal slides are the same files.
+
 Sizes are real: 0.243 um/px at level 0, a lymphocyte nucleus ~6 um (~24 px), a tumour nucleus
 ~10 um. Everything is vectorised numpy, cells on a jittered grid (each pixel only looks at the
 nucleus of its own grid cell), deterministic per seed. `write_camelyon_size_slide` writes a
 ~100k x 200k px slide in about a minute by JPEG-encoding a small set of tiles once and writing
 their bytes directly, the tissue layout chosen per tile from a low-resolution plan.
 
+Other pixel sizes (`--mpp`, `write_synthetic_slide(mpp=...)`, `write_synthetic_slide_at`): the
+tissue is always drawn at 0.243 um/px and level 0 resampled to `mpp` (2x: 2x2 means; otherwise
+Lanczos), so the same seed and extent give the same tissue, nuclei and lesions at 0.243 (Radboud),
+0.226 (Utrecht) or 0.486 um/px (a 20x scanner). The TIFF's resolution tags, the annotations and
+the returned SyntheticTruth are in the resampled slide's own level-0 pixels; `--size` and
+`width`/`height` stay the extent in 0.243 um/px pixels (`width * 0.243` um).
+
     milroi-train synth OUT --tumor 2 --normal 2 --size 4096x4096 --seed 0 [--hard]
+        [--colour-matched] [--mpp 0.243]
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
@@ -54,6 +71,15 @@ STRIP = 512                 # rows rendered at once (bounds the float temporarie
 GLASS = np.array([242, 241, 239], np.float32)
 INK_BLUE, INK_GREEN, INK_BLACK = 3, 4, 5  # plan classes after glass 0, lymph node 1, tumour 2
 INK_COLOURS = {INK_BLUE: (40, 70, 170), INK_GREEN: (40, 140, 80), INK_BLACK: (22, 22, 22)}
+LYMPH_STROMA = np.array([232, 162, 198], np.float32)    # eosin stroma of the lymph texture
+LYMPH_NUCLEUS = np.array([58, 34, 112], np.float32)     # haematoxylin of a lymphocyte nucleus
+
+# Colour-matched tumour nuclei, in microns (converted with the pixel size textures are drawn at).
+MATCHED_SEMI_AXIS_UM = (4.0, 5.4)       # semi-major axis: nuclei 8-11 um long (lymphocytes 4.4-6)
+MATCHED_ELONGATION = 0.6                # semi-minor / semi-major, uniform in [0.6, 1]
+MATCHED_LOBES = (0.07, 0.05, 0.03)      # sd of the outline's 2nd, 3rd, 4th radial harmonics
+MATCHED_EDGE_UM = 0.65                  # soft edge: a lymphocyte's (a quarter of its ~2.6 um radius)
+MATCHED_NUCLEUS_SHARE = 0.95            # target share of tumour cells with a nucleus
 
 
 @dataclass
@@ -72,6 +98,10 @@ class SyntheticTruth:
     blur_polygons: list = field(default_factory=list)   # out-of-focus regions (level-0 px)
     stain: str = "standard"
     seed: int | None = None     # the texture's seed (synthetic_cells redraws its nuclei from it)
+    colour_matched: bool = False
+    # (width, height) of the 0.243 um/px frame the tissue was drawn in, where `mpp` differs
+    # (the slide was resampled from it); None: level 0 is that frame.
+    drawn_dimensions: tuple[int, int] | None = None
 
     @property
     def region(self):
@@ -123,20 +153,99 @@ def _nucleus_distance(cells: dict, spacing: int, y: np.ndarray, x: np.ndarray, w
     return d, cells["shade"][R, C], edge
 
 
+def _soft_area(edge: np.ndarray | float) -> np.ndarray | float:
+    """Integral of a nucleus's weight w = clip((1 - d) / edge, 0, 1) over its area, as a share of
+    the area inside d = 1 (the soft edge is `edge` of the normalised radius wide)."""
+    return 1 - edge + edge * edge / 3
+
+
+def _matched_tumour_grid(mpp: float) -> tuple[int, float, tuple[float, float], float]:
+    """Grid spacing (px), share of cells with a nucleus, semi-major axis range (px) and soft edge
+    (px) of the colour-matched tumour nuclei at `mpp`, such that their expected weighted area per
+    px (soft edges included: the mean share of nucleus colour) equals the lymph texture's.
+
+    An irregular nucleus (`_lobed_distance`) has the area of its ellipse, so the expectation is
+    over the ellipses: pi * a * b * _soft_area(edge / a)."""
+    r_min, r_max, elongation, share = TextureRenderer.LYMPH_CELLS
+    a = np.linspace(r_min, r_max, 1001)
+    lymph = (share * np.pi * np.mean(a * a) * (1 + elongation) / 2 * _soft_area(0.25)
+             / TextureRenderer.LYMPH_SPACING ** 2)
+    edge = MATCHED_EDGE_UM / mpp
+    a_range = (MATCHED_SEMI_AXIS_UM[0] / mpp, MATCHED_SEMI_AXIS_UM[1] / mpp)
+    a = np.linspace(*a_range, 1001)
+    area = np.pi * np.mean(a * a * _soft_area(edge / a)) * (1 + MATCHED_ELONGATION) / 2
+    spacing = int(round(np.sqrt(MATCHED_NUCLEUS_SHARE * area / lymph)))
+    return spacing, float(lymph * spacing ** 2 / area), a_range, edge
+
+
+def _lobed_cells(rng: np.random.Generator, rows: int, cols: int, spacing: int, share: float,
+                 a_range: tuple[float, float], edge: float) -> dict:
+    """`_cells` with irregular outlines: per cell, complex coefficients of the outline's radial
+    harmonics 2-4 (`lobes`), their normalisation, and each nucleus's `sharpness` (semi-major
+    axis / soft-edge width: the edge is `edge` px wide whatever the nucleus's size)."""
+    a = rng.uniform(*a_range, (rows, cols)).astype(np.float32)
+    b = a * rng.uniform(MATCHED_ELONGATION, 1.0, (rows, cols)).astype(np.float32)
+    sd = np.asarray(MATCHED_LOBES, np.float32)
+    amplitude = np.clip(rng.normal(0, 1, (rows, cols, len(sd))), -2, 2) * sd   # no wild lobes
+    lobes = (amplitude * np.exp(1j * rng.uniform(0, 2 * np.pi, amplitude.shape))).astype(np.complex64)
+    # Radius rho(phi) = (1 + Re sum c_k e^{ik phi}) / norm; norm = sqrt(mean rho^2) keeps the
+    # ellipse's area, which _matched_tumour_grid counts on.
+    norm = np.sqrt(1 + (np.abs(lobes) ** 2).sum(-1) / 2).astype(np.float32)
+    phi = np.linspace(0, 2 * np.pi, 32, endpoint=False, dtype=np.float32)
+    z = np.exp(1j * phi)
+    rho = (1 + sum((lobes[..., k, None] * z ** (k + 2)).real for k in range(len(sd)))) / norm[..., None]
+    extent = (rho * np.hypot(a[..., None] * np.cos(phi), b[..., None] * np.sin(phi))).max(-1)
+    slack = np.maximum(spacing / 2 - 1 - extent, 0)   # the whole outline stays in its cell
+    return {"dy": rng.uniform(-1, 1, (rows, cols)).astype(np.float32) * slack,
+            "dx": rng.uniform(-1, 1, (rows, cols)).astype(np.float32) * slack,
+            "a": a, "b": b, "theta": rng.uniform(0, np.pi, (rows, cols)).astype(np.float32),
+            "on": rng.random((rows, cols)) < share,
+            "shade": rng.normal(0, 1, (rows, cols)).astype(np.float32),
+            "lobes": lobes, "norm": norm, "sharpness": (a / edge).astype(np.float32)}
+
+
+def _lobed_distance(cells: dict, spacing: int, y: np.ndarray, x: np.ndarray):
+    """`_nucleus_distance` for `_lobed_cells`: distance normalised by the lobed radius at the
+    pixel's angle, the shade and the sharpness (1 / soft-edge width in normalised units)."""
+    r, c = y // spacing, x // spacing
+    R, C = r[:, None], c[None, :]
+    ly = (y - r * spacing - spacing / 2)[:, None] - cells["dy"][R, C]
+    lx = (x - c * spacing - spacing / 2)[None, :] - cells["dx"][R, C]
+    cos, sin = np.cos(cells["theta"][R, C]), np.sin(cells["theta"][R, C])
+    u, v = (lx * cos + ly * sin) / cells["a"][R, C], (ly * cos - lx * sin) / cells["b"][R, C]
+    radius = np.sqrt(u * u + v * v)
+    z = (u + 1j * v) / np.maximum(radius, 1e-6)      # e^{i phi}
+    rho = 1.0 + sum((cells["lobes"][R, C, k] * z ** (k + 2)).real for k in range(cells["lobes"].shape[-1]))
+    d = (radius * cells["norm"][R, C] / rho).astype(np.float32)
+    d[~cells["on"][R, C]] = np.inf
+    return d, cells["shade"][R, C], cells["sharpness"][R, C]
+
+
 class TextureRenderer:
-    """Lymph-node and tumour textures for any window of a slide (global pixel coordinates)."""
+    """Lymph-node and tumour textures for any window of a slide (global pixel coordinates),
+    drawn at MPP. `colour_matched`: tumour in the lymph texture's colours, lobed nuclei."""
 
     LYMPH_SPACING, TUMOR_SPACING = 28, 52
+    LYMPH_CELLS = (9.0, 12.5, 0.8, 0.8)     # semi-axis px (2.2-3.0 um), elongation, share of cells
+    mpp = MPP
 
-    def __init__(self, seed: int, height: int, width: int):
+    def __init__(self, seed: int, height: int, width: int, colour_matched: bool = False):
         rng = np.random.default_rng([seed, 7])
         rows, cols = height // self.LYMPH_SPACING + 2, width // self.LYMPH_SPACING + 2
-        self.lymph = _cells(rng, rows, cols, self.LYMPH_SPACING, 9.0, 12.5, 0.8, 0.8)
+        self.lymph = _cells(rng, rows, cols, self.LYMPH_SPACING, *self.LYMPH_CELLS)
         rows, cols = height // self.TUMOR_SPACING + 2, width // self.TUMOR_SPACING + 2
         self.tumor = _cells(rng, rows, cols, self.TUMOR_SPACING, 14.0, 24.0, 0.55, 0.95)
+        self.tumor_spacing = self.TUMOR_SPACING
         # Low-frequency stain variation (one value per 64 px, interpolated).
         self.stain = rng.normal(0, 1, (height // 64 + 3, width // 64 + 3, 3)).astype(np.float32)
         self.speckle_rng = np.random.default_rng([seed, 11])
+        self.colour_matched = colour_matched
+        if colour_matched:  # own generator: lymph node and stain field as in the default mode
+            spacing, share, a_range, edge = _matched_tumour_grid(self.mpp)
+            rows, cols = height // spacing + 2, width // spacing + 2
+            self.tumor = _lobed_cells(np.random.default_rng([seed, 17]), rows, cols, spacing, share,
+                                      a_range, edge)
+            self.tumor_spacing = spacing
 
     def _stain(self, y, x):
         return ndimage.map_coordinates(self.stain[..., 0], np.meshgrid(y / 64, x / 64, indexing="ij"),
@@ -144,12 +253,18 @@ class TextureRenderer:
 
     def lymph_rgb(self, y: np.ndarray, x: np.ndarray) -> np.ndarray:
         d, shade, _ = _nucleus_distance(self.lymph, self.LYMPH_SPACING, y, x)
-        stroma = np.array([232, 162, 198], np.float32) + 6 * self._stain(y, x)[..., None]
-        nucleus = np.array([58, 34, 112], np.float32) + 10 * shade[..., None]
+        stroma = LYMPH_STROMA + 6 * self._stain(y, x)[..., None]
+        nucleus = LYMPH_NUCLEUS + 10 * shade[..., None]
         w = np.clip((1.0 - d) * 4.0, 0, 1)[..., None]  # soft edge over ~1/4 radius
         return stroma * (1 - w) + nucleus * w
 
     def tumor_rgb(self, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+        if self.colour_matched:   # the lymph texture's colours and edges; only the nuclei differ
+            d, shade, sharpness = _lobed_distance(self.tumor, self.tumor_spacing, y, x)
+            stroma = LYMPH_STROMA + 6 * self._stain(y, x)[..., None]
+            nucleus = LYMPH_NUCLEUS + 10 * shade[..., None]
+            w = np.clip((1.0 - d) * sharpness, 0, 1)[..., None]
+            return stroma * (1 - w) + nucleus * w
         d, shade, edge = _nucleus_distance(self.tumor, self.TUMOR_SPACING, y, x, with_edge=True)
         cytoplasm = np.array([178, 118, 168], np.float32) + 6 * self._stain(y, x)[..., None]
         cytoplasm = np.where((edge < 2)[..., None], np.array([212, 168, 200], np.float32), cytoplasm)
@@ -381,12 +496,43 @@ def _downsample2(image: np.ndarray) -> np.ndarray:
     return (pooled + 0.5).astype(np.uint8)
 
 
-def _resolution(level_downsample: float) -> dict:
-    px_per_cm = 1e4 / (MPP * level_downsample)
+def _resolution(level_downsample: float, mpp: float = MPP) -> dict:
+    px_per_cm = 1e4 / (mpp * level_downsample)
     return {"resolution": (px_per_cm, px_per_cm), "resolutionunit": "CENTIMETER"}
 
 
-def _write_pyramid(path: Path, level0: np.ndarray, levels: int, quality: int) -> None:
+def _resample(image: np.ndarray, scale: float) -> np.ndarray:
+    """`image` at `scale` times its pixel count per side (new px per old px), floor-rounded, so
+    that a new pixel is exactly 1 / scale old pixels: 2x2 means for a half, else Lanczos (which
+    widens its kernel when shrinking: antialiased)."""
+    from PIL import Image
+
+    if abs(scale - 0.5) < 1e-9:
+        return _downsample2(image)
+    h, w = image.shape[:2]
+    size = (int(w * scale + 1e-6), int(h * scale + 1e-6))
+    box = (0.0, 0.0, min(size[0] / scale, w), min(size[1] / scale, h))
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.LANCZOS, box=box))
+
+
+def _scaled_truth(truth: SyntheticTruth, mpp: float, dimensions: tuple[int, int]) -> SyntheticTruth:
+    """`truth` of a slide drawn at MPP, in the level-0 pixels of its copy resampled to `mpp`:
+    polygons scaled, the masks kept on their grid (whose cells are now fewer or more px)."""
+    from shapely import affinity
+
+    scale = MPP / mpp
+
+    def scaled(polygons):
+        return [affinity.scale(p, scale, scale, origin=(0, 0)) for p in polygons]
+
+    return dataclasses.replace(
+        truth, dimensions=dimensions, mask_downsample=truth.mask_downsample * scale,
+        tumor_polygons=scaled(truth.tumor_polygons), exclusion_polygons=scaled(truth.exclusion_polygons),
+        blur_polygons=scaled(truth.blur_polygons), mpp=mpp, level_count=_levels(*dimensions),
+        drawn_dimensions=truth.dimensions)
+
+
+def _write_pyramid(path: Path, level0: np.ndarray, levels: int, quality: int, mpp: float = MPP) -> None:
     import tifffile
 
     image = level0
@@ -397,20 +543,37 @@ def _write_pyramid(path: Path, level0: np.ndarray, levels: int, quality: int) ->
                 image = _downsample2(image)
             tw.write(image, tile=(TILE, TILE), photometric="rgb", compression="jpeg",
                      compressionargs={"level": quality}, subfiletype=0 if level == 0 else 1,
-                     maxworkers=2, **_resolution(2**level))
+                     maxworkers=2, **_resolution(2**level, mpp))
 
 
 def write_synthetic_slide(path, width: int = 4096, height: int = 4096, seed: int = 0,
                           tumor: bool = True, quality: int = 88, stain: StainStyle | str = "standard",
-                          tissue_artefacts: bool = False, lesions: str = "mixed") -> SyntheticTruth:
-    """Write one slide (pyramidal JPEG-tiled TIFF, 0.243 um/px) and return what was drawn.
+                          tissue_artefacts: bool = False, lesions: str = "mixed",
+                          colour_matched: bool = False, mpp: float = MPP) -> SyntheticTruth:
+    """Write one slide (pyramidal JPEG-tiled TIFF, 0.243 um/px or `mpp`) and return what was drawn.
 
     `stain` is a StainStyle or a STAIN_PRESETS name; `tissue_artefacts` draws pen, marker and
-    blur across the tissue (draw_tissue_artefacts); `lesions` is one of LESIONS.
+    blur across the tissue (draw_tissue_artefacts); `lesions` is one of LESIONS;
+    `colour_matched` draws tumour that differs from lymph node only in its nuclei's size and
+    shape (TextureRenderer). `mpp`: level-0 pixel size of the file. The slide is drawn at
+    0.243 um/px, `width` x `height` px (`width * 0.243` um wide, whatever `mpp`), then resampled
+    (`_resample`): the same seed gives the same tissue at any `mpp`, and the truth is in the
+    file's level-0 pixels.
     """
-    path = Path(path)
+    image, truth = _draw_slide(Path(path), width, height, seed, tumor, stain, tissue_artefacts,
+                               lesions, colour_matched, mpp)
+    return _write_scan(Path(path), image, truth, mpp, quality)
+
+
+def _draw_slide(path: Path, width: int, height: int, seed: int, tumor: bool,
+                stain: StainStyle | str, tissue_artefacts: bool, lesions: str,
+                colour_matched: bool, mpp: float) -> tuple[np.ndarray, SyntheticTruth]:
+    """The level-0 image at 0.243 um/px and its truth (write_synthetic_slide's drawing)."""
     if width < 512 or height < 512:
         raise ConfigError(f"synthetic slide {path}: {width} x {height} px is too small (>= 512 x 512)")
+    if not mpp > 0 or min(width, height) * MPP / mpp < TILE:
+        raise ConfigError(f"synthetic slide {path}: {width} x {height} px at {MPP} um/px is less than "
+                          f"{TILE} px a side at {mpp} um/px")
     if isinstance(stain, str):
         if stain not in STAIN_PRESETS:
             raise ConfigError(f"unknown stain {stain!r}; one of {sorted(STAIN_PRESETS)}")
@@ -429,7 +592,7 @@ def write_synthetic_slide(path, width: int = 4096, height: int = 4096, seed: int
     # Tumour (minus islands) at level-0/2 resolution: cheap, and sharp enough for cell texture.
     tumor_half = rasterize(region, (-(-height // 2), -(-width // 2)), 2.0)
 
-    renderer = TextureRenderer(seed, height, width)
+    renderer = TextureRenderer(seed, height, width, colour_matched)
     image = np.empty((height, width, 3), np.uint8)
     tissue0 = np.empty((height, width), bool)
     xs = np.arange(width)
@@ -456,17 +619,66 @@ def write_synthetic_slide(path, width: int = 4096, height: int = 4096, seed: int
                                                     tissue0, tumor0)
         ink_plan = _block_mean(ink0, ds) > 0.5
     _draw_artifacts(rng, image, tissue0)
+    truth = SyntheticTruth(path, (width, height), tissue_plan, float(ds), tumors, exclusions,
+                           MPP, _levels(width, height), ink_plan, blur_polygons, stain.name, seed,
+                           colour_matched)
+    return image, truth
 
-    levels = _levels(width, height)
+
+def _write_scan(path: Path, image: np.ndarray, truth: SyntheticTruth, mpp: float,
+                quality: int) -> SyntheticTruth:
+    """Write the drawn `image` (0.243 um/px) as a slide of level-0 pixel size `mpp`; its truth."""
+    if mpp != MPP:
+        image = _resample(image, MPP / mpp)
+        truth = _scaled_truth(dataclasses.replace(truth, path=path), mpp,
+                              (image.shape[1], image.shape[0]))
     partial = path.with_name(f".{path.name}.partial")
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        _write_pyramid(partial, image, levels, quality)
+        _write_pyramid(partial, image, truth.level_count, quality, mpp)
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
-    return SyntheticTruth(path, (width, height), tissue_plan, float(ds), tumors, exclusions,
-                          MPP, levels, ink_plan, blur_polygons, stain.name, seed)
+    return truth
+
+
+def write_synthetic_slide_at(path, mpp: float, width_um: float = 1000.0, height_um: float = 1000.0,
+                             seed: int = 0, xml: bool = True, **options) -> SyntheticTruth:
+    """The slide `write_synthetic_slide(path, seed=seed, **options)` draws over `width_um` x
+    `height_um` um, written at `mpp` um/px at level 0, with its ASAP XML beside it (`path` with
+    .xml, tumour slides only, `xml`) in the same level-0 pixels. Copies of one seed and extent at
+    0.243, 0.226 or 0.486 um/px hold the same tissue, nuclei and lesions."""
+    path = Path(path)
+    truth = write_synthetic_slide(path, round(width_um / MPP), round(height_um / MPP), seed=seed,
+                                  mpp=mpp, **options)
+    if xml and truth.is_tumor:
+        write_asap_xml(path.with_suffix(".xml"), truth.tumor_polygons, truth.exclusion_polygons)
+    return truth
+
+
+def write_synthetic_scans(paths: dict[float, Path], width_um: float = 1000.0,
+                          height_um: float = 1000.0, seed: int = 0, quality: int = 88,
+                          xml: bool = True, **options) -> dict[float, SyntheticTruth]:
+    """One slide as several scanners show it: {mpp: path} written from one drawing (what
+    write_synthetic_slide_at writes for each, at the cost of drawing once), each with its
+    pyramid and ASAP XML; returns {mpp: truth}."""
+    width, height = round(width_um / MPP), round(height_um / MPP)
+    first = Path(next(iter(paths.values())))
+    image, truth = _draw_slide(first, width, height, seed, options.pop("tumor", True),
+                               options.pop("stain", "standard"),
+                               options.pop("tissue_artefacts", False),
+                               options.pop("lesions", "mixed"),
+                               options.pop("colour_matched", False), max(paths))
+    if options:
+        raise ConfigError(f"unknown options {sorted(options)}")
+    truths = {}
+    for mpp, path in paths.items():
+        path = Path(path)
+        truths[mpp] = _write_scan(path, image, dataclasses.replace(truth, path=path), mpp, quality)
+        if xml and truths[mpp].is_tumor:
+            write_asap_xml(path.with_suffix(".xml"), truths[mpp].tumor_polygons,
+                           truths[mpp].exclusion_polygons)
+    return truths
 
 
 def _block_mean(mask: np.ndarray, ds: int) -> np.ndarray:
@@ -678,18 +890,20 @@ def synthetic_cells(truth: SyntheticTruth, mode: str = "uniform", band_um: float
     if truth.seed is None:
         raise ConfigError(f"{truth.path}: synthetic cells need a slide of write_synthetic_slide "
                           "(its texture seed)")
-    width, height = truth.dimensions
-    renderer = TextureRenderer(truth.seed, height, width)
+    width, height = truth.drawn_dimensions or truth.dimensions   # the frame the nuclei were drawn in
+    renderer = TextureRenderer(truth.seed, height, width, truth.colour_matched)
     ds = truth.mask_downsample
     mask = truth.tissue_mask
     region = truth.region
     lymph = _nucleus_centres(renderer.lymph, renderer.LYMPH_SPACING, width, height)
+    tumor = _nucleus_centres(renderer.tumor, renderer.tumor_spacing, width, height)
+    if truth.drawn_dimensions is not None:   # a resampled slide: into its level-0 px
+        lymph, tumor = lymph * (MPP / truth.mpp), tumor * (MPP / truth.mpp)
     on_tissue = mask[np.minimum((lymph[:, 1] // ds).astype(int), mask.shape[0] - 1),
                      np.minimum((lymph[:, 0] // ds).astype(int), mask.shape[1] - 1)]
     if not region.is_empty:
         on_tissue &= ~shapely.contains_xy(region, lymph[:, 0], lymph[:, 1])
     lymph = lymph[on_tissue]
-    tumor = _nucleus_centres(renderer.tumor, renderer.TUMOR_SPACING, width, height)
     tumor = tumor[shapely.contains_xy(region, tumor[:, 0], tumor[:, 1])] if not region.is_empty \
         else tumor[:0]
     around = region if around is None else around
@@ -720,14 +934,17 @@ def write_synthetic_cells(path, truth: SyntheticTruth, mode: str = "uniform", ba
 
 
 def make_dataset(out, n_tumor: int, n_normal: int, size: tuple[int, int] = (4096, 4096),
-                 seed: int = 0, hard: bool = False) -> dict[str, SyntheticTruth]:
+                 seed: int = 0, hard: bool = False, colour_matched: bool = False,
+                 mpp: float = MPP) -> dict[str, SyntheticTruth]:
     """Camelyon16 layout in `out`: tumor_001.tif + tumor_001.xml, ..., normal_001.tif, ...,
     reference.csv (columns slide,label; label tumor|normal) and synth.csv (how each slide was
     drawn). Returns name -> SyntheticTruth.
 
     `hard`: every slide gets its own stain (random_stain, pale ones included) and pen, marker
     and blur across its tissue; every other tumour slide (tumor_001, _003, ...) has
-    micro-metastases only.
+    micro-metastases only. `colour_matched` and `mpp` as write_synthetic_slide (`size` is the
+    extent in 0.243 um/px pixels); where either is not the default, synth.csv gains the columns
+    colour_matched and mpp (the default dataset's files stay as they were).
     """
     from core.files import atomic_write
 
@@ -738,6 +955,7 @@ def make_dataset(out, n_tumor: int, n_normal: int, size: tuple[int, int] = (4096
     jobs = [(f"tumor_{i:03d}", True, i) for i in range(1, n_tumor + 1)]
     jobs += [(f"normal_{i:03d}", False, 1000 + i) for i in range(1, n_normal + 1)]
     drawn = []
+    extra = [int(colour_matched), f"{mpp:g}"] if colour_matched or mpp != MPP else []
     for name, is_tumor, k in jobs:
         slide_seed = seed * 10_000 + k
         style = dict(stain="standard", tissue_artefacts=False, lesions="mixed")
@@ -745,14 +963,15 @@ def make_dataset(out, n_tumor: int, n_normal: int, size: tuple[int, int] = (4096
             style = dict(stain=random_stain(np.random.default_rng([slide_seed, 9])),
                          tissue_artefacts=True, lesions="micro" if is_tumor and k % 2 else "mixed")
         truth = write_synthetic_slide(out / f"{name}.tif", width, height, seed=slide_seed,
-                                      tumor=is_tumor, **style)
+                                      tumor=is_tumor, colour_matched=colour_matched, mpp=mpp, **style)
         if is_tumor:
             write_asap_xml(out / f"{name}.xml", truth.tumor_polygons, truth.exclusion_polygons)
         truths[name] = truth
         stain = style["stain"] if isinstance(style["stain"], StainStyle) else STAIN_PRESETS[style["stain"]]
         drawn.append([name, "tumor" if is_tumor else "normal", stain.name,
                       f"{stain.haematoxylin:.3f}", f"{stain.eosin:.3f}",
-                      style["lesions"] if is_tumor else "", int(style["tissue_artefacts"])])
+                      style["lesions"] if is_tumor else "", int(style["tissue_artefacts"])]
+                     + extra)
         log.info("%s: %d tumour nest(s), %d exclusion(s), stain %s", name, len(truth.tumor_polygons),
                  len(truth.exclusion_polygons), stain.name)
     with atomic_write(out / "reference.csv", "w", newline="") as f:
@@ -762,7 +981,8 @@ def make_dataset(out, n_tumor: int, n_normal: int, size: tuple[int, int] = (4096
             writer.writerow([name, "tumor" if is_tumor else "normal"])
     with atomic_write(out / "synth.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["slide", "label", "stain", "haematoxylin", "eosin", "lesions", "tissue_artefacts"])
+        writer.writerow(["slide", "label", "stain", "haematoxylin", "eosin", "lesions", "tissue_artefacts"]
+                        + (["colour_matched", "mpp"] if extra else []))
         writer.writerows(drawn)
     return truths
 
@@ -786,6 +1006,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hard", action="store_true",
                         help="per-slide stain variation (pale included), pen/marker/blur across "
                              "tissue, micro-metastases only on every other tumour slide")
+    parser.add_argument("--colour-matched", action="store_true",
+                        help="tumour differs from lymph node only in nuclear size and shape (same "
+                             "colours and stain, same mean colour per tile): a model must use "
+                             "morphology")
+    parser.add_argument("--mpp", type=float, default=MPP,
+                        help=f"level-0 pixel size, um/px (default {MPP}, Camelyon16 at 40x; e.g. 0.226, "
+                             "or 0.486 for 20x). The tissue is drawn at 0.243 um/px and resampled: "
+                             "--size stays its extent in 0.243 um/px pixels, and one --seed gives the "
+                             "same tissue at any --mpp")
     parser.add_argument("--cells", choices=CELL_MODES, default=None,
                         help="also write OUT/cells/<slide>.csv: the drawn nuclei (x,y,class), "
                              "immune cells placed uniform, enriched in a 50 um band around "
@@ -795,10 +1024,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     if args.tumor < 0 or args.normal < 0 or args.tumor + args.normal == 0:
         raise ConfigError("synth: --tumor and --normal must be >= 0, and at least one slide")
-    truths = make_dataset(args.out, args.tumor, args.normal, args.size, args.seed, hard=args.hard)
+    truths = make_dataset(args.out, args.tumor, args.normal, args.size, args.seed, hard=args.hard,
+                          colour_matched=args.colour_matched, mpp=args.mpp)
     if args.cells:
         for name, truth in truths.items():
             write_synthetic_cells(Path(args.out) / "cells" / f"{name}.csv", truth, args.cells,
                                   seed=truth.seed or 0)
-    print(f"wrote {len(truths)} {'hard ' if args.hard else ''}slides and reference.csv to {args.out}")
+    kind = ("hard " if args.hard else "") + ("colour-matched " if args.colour_matched else "")
+    at = f" at {args.mpp:g} um/px" if args.mpp != MPP else ""
+    print(f"wrote {len(truths)} {kind}slides{at} and reference.csv to {args.out}")
     return 0
