@@ -9,6 +9,10 @@ read the same run of `--tiles` consecutive tissue patches from the middle of the
 order (the scoring job's access pattern), with 1 thread and with one per core; each run opens a
 fresh slide (no warm OpenSlide cache). Speeds are medians of `--repeats`.
 
+The scaled rows read the same middle of the grid for a model at 0.5 um/px (a 20x encoder): pyramid
+level 1, 230 px regions resized to 224 (wsi.scale), decode-once plus resize against OpenSlide's
+read_region at level 1 plus the same resize, 1 thread.
+
 Decodes per patch: the decode-once reader counts its decodes; OpenSlide cannot be asked, so its
 row gives the stored tiles each patch touches, which is what OpenSlide decodes per patch when its
 tile cache misses (its cache makes the true figure lower, but above the decode-once one).
@@ -27,8 +31,10 @@ import numpy as np
 
 from benchmarks.bench_wsi import CACHE, CAMELYON_SIZE
 from benchmarks.machine import machine_facts
-from wsi.decode_once import DecodeOnceReader, make_tile_reader, patch_tiles, tiled_level0
+from core.tiling import DEFAULT_TILING, TilingParams
+from wsi.decode_once import DecodeOnceReader, make_tile_reader, patch_tiles, tiled_level
 from wsi.grid import tiles_for_slide
+from wsi.scale import ReadScale
 from wsi.slide import open_slide
 from wsi.synth import write_camelyon_size_slide
 
@@ -51,20 +57,31 @@ def camelyon_512_slide(size: tuple[int, int] = CAMELYON_SIZE) -> Path:
     return path
 
 
-def grid_run(path: Path, n_tiles: int) -> np.ndarray:
-    """`n_tiles` consecutive grid patches (grid order) from the middle of the tissue grid."""
+# The model of the scaled rows: a 20x encoder's 224 px at 0.5 um/px, on this 0.243 um/px slide
+# (wsi.scale: pyramid level 1, 230 px regions resized to 224).
+SCALED_MPP = 0.5
+
+
+def grid_run(path: Path, n_tiles: int, tiling: TilingParams = DEFAULT_TILING
+             ) -> tuple[np.ndarray, ReadScale]:
+    """`n_tiles` consecutive grid patches (grid order) from the middle of the tissue grid at
+    `tiling`'s scale, and that scale."""
     with open_slide(path) as slide:
-        _, grid = tiles_for_slide(slide)
+        _, grid = tiles_for_slide(slide, tiling)
     if not len(grid):
         raise ValueError(f"{path}: no tissue tile to read")
     start = max(0, len(grid) // 2 - n_tiles // 2)
-    return grid.coords[start:start + n_tiles]
+    return grid.coords[start:start + n_tiles], grid.scale
 
 
-def _one_run(path: Path, coords: np.ndarray, workers: int, reader: str) -> dict:
+def _one_run(path: Path, coords: np.ndarray, workers: int, reader: str,
+             scale: ReadScale | None = None) -> dict:
+    sizes = {} if scale is None else {"tile_size": scale.read_size, "level": scale.level,
+                                      "out_size": scale.tile_size}
     with open_slide(path) as slide:   # fresh handle: OpenSlide caches decoded tiles per handle
         started, cpu_started = time.perf_counter(), time.process_time()
-        tile_reader = make_tile_reader(slide, coords, workers=workers, batch_size=64, reader=reader)
+        tile_reader = make_tile_reader(slide, coords, workers=workers, batch_size=64, reader=reader,
+                                       **sizes)
         n = sum(len(b.index) for b in tile_reader)
         elapsed = time.perf_counter() - started
         cpu = time.process_time() - cpu_started
@@ -75,9 +92,9 @@ def _one_run(path: Path, coords: np.ndarray, workers: int, reader: str) -> dict:
 def bench_readers(path: Path, n_tiles: int, thread_counts=(1, 2), repeats: int = 3) -> dict:
     """Both readers on the same patches, each thread count, median of `repeats` (interleaved,
     so a change in the machine's load hits both)."""
-    coords = grid_run(path, n_tiles)
+    coords, _ = grid_run(path, n_tiles)
     with open_slide(path) as slide:
-        source = tiled_level0(slide)
+        source = tiled_level(slide)
     touched = patch_tiles(coords, 224, source)
     rows = []
     for workers in thread_counts:
@@ -95,7 +112,26 @@ def bench_readers(path: Path, n_tiles: int, thread_counts=(1, 2), repeats: int =
         row["ratio"] = round(row["decode-once"]["tiles_per_s"] / row["openslide"]["tiles_per_s"], 2)
         rows.append(row)
     return {"slide": str(path), "tile": [source.tile_width, source.tile_height],
-            "jpeg_tables": source.jpeg_tables is not None, "rows": rows}
+            "jpeg_tables": source.jpeg_tables is not None, "rows": rows,
+            "scaled": bench_scaled(path, n_tiles, repeats)}
+
+
+def bench_scaled(path: Path, n_tiles: int, repeats: int = 3, model_mpp: float = SCALED_MPP) -> dict:
+    """Tiles at a model's scale from pyramid level 1: decode-once plus resize against OpenSlide's
+    read_region at level 1 plus the same resize (wsi.scale.resize_tile), 1 thread, medians of
+    `repeats` interleaved runs."""
+    coords, scale = grid_run(path, n_tiles, TilingParams(224, model_mpp))
+    runs: dict[str, list[dict]] = {"openslide": [], "decode-once": []}
+    for _ in range(repeats):
+        for reader in runs:
+            runs[reader].append(_one_run(path, coords, 1, reader, scale))
+    out = {"model_mpp": model_mpp, "level": scale.level, "read_size": scale.read_size,
+           "tile_size": scale.tile_size, "tiles": len(coords)}
+    for reader, rs in runs.items():
+        out[reader] = {"tiles_per_s": round(statistics.median(r["tiles_per_s"] for r in rs), 1),
+                       "all": [round(r["tiles_per_s"], 1) for r in rs]}
+    out["ratio"] = round(out["decode-once"]["tiles_per_s"] / out["openslide"]["tiles_per_s"], 2)
+    return out
 
 
 def table_rows(result: dict) -> list[tuple[str, str, str, str, str]]:
@@ -111,6 +147,15 @@ def table_rows(result: dict) -> list[tuple[str, str, str, str, str]]:
                     f"OpenSlide, {t} thread(s)", f"{row['ratio']:.2f}x",
                     f"target >= 3x; {once['decodes_per_patch']:.3f} decodes per patch, "
                     f"cpu/wall {once['cpu_per_wall']:.2f}"))
+    scaled = result.get("scaled")
+    if scaled:
+        what = (f"{scaled['tile_size']} px at {scaled['model_mpp']} um/px: {scaled['read_size']} px "
+                f"at level {scaled['level']}, resized")
+        out.append(("tiles at the model's scale, OpenSlide read_region + resize, 1 thread",
+                    f"{scaled['openslide']['tiles_per_s']:.0f} tiles/s", "", "", what))
+        out.append(("tiles at the model's scale, decode-once + resize, 1 thread",
+                    f"{scaled['decode-once']['tiles_per_s']:.0f} tiles/s", "OpenSlide + resize",
+                    f"{scaled['ratio']:.2f}x", f"target >= 3x; {what}"))
     return out
 
 

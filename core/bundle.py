@@ -6,10 +6,10 @@ pipeline, the model source and the gRPC server read it through `BundleManifest.r
 checks it once; nobody indexes the JSON by hand, so each default (thresholds, tiling, tissue
 parameters) is stated once, here or in `core.tiling`.
 
-The JSON keeps the flat layout of format `milroi-bundle/1`: `tile_size`, `level` and
-`min_tissue` at the top level (the `TilingParams`), `tissue` as the `TissueParams` dict. Keys
-this version does not know are kept (`extra`) and written back, so a newer exporter's manifest
-survives being read and rewritten.
+The JSON keeps the flat layout of format `milroi-bundle/1`: `tile_size`, `target_mpp` and
+`min_tissue` at the top level (the `TilingParams`: the model's input in um/px, wsi.scale),
+`tissue` as the `TissueParams` dict. Keys this version does not know are kept (`extra`) and
+written back, so a newer exporter's manifest survives being read and rewritten.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import BundleError, ConfigError
-from core.tiling import CAMELYON16_MPP, DEFAULT_TILING, ArtefactParams, TilingParams, TissueParams
+from core.tiling import DEFAULT_TILING, ArtefactParams, TilingParams, TissueParams
 
 BUNDLE_FORMAT = "milroi-bundle/1"
 MANIFEST_NAME = "manifest.json"
@@ -65,8 +65,10 @@ def current_keys(values: dict[str, Any], where: str | os.PathLike = "manifest") 
 
 
 # Keys a manifest must have; every other one has a default below.
-REQUIRED_KEYS = ("format", "name", "tile_size", "level", "feature_dim", "pooling", "slide_threshold",
-                 "files")
+REQUIRED_KEYS = ("format", "name", "tile_size", "feature_dim", "pooling", "slide_threshold", "files")
+# Manifests written before the model's input was stated in um/px name a pyramid level instead:
+# level 0 (the only one `features` could make) means target_mpp; any other is refused.
+LEGACY_LEVEL_KEY = "level"
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,6 @@ class BundleManifest:
     backbone_layer: str = ""
     weights: str = ""
     weights_seed: int | None = None
-    target_mpp: float = CAMELYON16_MPP
     fingerprint: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     run_id: str | None = None
@@ -113,6 +114,11 @@ class BundleManifest:
         if not isinstance(values, dict):
             raise BundleError(where, f"manifest.json holds a {type(values).__name__}, not an object")
         values = current_keys(values, where)
+        level = values.pop(LEGACY_LEVEL_KEY, 0)
+        if level != 0:
+            raise BundleError(where, f"manifest.json names pyramid level {level!r}: bundles state "
+                                     f"their input's pixel size (target_mpp, um/px) instead; "
+                                     f"export it again")
         missing = [k for k in REQUIRED_KEYS if k not in values]
         if missing:
             raise BundleError(where, f"manifest.json lacks {missing}")

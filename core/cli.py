@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 
 from core.errors import MilroiError
 from core.ray_cluster import DEFAULT_ACTOR_CPUS, DEFAULT_ACTOR_GPUS, DEFAULT_MAX_RESTARTS
-from core.tiling import CAMELYON16_MPP, DEFAULT_TILING, TilingParams, TissueParams
+from core.tiling import DEFAULT_TILING, MPP_CSV, MPP_TOLERANCE, TilingParams, TissueParams
 from core.tracking import tracking_uri_help
 
 
@@ -78,14 +78,17 @@ def add_tracking_uri_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tracking-uri", default=None, help=tracking_uri_help())
 
 
-def add_tiling_arguments(parser: argparse.ArgumentParser, level: bool = True) -> None:
-    """`--tile-size`, `--level`, `--min-tissue`: the tile grid (core.tiling.TilingParams)."""
+def add_tiling_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--tile-size`, `--mpp`, `--min-tissue`: the model's input and the tile grid
+    (core.tiling.TilingParams; each slide is read at that scale, wsi.scale)."""
     d = DEFAULT_TILING
     parser.add_argument("--tile-size", type=int, default=d.tile_size,
-                        help=f"tile side in px at the tile level (default {d.tile_size})")
-    if level:
-        parser.add_argument("--level", type=int, default=d.level,
-                            help=f"pyramid level of the tiles (default {d.level})")
+                        help=f"tile side in px at --mpp: the model's input (default {d.tile_size})")
+    parser.add_argument("--mpp", type=float, default=d.target_mpp, dest="target_mpp",
+                        help=f"pixel size (um/px) the tiles are read and measured at, whatever "
+                             f"the scanner: slides within {MPP_TOLERANCE:.0%} of it are read as "
+                             f"they are, others from the nearest finer level and resized "
+                             f"(default {d.target_mpp}, Camelyon16 at 40x)")
     parser.add_argument("--min-tissue", type=float, default=d.min_tissue,
                         help=f"keep tiles whose tissue fraction is at least this "
                              f"(default {d.min_tissue:g})")
@@ -93,7 +96,7 @@ def add_tiling_arguments(parser: argparse.ArgumentParser, level: bool = True) ->
 
 def tiling_from_args(args: argparse.Namespace) -> TilingParams:
     """The TilingParams of `add_tiling_arguments`' flags (ConfigError when out of range)."""
-    return TilingParams(tile_size=args.tile_size, level=getattr(args, "level", DEFAULT_TILING.level),
+    return TilingParams(tile_size=args.tile_size, target_mpp=args.target_mpp,
                         min_tissue=args.min_tissue)
 
 
@@ -111,5 +114,6 @@ def tissue_from_args(args: argparse.Namespace) -> TissueParams:
 
 def add_fallback_mpp_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fallback-mpp", type=float, default=None,
-                        help=f"pixel size (um) to assume when a slide has none (default "
-                             f"{CAMELYON16_MPP}, Camelyon16 at 40x)")
+                        help=f"pixel size (um/px) of the slides whose metadata has none (a row "
+                             f"'slide,mpp' in {MPP_CSV} beside the slides gives one per slide); "
+                             f"without either, such a slide is refused")

@@ -4,7 +4,8 @@ Features at training time and scores at serving time must come from the same til
 two objects travel in the model bundle's manifest (`core.bundle.BundleManifest`) and in the
 feature files' attributes (`training.feature_file.FeatureAttrs`). Their defaults are stated here
 and nowhere else: Camelyon16 level-0 tiles of 224 px (ResNet-50's input) with at least a quarter
-of tissue, and a mask at ~1.25x.
+of tissue, and a mask at ~1.25x. The model's input is stated in physical units (`target_mpp`):
+wsi.scale reads each slide at that scale.
 """
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ from core.errors import ConfigError
 # Camelyon16 slides are scanned at 40x, 0.243 um/px at level 0 (Litjens et al. 2018): the
 # pixel size assumed for a slide that carries none, and the one the models are trained at.
 CAMELYON16_MPP = 0.243
+# A table beside the slides giving the pixel size of those whose metadata has none (wsi.slide):
+# rows `slide,mpp`, the slide named by its file name or its name without extension.
+MPP_CSV = "mpp.csv"
 
 
 @dataclass(frozen=True)
@@ -76,11 +80,13 @@ class TissueParams:
 class ArtefactParams:
     """Limits past which a tile is an artefact (wsi.tile_quality): scored and reported, but kept
     out of the slide score, the ROIs and training. Saved in the model bundle manifest and in
-    the feature files, so that training and serving exclude the same tiles."""
+    the feature files, so that training and serving exclude the same tiles. The measures are
+    per micron, on the scale of Camelyon16's 0.243 um/px whatever the tiles' pixel size
+    (wsi.tile_quality.measure_tiles(mpp=)), so the same limits hold for a 20x model."""
 
     max_ink: float = 0.05         # share of a tile that is pen / marker / black ink
-    max_background: float = 0.90  # share of a tile that is glass at full resolution
-    min_focus: float = 15.0       # variance of the Laplacian below this: out of focus
+    max_background: float = 0.90  # share of a tile that is glass at the model's pixel size
+    min_focus: float = 15.0       # variance of the Laplacian (as at 0.243 um/px) below this: out of focus
 
     def __post_init__(self) -> None:
         for name in ("max_ink", "max_background"):
@@ -101,20 +107,28 @@ class ArtefactParams:
         return cls(**values)
 
 
+# A slide within this share of the model's pixel size is read as it is (wsi.scale): Camelyon16's
+# Utrecht scans (~0.226 um/px) under a 0.243 um/px model, as they always were.
+MPP_TOLERANCE = 0.10
+
+
 @dataclass(frozen=True)
 class TilingParams:
-    """The tile grid (wsi.grid): `tile_size` px squares at pyramid `level`, kept when the
-    tissue mask covers at least `min_tissue` of them."""
+    """The model's input in physical units and the tile grid (wsi.grid, wsi.scale): tiles of
+    `tile_size` px at `target_mpp` um/px, so each covers `tile_size * target_mpp` um whatever
+    the scanner, kept when the tissue mask covers at least `min_tissue` of them. The pyramid
+    level they are read from follows from each slide's own pixel size (wsi.scale.plan_read)."""
 
-    tile_size: int = 224       # px at `level`; ResNet-50's input size
-    level: int = 0             # Camelyon16's tumour cells need full resolution
-    min_tissue: float = 0.25   # share of a tile the tissue mask must cover
+    tile_size: int = 224                  # model input px; ResNet-50's input size
+    target_mpp: float = CAMELYON16_MPP    # um per input px: Camelyon16's tumour cells at 40x
+    min_tissue: float = 0.25              # share of a tile the tissue mask must cover
 
     def __post_init__(self) -> None:
         if self.tile_size <= 0:
             raise ConfigError(f"tile size must be positive, got {self.tile_size}")
-        if self.level < 0:
-            raise ConfigError(f"level must be >= 0, got {self.level}")
+        if not 0.01 <= self.target_mpp <= 100:
+            raise ConfigError(f"target_mpp must be a pixel size in um (0.01..100), got "
+                              f"{self.target_mpp}")
         if not 0.0 <= self.min_tissue <= 1.0:
             raise ConfigError(f"min_tissue must be in [0, 1], got {self.min_tissue}")
 

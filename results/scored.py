@@ -58,17 +58,27 @@ class SlideHeader:
     height: int
     level_count: int
     mpp: float            # um per level-0 px
-    mpp_source: str       # "metadata", or "fallback" when the slide has none
+    mpp_source: str       # "metadata", or "user" (--fallback-mpp, mpp.csv)
     tile_size: int        # side of a grid tile in level-0 px (the coordinates' frame)
-    tile_level: int       # the level the model reads its input from
+    tile_level: int       # the pyramid level this slide's tiles are read from (wsi.scale)
     tile_count: int       # tissue tiles that will be scored
     model: ModelRef
-    input_px: int         # side of the model's input tile, px at tile_level
+    input_px: int         # side of the model's input tile, px at model_mpp
     bounds_offset: tuple[int, int] = (0, 0)   # OpenSlide's bounds: QuPath's origin, level-0 px
+    # The scale (wsi.scale.ReadScale); NaN / False from a server that predates them.
+    model_mpp: float = math.nan      # the model's input pixel size, um/px
+    scale_factor: float = math.nan   # level-0 px per model px (model_mpp / mpp)
+    upsampled: bool = False          # the slide is coarser than the model: pixels enlarged
 
     @property
     def dimensions(self) -> tuple[int, int]:
         return self.width, self.height
+
+    def scale_record(self) -> dict:
+        """How the slide was read, as every output states it (summary, GeoJSON, Spatiopath)."""
+        return {"slide_mpp": self.mpp, "mpp_source": self.mpp_source, "model_mpp": self.model_mpp,
+                "scale_factor": self.scale_factor, "read_level": self.tile_level,
+                "upsampled": self.upsampled}
 
 
 @dataclass(frozen=True)

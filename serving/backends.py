@@ -23,6 +23,7 @@ class SlideScoringBackend(Protocol):
     model: str
     model_version: str
     tissue: TissueParams | None
+    fallback_mpp: float | None   # the user's um/px for slides without one (ScoringOverrides)
     scores_here: bool   # reads the slide in this process (from the handle `score` is given)
 
     def score(self, path: Path, key: str, slide: Slide | None = None) -> ScoredSlide:
@@ -45,7 +46,8 @@ class LocalBackend:
                              tracking_uri=tracking_uri)
         source.refresh()
         self.engine = source.current.engine
-        self.scorer = SlideScorer(self.engine)
+        self.fallback_mpp = overrides.fallback_mpp
+        self.scorer = SlideScorer(self.engine, fallback_mpp=overrides.fallback_mpp)
         self.model, self.model_version = self.engine.model.name, self.engine.model.version
         self.tissue = self.engine.manifest.tissue
         self.min_tissue, self.roi_threshold = overrides.min_tissue, overrides.roi_threshold
@@ -75,6 +77,8 @@ class RemoteBackend:
         self.model, self.model_version = served.model.name, served.model.version
         self.tissue = served.tissue
         self.min_tissue, self.roi_threshold = overrides.min_tissue, overrides.roi_threshold
+        # for the slide opened here to write the outputs; the server has its own --fallback-mpp
+        self.fallback_mpp = overrides.fallback_mpp
 
     def remote_path(self, path: Path) -> str:
         rel = PurePosixPath(path.relative_to(self.slides_dir).as_posix())

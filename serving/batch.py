@@ -79,12 +79,12 @@ def score_one(backend: SlideScoringBackend, path: Path, key: str, out_dir: Path)
         # read the thumbnail and the bounds from it. A backend that scores elsewhere (a server,
         # Ray actors) scores first, so that a slide it rejects fails with its own error.
         if backend.scores_here:
-            with open_slide(path) as slide:
+            with open_slide(path, fallback_mpp=backend.fallback_mpp) as slide:
                 scored = backend.score(path, key, slide)
                 write_scored_slide(slide_out, slide, scored, tissue=backend.tissue)
         else:
             scored = backend.score(path, key)
-            with open_slide(path) as slide:
+            with open_slide(path, fallback_mpp=backend.fallback_mpp) as slide:
                 write_scored_slide(slide_out, slide, scored, tissue=backend.tissue)
         s = scored.summary
         score = float(s.slide_score)
@@ -92,7 +92,8 @@ def score_one(backend: SlideScoringBackend, path: Path, key: str, out_dir: Path)
                    threshold=float(s.slide_threshold), tiles=len(scored.scores), rois=len(s.rois),
                    artefact_tiles=s.artefact_count,
                    model=s.model.name, model_version=s.model.version, error="",
-                   seconds=round(time.perf_counter() - started, 3))
+                   seconds=round(time.perf_counter() - started, 3),
+                   **scored.header.scale_record())
         write_done_marker(slide_out, row)   # last: marks the slide finished
     except MilroiError as exc:  # SlideError (bad file), ScoringError (server), ...
         row.update(status="failed", error=str(exc), seconds=round(time.perf_counter() - started, 3))

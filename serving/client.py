@@ -102,7 +102,8 @@ def header_from_proto(h: scoring_pb2.SlideHeader) -> SlideHeader:
     return SlideHeader(h.slide_path, PurePosixPath(h.slide_path).stem, h.width, h.height,
                        h.level_count, h.mpp, h.mpp_source, h.tile_size, h.tile_level, h.tile_count,
                        model_ref_from_proto(h.model), h.input_px or h.tile_size,
-                       (h.bounds_x, h.bounds_y))
+                       (h.bounds_x, h.bounds_y), h.model_mpp or math.nan,
+                       h.scale_factor or math.nan, h.upsampled)
 
 
 def summary_from_proto(s: scoring_pb2.SlideSummary, slide_path: str) -> SlideSummary:
@@ -124,8 +125,8 @@ def _logit(p: float) -> float:
 class ServedModel:
     model: ModelRef
     head: str
-    input_px: int        # side of the model's input tile, px at tile_level
-    tile_level: int
+    input_px: int        # side of the model's input tile, px at input_mpp
+    input_mpp: float     # the model's input pixel size, um/px (NaN from an older server)
     feature_dim: int
     slide_threshold: float
     roi_threshold: float
@@ -143,7 +144,8 @@ class ServedModel:
     @classmethod
     def from_proto(cls, m: scoring_pb2.ModelInfo) -> ServedModel:
         manifest = json.loads(m.manifest_json) if m.manifest_json else {}
-        return cls(model_ref_from_proto(m.model), m.head, m.input_px or m.tile_size, m.tile_level,
+        return cls(model_ref_from_proto(m.model), m.head, m.input_px or m.tile_size,
+                   m.input_mpp or math.nan,
                    m.feature_dim, m.threshold, m.roi_threshold, m.provider, list(m.providers),
                    manifest)
 
@@ -592,7 +594,7 @@ def _run_model(client: ScoringClient, args) -> int:
     print(f"model      {m.name} version {m.version}" + (f" (@{m.alias})" if m.alias else ""))
     print(f"run        {m.run_id or '-'}")
     print(f"head       {model.head}, {model.feature_dim}-d features, tile {model.input_px} px "
-          f"at level {model.tile_level}")
+          f"at {model.input_mpp:g} um/px")
     print(f"thresholds slide {model.slide_threshold:g}, ROI {model.roi_threshold:g}")
     print(f"provider   {model.provider} (of {', '.join(model.providers)})")
     return 0
@@ -620,7 +622,7 @@ def _run_score(client: ScoringClient, args) -> int:
         from results.outputs import write_scored_slide
         from wsi.slide import open_slide
 
-        with open_slide(local_slide) as slide:
+        with open_slide(local_slide, fallback_mpp=args.fallback_mpp) as slide:
             paths = write_scored_slide(args.out, slide, result, tissue=client.get_model().tissue)
         log.info("outputs: %s", ", ".join(str(p) for p in paths.values()))
     s = result.summary

@@ -53,6 +53,7 @@ from serving.aggregate import make_state, slide_score
 from serving.engine import Engine, on_device
 from wsi.decode_once import make_tile_reader
 from wsi.grid import tiles_for_slide
+from wsi.scale import ReadScale
 from wsi.slide import Slide, open_slide
 from wsi.tile_quality import artefact_flags, measure_tiles
 from wsi.tiles import TileBatch
@@ -105,7 +106,7 @@ class SlideScorer:
         self.first_batch_tiles = int(first_batch_tiles)   # 0: no small first run
         manifest = engine.manifest
         self.tiling = manifest.tiling
-        self.tile_size, self.level = self.tiling.tile_size, self.tiling.level
+        self.tile_size = self.tiling.tile_size
         self.min_tissue = self.tiling.min_tissue
         self.slide_threshold = manifest.slide_threshold
         self.roi_threshold = manifest.roi_threshold
@@ -155,18 +156,21 @@ class SlideScorer:
             timings.tissue_s = time.perf_counter() - started - timings.open_s
             n = len(grid)
             tile_size0 = grid.tile_size_level0
+            scale = grid.scale
             name = display_path if display_path is not None else str(slide_path)
+            log.info("%s: %s", name, scale.describe())
             yield SlideHeader(name, slide.name, slide.dimensions[0], slide.dimensions[1],
                               slide.level_count, slide.mpp, slide.mpp_source, tile_size0,
-                              self.level, n, engine.model, self.tile_size,
-                              tuple(slide.bounds_offset))
+                              scale.level, n, engine.model, self.tile_size,
+                              tuple(slide.bounds_offset), scale.target_mpp, scale.factor,
+                              scale.upsampled)
             if cancel.is_set():
                 return
             scores = np.empty(n, np.float32)
             flags = np.zeros(n, np.uint8)
             state = make_state(engine.pooling)
             scoring_started = time.perf_counter()
-            reader = self._tile_reader(slide, grid.coords)
+            reader = self._tile_reader(slide, grid.coords, scale)
             # The reader's consumer may be blocked on a tile read when the cancel comes:
             # close it from a watcher thread so that the wait ends at once.
             finished = threading.Event()
@@ -188,7 +192,8 @@ class SlideScorer:
                         # decoded on the GPU are measured on a host copy).
                         host = batch.tiles.to_host() if on_device(batch.tiles) else batch.tiles
                         flags[first:first + len(batch.index)] = artefact_flags(
-                            measure_tiles(host, self.tissue_params), self.artefacts)
+                            measure_tiles(host, self.tissue_params, mpp=scale.read_mpp),
+                            self.artefacts)
                         pending.append((first, future))
                         # The first (small) batch runs alone: queued beside the next one, the
                         # engine's batcher would merge them into one full run.
@@ -239,22 +244,24 @@ class SlideScorer:
                                int(np.count_nonzero(flags)), rois, slide.mpp, timings,
                                engine.model, logit)
 
-    def _tile_reader(self, slide, coords: np.ndarray):
+    def _tile_reader(self, slide, coords: np.ndarray, scale: ReadScale):
         """The GPU decode reader when the engine runs on a GPU and the slide's tiles decode there
         (wsi.gpu_decode: patches assembled in device memory, bound to the backbone's input);
-        else the CPU reader (decode-once or OpenSlide). Each logs which runs and why."""
+        else the CPU reader (decode-once or OpenSlide). Each reads at the model's scale
+        (wsi.scale) and logs which runs and why."""
         engine = self.engine
-        if engine.on_gpu and self.level == 0:   # MILROI_GPU_DECODE=0 turns it off
+        if engine.on_gpu:   # MILROI_GPU_DECODE=0 turns it off
             from wsi.gpu_decode import make_gpu_tile_reader
 
-            reader = make_gpu_tile_reader(slide, coords, tile_size=self.tile_size,
+            reader = make_gpu_tile_reader(slide, coords, tile_size=scale.read_size,
+                                          level=scale.level, out_size=scale.tile_size,
                                           batch_size=engine.batch_size,
                                           queue_batches=self.queue_batches)
             if reader is not None:
                 return reader
-        return make_tile_reader(slide, coords, tile_size=self.tile_size, level=self.level,
-                                workers=self.reader_workers, batch_size=engine.batch_size,
-                                queue_batches=self.queue_batches)
+        return make_tile_reader(slide, coords, tile_size=scale.read_size, level=scale.level,
+                                out_size=scale.tile_size, workers=self.reader_workers,
+                                batch_size=engine.batch_size, queue_batches=self.queue_batches)
 
     def score_slide(self, slide_path: str | os.PathLike, **kwargs) -> ScoredSlide:
         """Run `score` to the end: the whole scored slide (the batch job's in-process call)."""

@@ -89,6 +89,7 @@ class RayBackend:
                  tracking_uri: str | None = None, actor_class: type = ScoringActor):
         r = ray_options
         self.max_restarts = r.max_restarts
+        self.fallback_mpp = overrides.fallback_mpp
         count = r.actors or default_actor_count(r.num_cpus, r.num_gpus)
         remote = ray.remote(actor_class).options(
             num_cpus=r.num_cpus, num_gpus=r.num_gpus, max_restarts=r.max_restarts,

@@ -123,7 +123,9 @@ def event_pb(event) -> pb.ScoreSlideResponse:
             level_count=event.level_count, mpp=event.mpp, mpp_source=event.mpp_source,
             tile_size=event.tile_size, tile_level=event.tile_level, tile_count=event.tile_count,
             model=model_ref_pb(event.model), input_px=event.input_px,
-            bounds_x=event.bounds_offset[0], bounds_y=event.bounds_offset[1]))
+            bounds_x=event.bounds_offset[0], bounds_y=event.bounds_offset[1],
+            model_mpp=event.model_mpp, scale_factor=event.scale_factor,
+            upsampled=event.upsampled))
     if isinstance(event, SlideSummary):
         t = event.timings
         rois = [pb.Polygon(exterior=_ring(r.polygon.exterior.coords),
@@ -305,8 +307,8 @@ def model_info(model: LoadedModel) -> pb.ModelInfo:
     engine, manifest = model.engine, model.engine.manifest
     return pb.ModelInfo(
         model=model_ref_pb(model.ref), head=manifest.head,
-        tile_size=manifest.tiling.tile_size, tile_level=manifest.tiling.level,
-        input_px=manifest.tiling.tile_size,
+        tile_size=manifest.tiling.tile_size, tile_level=0,
+        input_px=manifest.tiling.tile_size, input_mpp=manifest.tiling.target_mpp,
         feature_dim=manifest.feature_dim, threshold=manifest.slide_threshold,
         roi_threshold=manifest.roi_threshold,
         provider=PROVIDER_NAMES[engine.provider], providers=list(engine.providers),

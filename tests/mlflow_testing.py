@@ -84,7 +84,7 @@ def log_fit_run(tracking_uri: str, head, val_auc: float | None = None, slide_thr
     client = MlflowClient(tracking_uri=tracking_uri)
     run_id = client.create_run(ensure_experiment(tracking_uri, experiment)).info.run_id
     for key, value in {"backbone_layer": layer, "weights": "none", "weights_seed": "0",
-                       "tile_size": "224", "patch_level": "0", "min_tissue": "0.25",
+                       "tile_size": "224", "target_mpp": "0.243", "min_tissue": "0.25",
                        "head": head.kind, "slide_threshold": str(slide_threshold)}.items():
         client.log_param(run_id, key, value)
     if val_auc is not None:

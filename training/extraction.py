@@ -99,7 +99,7 @@ def add_feature_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"seed of the random init for --weights none (default {m.weights_seed})")
     parser.add_argument("--layer", choices=sorted(LAYERS), default=m.layer,
                         help=f"pool: 2048-d after layer4; layer3: CLAM's 1024-d (default {m.layer})")
-    add_tiling_arguments(parser, level=False)
+    add_tiling_arguments(parser)
     add_tissue_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=e.batch_size,
                         help=f"tiles per batch ({e.batch_size})")
@@ -188,6 +188,7 @@ def extract_features(slide_path: str | os.PathLike, out_h5: str | os.PathLike,
     tmp = _temp_path(out_h5)
     with open_slide(slide_path, fallback_mpp=o.fallback_mpp) as slide:
         _, grid = tiles_for_slide(slide, o.tiling, params=o.tissue)
+        log.info("%s: %s", slide.name, grid.scale.describe())
         coords, fraction = grid.coords, grid.tissue_fraction
         if o.limit_tiles is not None:
             coords, fraction = coords[:o.limit_tiles], fraction[:o.limit_tiles]
@@ -195,6 +196,7 @@ def extract_features(slide_path: str | os.PathLike, out_h5: str | os.PathLike,
         facts = model.describe()
         attrs = FeatureAttrs(slide=slide.name, level0_width=width, level0_height=height,
                              mpp=slide.mpp, mpp_source=slide.mpp_source, tiling=o.tiling,
+                             read_level=grid.scale.level,
                              backbone_layer=facts["backbone_layer"], weights=facts["weights"],
                              weights_seed=facts["weights_seed"],
                              feature_engine=facts["feature_engine"], artefacts=o.artefacts,
@@ -211,8 +213,8 @@ def extract_features(slide_path: str | os.PathLike, out_h5: str | os.PathLike,
                     else None)
                 quality = TileQuality.empty(len(coords))
                 if len(coords):
-                    quality = _fill(features, slide, coords, model, o, device, progress,
-                                    desc=slide.name)
+                    quality = _fill(features, slide, coords, grid.scale, model, o, device,
+                                    progress, desc=slide.name)
                 flags = artefact_flags(quality, o.artefacts)
                 f.create_dataset("ink_fraction", data=quality.ink)
                 f.create_dataset("background_fraction", data=quality.background)
@@ -248,15 +250,15 @@ def _tile_features(model: Backbone | OnnxBackbone, device: torch.device):
     return run
 
 
-def _fill(features: h5py.Dataset, slide, coords: np.ndarray, model: Backbone | OnnxBackbone,
+def _fill(features: h5py.Dataset, slide, coords: np.ndarray, scale, model: Backbone | OnnxBackbone,
           options: ExtractionOptions, device: torch.device, progress: bool, desc: str
           ) -> TileQuality:
     """Stream tile batches through the model into the (preallocated) h5 dataset; the artefact
     measures of the same tiles come back."""
     from wsi.decode_once import make_tile_reader
 
-    reader = make_tile_reader(slide, coords, tile_size=options.tiling.tile_size,
-                              level=options.tiling.level, workers=options.workers,
+    reader = make_tile_reader(slide, coords, tile_size=scale.read_size, level=scale.level,
+                              out_size=scale.tile_size, workers=options.workers,
                               batch_size=options.batch_size)
     tile_features = _tile_features(model, device)
     measures: list[TileQuality] = []
@@ -267,7 +269,7 @@ def _fill(features: h5py.Dataset, slide, coords: np.ndarray, model: Backbone | O
                 out = tile_features(batch.tiles)
                 # Batches come in grid order as one contiguous index run: a slice write.
                 features[int(batch.index[0]):int(batch.index[-1]) + 1] = out
-                measures.append(measure_tiles(batch.tiles, options.tissue))
+                measures.append(measure_tiles(batch.tiles, options.tissue, mpp=scale.read_mpp))
                 bar.update(len(out))
     finally:
         reader.close()

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from core.errors import ConfigError
-from core.tiling import ArtefactParams, TilingParams, TissueParams
+from core.tiling import CAMELYON16_MPP, ArtefactParams, TilingParams, TissueParams
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +55,12 @@ class FeatureAttrs:
     feature_engine: str
     artefacts: ArtefactParams = ArtefactParams()
     tissue: TissueParams = TissueParams()   # the tissue mask the tiles were chosen with
+    read_level: int = 0                     # the pyramid level the tiles were read from
 
     def to_h5(self) -> dict[str, Any]:
         """The attributes as written (CLAM's names for the tile size and level)."""
-        return {"patch_size": self.tiling.tile_size, "patch_level": self.tiling.level,
+        return {"patch_size": self.tiling.tile_size, "patch_level": self.read_level,
+                "target_mpp": float(self.tiling.target_mpp),
                 "level0_width": self.level0_width, "level0_height": self.level0_height,
                 "mpp": float(self.mpp), "mpp_source": self.mpp_source, "slide": self.slide,
                 "min_tissue": float(self.tiling.min_tissue), "backbone_layer": self.backbone_layer,
@@ -74,8 +76,11 @@ class FeatureAttrs:
             return cls(slide=str(values["slide"]), level0_width=int(values["level0_width"]),
                        level0_height=int(values["level0_height"]), mpp=float(values["mpp"]),
                        mpp_source=str(values["mpp_source"]),
-                       tiling=TilingParams(int(values["patch_size"]), int(values["patch_level"]),
+                       # files from before target_mpp: level-0 tiles for Camelyon16's 0.243
+                       tiling=TilingParams(int(values["patch_size"]),
+                                           float(values.get("target_mpp", CAMELYON16_MPP)),
                                            float(values["min_tissue"])),
+                       read_level=int(values.get("patch_level", 0)),
                        backbone_layer=str(values["backbone_layer"]), weights=str(values["weights"]),
                        weights_seed=int(values["weights_seed"]),
                        feature_engine=str(values.get("feature_engine", "torch")),

@@ -40,14 +40,20 @@ def provenance_params(bags: Sequence[Bag]) -> dict[str, Any]:
         a = bag.attrs
         rows.append({"backbone_layer": a.backbone_layer, "weights": a.weights,
                      "weights_seed": a.weights_seed, "tile_size": a.tiling.tile_size,
-                     "patch_level": a.tiling.level, "min_tissue": a.tiling.min_tissue,
-                     "mpp": a.mpp, "artefacts": json.dumps(a.artefacts.to_dict(), sort_keys=True),
+                     "target_mpp": a.tiling.target_mpp, "min_tissue": a.tiling.min_tissue,
+                     "artefacts": json.dumps(a.artefacts.to_dict(), sort_keys=True),
                      "tissue": json.dumps(a.tissue.to_dict(), sort_keys=True)})
     params: dict[str, Any] = {}
     for key in rows[0]:
         values = {str(row[key]) for row in rows}
-        if len(values) > 1:
-            raise ConfigError(f"feature files disagree on {key}: {sorted(values)}")
+        if len(values) > 1:   # name the files of each value: the user must re-extract some
+            groups = {v: [bag.name for bag, row in zip(bags, rows) if str(row[key]) == v]
+                      for v in sorted(values)}
+            listing = "; ".join(f"{v}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+                                for v, names in groups.items())
+            scale = " (tiles at different pixel sizes mean different features)" \
+                if key in ("target_mpp", "tile_size") else ""
+            raise ConfigError(f"feature files disagree on {key}{scale}: {listing}")
         params[key] = values.pop()
     params["feature_dim"] = int(bags[0].features.shape[1])
     params["n_artefact_tiles"] = sum(bag.artefacts for bag in bags)
@@ -93,7 +99,8 @@ class FitRun:
 
         tiling = DEFAULT_TILING.replace(
             tile_size=int(params["tile_size"]) if "tile_size" in params else None,
-            level=int(params["patch_level"]) if "patch_level" in params else None,
+            # runs from before target_mpp: level-0 tiles of Camelyon16's 0.243 um/px
+            target_mpp=float(params["target_mpp"]) if "target_mpp" in params else None,
             min_tissue=float(params["min_tissue"]) if "min_tissue" in params else None)
         slide_threshold = number("slide_threshold")
         if slide_threshold is None:   # runs logged before the rename

@@ -15,14 +15,16 @@ kept from the first batch that needs it to the last one and then dropped; its pe
 computed before reading starts and a plan over `MAX_CACHE_BYTES` (a slide some 300k px wide
 with tissue across) goes to OpenSlide instead, so memory stays bounded.
 
-What it reads: generic tiled TIFF (Camelyon16), Aperio SVS and Philips TIFF, level 0, 8-bit RGB,
+What it reads: generic tiled TIFF (Camelyon16), Aperio SVS and Philips TIFF, any pyramid level
+stored as tiles (wsi.scale reads a coarser level for a model at a coarser pixel size, then
+resizes each patch), 8-bit RGB,
 JPEG tiles (YCbCr, or Aperio's RGB-coded JPEG without JFIF marker) or Aperio JPEG 2000 in RGB
 (33005). An absent tile (byte count 0: a sparse Philips slide leaves out every tile outside its
 scanned regions) is white: OpenSlide leaves it transparent and `wsi.slide` composites
 transparency on white. Damaged JPEG data fails where
 OpenSlide fails it (it treats libjpeg's warnings as errors; imagecodecs does not, so
 `check_jpeg_stream` looks for what those warnings report). Anything else (other vendors,
-other compressions, Aperio's YCbCr JPEG 2000 (33003), DICOM folders, levels above 0) goes to
+other compressions, Aperio's YCbCr JPEG 2000 (33003), DICOM folders) goes to
 the OpenSlide reader: `make_tile_reader` chooses and logs which reader runs and why.
 For a GPU batch decoder (issue 26's nvImageCodec path, not built yet) `TiledLevel.jpeg_stream`
 gives each JPEG tile as one self-contained stream (tables inlined, RGB-coded tiles marked);
@@ -43,6 +45,7 @@ import numpy as np
 
 from core.errors import ConfigError, MilroiError, SlideError
 from core.tiling import DEFAULT_TILING
+from wsi.scale import resize_tile
 from wsi.tiles import QueuedBatchReader, TileReader
 
 log = logging.getLogger(__name__)
@@ -185,9 +188,9 @@ def check_jpeg_stream(data: bytes) -> None:
                          f"scan at byte {pos + int(stray[0])}")
 
 
-def tiled_level0(slide) -> TiledLevel:
-    """The compressed level-0 tile index of `slide` (an open `wsi.slide.Slide`); raises
-    NotApplicable with the reason when the decode-once reader does not read it."""
+def tiled_level(slide, level: int = 0) -> TiledLevel:
+    """The compressed tile index of pyramid `level` of `slide` (an open `wsi.slide.Slide`);
+    raises NotApplicable with the reason when the decode-once reader does not read it."""
     opened_by = getattr(slide, "reader", "openslide")   # wsi.slide may open OME-TIFF otherwise
     if not str(opened_by).startswith("openslide"):
         raise NotApplicable(f"opened by {opened_by}, not OpenSlide")
@@ -203,10 +206,11 @@ def tiled_level0(slide) -> TiledLevel:
         with tifffile.TiffFile(path) as tif:
             if vendor == "philips":
                 _check_philips(tif)
+            size = tuple(slide.level_dimensions[level])
             page = next((p for p in tif.pages if p.is_tiled and (p.imagewidth, p.imagelength)
-                         == tuple(slide.dimensions)), None)
+                         == size), None)
             if page is None:
-                raise NotApplicable(f"no tiled TIFF page of the level-0 size {slide.dimensions}")
+                raise NotApplicable(f"no tiled TIFF page of the level-{level} size {size}")
             return _describe(path, page)
     except NotApplicable:
         raise
@@ -218,7 +222,7 @@ def _check_philips(tif) -> None:
     """A slide OpenSlide calls Philips must be one to tifffile too: only then does tifffile
     undo the ImageDepth / TileDepth that Philips DP v1.1 writes wrongly (the pyramid's level
     count). Level 0 is page 0 (OpenSlide's driver takes the first tiled directory, the one with
-    the XML; the reduced levels follow, smaller): the size match in tiled_level0 finds it. The
+    the XML; the reduced levels follow, smaller): the size match in tiled_level finds it. The
     XML's pixel spacing reaches `Slide.mpp` through OpenSlide's openslide.mpp-x/y."""
     if not tif.is_philips:
         raise NotApplicable("OpenSlide reads it as Philips, tifffile finds no Philips DP metadata")
@@ -324,23 +328,28 @@ class _PendingBatch:
 
 class DecodeOnceReader(QueuedBatchReader):
     """Iterable of TileBatch over `coords` (level-0 top-left corners), in their order, from a
-    TiledLevel. Same interface and guarantees as wsi.tiles.TileReader (level 0 only)."""
+    TiledLevel: `tile_size` px regions at that level, resized to `out_size` px when that differs
+    (wsi.scale). Same interface and guarantees as wsi.tiles.TileReader."""
 
     def __init__(self, slide, coords, level: TiledLevel, tile_size: int = DEFAULT_TILING.tile_size,
                  workers: int = 4, batch_size: int = 64, queue_batches: int = 4,
-                 plan: ReadPlan | None = None):
+                 plan: ReadPlan | None = None, downsample: float = 1.0,
+                 out_size: int | None = None):
         if workers < 1 or batch_size < 1 or queue_batches < 1:
             raise ConfigError(f"workers, batch_size and queue_batches must be >= 1, got "
                               f"{workers}, {batch_size}, {queue_batches}")
         super().__init__()
         self.slide, self.source = slide, level
         self.coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+        # where each patch starts at the level read (OpenSlide's read_region: level-0 / downsample)
+        self.level_coords = level_coords(self.coords, downsample)
         self.tile_size = int(tile_size)
+        self.out_size = int(out_size or tile_size)
         self.batch_size = int(batch_size)
         self.queue_batches = int(queue_batches)
-        self.plan = plan or make_plan(self.coords, self.tile_size, level, self.batch_size,
+        self.plan = plan or make_plan(self.level_coords, self.tile_size, level, self.batch_size,
                                       self.queue_batches)
-        self._patch_tiles = patch_tiles(self.coords, self.tile_size, level)
+        self._patch_tiles = patch_tiles(self.level_coords, self.tile_size, level)
         self._remaining = self.plan.uses.copy()
         self._cache: dict[int, Future] = {}     # tile index -> its decode (ndarray | None)
         self._lock = threading.Lock()
@@ -387,11 +396,13 @@ class DecodeOnceReader(QueuedBatchReader):
                            if index in self._patch_tiles[batch.start + r])
                 x, y = self.coords[batch.start + row]
                 raise SlideError(self.source.path, f"read of {self.tile_size}x{self.tile_size} px at "
-                                                   f"({x}, {y}) level 0 failed: {exc.cause}") from exc
+                                                   f"({x}, {y}) level-0 px failed: {exc.cause}") from exc
         ts, src = self.tile_size, self.source
+        resize = self.out_size != ts
+        region = np.empty((ts, ts, 3), np.uint8) if resize else None
         for row in range(batch.stop - batch.start):
-            x, y = (int(v) for v in self.coords[batch.start + row])
-            out = batch.tiles[row]
+            x, y = (int(v) for v in self.level_coords[batch.start + row])
+            out = region if resize else batch.tiles[row]
             needed = [i for i in self._patch_tiles[batch.start + row] if i >= 0]
             inside = x >= 0 and y >= 0 and x + ts <= src.width and y + ts <= src.height
             if not inside or any(tiles[i] is None for i in needed):
@@ -404,6 +415,8 @@ class DecodeOnceReader(QueuedBatchReader):
                 x0, x1 = max(x, tx), min(x + ts, tx + src.tile_width, src.width)
                 y0, y1 = max(y, ty), min(y + ts, ty + src.tile_height, src.height)
                 out[y0 - y:y1 - y, x0 - x:x1 - x] = tile[y0 - ty:y1 - ty, x0 - tx:x1 - tx]
+            if resize:
+                batch.tiles[row] = resize_tile(region, self.out_size)
         with self._lock:
             for index in decodes:
                 self._remaining[index] -= 1
@@ -414,7 +427,7 @@ class DecodeOnceReader(QueuedBatchReader):
     def _submit_next_batch(self) -> None:
         b = self._next_batch
         start = b * self.batch_size
-        batch = _PendingBatch(start, min(start + self.batch_size, len(self.coords)), self.tile_size)
+        batch = _PendingBatch(start, min(start + self.batch_size, len(self.coords)), self.out_size)
         decodes = {}
         with self._lock:
             for index in self.plan.batch_tiles[b].tolist():
@@ -451,11 +464,22 @@ class DecodeOnceReader(QueuedBatchReader):
                 self._fd = -1
 
 
+def level_coords(coords: np.ndarray, downsample: float) -> np.ndarray:
+    """Level-0 corners as px at a level of that downsample (exact at level 0 and wherever the
+    grid's step is a multiple of the downsample, as wsi.grid lays it out on a 2^k pyramid)."""
+    if downsample == 1:
+        return coords
+    return np.floor(coords / downsample + 0.5).astype(np.int64)
+
+
 def make_tile_reader(slide, coords, tile_size: int = DEFAULT_TILING.tile_size,
-                     level: int = DEFAULT_TILING.level, workers: int = 4, batch_size: int = 64,
-                     queue_batches: int = 4, reader: str | None = None):
+                     level: int = 0, workers: int = 4, batch_size: int = 64,
+                     queue_batches: int = 4, reader: str | None = None,
+                     out_size: int | None = None):
     """The tile reader for `slide`: DecodeOnceReader where it applies, else wsi.tiles.TileReader
-    (OpenSlide). `reader` ("auto", "decode-once", "openslide"; default $MILROI_TILE_READER, else
+    (OpenSlide). Each reads `tile_size` px regions at `level` and yields them resized to
+    `out_size` px (the model's input; wsi.scale plans both). `reader` ("auto", "decode-once",
+    "openslide"; default $MILROI_TILE_READER, else
     auto) forces one; "decode-once" on a slide it does not read is a ConfigError. Logs which
     reader runs and why."""
     choice = reader or os.environ.get(READER_ENV) or "auto"
@@ -466,10 +490,10 @@ def make_tile_reader(slide, coords, tile_size: int = DEFAULT_TILING.tile_size,
     try:
         if choice == "openslide":
             raise NotApplicable(f"{READER_ENV} or the caller asked for it")
-        if level != 0:
-            raise NotApplicable(f"tiles of level {level}, reads level 0")
-        source = tiled_level0(slide)
-        plan = make_plan(coords, tile_size, source, batch_size, queue_batches)
+        source = tiled_level(slide, level)
+        downsample = float(slide.level_downsamples[level])
+        plan = make_plan(level_coords(coords, downsample), tile_size, source, batch_size,
+                         queue_batches)
         if plan.peak_bytes > MAX_CACHE_BYTES:
             raise NotApplicable(f"its tile cache would peak at {plan.peak_bytes / 2**20:.0f} MiB "
                                 f"(> {MAX_CACHE_BYTES / 2**20:.0f} MiB)")
@@ -478,11 +502,12 @@ def make_tile_reader(slide, coords, tile_size: int = DEFAULT_TILING.tile_size,
             raise ConfigError(f"{name}: the decode-once reader cannot read it: {why}") from None
         log.info("%s: tile reader: OpenSlide read_region, %d workers (%s)", name, workers, why)
         return TileReader(slide, coords, tile_size=tile_size, level=level, workers=workers,
-                          batch_size=batch_size, queue_batches=queue_batches)
+                          batch_size=batch_size, queue_batches=queue_batches, out_size=out_size)
     used = int(np.count_nonzero(plan.uses))
-    log.info("%s: tile reader: decode-once, %s %dx%d tiles (%s), %d workers: %d patches from %d "
-             "source tiles (%.2f per patch), cache peak %d tiles (%.0f MiB)", name, source.kind,
-             source.tile_width, source.tile_height, getattr(slide, "vendor", "?"), workers,
+    log.info("%s: tile reader: decode-once, level %d, %s %dx%d tiles (%s), %d workers: %d patches "
+             "from %d source tiles (%.2f per patch), cache peak %d tiles (%.0f MiB)", name, level,
+             source.kind, source.tile_width, source.tile_height, getattr(slide, "vendor", "?"), workers,
              len(coords), used, used / max(len(coords), 1), plan.peak_tiles, plan.peak_bytes / 2**20)
     return DecodeOnceReader(slide, coords, source, tile_size=tile_size, workers=workers,
-                            batch_size=batch_size, queue_batches=queue_batches, plan=plan)
+                            batch_size=batch_size, queue_batches=queue_batches, plan=plan,
+                            downsample=downsample, out_size=out_size)

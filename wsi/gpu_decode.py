@@ -73,7 +73,7 @@ from wsi.decode_once import (
     check_jpeg_stream,
     make_plan,
     patch_tiles,
-    tiled_level0,
+    tiled_level,
 )
 from wsi.tiles import QueuedBatchReader
 
@@ -164,7 +164,7 @@ def _decode_params(nvimgcodec):
 def gpu_source(slide) -> TiledLevel:
     """The level-0 tile index of `slide` when the GPU decoder reads it; raises NotApplicable
     with the reason otherwise (then the CPU reader, decode-once or OpenSlide, runs)."""
-    level = tiled_level0(slide)
+    level = tiled_level(slide)
     if level.compression != JPEG:
         raise NotApplicable(f"{level.kind} tiles: the GPU path decodes JPEG only")
     if level.jpeg_colorspace == "RGB":
@@ -529,8 +529,8 @@ class GpuDecodeReader(QueuedBatchReader):
 
 
 def make_gpu_tile_reader(slide, coords, tile_size: int = DEFAULT_TILING.tile_size,
-                         level: int = DEFAULT_TILING.level, batch_size: int = 64,
-                         queue_batches: int = 4, device_id: int = 0) -> GpuDecodeReader | None:
+                         level: int = 0, batch_size: int = 64, queue_batches: int = 4,
+                         device_id: int = 0, out_size: int | None = None) -> GpuDecodeReader | None:
     """A GpuDecodeReader for `slide` when the GPU decodes it, else None (the caller then makes
     the CPU reader, wsi.decode_once.make_tile_reader). Logs which runs and why."""
     name = getattr(slide, "path", "?")
@@ -538,8 +538,10 @@ def make_gpu_tile_reader(slide, coords, tile_size: int = DEFAULT_TILING.tile_siz
     try:
         if not ok:
             raise NotApplicable(why)
-        if level != 0:
-            raise NotApplicable(f"tiles of level {level}, decodes level 0")
+        if level != 0 or (out_size or tile_size) != tile_size:
+            raise NotApplicable(f"tiles read at level {level} and resized {tile_size} -> "
+                                f"{out_size} px for the model's scale; the GPU path decodes "
+                                f"level-0 tiles at the model's scale only")
         source = gpu_source(slide)
         coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
         plan = make_plan(coords, tile_size, source, batch_size, queue_batches)

@@ -28,9 +28,10 @@ from core.cli import (
     tiling_from_args,
     tissue_from_args,
 )
-from core.errors import ConfigError, RequestError
+from core.errors import ConfigError
 from core.files import atomic_write
 from core.tiling import DEFAULT_TILING, TilingParams
+from wsi.scale import ReadScale, plan_read
 from wsi.tissue import TissueMask, TissueParams, compute_tissue_mask
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class TileGrid:
     level: int
     slide_dimensions: tuple[int, int]
     level_downsample: float = 1.0
+    scale: ReadScale | None = None   # how its tiles reach the model's input (tiles_for_slide)
 
     def __len__(self) -> int:
         return len(self.coords)
@@ -68,7 +70,7 @@ def integral_image(mask: np.ndarray) -> np.ndarray:
 
 def make_tile_grid(tissue: TissueMask, slide_dimensions,
                    tile_size: int = DEFAULT_TILING.tile_size, stride: int | None = None,
-                   level: int = DEFAULT_TILING.level, level_downsample: float = 1.0,
+                   level: int = 0, level_downsample: float = 1.0,
                    min_tissue: float = DEFAULT_TILING.min_tissue) -> TileGrid:
     """Every tile of the level-0 grid whose tissue fraction is >= `min_tissue`.
 
@@ -114,15 +116,17 @@ def make_tile_grid(tissue: TissueMask, slide_dimensions,
 def tiles_for_slide(slide, tiling: TilingParams = DEFAULT_TILING,
                     params: TissueParams | None = None, stride: int | None = None
                     ) -> tuple[TissueMask, TileGrid]:
-    """Tissue mask and tile grid of an open slide (the first step of features and scoring)."""
-    level = tiling.level
-    if not 0 <= level < slide.level_count:
-        raise RequestError(f"{slide.path}: level {level} does not exist "
-                           f"(the slide has levels 0..{slide.level_count - 1})")
+    """Tissue mask and tile grid of an open slide at the model's scale (the first step of
+    features and scoring): the grid's tiles are the regions wsi.scale reads, `grid.scale` says
+    how. `stride` is in model px (default: the tile size, no overlap). SlideError for a slide
+    whose pixel size is unknown."""
+    scale = plan_read(slide, tiling)
     tissue = compute_tissue_mask(slide, params or TissueParams())
-    grid = make_tile_grid(tissue, slide.dimensions, tile_size=tiling.tile_size, stride=stride,
-                          level=level, level_downsample=slide.level_downsamples[level],
+    step = None if stride is None else max(1, round(stride * scale.read_size / scale.tile_size))
+    grid = make_tile_grid(tissue, slide.dimensions, tile_size=scale.read_size, stride=step,
+                          level=scale.level, level_downsample=scale.level_downsample,
                           min_tissue=tiling.min_tissue)
+    grid.scale = scale
     return tissue, grid
 
 
@@ -193,7 +197,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("slide", type=Path, help="slide file (anything OpenSlide reads)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     add_tiling_arguments(parser)
-    parser.add_argument("--stride", type=int, default=None, help="grid step in px (default: tile size)")
+    parser.add_argument("--stride", type=int, default=None,
+                        help="grid step in px at --mpp (default: the tile size)")
     parser.add_argument("--target-downsample", type=float, default=None,
                         help=f"level-0 px per tissue-mask px (default "
                              f"{TissueParams.target_downsample:g})")
@@ -218,7 +223,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{slide.name}: {slide.dimensions[0]}x{slide.dimensions[1]} px, "
               f"{slide.mpp:.3f} um/px ({slide.mpp_source}), tissue {100 * tissue.tissue_fraction:.1f}% "
               f"of a {tissue.mask.shape[1]}x{tissue.mask.shape[0]} mask, {len(grid)} tiles of "
-              f"{grid.tile_size} px at level {grid.level}, {time.perf_counter() - started:.2f} s")
+              f"{grid.tile_size_level0} level-0 px ({grid.scale.describe()}), "
+              f"{time.perf_counter() - started:.2f} s")
         for path in paths.values():
             print(f"  {path}")
     return 0

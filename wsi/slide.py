@@ -8,9 +8,11 @@ the log say which), that adds what the rest of milroi needs:
 - every failure (missing file, directory, empty file, not a slide, truncated or corrupt tile
   data, at open time or later at read time) becomes one `SlideError` naming the file and the
   cause, never a crash, a hang or a bare OpenSlide exception;
-- the pixel size in microns, from the OpenSlide properties, else from the TIFF resolution tags
-  when they carry a physical unit, else a documented fallback (Camelyon16's 0.243 um/px at 40x)
-  with a logged warning, so a slide without metadata is still usable but never silently;
+- the pixel size in microns and where it comes from (`mpp_source`): the OpenSlide properties,
+  else the TIFF resolution tags when they carry a physical unit ("metadata"); else the user's
+  value, `--fallback-mpp` or a row of `mpp.csv` beside the slides ("user"); else Camelyon16's
+  0.243 um/px is assumed with a logged warning ("assumed"), enough to view the slide, which
+  wsi.scale refuses to score or tile for features;
 - regions as RGB uint8 numpy arrays with transparent areas composited on white (what the tissue
   mask and the model expect: no alpha, no premultiplication).
 
@@ -20,6 +22,7 @@ keeps one zarr view per thread and decodes in imagecodecs, also without the GIL)
 """
 from __future__ import annotations
 
+import csv
 import logging
 import os
 from pathlib import Path
@@ -29,7 +32,7 @@ import openslide
 from PIL import Image
 
 from core.errors import ConfigError, RequestError, SlideError, SlideMissing
-from core.tiling import CAMELYON16_MPP
+from core.tiling import CAMELYON16_MPP, MPP_CSV
 from wsi.discovery import dicom_files, slide_name
 
 log = logging.getLogger(__name__)
@@ -75,6 +78,24 @@ def _mpp_from_properties(props) -> float | None:
     return mpp if _PLAUSIBLE_MPP[0] <= mpp <= _PLAUSIBLE_MPP[1] else None
 
 
+def mpp_from_csv(path: Path) -> float | None:
+    """The pixel size `mpp.csv` in the slide's folder gives it, if any (a bad file is an error
+    naming it: a value the user wrote must not be ignored quietly)."""
+    table = path.parent / MPP_CSV
+    if not table.is_file():
+        return None
+    names = {path.name, slide_name(path)}
+    try:
+        with open(table, newline="") as f:
+            for row in csv.DictReader(f):
+                if (row.get("slide") or "").strip() in names:
+                    return float(row["mpp"])
+    except (OSError, KeyError, ValueError, csv.Error) as exc:
+        raise ConfigError(f"{table}: cannot read the pixel size of {path.name} (rows 'slide,mpp' "
+                          f"with a header): {exc!r}") from None
+    return None
+
+
 def rgba_to_rgb_on_white(rgba: np.ndarray) -> np.ndarray:
     """Composite straight (non-premultiplied) RGBA on white; opaque images take the fast path."""
     rgb = rgba[..., :3]
@@ -118,16 +139,20 @@ class Slide:
         self.vendor: str = props.get("openslide.vendor", "unknown")
         self.bounds_offset: tuple[int, int] = _bounds_offset(props)
         mpp = _mpp_from_properties(props)
+        user_mpp = fallback_mpp if fallback_mpp is not None else mpp_from_csv(self.path)
         if mpp is not None:
             self.mpp, self.mpp_source = mpp, "metadata"
-        else:
-            self.mpp = float(fallback_mpp if fallback_mpp is not None else DEFAULT_FALLBACK_MPP)
-            if self.mpp <= 0:
+        elif user_mpp is not None:
+            self.mpp, self.mpp_source = float(user_mpp), "user"
+            if not self.mpp > 0:
                 self._osr.close()
-                raise ConfigError(f"fallback_mpp must be > 0, got {fallback_mpp}")
-            self.mpp_source = "fallback"
-            log.warning("%s: no pixel size in its metadata; assuming %.3f um/px (fallback)",
-                        self.path, self.mpp)
+                raise ConfigError(f"fallback_mpp must be > 0, got {user_mpp}")
+        else:
+            # Enough to view the slide and draw its tissue mask; wsi.scale refuses to score or
+            # extract features at a guessed scale.
+            self.mpp, self.mpp_source = DEFAULT_FALLBACK_MPP, "assumed"
+            log.warning("%s: no pixel size in its metadata and none given (--fallback-mpp, %s); "
+                        "assuming %.3f um/px to display it", self.path, MPP_CSV, self.mpp)
         log.info("%s: opened by %s (%s), %d level(s), %.4g um/px (%s)", self.path, self.reader,
                  self.vendor, self.level_count, self.mpp, self.mpp_source)
 
@@ -284,7 +309,8 @@ def _describe_open_error(exc: Exception) -> str:
 def open_slide(path: str | os.PathLike, fallback_mpp: float | None = None) -> Slide:
     """Open `path` as a slide; raises SlideError naming the file and the cause if it cannot.
 
-    `fallback_mpp` is the pixel size assumed when the slide carries none (default
-    DEFAULT_FALLBACK_MPP, Camelyon16 at 40x); `Slide.mpp_source` then says "fallback".
+    `fallback_mpp` is the user's pixel size for a slide that carries none (before `mpp.csv`
+    beside it); `Slide.mpp_source` then says "user". With neither, DEFAULT_FALLBACK_MPP is
+    assumed for display ("assumed"), and scoring refuses the slide (wsi.scale).
     """
     return Slide(path, fallback_mpp)

@@ -20,12 +20,49 @@ tissue scored 1.000 on a normal slide). So each tile is measured at full resolut
 - `focus`: variance of the Laplacian of the grey image (Pech-Pacheco et al. 2000, the usual
   blur measure, as in HistoQC's BlurDetectionModule), computed on the tissue pixels only.
 
+Per micron, at any tile pixel size (`mpp`, um/px of the tiles given: the model's `target_mpp`).
+The measures were defined in pixels at Camelyon16's 0.243 um/px, and 0.243 stays the reference
+(`REFERENCE_MPP`): there, and within `MPP_TOLERANCE` of it (read as they are by wsi.scale:
+Utrecht's ~0.226, a user-stated 0.25), every number is what it always was, bit for bit, so the
+Camelyon16 flags, the feature files and the `min_focus` saved in bundles keep their meaning.
+Elsewhere:
+- `ink`: the blocks keep their side in microns, 8 px x 0.243 = 1.944 um: max(1, round(1.944 /
+  mpp)) px (4 at 0.486 or 0.5 um/px; 16 at 0.12); the opening stays 3 x 3 blocks;
+- `background`: a share of the pixels, free of the scale already;
+- `focus`: the variance of the 4-neighbour Laplacian depends on the sampling: for content smooth
+  at the pixel scale it is h^2 times the continuous Laplacian (variance ~ h^4), for detail at the
+  pixel scale (sharp nuclei, JPEG noise) it grows far less with h. Tiles coarser than the
+  reference are measured as they are and the variance divided by (mpp / 0.243)^FOCUS_EXPONENT,
+  3.1 measured where the flag is decided. TCGA-CR-7395's 205 tiles (0.25 um/px, taken as 0.243)
+  blurred (Gaussian sigma 0-4 px, then JPEG q88 again: 2050 tiles, focus 1.5-1514, 671 under 15)
+  against the same tiles reduced as wsi.scale does (Lanczos) or as wsi.synth writes a 20x copy
+  (2x2 means, + JPEG): the factor that best reproduces the 0.243 flags is 3.2 at 1.5x, 8.6 at 2x
+  Lanczos (7.9 means, 8.9 means + JPEG), 9.4 at 2.05x, 34 at 3x, 78 at 4x; 2^3.1 = 8.6 keeps
+  98.5 % of the 0.243 blur flags at 1.5x, 99.5 % at 2x Lanczos (98.6 % means, 99.1 % means +
+  JPEG), 99.3 % at 2.05x, 97.3 % at 3x, 95.7 % at 4x (the tiles that differ are those near 15).
+  CMU-1's own tiles (0.499) against their 2x reduction: 9.5 near the threshold. The 9 synthetic
+  hard slides (wsi.synth, pen, marker and blur across tissue: 951 tiles) keep 99.7 % of their
+  flags at 0.486 (ink 154 = 154, blur 25 -> 28: 3 tiles whose 0.243 focus is 22-24).
+  So a threshold holds at 0.243-0.5 um/px, but away from it the measure agrees only in order:
+  sharp tissue, whose detail is at the 0.243 px scale, reads 0.4x at 0.486 of its 0.243 value
+  (0.56x at 1.5x, 0.24x at 3x, 0.13x at 4x): TCGA's least sharp tile reads 107 at 0.243 and 26-28
+  at 0.5, CMU-1's at 0.499 44, both unflagged, but at 4x (~1 um/px, a 10x model) sharp tissue
+  falls to ~9: the blur flag is not meant for models coarser than ~3x the reference. Tiles
+  finer than the reference are first reduced towards it by whole-pixel means (2x2 at 0.1215
+  um/px: exactly the 0.243 measure of the same pixels), then scaled the same way for the rest.
+  The reverse (measure every tile at a 0.486 reference, 0.243 tiles reduced by 2x2 means first,
+  so the same content reads the same at both scales, and `min_focus` recalibrated to ~118-129)
+  was not taken: it changes every focus value written at 0.243 so far, the `min_focus` = 15
+  saved in bundles and feature files would then mean another threshold, and it flips 0.243
+  flags (3 of the 951 synthetic tiles, ~0.6-1.4 % of the TCGA sweep's).
+
 `artefact_flags` turns the measures into a bit mask with `ArtefactParams`' limits. A flagged tile
 is still scored and reported (the patch CSV, the GeoJSON and the stream carry the flags) but it
 is kept out of the slide score, the ROIs and training.
 
-Cost: a batch of 64 tiles (3.2 M px) takes a few ms of numpy against ~2 s of ResNet-50 on CPU
-(benchmarks/bench_tile_quality.py).
+Cost: a batch of 64 tiles of 224 px (3.2 M px) takes ~40 ms of numpy on 2 shared AMD EPYC cores
+(70 ms before the tiles were measured a few at a time), at any `mpp`, against ~2.7 s of ResNet-50
+on the same CPU (benchmarks/bench_tile_quality.py).
 """
 from __future__ import annotations
 
@@ -34,7 +71,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from core.tiling import ArtefactParams, TissueParams
+from core.tiling import CAMELYON16_MPP, MPP_TOLERANCE, ArtefactParams, TissueParams
 
 INK, BACKGROUND, BLUR = 1, 2, 4   # bits of the `flags` column
 FLAG_NAMES = {INK: "ink", BACKGROUND: "background", BLUR: "blur"}
@@ -68,31 +105,73 @@ def _glass_min_intensity(params: TissueParams) -> int:
     return int(np.floor(255 * 10 ** (-params.min_optical_density)))
 
 
-INK_BLOCK = 8          # px: side of the blocks the ink share counts
+REFERENCE_MPP = CAMELYON16_MPP   # um/px the measures and ArtefactParams' limits are defined at
+INK_BLOCK = 8          # px at REFERENCE_MPP: side of the blocks the ink share counts
+INK_BLOCK_UM = INK_BLOCK * REFERENCE_MPP   # 1.944 um
 INK_BLOCK_SHARE = 0.75  # a block is ink when this share of its pixels is
+FOCUS_EXPONENT = 3.1   # var of the Laplacian ~ (pixel size)^3.1 near min_focus (module docstring)
+MIN_FOCUS_PIXELS = 64  # tissue px at REFERENCE_MPP (3.8 um^2) below which focus is not measured
+CHUNK = 8              # tiles measured at once (measure_tiles)
 
 
-def solid_share(pixels: np.ndarray) -> np.ndarray:
-    """Per tile [n, h, w], the share of its area in INK_BLOCK px blocks that are >= INK_BLOCK_SHARE
+def relative_scale(mpp: float) -> float:
+    """Pixel size of tiles at `mpp` um/px over REFERENCE_MPP; exactly 1.0 within MPP_TOLERANCE
+    of it (measured as at the reference, as wsi.scale reads them)."""
+    mpp = float(mpp)
+    if not (np.isfinite(mpp) and mpp > 0):
+        raise ValueError(f"mpp must be a positive number of um per px, got {mpp}")
+    scale = mpp / REFERENCE_MPP
+    return 1.0 if abs(scale - 1) <= MPP_TOLERANCE else scale
+
+
+def ink_block(mpp: float = REFERENCE_MPP) -> int:
+    """Side in px of the INK_BLOCK_UM blocks at `mpp` um/px: 8 at 0.243, 4 at 0.486 or 0.5."""
+    scale = relative_scale(mpp)
+    return INK_BLOCK if scale == 1.0 else max(1, round(INK_BLOCK / scale))
+
+
+def solid_share(pixels: np.ndarray, block: int = INK_BLOCK) -> np.ndarray:
+    """Per tile [n, h, w], the share of its area in `block` px blocks that are >= INK_BLOCK_SHARE
     set and part of a 3 x 3 group of such blocks (scattered pixels do not count)."""
     n, h, w = pixels.shape
-    k = INK_BLOCK
+    k = block
     rows, cols = h // k, w // k
     if rows < 3 or cols < 3:   # tiles too small for blocks: the plain pixel share
         return pixels.reshape(n, -1).mean(axis=1)
-    counts = pixels[:, :rows * k, :cols * k].reshape(n, rows, k, cols, k).sum(axis=(2, 4))
+    pixels = pixels.astype(bool, copy=False)
+    # The pixels of each block, summed as k slices (integers: 5-10x faster than a sum over the
+    # two short axes of a [n, rows, k, cols, k] view, the same counts).
+    cells = pixels[:, :rows * k, :cols * k].view(np.uint8).reshape(n, rows * k, cols, k)
+    across = cells[..., 0].astype(np.uint16)   # <= k per block row
+    for j in range(1, k):
+        across += cells[..., j]
+    across = across.reshape(n, rows, k, cols)
+    counts = across[:, :, 0].astype(np.int64)
+    for j in range(1, k):
+        counts += across[:, :, j]
     solid = counts >= INK_BLOCK_SHARE * k * k
     solid = ndimage.binary_opening(solid, structure=np.ones((1, 3, 3), bool))
     return solid.reshape(n, -1).sum(axis=1) * (k * k) / (h * w)
 
 
-def measure_tiles(tiles: np.ndarray, params: TissueParams = TissueParams()) -> TileQuality:
-    """Ink and background shares and focus of RGB uint8 tiles [n, h, w, 3]."""
+def measure_tiles(tiles: np.ndarray, params: TissueParams = TissueParams(),
+                  mpp: float = CAMELYON16_MPP) -> TileQuality:
+    """Ink and background shares and focus of RGB uint8 tiles [n, h, w, 3] at `mpp` um/px (the
+    pixel size of the tiles given), on the scale of REFERENCE_MPP (module docstring)."""
     if tiles.ndim != 4 or tiles.shape[-1] != 3 or tiles.dtype != np.uint8:
         raise ValueError(f"tiles must be uint8 [n, h, w, 3], got {tiles.dtype} {tiles.shape}")
+    relative_scale(mpp)   # a bad mpp fails here, whatever n
+    if len(tiles) <= CHUNK:
+        return _measure(tiles, params, mpp) if len(tiles) else TileQuality.empty()
+    # A few tiles at a time: the temporaries stay in cache (1.8x faster for 64 tiles of 224 px),
+    # and each tile's numbers are its own, whatever the batch.
+    return TileQuality.concatenate([_measure(tiles[i:i + CHUNK], params, mpp)
+                                    for i in range(0, len(tiles), CHUNK)])
+
+
+def _measure(tiles: np.ndarray, params: TissueParams, mpp: float) -> TileQuality:
+    scale = relative_scale(mpp)
     n = len(tiles)
-    if n == 0:
-        return TileQuality.empty()
     red, green, blue = (tiles[..., i] for i in range(3))
     value = np.maximum(np.maximum(red, green), blue)
     darkest = np.minimum(np.minimum(red, green), blue)
@@ -106,16 +185,21 @@ def measure_tiles(tiles: np.ndarray, params: TissueParams = TissueParams()) -> T
     ink = pen | (value <= params.black_value_max)
     glass = (darkest >= _glass_min_intensity(params)) & (chroma < params.min_chroma)
     area = tiles.shape[1] * tiles.shape[2]
-    ink_share = solid_share(ink)
+    ink_share = solid_share(ink, ink_block(mpp))
     glass_share = glass.reshape(n, -1).sum(axis=1) / area
 
     # Laplacian (4-neighbour) of the luma, on interior pixels whose 3x3 neighbourhood is tissue
     # (no glass, no ink): glass is flat and would make any tile look blurred; an ink edge would
     # make any tile look sharp.
     grey = (0.299 * red + 0.587 * green + 0.114 * blue).astype(np.float32)
+    other = glass | ink
+    if scale < 1.0:   # finer than the reference: whole-pixel means towards it
+        step = round(1 / scale)
+        if step > 1:
+            grey, other = _block_mean(grey, step), _block_any(other, step)
+            scale = relative_scale(mpp * step)
     lap = (grey[:, :-2, 1:-1] + grey[:, 2:, 1:-1] + grey[:, 1:-1, :-2] + grey[:, 1:-1, 2:]
            - 4 * grey[:, 1:-1, 1:-1])
-    other = glass | ink
     near_other = (other[:, :-2, 1:-1] | other[:, 2:, 1:-1] | other[:, 1:-1, :-2] | other[:, 1:-1, 2:]
                   | other[:, 1:-1, 1:-1])
     use = ~near_other
@@ -123,10 +207,33 @@ def measure_tiles(tiles: np.ndarray, params: TissueParams = TissueParams()) -> T
     lap = np.where(use, lap, 0.0).reshape(n, -1)
     total = lap.sum(axis=1, dtype=np.float64)
     squares = np.einsum("ij,ij->i", lap, lap, dtype=np.float64)
+    min_count = MIN_FOCUS_PIXELS if scale == 1.0 else max(16, round(MIN_FOCUS_PIXELS / scale**2))
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = total / count
-        focus = np.where(count >= 64, squares / count - mean * mean, np.nan)
+        focus = np.where(count >= min_count, squares / count - mean * mean, np.nan)
+    if scale != 1.0:
+        focus = focus / scale**FOCUS_EXPONENT
     return TileQuality(ink_share.astype(np.float32), glass_share.astype(np.float32), focus.astype(np.float32))
+
+
+def _block_mean(images: np.ndarray, step: int) -> np.ndarray:
+    """Float [n, h, w] as the means of its step x step blocks (the last partial ones dropped)."""
+    rows, cols = images.shape[1] // step, images.shape[2] // step
+    total = np.zeros((images.shape[0], rows, cols), np.float32)
+    for i in range(step):
+        for j in range(step):
+            total += images[:, i:rows * step:step, j:cols * step:step]
+    return total / (step * step)
+
+
+def _block_any(images: np.ndarray, step: int) -> np.ndarray:
+    """Bool [n, h, w] as whether any pixel of each step x step block is set."""
+    rows, cols = images.shape[1] // step, images.shape[2] // step
+    out = np.zeros((images.shape[0], rows, cols), bool)
+    for i in range(step):
+        for j in range(step):
+            out |= images[:, i:rows * step:step, j:cols * step:step]
+    return out
 
 
 def artefact_flags(quality: TileQuality, params: ArtefactParams = ArtefactParams()) -> np.ndarray:

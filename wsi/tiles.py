@@ -20,6 +20,7 @@ import numpy as np
 
 from core.errors import ConfigError, MilroiError, RequestError, SlideError
 from core.tiling import DEFAULT_TILING
+from wsi.scale import resize_tile
 
 
 @dataclass
@@ -98,17 +99,19 @@ class QueuedBatchReader:
 
 class TileReader(QueuedBatchReader):
     """Iterable of TileBatch over `coords` (level-0 top-left corners), in their order, each tile
-    read by OpenSlide's read_region."""
+    read by OpenSlide's read_region: `tile_size` px at `level`, resized to `out_size` px (the
+    model's input, wsi.scale) when that differs."""
 
     def __init__(self, slide, coords, tile_size: int = DEFAULT_TILING.tile_size,
-                 level: int = DEFAULT_TILING.level, workers: int = 4,
-                 batch_size: int = 64, queue_batches: int = 4):
+                 level: int = 0, workers: int = 4,
+                 batch_size: int = 64, queue_batches: int = 4, out_size: int | None = None):
         if workers < 1 or batch_size < 1 or queue_batches < 1:
             raise ConfigError(f"workers, batch_size and queue_batches must be >= 1, got "
                               f"{workers}, {batch_size}, {queue_batches}")
         self.slide = slide
         self.coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
         self.tile_size = int(tile_size)
+        self.out_size = int(out_size or tile_size)
         self.level = int(level)
         self.batch_size = int(batch_size)
         self.queue_batches = int(queue_batches)
@@ -127,12 +130,13 @@ class TileReader(QueuedBatchReader):
         if self._closed.is_set():   # closed while queued: skip the read
             return
         x, y = self.coords[batch.start + row]
-        batch.tiles[row] = self.slide.read_region(x, y, self.tile_size, self.tile_size, self.level)
+        region = self.slide.read_region(x, y, self.tile_size, self.tile_size, self.level)
+        batch.tiles[row] = resize_tile(region, self.out_size)
 
     def _submit_next_batch(self) -> None:
         start = self._next_start
         stop = min(start + self.batch_size, len(self.coords))
-        batch = _PendingBatch(start, stop, self.tile_size)
+        batch = _PendingBatch(start, stop, self.out_size)
         batch.futures = [self._executor.submit(self._read_into, batch, row)
                          for row in range(stop - start)]
         self._pending.append(batch)

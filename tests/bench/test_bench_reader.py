@@ -16,5 +16,9 @@ def test_reader_benchmark_rows(tmp_path):
         # 224-px patches over 512-px tiles: ~1.9 tiles touched each, each decoded once
         assert 1.0 < row["openslide"]["tiles_touched_per_patch"] <= 4
         assert 0 < row["decode-once"]["decodes_per_patch"] < row["openslide"]["tiles_touched_per_patch"]
+    scaled = result["scaled"]   # a 0.5 um/px model: level 1, 230 px resized to 224
+    assert (scaled["level"], scaled["read_size"], scaled["tile_size"]) == (1, 230, 224)
+    assert scaled["tiles"] > 0 and scaled["decode-once"]["tiles_per_s"] > 0 < scaled["ratio"]
     rows = table_rows(result)
-    assert len(rows) == 4 and "decode-once, 2 thread(s)" in rows[3][0] and rows[3][3].endswith("x")
+    assert len(rows) == 6 and "decode-once, 2 thread(s)" in rows[3][0] and rows[3][3].endswith("x")
+    assert "model's scale, decode-once + resize" in rows[5][0] and "level 1" in rows[5][4]

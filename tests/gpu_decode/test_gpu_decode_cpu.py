@@ -13,7 +13,7 @@ import pytest
 from gpu_slides import ABSENT_TILE, CMU_SMALL, TCGA_JP2K
 
 from wsi import gpu_decode
-from wsi.decode_once import NotApplicable, make_tile_reader, patch_tiles, tiled_level0
+from wsi.decode_once import NotApplicable, make_tile_reader, patch_tiles, tiled_level
 from wsi.gpu_decode import (
     assemble_on_host,
     assembly_plan,
@@ -47,7 +47,7 @@ def _coords(slide):
 
 def _streams(slide, indices):
     """{tile: the self-contained JPEG stream the GPU decoder gets} and {tile: CPU reader's tile}."""
-    level = tiled_level0(slide)
+    level = tiled_level(slide)
     fd = os.open(level.path, os.O_RDONLY)
     try:
         return ({i: level.jpeg_stream(fd, i) for i in indices},
@@ -61,7 +61,7 @@ def test_the_gpu_streams_decode_alone_to_the_cpu_readers_pixels(request, name):
     """Each stream read with no TIFF side information (tables merged in, Adobe APP14 marker on
     RGB-coded tiles) decodes to exactly the tile the CPU decode-once reader crops from."""
     with open_slide(_path(request, name)) as slide:
-        level = tiled_level0(slide)
+        level = tiled_level(slide)
         used = np.unique(patch_tiles(_coords(slide), PATCH, level))
         used = [int(i) for i in used if i >= 0 and level.byte_counts[i] > 0]
         streams, tiles = _streams(slide, used)
@@ -87,7 +87,7 @@ def test_nvimagecodec_parses_the_streams_and_its_libjpeg_backend_gives_the_same_
                                  backends=[nvimgcodec.Backend(nvimgcodec.BackendKind.CPU_ONLY)],
                                  options=gpu_decode._DECODER_OPTIONS)
     with open_slide(_path(request, name)) as slide:
-        level = tiled_level0(slide)
+        level = tiled_level(slide)
         present = np.flatnonzero(level.byte_counts > 0)[:12]
         streams, tiles = _streams(slide, present.tolist())
     sources = [nvimgcodec.CodeStream(streams[int(i)]) for i in present]
@@ -105,7 +105,7 @@ def test_nvimagecodec_reads_an_rgb_coded_jpeg_as_ycbcr_so_the_gpu_leaves_it_to_t
     3-component stream YCbCr (it ignores the Adobe transform flag), so its nvJPEG decoders would
     colour-convert these RGB samples."""
     with open_slide(CMU_SMALL) as slide:
-        assert tiled_level0(slide).jpeg_colorspace == "RGB"
+        assert tiled_level(slide).jpeg_colorspace == "RGB"
         streams, _ = _streams(slide, [0])
         assert nvimgcodec.CodeStream(streams[0]).color_spec == nvimgcodec.ColorSpec.SYCC
         with pytest.raises(NotApplicable, match="RGB-coded JPEG"):
@@ -119,7 +119,7 @@ def test_the_device_plan_gives_the_cpu_readers_patches(request, name, batch_size
     the decoded streams gives the patches of the CPU decode-once reader, batch by batch."""
     with open_slide(_path(request, name)) as slide:
         coords = _coords(slide)
-        level = tiled_level0(slide)
+        level = tiled_level(slide)
         steps = assembly_plan(coords, PATCH, level, batch_size)
         streams, _ = _streams(slide, [int(i) for s in steps for i in s.decode])
         reader = make_tile_reader(slide, coords, tile_size=PATCH, workers=2, batch_size=batch_size,
@@ -138,7 +138,7 @@ def test_the_device_plan_gives_the_cpu_readers_patches(request, name, batch_size
 def test_each_source_tile_used_is_decoded_once_at_its_first_batch(request, name):
     with open_slide(_path(request, name)) as slide:
         coords = _coords(slide)
-        level = tiled_level0(slide)
+        level = tiled_level(slide)
     steps = assembly_plan(coords, PATCH, level, 9)
     decoded = np.concatenate([s.decode for s in steps])
     released = np.concatenate([s.release for s in steps])
@@ -158,7 +158,7 @@ def test_each_source_tile_used_is_decoded_once_at_its_first_batch(request, name)
 
 def test_patches_straddling_two_and_four_tiles_and_the_edges(camelyon_512, edges_absent):
     with open_slide(camelyon_512) as slide:
-        level = tiled_level0(slide)
+        level = tiled_level(slide)
     coords = np.array([[400, 100], [400, 400], [1024, 1024], [4000, 4000], [-300, 10]])
     (step,) = assembly_plan(coords, PATCH, level, len(coords))
     by_row = {r: step.copies[step.copies[:, 3] == r] for r in range(len(coords))}
@@ -174,7 +174,7 @@ def test_patches_straddling_two_and_four_tiles_and_the_edges(camelyon_512, edges
     assert len(by_row[4]) == 0                                                   # off the slide
     np.testing.assert_array_equal(step.fill, [3, 4])
     with open_slide(edges_absent) as slide:
-        level = tiled_level0(slide)
+        level = tiled_level(slide)
     # 1000 x 900 px, 4 x 4 tiles of 256: tile 5 (x 256-511, y 256-511) is absent
     coords = np.array([[300, 300], [200, 200], [900, 100]])
     (step,) = assembly_plan(coords, PATCH, level, 3)

@@ -13,7 +13,7 @@ import tifffile
 from gpu_slides import CMU_SMALL
 
 from core.errors import SlideError
-from wsi.decode_once import make_tile_reader, patch_tiles, tiled_level0
+from wsi.decode_once import make_tile_reader, patch_tiles, tiled_level
 from wsi.gpu_decode import DeviceBatch, gpu_decode_available, make_gpu_tile_reader
 from wsi.slide import open_slide
 
@@ -40,7 +40,7 @@ def test_gpu_batches_match_the_cpu_reader(request, name, batch_size):
     path = request.getfixturevalue(name)
     with open_slide(path) as slide:
         coords = _coords(slide)
-        level = tiled_level0(slide)
+        level = tiled_level(slide)
         cpu = np.concatenate([b.tiles.copy() for b in make_tile_reader(
             slide, coords, batch_size=batch_size, reader="decode-once")])
         reader = make_gpu_tile_reader(slide, coords, batch_size=batch_size, queue_batches=3)
@@ -111,7 +111,7 @@ def test_rgb_coded_jpeg_is_colour_converted_by_the_gpu_decoder():
     from wsi import gpu_decode
 
     with open_slide(CMU_SMALL) as slide:
-        level = tiled_level0(slide)
+        level = tiled_level(slide)
         fd = os.open(level.path, os.O_RDONLY)
         try:
             stream, expected = level.jpeg_stream(fd, 0), level.decode(fd, 0)

@@ -160,8 +160,10 @@ def test_a_model_change_rescoring_and_clear_errors(in_process_out, bundle, slide
 
 
 def test_real_slides_of_tests_data(bundle, tmp_path):
-    """tests/data as it is: Aperio JPEG (CMU-1), Aperio JPEG 2000 without MPP (TCGA), a corrupt
-    SVS, and files that are not slides (README, XML)."""
+    """tests/data as it is: Aperio JPEG (CMU-1, a 20x scan at 0.499 um/px), Aperio JPEG 2000
+    without a pixel size (TCGA), a corrupt SVS, and files that are not slides (README, XML).
+    CMU-1 is scored at the model's 0.243 um/px (enlarged, and the summary says so); the TCGA
+    slide fails with the fix in its message, and is scored once --fallback-mpp gives its size."""
     from core.bundle import BundleManifest
     from wsi.grid import tiles_for_slide
     from wsi.slide import open_slide
@@ -172,12 +174,29 @@ def test_real_slides_of_tests_data(bundle, tmp_path):
     summary = read_summary(out)
     assert sorted(summary) == ["CMU-1-Small-Region", "TCGA-CR-7395-01A-01-TS1", "broken"]
     assert summary["broken"]["status"] == "failed"
+    tcga = summary["TCGA-CR-7395-01A-01-TS1"]
+    assert tcga["status"] == "failed" and "no pixel size" in tcga["error"] \
+        and "--fallback-mpp" in tcga["error"]
+    cmu = summary["CMU-1-Small-Region"]
+    assert cmu["status"] == "ok"
+    assert (cmu["slide_mpp"], cmu["mpp_source"], cmu["model_mpp"]) == ("0.499", "metadata", "0.243")
+    assert float(cmu["scale_factor"]) == pytest.approx(0.243 / 0.499, rel=1e-3)
+    assert (cmu["read_level"], cmu["upsampled"]) == ("0", "True")
+    geojson = json.loads((out / "CMU-1-Small-Region" / "CMU-1-Small-Region.geojson").read_text())
+    assert geojson["properties"]["scale"]["upsampled"] is True
+    spatiopath = json.loads(
+        (out / "CMU-1-Small-Region" / "CMU-1-Small-Region_spatiopath.json").read_text())
+    assert spatiopath["scale"]["model_mpp"] == 0.243 and spatiopath["tile_size"] == 109
+
+    out2 = tmp_path / "out2"
+    assert batch(data, "--model", bundle, "--out", out2, "--fallback-mpp", "0.5") == 1   # broken
+    tcga = read_summary(out2)["TCGA-CR-7395-01A-01-TS1"]
+    assert (tcga["status"], tcga["mpp_source"], tcga["slide_mpp"]) == ("ok", "user", "0.5")
     manifest = BundleManifest.read(bundle)
-    for key in ("CMU-1-Small-Region", "TCGA-CR-7395-01A-01-TS1"):
-        assert summary[key]["status"] == "ok"
-        with open_slide(data / f"{key}.svs") as slide:
+    for key, fallback in (("CMU-1-Small-Region", None), ("TCGA-CR-7395-01A-01-TS1", 0.5)):
+        with open_slide(data / f"{key}.svs", fallback_mpp=fallback) as slide:
             _, grid = tiles_for_slide(slide, manifest.tiling, params=manifest.tissue)
-        assert int(summary[key]["tiles"]) == len(grid) > 10
+        assert int(read_summary(out2)[key]["tiles"]) == len(grid) > 10
 
 
 def test_score_sets_the_engine_batch_size_and_threads(bundle, slides_dir, tmp_path):
@@ -202,12 +221,13 @@ def test_score_sets_the_engine_batch_size_and_threads(bundle, slides_dir, tmp_pa
              "--threads", "0"]))
 
 
-def test_a_level_1_model_writes_level_0_tiles_alike_in_process_and_through_a_server(
+def test_a_20x_model_on_a_40x_slide_writes_level_0_tiles_alike_in_process_and_through_a_server(
         bundle, slides_dir, tmp_path):
-    """A bundle that reads its 224 px input at pyramid level 1 (2x): every file states tiles in
-    level-0 px (448), whether the slide was scored in this process, through a server (`score
-    --server`) or with `client score --out`. The server's header says so (tile_size, level-0
-    px) beside the model's input side (input_px)."""
+    """A bundle whose 224 px input is at 0.486 um/px, on a 0.243 um/px slide: read from pyramid
+    level 1 (2x). Every file states tiles in level-0 px (448), whether the slide was scored in
+    this process, through a server (`score --server`) or with `client score --out`; the CSV,
+    the ROIs and the GeoJSON are the same. The server's header says so (tile_size, level-0 px;
+    tile_level; the scale) beside the model's input side (input_px)."""
     from serving_batch_helpers import ServerProcess
 
     from serving.client import ScoringClient
@@ -216,7 +236,7 @@ def test_a_level_1_model_writes_level_0_tiles_alike_in_process_and_through_a_ser
     level1 = tmp_path / "level1"
     shutil.copytree(bundle, level1)
     manifest = json.loads((level1 / "manifest.json").read_text())
-    manifest["level"] = 1
+    manifest["target_mpp"] = 0.486
     (level1 / "manifest.json").write_text(json.dumps(manifest))
     root = tmp_path / "slides"
     root.mkdir()
@@ -236,7 +256,10 @@ def test_a_level_1_model_writes_level_0_tiles_alike_in_process_and_through_a_ser
         with ScoringClient(server.target) as client:
             header = client.score_slide_all("synth_tumor.tif").header
             assert (header.tile_size, header.input_px, header.tile_level) == (448, 224, 1)
+            assert (header.model_mpp, header.upsampled) == (0.486, False)
+            assert header.scale_factor == pytest.approx(2.0, rel=1e-3)
             assert client.get_model().input_px == 224
+            assert client.get_model().input_mpp == 0.486
     finally:
         server.stop()
     tables = [np.loadtxt(folder / name, delimiter=",", skiprows=1, usecols=(0, 1, 2, 3), ndmin=2)

@@ -43,7 +43,7 @@ def test_fit_separates_tumour_bags_and_logs_run(bag_dataset, tmp_path, head):
     run = client.get_run(result.run_id)
     p = run.data.params
     assert p["head"] == head and p["backbone_layer"] == "pool" and p["weights"] == "none"
-    assert p["tile_size"] == "224" and p["patch_level"] == "0" and p["min_tissue"] == "0.25"
+    assert p["tile_size"] == "224" and p["target_mpp"] == "0.243" and p["min_tissue"] == "0.25"
     assert p["weights_seed"] == "0" and p["folds"] == "2"
     assert float(p["slide_threshold"]) == pytest.approx(run.data.metrics["slide_threshold"])
     # the ROI threshold splits the out-of-fold slides by their highest patch score as well as

@@ -22,7 +22,8 @@ def test_bundle_files_and_manifest(chowder_bundle):
     out, head = chowder_bundle
     assert sorted(p.name for p in out.iterdir()) == sorted([*FILES.values(), "manifest.json"])
     manifest = json.loads((out / "manifest.json").read_text())
-    for key in ("format", "name", "head", "tile_size", "level", "target_mpp", "feature_dim",
+    assert "level" not in manifest   # the input is stated in um/px; the level is per slide
+    for key in ("format", "name", "head", "tile_size", "target_mpp", "feature_dim",
                 "backbone_layer", "weights", "pooling", "slide_threshold", "roi_threshold",
                 "min_tissue", "tissue", "files", "fingerprint", "metrics", "run_id", "versions"):
         assert key in manifest, key

@@ -38,3 +38,24 @@ def test_a_fit_run_with_the_old_key_loads(trained_head, tmp_path):
     assert FitRun.load(run_id, uri).roi_threshold == pytest.approx(0.91)
     fresh = log_fit_run(uri, trained_head, val_auc=0.7, roi_threshold=0.66)
     assert FitRun.load(fresh, uri).roi_threshold == pytest.approx(0.66)
+
+
+def test_a_manifest_from_before_target_mpp_names_a_level(chowder_bundle, tmp_path):
+    """Bundles from before the input was stated in um/px say `level` 0 (the only level
+    `features` could make): they load as Camelyon16's 0.243 um/px input. Any other level is
+    refused with the fix, never guessed."""
+    from core.errors import BundleError
+
+    bundle, _ = chowder_bundle
+    old = tmp_path / "old"
+    shutil.copytree(bundle, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest.pop("target_mpp")
+    manifest["level"] = 0
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    loaded = BundleManifest.read(old)
+    assert loaded.tiling.target_mpp == 0.243 and "level" not in loaded.to_dict()
+    manifest["level"] = 1
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="level 1.*target_mpp"):
+        BundleManifest.read(old)

@@ -97,3 +97,29 @@ def test_a_bad_setting_is_a_clear_error(capsys):
         TissueParams().with_overrides(["optical_density=maybe"])
     assert train_main(["tiles", "x.tif", "--out", "o", "--tissue", "colour=5"]) == 1
     assert "min_saturation" in capsys.readouterr().err
+
+
+def test_the_scale_travels_and_feature_files_of_two_scales_never_mix(trained, tmp_path, capsys):
+    """`features --mpp 0.486` (a 20x model on these 0.243 um/px slides) reads pyramid level 1 and
+    records it; `fit` refuses a folder whose files were tiled at two scales, naming them."""
+    import shutil
+
+    from training.feature_file import FeatureAttrs
+
+    feat20 = tmp_path / "feat20"
+    assert train_main(["features", str(trained["work"] / "ds"), "--out", str(feat20), "--weights",
+                       "none", "--layer", "layer3", "--device", "cpu", "--no-progress",
+                       "--mpp", "0.486", "--limit-tiles", "4"]) == 0
+    files20 = sorted((feat20 / "h5_files").glob("*.h5"))
+    with h5py.File(files20[0]) as f:
+        attrs = FeatureAttrs.from_h5(f.attrs, files20[0])
+        assert (attrs.tiling.target_mpp, attrs.read_level, attrs.tiling.tile_size) == (0.486, 1, 224)
+        assert f["coords"][:].size and (f["coords"][:] % 448 == 0).all()   # 224 px at 2x
+    mixed = tmp_path / "mixed" / "h5_files"
+    shutil.copytree(trained["work"] / "feat" / "h5_files", mixed)
+    shutil.copy(files20[0], mixed / files20[0].name)
+    capsys.readouterr()
+    assert train_main(["fit", str(mixed.parent), "--labels", str(trained["work"] / "ds" / "reference.csv"),
+                       "--folds", "2", "--epochs", "1", "--tracking-uri", trained["uri"]]) == 1
+    err = capsys.readouterr().err
+    assert "target_mpp" in err and "pixel sizes" in err and files20[0].stem in err

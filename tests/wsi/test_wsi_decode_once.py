@@ -13,7 +13,7 @@ from slide_testing import write_camelyon_layout_slide
 from wsi_slides import CMU_SMALL, TCGA_JP2K, write_pyramid_tiff
 
 from core.errors import ConfigError, MilroiError, SlideError
-from wsi.decode_once import READER_ENV, DecodeOnceReader, make_tile_reader, tiled_level0
+from wsi.decode_once import READER_ENV, DecodeOnceReader, make_tile_reader, tiled_level
 from wsi.slide import open_slide
 from wsi.tiles import TileReader
 
@@ -253,10 +253,13 @@ def test_which_reader_runs_and_the_log_line(he_tiff, lossless_tiff, caplog, monk
     with open_slide(he_tiff) as slide:
         reader = make_tile_reader(slide, coords)
         assert isinstance(reader, DecodeOnceReader)
-        assert "tile reader: decode-once, JPEG 256x256 tiles" in caplog.text
+        assert "tile reader: decode-once, level 0, JPEG 256x256 tiles" in caplog.text
         reader.close()
-        assert isinstance(make_tile_reader(slide, coords, level=1), TileReader)
-        assert "tile reader: OpenSlide read_region" in caplog.text and "level 1" in caplog.text
+        # a coarser level is tiled JPEG too: read from there (wsi.scale's reads)
+        reader = make_tile_reader(slide, coords, level=1, tile_size=112, out_size=224)
+        assert isinstance(reader, DecodeOnceReader)
+        assert "tile reader: decode-once, level 1" in caplog.text
+        reader.close()
         monkeypatch.setattr(slide, "reader", "tiffslide 2.5", raising=False)   # wsi.slide's OME path
         assert isinstance(make_tile_reader(slide, coords), TileReader)
         assert "opened by tiffslide 2.5, not OpenSlide" in caplog.text
@@ -301,7 +304,7 @@ def test_self_contained_jpeg_streams_decode_to_the_same_pixels(request, slide):
 
     path = CMU_SMALL if slide == "cmu" else request.getfixturevalue(slide)
     with open_slide(path) as slide_:
-        source = tiled_level0(slide_)
+        source = tiled_level(slide_)
     assert (source.jpeg_tables is not None) == (slide != "he_tiff")
     assert (source.jpeg_colorspace == "RGB") == (slide == "cmu")
     fd = os.open(path, os.O_RDONLY)

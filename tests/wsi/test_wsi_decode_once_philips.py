@@ -13,7 +13,7 @@ import tifffile
 from format_slides import stained_tissue
 from slide_testing import write_philips_tiff
 
-from wsi.decode_once import DecodeOnceReader, make_tile_reader, tiled_level0
+from wsi.decode_once import DecodeOnceReader, make_tile_reader, tiled_level
 from wsi.slide import open_slide
 from wsi.tiles import TileReader
 
@@ -81,7 +81,7 @@ def test_openslide_reads_it_as_philips_with_the_xml_pixel_size(philips):
         assert "tiff.ResolutionUnit" not in slide.properties or \
             slide.properties["tiff.ResolutionUnit"] == "none"
         assert slide.mpp_source == "metadata" and slide.mpp == pytest.approx(MPP)
-        source = tiled_level0(slide)
+        source = tiled_level(slide)
     with tifffile.TiffFile(philips) as tif:
         assert tif.is_philips and tif.pages[0].is_tiled     # page 0 is level 0, XML and all
         assert tif.pages[1].imagewidth == 1536               # the padded level 1 (1280 px true)
@@ -107,7 +107,7 @@ def test_pixels_are_the_openslide_readers_including_missing_tiles(philips, caplo
     with open_slide(philips) as slide:
         reader = make_tile_reader(slide, coords, workers=3, batch_size=16)
         assert isinstance(reader, DecodeOnceReader)
-        assert "tile reader: decode-once, JPEG 512x512 tiles (philips)" in caplog.text
+        assert "tile reader: decode-once, level 0, JPEG 512x512 tiles (philips)" in caplog.text
         tiles = np.concatenate([b.tiles.copy() for b in reader])
         expected = np.concatenate([b.tiles.copy() for b in
                                    make_tile_reader(slide, coords, reader="openslide", workers=3)])
@@ -139,7 +139,7 @@ def test_one_decode_per_stored_tile_used_and_none_for_missing_ones(philips, monk
 
     monkeypatch.setattr(imagecodecs, "jpeg8_decode", counting_decode)
     with open_slide(philips) as slide:
-        source = tiled_level0(slide)
+        source = tiled_level(slide)
         reader = make_tile_reader(slide, coords, workers=2, batch_size=3, queue_batches=2)
         assert sum(len(b.index) for b in reader) == len(coords)
     used = _source_tiles(coords)

@@ -46,8 +46,9 @@ def test_fractions_match_brute_force(tile, stride, min_tissue):
 
 
 def test_grid_invariants_on_a_real_slide():
-    with open_slide(CMU_SMALL) as slide:
-        tissue, grid = tiles_for_slide(slide, TilingParams(224, 0, 0.25), stride=112)
+    with open_slide(CMU_SMALL) as slide:   # a model at the slide's own 0.499 um/px: level 0 as is
+        tissue, grid = tiles_for_slide(slide, TilingParams(224, 0.499, 0.25), stride=112)
+    assert (grid.scale.level, grid.scale.read_size, grid.scale.resized) == (0, 224, False)
     width, height = slide.dimensions
     assert grid.coords.dtype == np.int64 and grid.tissue_fraction.dtype == np.float32
     assert len(grid) > 50
@@ -111,7 +112,7 @@ def test_csv_round_trip(tmp_path):
 def test_tiles_command_writes_csv_mask_and_grid(tmp_path, he_tiff, capsys):
     assert milroi_train(["tiles", str(he_tiff), "--out", str(tmp_path), "--min-tissue", "0.5",
                          "--stride", "112"]) == 0
-    assert "tiles of 224 px" in capsys.readouterr().out
+    assert "tiles of 224 level-0 px" in capsys.readouterr().out
     with open_slide(he_tiff) as slide:
         _, grid = tiles_for_slide(slide, TilingParams(min_tissue=0.5), stride=112)
     with open(tmp_path / "he_slide_tiles.csv") as f:

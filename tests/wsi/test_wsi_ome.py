@@ -94,10 +94,12 @@ def test_ome_pyramid_without_physical_size_falls_back_with_a_warning(tmp_path, r
         slide = open_slide(path, fallback_mpp=0.3)
     with slide:
         assert slide.level_count == 3 and slide.reader.startswith("tiffslide")
-        assert slide.mpp == pytest.approx(0.3) and slide.mpp_source == "fallback"
-    assert any(r.levelname == "WARNING" and "fallback" in r.getMessage() for r in caplog.records)
-    with open_slide(path) as slide:
-        assert slide.mpp == pytest.approx(DEFAULT_FALLBACK_MPP)
+        assert slide.mpp == pytest.approx(0.3) and slide.mpp_source == "user"
+    assert any("0.3 um/px (user)" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="wsi.slide"), open_slide(path) as slide:
+        assert slide.mpp == pytest.approx(DEFAULT_FALLBACK_MPP) and slide.mpp_source == "assumed"
+    assert any(r.levelname == "WARNING" and "no pixel size" in r.getMessage() for r in caplog.records)
 
 
 def test_ome_tiff_openslide_cannot_open_at_all(tmp_path, random_rgb):

@@ -10,7 +10,9 @@ import pytest
 import tifffile
 from wsi_slides import BROKEN_SVS, CMU_SMALL, TCGA_JP2K, write_pyramid_tiff
 
-from core.errors import MilroiError, SlideError
+from core.errors import ConfigError, MilroiError, SlideError
+from core.tiling import DEFAULT_TILING
+from wsi.scale import plan_read
 from wsi.slide import DEFAULT_FALLBACK_MPP, open_slide, rgba_to_rgb_on_white
 
 
@@ -58,24 +60,47 @@ def test_real_aperio_jpeg_svs_has_its_mpp():
         assert tile.shape == (224, 224, 3) and tile.std() > 5   # real image content
 
 
-def test_real_jpeg2000_svs_without_mpp_falls_back_with_a_warning(caplog):
+def test_real_jpeg2000_svs_without_mpp_opens_for_viewing_and_is_refused_for_tiles(caplog):
+    """No pixel size: the slide opens (the viewer shows it) at an assumed 0.243 um/px, with a
+    warning, and the model-scale plan refuses it, naming the fix; the user's value is taken."""
     with caplog.at_level(logging.WARNING, logger="wsi.slide"):
         with open_slide(TCGA_JP2K) as slide:
             assert slide.level_count == 2
             assert slide.mpp == DEFAULT_FALLBACK_MPP == 0.243
-            assert slide.mpp_source == "fallback"
+            assert slide.mpp_source == "assumed"
             level1 = slide.read_level(1)   # JPEG 2000 tiles decode
             assert level1.shape == (1783, 2221, 3) and level1.std() > 5
+            with pytest.raises(SlideError, match="no pixel size.*--fallback-mpp.*mpp.csv"):
+                plan_read(slide, DEFAULT_TILING)
     assert "no pixel size" in caplog.text and "TCGA-CR-7395" in caplog.text
     with open_slide(TCGA_JP2K, fallback_mpp=0.5) as slide:
-        assert slide.mpp == 0.5 and slide.mpp_source == "fallback"
+        assert slide.mpp == 0.5 and slide.mpp_source == "user"
+        assert plan_read(slide, DEFAULT_TILING).upsampled
+
+
+def test_mpp_csv_beside_the_slides_gives_the_pixel_size(tmp_path):
+    """`mpp.csv` (slide,mpp) names a slide by file name or stem; --fallback-mpp comes first; a
+    garbled table is an error naming it, not ignored."""
+    image = np.full((300, 300, 3), 200, np.uint8)
+    a = write_pyramid_tiff(tmp_path / "a.tif", image, mpp=None, levels=1)
+    b = write_pyramid_tiff(tmp_path / "b.tif", image, mpp=None, levels=1)
+    (tmp_path / "mpp.csv").write_text("slide,mpp\na.tif,0.5\nb,0.26\n")
+    with open_slide(a) as slide:
+        assert (slide.mpp, slide.mpp_source) == (0.5, "user")
+    with open_slide(b) as slide:
+        assert (slide.mpp, slide.mpp_source) == (0.26, "user")
+    with open_slide(b, fallback_mpp=0.3) as slide:
+        assert slide.mpp == 0.3
+    (tmp_path / "mpp.csv").write_text("slide,mpp\nb,zero\n")
+    with pytest.raises(ConfigError, match="mpp.csv"):
+        open_slide(b)
 
 
 def test_tiff_without_physical_resolution_uses_fallback(tmp_path):
     path = write_pyramid_tiff(tmp_path / "nounit.tif", np.full((300, 300, 3), 200, np.uint8),
                               mpp=None, levels=1)
     with open_slide(path, fallback_mpp=0.25) as slide:
-        assert slide.mpp == 0.25 and slide.mpp_source == "fallback"
+        assert slide.mpp == 0.25 and slide.mpp_source == "user"
 
 
 def _expect_slide_error(path, *, read=False) -> SlideError:

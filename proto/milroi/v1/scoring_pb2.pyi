@@ -41,7 +41,7 @@ class ModelRef(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., alias: _Optional[str] = ..., run_id: _Optional[str] = ...) -> None: ...
 
 class SlideHeader(_message.Message):
-    __slots__ = ("slide_path", "width", "height", "level_count", "mpp", "mpp_source", "tile_size", "tile_level", "tile_count", "model", "input_px", "bounds_x", "bounds_y")
+    __slots__ = ("slide_path", "width", "height", "level_count", "mpp", "mpp_source", "tile_size", "tile_level", "tile_count", "model", "input_px", "bounds_x", "bounds_y", "model_mpp", "scale_factor", "upsampled")
     SLIDE_PATH_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +55,9 @@ class SlideHeader(_message.Message):
     INPUT_PX_FIELD_NUMBER: _ClassVar[int]
     BOUNDS_X_FIELD_NUMBER: _ClassVar[int]
     BOUNDS_Y_FIELD_NUMBER: _ClassVar[int]
+    MODEL_MPP_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    UPSAMPLED_FIELD_NUMBER: _ClassVar[int]
     slide_path: str
     width: int
     height: int
@@ -68,7 +71,10 @@ class SlideHeader(_message.Message):
     input_px: int
     bounds_x: int
     bounds_y: int
-    def __init__(self, slide_path: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., level_count: _Optional[int] = ..., mpp: _Optional[float] = ..., mpp_source: _Optional[str] = ..., tile_size: _Optional[int] = ..., tile_level: _Optional[int] = ..., tile_count: _Optional[int] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., input_px: _Optional[int] = ..., bounds_x: _Optional[int] = ..., bounds_y: _Optional[int] = ...) -> None: ...
+    model_mpp: float
+    scale_factor: float
+    upsampled: bool
+    def __init__(self, slide_path: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., level_count: _Optional[int] = ..., mpp: _Optional[float] = ..., mpp_source: _Optional[str] = ..., tile_size: _Optional[int] = ..., tile_level: _Optional[int] = ..., tile_count: _Optional[int] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., input_px: _Optional[int] = ..., bounds_x: _Optional[int] = ..., bounds_y: _Optional[int] = ..., model_mpp: _Optional[float] = ..., scale_factor: _Optional[float] = ..., upsampled: _Optional[bool] = ...) -> None: ...
 
 class PatchScores(_message.Message):
     __slots__ = ("offset", "x", "y", "score", "artefact")
@@ -183,7 +189,7 @@ class GetModelRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "head", "tile_size", "tile_level", "feature_dim", "threshold", "roi_threshold", "provider", "providers", "manifest_json", "backend", "precision", "backend_choice_json", "input_px")
+    __slots__ = ("model", "head", "tile_size", "tile_level", "feature_dim", "threshold", "roi_threshold", "provider", "providers", "manifest_json", "backend", "precision", "backend_choice_json", "input_px", "input_mpp")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     HEAD_FIELD_NUMBER: _ClassVar[int]
     TILE_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -198,6 +204,7 @@ class ModelInfo(_message.Message):
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     BACKEND_CHOICE_JSON_FIELD_NUMBER: _ClassVar[int]
     INPUT_PX_FIELD_NUMBER: _ClassVar[int]
+    INPUT_MPP_FIELD_NUMBER: _ClassVar[int]
     model: ModelRef
     head: str
     tile_size: int
@@ -212,4 +219,5 @@ class ModelInfo(_message.Message):
     precision: str
     backend_choice_json: str
     input_px: int
-    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., head: _Optional[str] = ..., tile_size: _Optional[int] = ..., tile_level: _Optional[int] = ..., feature_dim: _Optional[int] = ..., threshold: _Optional[float] = ..., roi_threshold: _Optional[float] = ..., provider: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., manifest_json: _Optional[str] = ..., backend: _Optional[str] = ..., precision: _Optional[str] = ..., backend_choice_json: _Optional[str] = ..., input_px: _Optional[int] = ...) -> None: ...
+    input_mpp: float
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., head: _Optional[str] = ..., tile_size: _Optional[int] = ..., tile_level: _Optional[int] = ..., feature_dim: _Optional[int] = ..., threshold: _Optional[float] = ..., roi_threshold: _Optional[float] = ..., provider: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., manifest_json: _Optional[str] = ..., backend: _Optional[str] = ..., precision: _Optional[str] = ..., backend_choice_json: _Optional[str] = ..., input_px: _Optional[int] = ..., input_mpp: _Optional[float] = ...) -> None: ...
