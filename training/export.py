@@ -47,10 +47,10 @@ from core.bundle import (
     bundle_digest,
     current_keys,
 )
-from core.cli import add_tracking_uri_argument
+from core.cli import add_fallback_mpp_argument, add_tracking_uri_argument
 from core.errors import ConfigError, ExportError
 from core.inference_backends import he_like_tiles
-from core.tiling import DEFAULT_TILING, TissueParams
+from core.tiling import DEFAULT_TILING, TilingParams, TissueParams
 from core.tracking import mlflow_client, resolve_tracking_uri
 from training.backbone import Backbone
 from training.runs import FitRun, load_run_head
@@ -276,18 +276,20 @@ def export_bundle(out_dir: str | os.PathLike, backbone: Backbone, head: nn.Modul
 # From an MLflow run to a registered model version
 
 
-def parity_tiles_from_slide(slide_path: str | os.PathLike, n: int = 8) -> np.ndarray:
-    """n real tissue tiles (uint8 [n, 224, 224, 3]) spread over a slide's tile grid."""
+def parity_tiles_from_slide(slide_path: str | os.PathLike, n: int = 8,
+                            tiling: TilingParams = DEFAULT_TILING,
+                            fallback_mpp: float | None = None) -> np.ndarray:
+    """n real tissue tiles (uint8 [n, 224, 224, 3]) spread over a slide's tile grid, read at
+    the model's scale (`tiling`, wsi.scale) as the server reads them."""
     from wsi.grid import tiles_for_slide
     from wsi.slide import open_slide
 
-    with open_slide(slide_path) as slide:
-        _, grid = tiles_for_slide(slide, DEFAULT_TILING)
+    with open_slide(slide_path, fallback_mpp=fallback_mpp) as slide:
+        _, grid = tiles_for_slide(slide, tiling)
         if len(grid.coords) == 0:
             raise ConfigError(f"parity slide {slide_path} has no tissue tiles")
         picks = grid.coords[np.linspace(0, len(grid.coords) - 1, n).astype(int)]
-        return np.stack([slide.read_region(int(x), int(y), TILE_SIZE, TILE_SIZE)
-                         for x, y in picks])
+        return np.stack([grid.scale.read(slide, int(x), int(y)) for x, y in picks])
 
 
 @dataclass
@@ -302,7 +304,8 @@ class Registered:
 def export_run(run_id: str, name: str, *, alias: str | None = None,
                tracking_uri: str | None = None, out_dir: str | os.PathLike | None = None,
                opset: int = DEFAULT_OPSET, parity_slide: str | os.PathLike | None = None,
-               int8: bool = False, calibration_slides: list | None = None) -> Registered:
+               int8: bool = False, calibration_slides: list | None = None,
+               fallback_mpp: float | None = None) -> Registered:
     """Export a fit run to a bundle, log it to the run under `bundle/`, register one version."""
     from training.backbone import build_backbone
 
@@ -312,7 +315,7 @@ def export_run(run_id: str, name: str, *, alias: str | None = None,
     head = load_run_head(run_id, tracking_uri)
     backbone = build_backbone(run.weights, layer=run.backbone_layer, seed=run.weights_seed)
     if parity_slide is not None:
-        tiles = parity_tiles_from_slide(parity_slide)
+        tiles = parity_tiles_from_slide(parity_slide, tiling=run.tiling, fallback_mpp=fallback_mpp)
     else:
         log.warning("no --parity-slide: parity checked on synthetic H&E-like tiles only")
         tiles = None
@@ -322,7 +325,8 @@ def export_run(run_id: str, name: str, *, alias: str | None = None,
 
         slides = calibration_slides or ([parity_slide] if parity_slide is not None else [])
         if slides:
-            int8_tiles = calibration_tiles_from_slides(slides)
+            int8_tiles = calibration_tiles_from_slides(slides, tiling=run.tiling,
+                                                       fallback_mpp=fallback_mpp)
         else:
             log.warning("--int8 without --calibration-slide: calibrating on a synthetic slide")
             int8_tiles = synthetic_calibration_tiles()
@@ -397,13 +401,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         dest="calibration_slides",
                         help="slide whose tissue tiles calibrate the int8 backbone (repeatable; "
                              "default the parity slide, else a synthetic slide)")
+    add_fallback_mpp_argument(parser)   # for parity and calibration slides without one
 
 
 def run(args: argparse.Namespace) -> int:
     registered = export_run(args.run_id, args.name, alias=args.alias,
                             tracking_uri=args.tracking_uri, out_dir=args.out, opset=args.opset,
                             parity_slide=args.parity_slide, int8=args.int8,
-                            calibration_slides=args.calibration_slides)
+                            calibration_slides=args.calibration_slides,
+                            fallback_mpp=args.fallback_mpp)
     alias = f" @{registered.alias}" if registered.alias else ""
     print(f"{registered.name} version {registered.version}{alias} <- {registered.source}")
     return 0

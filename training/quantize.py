@@ -36,10 +36,9 @@ from core.inference_backends import (  # one agreement gate: export and backend 
     MIN_COSINE,
     feature_cosine,
 )
-from core.tiling import DEFAULT_TILING
+from core.tiling import DEFAULT_TILING, TilingParams
 
 INT8_FILE = "backbone_int8.onnx"
-TILE_SIZE = DEFAULT_TILING.tile_size
 # Calibration wants tiles that are mostly tissue, more than the grid's own minimum.
 CALIBRATION_MIN_TISSUE = 0.5
 
@@ -74,8 +73,12 @@ def _reader_class():
 
 def calibration_tiles_from_slides(slides: Iterable[str | os.PathLike], n: int = 64,
                                   seed: int = 0,
-                                  min_tissue: float = CALIBRATION_MIN_TISSUE) -> np.ndarray:
-    """n tissue tiles drawn evenly at random (fixed seed) from the tissue grids of the slides."""
+                                  min_tissue: float = CALIBRATION_MIN_TISSUE,
+                                  tiling: TilingParams = DEFAULT_TILING,
+                                  fallback_mpp: float | None = None) -> np.ndarray:
+    """n tissue tiles drawn evenly at random (fixed seed) from the tissue grids of the slides,
+    read at the model's scale (`tiling`, wsi.scale) as the server reads them; `fallback_mpp`:
+    the pixel size of slides whose metadata has none."""
     from wsi.grid import tiles_for_slide
     from wsi.slide import open_slide
 
@@ -86,12 +89,12 @@ def calibration_tiles_from_slides(slides: Iterable[str | os.PathLike], n: int = 
     per_slide = -(-n // len(slides))
     tiles = []
     for path in slides:
-        with open_slide(path) as slide:
-            _, grid = tiles_for_slide(slide, DEFAULT_TILING.replace(min_tissue=min_tissue))
+        with open_slide(path, fallback_mpp=fallback_mpp) as slide:
+            _, grid = tiles_for_slide(slide, tiling.replace(min_tissue=min_tissue))
             if len(grid.coords) == 0:
                 raise QuantizationError(f"calibration slide {path} has no tissue tiles")
             picks = rng.choice(len(grid.coords), min(per_slide, len(grid.coords)), replace=False)
-            tiles.extend(slide.read_region(int(x), int(y), TILE_SIZE, TILE_SIZE)
+            tiles.extend(grid.scale.read(slide, int(x), int(y))
                          for x, y in grid.coords[np.sort(picks)])
     return np.stack(tiles[:n])
 

@@ -72,6 +72,12 @@ class ReadScale:
         """The pixel size the model sees: target_mpp, or within the tolerance of it."""
         return self.slide_mpp * self.footprint / self.tile_size
 
+    def read(self, slide, x: int, y: int) -> np.ndarray:
+        """The model's input tile whose level-0 top-left is (x, y), read one at a time through
+        OpenSlide (the readers of wsi.tiles / wsi.decode_once do the same for a grid)."""
+        region = slide.read_region(x, y, self.read_size, self.read_size, self.level)
+        return resize_tile(region, self.tile_size)
+
     def describe(self) -> str:
         how = (f"{self.read_size} px at level {self.level} resized to {self.tile_size}"
                if self.resized else f"{self.tile_size} px at level {self.level} as they are")

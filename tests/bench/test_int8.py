@@ -28,6 +28,7 @@ from training.quantize import (
 DATA = Path(__file__).resolve().parents[1] / "data"
 CMU = DATA / "CMU-1-Small-Region.svs"
 TCGA = DATA / "TCGA-CR-7395-01A-01-TS1.svs"
+TCGA_MPP = 0.243   # none in its metadata: read as these tests always read it, level 0 as it is
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -52,7 +53,7 @@ def int8_bundle(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tcga_tiles() -> np.ndarray:
-    return calibration_tiles_from_slides([TCGA], n=16, seed=1)
+    return calibration_tiles_from_slides([TCGA], n=16, seed=1, fallback_mpp=TCGA_MPP)
 
 
 def test_export_writes_and_lists_the_int8_backbone(int8_bundle):
@@ -166,7 +167,7 @@ def test_cli_export_int8_registers_a_bundle_with_the_int8_graph(tmp_path, capsys
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["files"]["backbone_int8"] == INT8_FILE
     assert manifest["int8"]["agreement"]["cosine_min"] >= 0.99
-    tiles = calibration_tiles_from_slides([TCGA], n=4, seed=2)
+    tiles = calibration_tiles_from_slides([TCGA], n=4, seed=2, fallback_mpp=TCGA_MPP)
     with Engine(out, provider="cpu", precision="int8", batch_size=4) as engine:
         scores = engine.score(tiles)["patch_scores"]
     assert scores.shape == (4,) and np.all((scores >= 0) & (scores <= 1))

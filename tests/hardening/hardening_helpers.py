@@ -30,27 +30,34 @@ GOOD_SLIDES = [f"s{i}.tif" for i in range(8)]
 GOOD_SIZE = (1024, 896)   # ~10-20 tissue tiles: a stream takes about a second on two shared cores
 
 
-def write_huge_claim_tiff(path: Path, width: int, height: int, tile: int = 4096) -> Path:
-    """A valid tiled TIFF header claiming width x height px, every tile offset pointing at one
-    deflate-compressed tile: a few hundred KB on disk for a 'slide' of any size."""
+def write_huge_claim_tiff(path: Path, width: int, height: int, tile: int = 4096,
+                          mpp: float = 0.243) -> Path:
+    """A valid tiled TIFF header claiming width x height px at `mpp` um/px, every tile offset
+    pointing at one deflate-compressed tile: a few hundred KB on disk for a 'slide' of any size."""
     tile_data = zlib.compress(np.full((tile, tile, 3), 200, np.uint8).tobytes(), 9)
     n = (-(-width // tile)) * (-(-height // tile))
+    # resolution in px per cm as a RATIONAL (numerator, denominator), unit 3 = centimetre
     tags = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, 3, None), (259, 3, 1, 8),
-            (262, 3, 1, 2), (277, 3, 1, 3), (284, 3, 1, 1), (322, 3, 1, tile), (323, 3, 1, tile),
-            (324, 4, n, None), (325, 4, n, None)]
+            (262, 3, 1, 2), (277, 3, 1, 3), (282, 5, 1, None), (283, 5, 1, None), (284, 3, 1, 1),
+            (296, 3, 1, 3), (322, 3, 1, tile), (323, 3, 1, tile), (324, 4, n, None),
+            (325, 4, n, None)]
     data_at = 8
     ifd_at = data_at + len(tile_data) + (len(tile_data) & 1)
     arrays_at = ifd_at + 2 + 12 * len(tags) + 4
     offsets_at, counts_at, bps_at = arrays_at, arrays_at + 4 * n, arrays_at + 8 * n
+    rational_at = bps_at + 6
     pointers = {258: bps_at, 324: offsets_at if n > 1 else data_at,
-                325: counts_at if n > 1 else len(tile_data)}
+                325: counts_at if n > 1 else len(tile_data), 282: rational_at, 283: rational_at}
     ifd = struct.pack("<H", len(tags)) + b"".join(
         struct.pack("<HHII", tag, kind, count, pointers.get(tag, value) if value is None else value)
         for tag, kind, count, value in tags) + struct.pack("<I", 0)
     body = struct.pack("<2sHI", b"II", 42, ifd_at) + tile_data + b"\0" * (len(tile_data) & 1) + ifd
     if n > 1:
         body += struct.pack(f"<{n}I", *[data_at] * n) + struct.pack(f"<{n}I", *[len(tile_data)] * n)
-    path.write_bytes(body + struct.pack("<3H", 8, 8, 8))
+    else:   # keep the arrays' place: the bits per sample and the rational follow at fixed offsets
+        body += b"\0" * (8 * n)
+    px_per_cm = round(1e4 / mpp * 1000)
+    path.write_bytes(body + struct.pack("<3H", 8, 8, 8) + struct.pack("<2I", px_per_cm, 1000))
     return path
 
 

@@ -270,11 +270,22 @@ def test_a_20x_model_on_a_40x_slide_writes_level_0_tiles_alike_in_process_and_th
     for other in tables[1:]:
         np.testing.assert_array_equal(other[:, :3], tables[0][:, :3])
         np.testing.assert_allclose(other[:, 3], tables[0][:, 3], atol=2e-6)
-    spatiopath = [json.loads(p.read_text())["tile_size"] for p in
-                  (local / "synth_tumor" / "synth_tumor_spatiopath.json",
-                   remote / "synth_tumor" / "synth_tumor_spatiopath.json",
-                   client_out / "synth_tumor_spatiopath.json")]
-    assert spatiopath == [448, 448, 448]
+    folders = (local / "synth_tumor", remote / "synth_tumor", client_out)
+    spatiopath = [json.loads((f / "synth_tumor_spatiopath.json").read_text()) for f in folders]
+    assert [doc["tile_size"] for doc in spatiopath] == [448, 448, 448]
+    assert all(doc["scale"]["read_level"] == 1 and doc["scale"]["model_mpp"] == 0.486
+               for doc in spatiopath)
+    # the same ROIs (vertices to float rounding) and the same GeoJSON tiles and ROI outlines
+    reference = [(p["x"], p["y"]) for p in spatiopath[0]["polygons"]]
+    assert reference, "no ROI: the comparison would prove nothing"
+    for doc in spatiopath[1:]:
+        assert len(doc["polygons"]) == len(reference)
+        for (x, y), polygon in zip(reference, doc["polygons"]):
+            np.testing.assert_allclose(polygon["x"], x, atol=1e-6)
+            np.testing.assert_allclose(polygon["y"], y, atol=1e-6)
+    geojson = [json.loads((f / "synth_tumor.geojson").read_text()) for f in folders]
+    shapes = [[feature["geometry"] for feature in doc["features"]] for doc in geojson]
+    assert shapes[1] == shapes[0] and shapes[2] == shapes[0]
 
 
 def test_in_process_opens_each_slide_once_and_computes_its_rois_once(bundle, slides_dir, tmp_path,
