@@ -361,6 +361,10 @@ class DecodeOnceReader(QueuedBatchReader):
         # tiles in order (a separate pool: it waits on decodes, which must never wait on it).
         self._decoders = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tile-reader-decode")
         self._cropper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tile-reader-crop")
+        # The resizes (wsi.scale) cost more than the crops: spread over `workers` threads (PIL
+        # releases the GIL), not on the one crop thread. They wait on nothing, so no deadlock.
+        self._resizers = (ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tile-reader-resize")
+                          if self.out_size != self.tile_size else None)
         self._next_batch = 0
 
     def __len__(self) -> int:
@@ -398,11 +402,11 @@ class DecodeOnceReader(QueuedBatchReader):
                 raise SlideError(self.source.path, f"read of {self.tile_size}x{self.tile_size} px at "
                                                    f"({x}, {y}) level-0 px failed: {exc.cause}") from exc
         ts, src = self.tile_size, self.source
-        resize = self.out_size != ts
-        region = np.empty((ts, ts, 3), np.uint8) if resize else None
+        resize = self._resizers is not None
+        regions = np.empty((batch.stop - batch.start, ts, ts, 3), np.uint8) if resize else batch.tiles
         for row in range(batch.stop - batch.start):
             x, y = (int(v) for v in self.level_coords[batch.start + row])
-            out = region if resize else batch.tiles[row]
+            out = regions[row]
             needed = [i for i in self._patch_tiles[batch.start + row] if i >= 0]
             inside = x >= 0 and y >= 0 and x + ts <= src.width and y + ts <= src.height
             if not inside or any(tiles[i] is None for i in needed):
@@ -415,8 +419,11 @@ class DecodeOnceReader(QueuedBatchReader):
                 x0, x1 = max(x, tx), min(x + ts, tx + src.tile_width, src.width)
                 y0, y1 = max(y, ty), min(y + ts, ty + src.tile_height, src.height)
                 out[y0 - y:y1 - y, x0 - x:x1 - x] = tile[y0 - ty:y1 - ty, x0 - tx:x1 - tx]
-            if resize:
-                batch.tiles[row] = resize_tile(region, self.out_size)
+        if resize:
+            def resize_row(row: int) -> None:
+                batch.tiles[row] = resize_tile(regions[row], self.out_size)
+            for done in [self._resizers.submit(resize_row, r) for r in range(len(regions))]:
+                done.result()
         with self._lock:
             for index in decodes:
                 self._remaining[index] -= 1
@@ -457,6 +464,8 @@ class DecodeOnceReader(QueuedBatchReader):
         self._closed.set()
         self._decoders.shutdown(wait=True, cancel_futures=True)
         self._cropper.shutdown(wait=True, cancel_futures=True)
+        if self._resizers is not None:
+            self._resizers.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             self._cache.clear()
             if self._fd >= 0:

@@ -18,7 +18,8 @@ def test_reader_benchmark_rows(tmp_path):
         assert 0 < row["decode-once"]["decodes_per_patch"] < row["openslide"]["tiles_touched_per_patch"]
     scaled = result["scaled"]   # a 0.5 um/px model: level 1, 230 px resized to 224
     assert (scaled["level"], scaled["read_size"], scaled["tile_size"]) == (1, 230, 224)
-    assert scaled["tiles"] > 0 and scaled["decode-once"]["tiles_per_s"] > 0 < scaled["ratio"]
+    assert scaled["tiles"] > 0 and [r["threads"] for r in scaled["rows"]] == [1, 2]
+    assert all(r["decode-once"]["tiles_per_s"] > 0 < r["ratio"] for r in scaled["rows"])
     rows = table_rows(result)
-    assert len(rows) == 6 and "decode-once, 2 thread(s)" in rows[3][0] and rows[3][3].endswith("x")
-    assert "model's scale, decode-once + resize" in rows[5][0] and "level 1" in rows[5][4]
+    assert len(rows) == 8 and "decode-once, 2 thread(s)" in rows[3][0] and rows[3][3].endswith("x")
+    assert "model's scale, decode-once + resize, 1 thread" in rows[5][0] and "level 1" in rows[5][4]
