@@ -4,9 +4,10 @@
                                    [--added-file SUFFIX ...]
 
 Every file of scores/ and hard_scores/ is compared: summary.csv row by row and the JSON files
-key by key, leaving out what differs between any two runs (`seconds`; `path`, which names the
-demo folder) and the fields a change adds (--added-field, repeatable); every other file (patch
-CSV, GeoJSON, heatmap PNG) byte for byte. Files only AFTER has are listed; those whose name
+key by key (the GeoJSON too, and its collection's `properties`), leaving out what differs between
+any two runs (`seconds`; `path`, which names the demo folder) and the fields a change adds
+(--added-field, repeatable); every other file (patch CSV, heatmap PNG, scores npz) byte for
+byte. Files only AFTER has are listed; those whose name
 ends with an --added-file suffix (a file kind the change adds) are not a difference. Exit status
 1 when anything else differs.
 """
@@ -31,10 +32,15 @@ def same(a: Path, b: Path, ignored: set[str]) -> bool:
             with open(path, newline="") as f:
                 return [{k: v for k, v in r.items() if k not in ignored} for r in csv.DictReader(f)]
         return rows(a) == rows(b)
-    if a.suffix == ".json":
+    if a.suffix in (".json", ".geojson"):
         def document(path):
             d = json.loads(path.read_text())
-            return {k: v for k, v in d.items() if k not in ignored} if isinstance(d, dict) else d
+            if not isinstance(d, dict):
+                return d
+            d = {k: v for k, v in d.items() if k not in ignored}
+            if isinstance(d.get("properties"), dict):   # a GeoJSON collection's own properties
+                d["properties"] = {k: v for k, v in d["properties"].items() if k not in ignored}
+            return d
         return document(a) == document(b)
     return a.read_bytes() == b.read_bytes()
 
