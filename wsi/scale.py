@@ -85,17 +85,11 @@ class ReadScale:
         return (f"slide {self.slide_mpp:.4g} um/px ({self.mpp_source}), model "
                 f"{self.target_mpp:.4g} um/px: tiles of {self.footprint} level-0 px, {how}{warn}")
 
-    def to_dict(self) -> dict:
-        """The record every output carries (summary, GeoJSON, Spatiopath JSON, gRPC header)."""
-        return {"slide_mpp": self.slide_mpp, "mpp_source": self.mpp_source,
-                "model_mpp": self.target_mpp, "scale_factor": round(self.factor, 6),
-                "read_level": self.level, "upsampled": self.upsampled}
-
 
 # What a slide without a pixel size is told (wsi.slide opens it for viewing all the same).
 MISSING_MPP = ("no pixel size in its metadata: give the slide's um/px with --fallback-mpp UM, or a "
-            "row 'slide,mpp' in mpp.csv beside the slides (scoring at a guessed scale would show "
-            "the model tiles of the wrong size)")
+               "row 'slide,mpp' in mpp.csv beside the slides (scoring at a guessed scale would "
+               "show the model tiles of the wrong size)")
 
 
 def plan_read(slide, tiling: TilingParams, tolerance: float = MPP_TOLERANCE) -> ReadScale:

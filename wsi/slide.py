@@ -139,7 +139,9 @@ class Slide:
         self.vendor: str = props.get("openslide.vendor", "unknown")
         self.bounds_offset: tuple[int, int] = _bounds_offset(props)
         mpp = _mpp_from_properties(props)
-        user_mpp = fallback_mpp if fallback_mpp is not None else mpp_from_csv(self.path)
+        # the user's value only where the metadata has none: mpp.csv is read for those slides only
+        user_mpp = None if mpp is not None else (
+            fallback_mpp if fallback_mpp is not None else mpp_from_csv(self.path))
         if mpp is not None:
             self.mpp, self.mpp_source = mpp, "metadata"
         elif user_mpp is not None:

@@ -133,16 +133,23 @@ def _cells(rng: np.random.Generator, rows: int, cols: int, spacing: float, r_min
             "shade": rng.normal(0, 1, (rows, cols)).astype(np.float32)}
 
 
-def _nucleus_distance(cells: dict, spacing: int, y: np.ndarray, x: np.ndarray, with_edge: bool = False):
-    """Normalised elliptic distance of each pixel to the nucleus of its own cell (1 = edge),
-    inf where the cell has no nucleus; the cell's shade; and (with_edge) the distance in px to
-    the cell's border."""
+def _cell_frame(cells: dict, spacing: int, y: np.ndarray, x: np.ndarray):
+    """Each pixel's cell (rows r, columns c; R, C broadcast) and its coordinates (u, v) in the
+    frame of that cell's nucleus: centred, rotated by theta, scaled by the semi-axes a and b."""
     r, c = y // spacing, x // spacing
     R, C = r[:, None], c[None, :]
     ly = (y - r * spacing - spacing / 2)[:, None] - cells["dy"][R, C]
     lx = (x - c * spacing - spacing / 2)[None, :] - cells["dx"][R, C]
     cos, sin = np.cos(cells["theta"][R, C]), np.sin(cells["theta"][R, C])
     u, v = (lx * cos + ly * sin) / cells["a"][R, C], (ly * cos - lx * sin) / cells["b"][R, C]
+    return r, c, R, C, u, v
+
+
+def _nucleus_distance(cells: dict, spacing: int, y: np.ndarray, x: np.ndarray, with_edge: bool = False):
+    """Normalised elliptic distance of each pixel to the nucleus of its own cell (1 = edge),
+    inf where the cell has no nucleus; the cell's shade; and (with_edge) the distance in px to
+    the cell's border."""
+    r, c, R, C, u, v = _cell_frame(cells, spacing, y, x)
     d = np.sqrt(u * u + v * v)
     d[~cells["on"][R, C]] = np.inf
     edge = None
@@ -207,12 +214,7 @@ def _lobed_cells(rng: np.random.Generator, rows: int, cols: int, spacing: int, s
 def _lobed_distance(cells: dict, spacing: int, y: np.ndarray, x: np.ndarray):
     """`_nucleus_distance` for `_lobed_cells`: distance normalised by the lobed radius at the
     pixel's angle, the shade and the sharpness (1 / soft-edge width in normalised units)."""
-    r, c = y // spacing, x // spacing
-    R, C = r[:, None], c[None, :]
-    ly = (y - r * spacing - spacing / 2)[:, None] - cells["dy"][R, C]
-    lx = (x - c * spacing - spacing / 2)[None, :] - cells["dx"][R, C]
-    cos, sin = np.cos(cells["theta"][R, C]), np.sin(cells["theta"][R, C])
-    u, v = (lx * cos + ly * sin) / cells["a"][R, C], (ly * cos - lx * sin) / cells["b"][R, C]
+    _, _, R, C, u, v = _cell_frame(cells, spacing, y, x)
     radius = np.sqrt(u * u + v * v)
     z = (u + 1j * v) / np.maximum(radius, 1e-6)      # e^{i phi}
     rho = 1.0 + sum((cells["lobes"][R, C, k] * z ** (k + 2)).real for k in range(cells["lobes"].shape[-1]))

@@ -20,41 +20,21 @@ tissue scored 1.000 on a normal slide). So each tile is measured at full resolut
 - `focus`: variance of the Laplacian of the grey image (Pech-Pacheco et al. 2000, the usual
   blur measure, as in HistoQC's BlurDetectionModule), computed on the tissue pixels only.
 
-Per micron, at any tile pixel size (`mpp`, um/px of the tiles given: the model's `target_mpp`).
-The measures were defined in pixels at Camelyon16's 0.243 um/px, and 0.243 stays the reference
-(`REFERENCE_MPP`): there, and within `MPP_TOLERANCE` of it (read as they are by wsi.scale:
-Utrecht's ~0.226, a user-stated 0.25), every number is what it always was, bit for bit, so the
-Camelyon16 flags, the feature files and the `min_focus` saved in bundles keep their meaning.
-Elsewhere:
-- `ink`: the blocks keep their side in microns, 8 px x 0.243 = 1.944 um: max(1, round(1.944 /
-  mpp)) px (4 at 0.486 or 0.5 um/px; 16 at 0.12); the opening stays 3 x 3 blocks;
-- `background`: a share of the pixels, free of the scale already;
-- `focus`: the variance of the 4-neighbour Laplacian depends on the sampling: for content smooth
-  at the pixel scale it is h^2 times the continuous Laplacian (variance ~ h^4), for detail at the
-  pixel scale (sharp nuclei, JPEG noise) it grows far less with h. Tiles coarser than the
-  reference are measured as they are and the variance divided by (mpp / 0.243)^FOCUS_EXPONENT,
-  3.1 measured where the flag is decided. TCGA-CR-7395's 205 tiles (0.25 um/px, taken as 0.243)
-  blurred (Gaussian sigma 0-4 px, then JPEG q88 again: 2050 tiles, focus 1.5-1514, 671 under 15)
-  against the same tiles reduced as wsi.scale does (Lanczos) or as wsi.synth writes a 20x copy
-  (2x2 means, + JPEG): the factor that best reproduces the 0.243 flags is 3.2 at 1.5x, 8.6 at 2x
-  Lanczos (7.9 means, 8.9 means + JPEG), 9.4 at 2.05x, 34 at 3x, 78 at 4x; 2^3.1 = 8.6 keeps
-  98.5 % of the 0.243 blur flags at 1.5x, 99.5 % at 2x Lanczos (98.6 % means, 99.1 % means +
-  JPEG), 99.3 % at 2.05x, 97.3 % at 3x, 95.7 % at 4x (the tiles that differ are those near 15).
-  CMU-1's own tiles (0.499) against their 2x reduction: 9.5 near the threshold. The 9 synthetic
-  hard slides (wsi.synth, pen, marker and blur across tissue: 951 tiles) keep 99.7 % of their
-  flags at 0.486 (ink 154 = 154, blur 25 -> 28: 3 tiles whose 0.243 focus is 22-24).
-  So a threshold holds at 0.243-0.5 um/px, but away from it the measure agrees only in order:
-  sharp tissue, whose detail is at the 0.243 px scale, reads 0.4x at 0.486 of its 0.243 value
-  (0.56x at 1.5x, 0.24x at 3x, 0.13x at 4x): TCGA's least sharp tile reads 107 at 0.243 and 26-28
-  at 0.5, CMU-1's at 0.499 44, both unflagged, but at 4x (~1 um/px, a 10x model) sharp tissue
-  falls to ~9: the blur flag is not meant for models coarser than ~3x the reference. Tiles
-  finer than the reference are first reduced towards it by whole-pixel means (2x2 at 0.1215
-  um/px: exactly the 0.243 measure of the same pixels), then scaled the same way for the rest.
-  The reverse (measure every tile at a 0.486 reference, 0.243 tiles reduced by 2x2 means first,
-  so the same content reads the same at both scales, and `min_focus` recalibrated to ~118-129)
-  was not taken: it changes every focus value written at 0.243 so far, the `min_focus` = 15
-  saved in bundles and feature files would then mean another threshold, and it flips 0.243
-  flags (3 of the 951 synthetic tiles, ~0.6-1.4 % of the TCGA sweep's).
+Per micron, at any tile pixel size (`mpp`: the model's `target_mpp`). The measures were defined
+in pixels at Camelyon16's 0.243 um/px, which stays the reference (`REFERENCE_MPP`): there and
+within `MPP_TOLERANCE` of it every number is what it always was, bit for bit, so the flags, the
+feature files and the `min_focus` saved in bundles keep their meaning. Elsewhere:
+- `ink`: blocks keep their 1.944 um side (8 px at 0.243, 4 at 0.486); the opening stays 3 x 3;
+- `background`: a share of pixels, free of the scale already;
+- `focus`: the variance of the Laplacian falls with coarser sampling, so it is divided by
+  (mpp / 0.243)^FOCUS_EXPONENT. 3.1 was measured where the flag is decided: 205 TCGA-CR-7395
+  tiles blurred at 10 strengths (2050 tiles) against the same tiles reduced 2x by Lanczos keep
+  99.5 % of their blur flags (97.3 % at 3x, 95.7 % at 4x); the synthetic hard slides keep 99.7 %
+  of all flags at 0.486 (951 tiles). Away from the threshold it agrees only in order: sharp
+  tissue reads ~0.4x its 0.243 value at 0.486 and ~9 at 4x, so the blur flag is not meant for
+  models coarser than ~3x the reference. Tiles finer than the reference are first reduced
+  towards it by whole-pixel means. The other way round (a 0.486 reference with `min_focus`
+  recalibrated) was not taken: it would change every focus value and saved limit so far.
 
 `artefact_flags` turns the measures into a bit mask with `ArtefactParams`' limits. A flagged tile
 is still scored and reported (the patch CSV, the GeoJSON and the stream carry the flags) but it

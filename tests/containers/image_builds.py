@@ -78,6 +78,7 @@ class ImageBuilds:
 
     # -- the thread --------------------------------------------------------------------------
     def _run(self) -> None:
+        why = "the build thread ended first"
         try:
             tools = self._script(
                 "tools", ["bash", "-c", f"source {SCRIPTS / 'common.sh'} && ensure_tools"], {})
@@ -95,10 +96,12 @@ class ImageBuilds:
                                                "WITH_CUDA": "1" if WITH_CUDA else "0"}))
                 else:
                     self._finish(self._train())
+        except Exception as exc:  # noqa: BLE001 - reported to each waiting fixture below
+            why = f"the build thread failed: {exc!r}"
         finally:   # whatever happened, nobody waits forever
             for step in self.steps:
                 if not self._done[step].is_set():
-                    self._finish(BuildResult(step, None, "the build thread ended first", 0.0))
+                    self._finish(BuildResult(step, None, why, 0.0))
 
     def _train(self) -> BuildResult:
         root = buildah("info", "--format", "{{.store.GraphRoot}}").stdout.strip()

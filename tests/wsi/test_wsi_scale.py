@@ -44,9 +44,8 @@ def test_the_plan_reads_the_finest_level_at_or_below_the_model(slides, slide_mpp
         assert covered == pytest.approx(224 * model_mpp, rel=0.10)
     else:                                        # exact but for rounding to whole pixels
         assert covered == pytest.approx(224 * model_mpp, abs=slide_mpp * scale.level_downsample)
-    record = scale.to_dict()
-    assert record["read_level"] == level and record["model_mpp"] == model_mpp
-    assert record["scale_factor"] == pytest.approx(model_mpp / slide_mpp, rel=1e-4)
+    assert scale.target_mpp == model_mpp
+    assert scale.factor == pytest.approx(model_mpp / slide_mpp, rel=1e-4)
 
 
 def test_the_grid_covers_the_same_microns_at_every_scan(slides):
