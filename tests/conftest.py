@@ -1,8 +1,37 @@
 """Fixtures every test folder may use (folder conftests can override them)."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 from mlflow_testing import running_mlflow_server
+
+# `make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadgroup`): each test
+# folder is one group, run whole by one worker, so a folder's session fixtures (trained bundles,
+# scored folders, MLflow servers) are still built once. A worker takes the next folder when it
+# is free; the folders go out longest first (measured in a full run, minutes on the 2-core
+# host) so that no long one starts last. The containers folder leads: it waits ~6 min on its
+# image builds (pip downloads and layer copies, little CPU) while the other worker computes.
+FOLDERS_LONGEST_FIRST = ["containers", "training_mil", "hardening", "serving_batch", "wsi",
+                         "training_model", "serving", "bench", "architecture", "viewer", "ray",
+                         "spatiopath", "wsi_data", "gpu_decode"]
+TESTS = Path(__file__).parent
+
+
+def _folder(item: pytest.Item) -> str:
+    relative = item.path.relative_to(TESTS)
+    return relative.parts[0] if len(relative.parts) > 1 else ""
+
+
+@pytest.hookimpl(tryfirst=True)   # before xdist's own hook reads the xdist_group marks
+def pytest_collection_modifyitems(config, items):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return    # one process: the order of the files, containers last (containers/conftest.py)
+    rank = {name: i for i, name in enumerate(FOLDERS_LONGEST_FIRST)}
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(_folder(item) or "top"))
+    items.sort(key=lambda item: rank.get(_folder(item), len(rank)))   # stable within a folder
 
 
 @pytest.fixture

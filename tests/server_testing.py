@@ -2,6 +2,8 @@
 for grpc.health.v1 SERVING while watching the process, and a self-signed TLS certificate."""
 from __future__ import annotations
 
+import itertools
+import os
 import signal
 import socket
 import subprocess
@@ -23,7 +25,37 @@ def stop_process(proc: subprocess.Popen, timeout: float = 20) -> None:
             proc.wait()
 
 
+def _port_block() -> tuple[int, int]:
+    """This process's ports: a block of its own below the kernel's ephemeral range, one block per
+    xdist worker (PYTEST_XDIST_WORKER=gwN), so that a port handed out here is never also handed
+    to another worker, or to a client socket's ephemeral port, before its server binds it.
+    From 20000: Ray's worker processes take ports in 10002-19999."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    size = 1500
+    start = 20000 + index * size
+    return start, min(start + size, low)
+
+
+_next_port = itertools.count()
+
+
 def free_port() -> int:
+    """A loopback port nothing listens on now, from this process's block (each call the next
+    one), or one the kernel picks where the block does not fit below its ephemeral range."""
+    start, end = _port_block()
+    for _ in range(max(0, end - start)):
+        port = start + next(_next_port) % (end - start)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:    # in use: a server of an earlier test, or another program
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

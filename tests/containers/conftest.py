@@ -36,6 +36,8 @@ def pytest_collection_finish(session) -> None:
     """Once the run's tests are known: move the container tests to the end and start building
     the images they need in the background, so the builds overlap the other folders' tests."""
     global _builds
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return   # a worker runs this folder first and builds in image_builds (tests/conftest.py)
     here = Path(__file__).parent
     ours = [item for item in session.items if here in item.path.parents]
     if not ours or session.config.option.collectonly:
@@ -54,8 +56,9 @@ def pytest_sessionfinish(session) -> None:
 
 @pytest.fixture(scope="session")
 def image_builds() -> ImageBuilds:
-    """The background builds, started by pytest_collection_finish (or now, when a run reaches
-    a container test some other way)."""
+    """The builds: started in the background by pytest_collection_finish in a one-process run,
+    or now (an xdist worker, whose first folder this is, or a run that reaches a container test
+    some other way)."""
     global _builds
     if os.geteuid() != 0:
         pytest.skip("container tests need root (buildah with vfs storage and chroot isolation)")
