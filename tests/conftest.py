@@ -2,36 +2,48 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 from mlflow_testing import running_mlflow_server
 
-# `make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadgroup`): each test
-# folder is one group, run whole by one worker, so a folder's session fixtures (trained bundles,
-# scored folders, MLflow servers) are still built once. A worker takes the next folder when it
-# is free; the folders go out longest first (measured in a full run, minutes on the 2-core
-# host) so that no long one starts last. The containers folder leads: it waits ~6 min on its
-# image builds (pip downloads and layer copies, little CPU) while the other worker computes.
+# `make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadscope
+# --no-loadscope-reorder`), with each test folder as one scope (FolderScheduling): a folder runs
+# whole on one worker, so its session fixtures (trained bundles, scored folders, MLflow servers)
+# are still built once. A worker takes the next folder when it is free; the folders go out
+# longest first (measured in a full run on the 2-core host) so that no long one starts last.
+# The containers folder leads: it waits minutes on its image builds (pip downloads and layer
+# copies, little CPU) while the other worker computes.
 FOLDERS_LONGEST_FIRST = ["containers", "training_mil", "hardening", "serving_batch", "wsi",
                          "training_model", "serving", "bench", "architecture", "viewer", "ray",
                          "spatiopath", "wsi_data", "gpu_decode"]
-TESTS = Path(__file__).parent
 
 
-def _folder(item: pytest.Item) -> str:
-    relative = item.path.relative_to(TESTS)
-    return relative.parts[0] if len(relative.parts) > 1 else ""
+def _folder(nodeid: str) -> str:
+    """The test folder of a node id ("tests/wsi/test_x.py::test_y" -> "wsi")."""
+    parts = nodeid.split("::")[0].split("/")
+    return parts[1] if len(parts) > 2 and parts[0] == "tests" else ""
 
 
-@pytest.hookimpl(tryfirst=True)   # before xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return    # one process: the order of the files, containers last (containers/conftest.py)
     rank = {name: i for i, name in enumerate(FOLDERS_LONGEST_FIRST)}
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(_folder(item) or "top"))
-    items.sort(key=lambda item: rank.get(_folder(item), len(rank)))   # stable within a folder
+    items.sort(key=lambda item: rank.get(_folder(item.nodeid), len(rank)))   # stable per folder
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadscope` with the test folder as the scope (xdist's own scopes are modules;
+    its `xdist_group` marks no longer reach the node ids under pytest 9)."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FolderScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _folder(nodeid) or nodeid
+
+    return FolderScheduling(config, log)
 
 
 @pytest.fixture
@@ -70,3 +82,4 @@ def session_backend_cache(tmp_path_factory):
         os.environ.pop("MILROI_CACHE_DIR", None)
     else:
         os.environ["MILROI_CACHE_DIR"] = saved
+
