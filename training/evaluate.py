@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,8 +40,10 @@ from core.bundle import DEFAULT_SLIDE_THRESHOLD
 from core.cli import add_tracking_uri_argument
 from core.errors import ConfigError
 from core.tracking import mlflow_client, resolve_tracking_uri
+from training.calibration import calibration_metrics
 from training.feature_file import feature_path, load_bag
 from training.labels import read_labels
+from training.plots import write_reliability_png
 from training.runs import FitRun, load_run_head
 
 log = logging.getLogger(__name__)
@@ -342,6 +345,7 @@ def evaluate_scores(score: SlideScorer, features_dir: str | Path, labels_path: s
         hits.append(lesion_hits(*detections(bag.coords, scores, tile), lesions, itc))
     result: dict[str, Any] = {"slide_threshold": threshold,
                               "slide": slide_metrics(y, p, threshold, n_bootstrap),
+                              "calibration": {"slides": calibration_metrics(y, p)},
                               "predictions": [{"slide": n, "label": int(t), "score": float(s)}
                                               for n, t, s in zip(scored, y, p)],
                               "roi": roi_metrics(rois, roi_threshold)}
@@ -353,6 +357,9 @@ def evaluate_scores(score: SlideScorer, features_dir: str | Path, labels_path: s
         targets = np.concatenate(patch_tgts)
         if {0, 1} <= set(np.unique(targets).tolist()):
             result["patch_auc"] = patch_auc(np.concatenate(patch_scores), targets)
+            known = targets >= 0
+            result["calibration"]["patches"] = calibration_metrics(
+                targets[known], np.concatenate(patch_scores)[known])
             result["roi"].update(patch_precision_recall(np.concatenate(patch_scores), targets,
                                                         roi_threshold))
         else:
@@ -375,9 +382,15 @@ def _log_evaluation(run_id: str, tracking_uri: str, result: dict[str, Any]) -> N
                 "lesion_sensitivity", "patch_precision", "patch_recall"):
         if key in result["roi"] and np.isfinite(result["roi"][key]):
             metrics[f"test_roi_{key}"] = result["roi"][key]
+    for level, m in result["calibration"].items():
+        metrics[f"test_{level[:-1]}_ece"], metrics[f"test_{level[:-1]}_brier"] = m["ece"], m["brier"]
     for k, v in metrics.items():
         client.log_metric(run_id, k, float(v))
     client.log_dict(run_id, result, "evaluation/evaluation.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "reliability.png"
+        write_reliability_png(path, result["calibration"])
+        client.log_artifact(run_id, str(path), "evaluation")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -405,6 +418,8 @@ def format_result(result: dict[str, Any]) -> str:
              f"slide accuracy {s['accuracy']:.3f} (95% CI {s['accuracy_ci_low']:.3f}-"
              f"{s['accuracy_ci_high']:.3f}) at threshold {result['slide_threshold']:.3f}, "
              f"{s['n_slides']} slides"]
+    for level, m in result.get("calibration", {}).items():
+        lines.append(f"{level + ' ECE':<14} {m['ece']:.3f}, Brier {m['brier']:.3f} ({m['n']} {level})")
     if "patch_auc" in result:
         lines.append(f"patch AUC      {result['patch_auc']:.3f}")
     if "froc" in result:

@@ -19,6 +19,12 @@ Protocol (what the logged metrics mean and which model is exported):
   (`roi_threshold`). A fixed 0.5 drew ROIs on normal slides, whose top patch scores a MIL head
   is never trained to keep under 0.5.
 
+- Calibration (training.calibration): Platt maps of the slide logit and of the patch logits are
+  fitted on the same out-of-fold (or validation) predictions (patches: the tiles of normal
+  slides as negatives; the tiles inside `--annotations` lesion outlines as positives, else each
+  tumour slide's top tiles) and written into the exported head's config, so every runtime serves
+  calibrated numbers; both thresholds are chosen on the calibrated scores.
+
 One bag (slide) per optimisation step, slide-level BCE with `pos_weight = n_normal / n_tumour`;
 all features are loaded into memory once. Fixed seeds and deterministic algorithms make two runs
 with the same inputs give the same numbers.
@@ -53,8 +59,9 @@ from core.bundle import DEFAULT_ROI_THRESHOLD
 from core.cli import add_tracking_uri_argument
 from core.errors import ConfigError
 from core.tracking import resolve_tracking_uri
+from training.calibration import Platt, calibration_metrics, fit_platt, patch_calibration_set
 from training.feature_file import Bag, data_fingerprint, load_bags
-from training.heads import TRAINABLE_HEAD_KINDS, MILHead, build_head
+from training.heads import CALIBRATION, TRAINABLE_HEAD_KINDS, MILHead, build_head
 from training.labels import read_labels, read_slide_names
 from training.plots import write_heatmaps, write_roc_png
 from training.runs import (
@@ -68,7 +75,7 @@ from training.runs import (
     provenance_params,
 )
 from training.thresholds import choose_roi_threshold, safe_auc, youden_threshold
-from training.trainer import head_from_state, max_patch_logit, predict, train_head
+from training.trainer import bag_logits, head_from_state, predict, train_head
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +103,9 @@ class FitOptions:
         if self.folds < 1 or self.epochs < 1 or self.patience < 1:
             raise ConfigError(f"--folds, --epochs and --patience must be >= 1, got {self.folds}, "
                               f"{self.epochs}, {self.patience}")
+        if CALIBRATION in (self.head_config or {}):
+            raise ConfigError(f"--head-config sets {CALIBRATION!r}: fit fits it after training "
+                              f"(training.calibration), it is not a training option")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
 
@@ -156,7 +166,7 @@ def _split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
 def fit(features_dir: str | Path, labels_path: str | Path, options: FitOptions = FitOptions(),
         *, test_slides: Sequence[str] = (), tracking_uri: str | None = None,
         experiment: str = DEFAULT_EXPERIMENT, slides_dir: str | Path | None = None,
-        run_name: str | None = None) -> FitResult:
+        run_name: str | None = None, annotations_dir: str | Path | None = None) -> FitResult:
     """Run the protocol in the module docstring and log it to one MLflow run
     (`tracking_uri` resolved by core.tracking.resolve_tracking_uri)."""
     from mlflow.entities import Metric
@@ -199,11 +209,12 @@ def fit(features_dir: str | Path, labels_path: str | Path, options: FitOptions =
                                  seed=seed + 1000 * (fold + 1), **hyper)
                 model = head_from_state(config, res.state)
                 test = [bags[i] for i in test_idx]
-                p = predict(model, test)
-                metrics[f"fold{fold}_auc"] = safe_auc(y[test_idx], p)
+                rows = [_prediction(model, b, labels, fold) for b in test]
+                metrics[f"fold{fold}_auc"] = safe_auc(y[test_idx],
+                                                      np.array([r["logit"] for r in rows]))
                 metrics[f"fold{fold}_best_epoch"] = res.best_epoch
                 best_epochs.append(res.best_epoch)
-                preds += [_prediction(model, b, labels, s, fold) for b, s in zip(test, p)]
+                preds += rows
                 client.log_batch(run_id, metrics=history_metrics(f"fold{fold}_", res.history))
                 log.info("fold %d: AUC %.3f (best epoch %d)", fold, metrics[f"fold{fold}_auc"],
                          res.best_epoch)
@@ -222,10 +233,11 @@ def fit(features_dir: str | Path, labels_path: str | Path, options: FitOptions =
             client.log_batch(run_id, metrics=history_metrics("", final.history))
             metrics["best_epoch"] = final.best_epoch
             early_stopped = head_from_state(config, final.state)
-            p = predict(early_stopped, va)
-            preds += [_prediction(early_stopped, b, labels, s, 0) for b, s in zip(va, p)]
+            preds += [_prediction(early_stopped, b, labels, 0) for b in va]
 
-        model = head_from_state(config, final.state)
+        calibration = _calibrate(preds, {b.name: b for b in bags}, annotations_dir, seed,
+                                 metrics)
+        model = head_from_state({**config, CALIBRATION: calibration}, final.state)
         y_pred = np.array([r["label"] for r in preds])
         p_pred = np.array([r["score"] for r in preds])
         metrics["val_auc"] = safe_auc(y_pred, p_pred)
@@ -237,10 +249,16 @@ def fit(features_dir: str | Path, labels_path: str | Path, options: FitOptions =
         if held_out:
             test_bags = load_bags(features_dir, sorted(held_out), skip_no_tissue=True)
             y_test = np.array([labels[b.name] for b in test_bags])
-            p_test = predict(model, test_bags)
+            p_test = predict(model, test_bags)   # calibrated: the model carries its maps
             metrics["test_auc"] = safe_auc(y_test, p_test)
             metrics["test_accuracy"] = float(np.mean((p_test >= slide_threshold) == y_test))
-            preds += [_prediction(model, b, labels, s, "test") for b, s in zip(test_bags, p_test)]
+            patch = Platt.from_dict(calibration["patch"])
+            for b, score in zip(test_bags, p_test):
+                row = _prediction(model, b, labels, "test")
+                del row["patch_logits"]
+                row.update(score=float(score),
+                           max_patch_score=float(patch.probability(row["max_patch_logit"])))
+                preds.append(row)
         client.log_batch(run_id, metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()
                                           if np.isfinite(v)])
         with tempfile.TemporaryDirectory() as tmp:
@@ -256,12 +274,62 @@ def fit(features_dir: str | Path, labels_path: str | Path, options: FitOptions =
     return FitResult(run_id, metrics, preds, model, slide_threshold, roi_threshold)
 
 
-def _prediction(head: MILHead, bag: Bag, labels: dict[str, int], score: float, fold) -> dict:
-    """One predictions.csv row; the highest patch logit is kept for `roi_threshold`."""
-    logit = max_patch_logit(head, bag)
-    return {"slide": bag.name, "label": labels[bag.name], "score": float(score),
-            "max_patch_score": float(expit(logit)), "max_patch_logit": logit,
+def _prediction(head: MILHead, bag: Bag, labels: dict[str, int], fold) -> dict:
+    """One predictions.csv row before calibration: the slide logit and the patch logits (kept
+    for the calibration and `roi_threshold`); `_calibrate` adds the calibrated scores."""
+    slide_logit, patch_logits = bag_logits(head, bag)
+    return {"slide": bag.name, "label": labels[bag.name], "logit": slide_logit,
+            "patch_logits": patch_logits, "max_patch_logit": float(patch_logits.max()),
             "fold": fold}
+
+
+def _calibrate(preds: list[dict], bags: dict[str, Bag], annotations_dir, seed: int,
+               metrics: dict[str, float]) -> dict[str, dict]:
+    """The Platt maps of the slide and patch logits from the out-of-fold (or validation)
+    predictions (training.calibration); fills in each row's calibrated `score` and
+    `max_patch_score` and adds the calibration figures to `metrics`."""
+    y = np.array([r["label"] for r in preds])
+    logits = np.array([r["logit"] for r in preds])
+    slide = fit_platt(logits, y)
+    targets = [_annotation_targets(bags[r["slide"]], annotations_dir) if r["label"] else None
+               for r in preds]
+    x_patch, y_patch = patch_calibration_set([r["patch_logits"] for r in preds], y.tolist(),
+                                             targets, seed)
+    patch = fit_platt(x_patch, y_patch, balanced=True)
+    for r in preds:
+        del r["patch_logits"]
+        r["score"] = float(slide.probability(r["logit"]))
+        r["max_patch_calibrated_logit"] = float(patch.logit(r["max_patch_logit"]))
+        r["max_patch_score"] = float(patch.probability(r["max_patch_logit"]))
+    before = calibration_metrics(y, expit(logits))
+    after = calibration_metrics(y, [r["score"] for r in preds])
+    patch_after = calibration_metrics(y_patch, patch.probability(x_patch))
+    metrics.update({
+        "val_slide_ece_uncalibrated": before["ece"], "val_slide_brier_uncalibrated": before["brier"],
+        "val_slide_ece": after["ece"], "val_slide_brier": after["brier"],
+        "val_patch_ece": patch_after["ece"], "val_patch_brier": patch_after["brier"],
+        "calibration_slide_slope": slide.slope, "calibration_slide_intercept": slide.intercept,
+        "calibration_patch_slope": patch.slope, "calibration_patch_intercept": patch.intercept,
+        "calibration_patch_tiles": len(y_patch),
+        "calibration_annotated_slides": sum(t is not None for t in targets)})
+    log.info("calibration: slide ECE %.3f -> %.3f (slope %.3g, intercept %.3g); patch slope "
+             "%.3g, intercept %.3g on %d tiles", before["ece"], after["ece"], slide.slope,
+             slide.intercept, patch.slope, patch.intercept, len(y_patch))
+    return {"slide": slide.to_dict(), "patch": patch.to_dict()}
+
+
+def _annotation_targets(bag: Bag, annotations_dir) -> np.ndarray | None:
+    """The tile targets of a tumour slide's lesion outline (`<name>.xml` in `annotations_dir`,
+    Camelyon16's ASAP XML), or None where it has none."""
+    if annotations_dir is None:
+        return None
+    xml = Path(annotations_dir) / f"{bag.name}.xml"
+    if not xml.is_file():
+        return None
+    from training.evaluate import annotation_targets
+    from wsi.annotations import read_asap_xml
+
+    return annotation_targets(read_asap_xml(xml), bag.coords, bag.attrs.tiling.tile_size)
 
 
 def _log_roi_threshold(client, run_id: str, preds: list[dict],
@@ -270,9 +338,10 @@ def _log_roi_threshold(client, run_id: str, preds: list[dict],
     with how many of those slides it gets wrong (a normal slide with an ROI, a tumour slide
     without one)."""
     y = np.array([r["label"] for r in preds])
-    logits = np.array([r["max_patch_logit"] for r in preds])
+    # calibrated: the threshold is a cut on the patch scores the server sends
+    logits = np.array([r["max_patch_calibrated_logit"] for r in preds])
     roi_threshold = choose_roi_threshold(logits, y)
-    hot = expit(logits) >= roi_threshold
+    hot = np.array([r["max_patch_score"] for r in preds]) >= roi_threshold
     metrics["roi_threshold"] = roi_threshold
     metrics["val_normal_slides_with_roi"] = int(np.sum(hot & (y == 0)))
     metrics["val_tumor_slides_without_roi"] = int(np.sum(~hot & (y == 1)))
@@ -315,13 +384,18 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "and scored by the final model")
     parser.add_argument("--slides", default=None,
                         help="folder searched for slide files, for heatmap artifacts")
+    parser.add_argument("--annotations", default=None,
+                        help="folder of lesion outlines (<slide>.xml, Camelyon16's ASAP XML): "
+                             "their tiles are the positives of the patch calibration "
+                             "(training.calibration); without it, each tumour slide's top tiles")
 
 
 def run(args: argparse.Namespace) -> int:
     result = fit(args.features_dir, args.labels, FitOptions.from_args(args),
                  test_slides=read_slide_names(args.test_slides), tracking_uri=args.tracking_uri,
                  experiment=args.experiment,
-                 slides_dir=args.slides, run_name=args.run_name)
+                 slides_dir=args.slides, run_name=args.run_name,
+                 annotations_dir=args.annotations)
     for key in ("val_auc", "val_accuracy", "slide_threshold", "cv_auc_mean", "cv_auc_std",
                 "test_auc", "test_accuracy"):
         if key in result.metrics:

@@ -43,15 +43,20 @@ TRAINABLE_HEAD_KINDS = HEAD_KINDS + BENCHMARK_HEAD_KINDS
 #   offsets); the server streams tiles, so a head with it is not exportable;
 # - instance_sampling: share of a bag's tiles drawn at random for each training step (1 = all).
 BAG_OPTIONS: dict[str, Any] = {"slide_standardize": False, "instance_sampling": 1.0}
+# Set by `fit` after training (training.calibration), never a training option: the Platt maps
+# {"slide": {"slope", "intercept", ...}, "patch": {...}} of the slide logit and the patch logits.
+# Inside the patch and aggregator modules, so every exported graph serves calibrated numbers.
+CALIBRATION = "calibration"
 
 
 @dataclass
 class MILOutput:
     """What a head says about one bag (slide) of N patches."""
 
-    slide_logit: Tensor          # scalar (0-d) tensor
-    patch_logits: Tensor         # [N]
-    patch_scores: Tensor         # [N], sigmoid(patch_logits), tumour probability in [0, 1]
+    slide_logit: Tensor          # scalar (0-d) tensor, calibrated (MILHead.calibration)
+    patch_logits: Tensor         # [N], as the head computes them (what the pooling reads)
+    patch_scores: Tensor         # [N], tumour probability in [0, 1]: sigmoid of the calibrated
+                                 # patch logits
     attention: Tensor | None     # [N] attention logits (abmil) or None
     embeddings: Tensor | None = None  # [N, H] (abmil) or None
 
@@ -106,6 +111,31 @@ def clustering_loss(ranking: Tensor, logits: Tensor, label: float, b: int) -> Te
     return F.binary_cross_entropy_with_logits(logits[idx], target)
 
 
+class _CalibratedPatches(nn.Module):
+    """A patch module whose first output is sigmoid(slope * patch_logit + intercept)."""
+
+    def __init__(self, patches: nn.Module, platt: dict[str, float]):
+        super().__init__()
+        self.patches = patches
+        self.slope, self.intercept = float(platt["slope"]), float(platt["intercept"])
+
+    def forward(self, features: Tensor) -> tuple[Tensor, ...]:
+        outputs = self.patches(features)
+        return (torch.sigmoid(outputs[1] * self.slope + self.intercept), *outputs[1:])
+
+
+class _CalibratedLogit(nn.Module):
+    """An aggregator whose slide logit is slope * logit + intercept."""
+
+    def __init__(self, aggregator: nn.Module, platt: dict[str, float]):
+        super().__init__()
+        self.aggregator = aggregator
+        self.slope, self.intercept = float(platt["slope"]), float(platt["intercept"])
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        return self.aggregator(pooled) * self.slope + self.intercept
+
+
 class _Standardize(nn.Module):
     """(features - mean) / std with the training set's statistics, kept as buffers.
 
@@ -141,7 +171,8 @@ class MILHead(nn.Module):
 
     def __init__(self, config: dict[str, Any]):
         super().__init__()
-        unknown = set(config) - set(self.defaults) - set(BAG_OPTIONS) - {"kind", "in_dim"}
+        unknown = (set(config) - set(self.defaults) - set(BAG_OPTIONS)
+                   - {"kind", "in_dim", CALIBRATION})
         if unknown:
             raise ConfigError(f"unknown {self.kind} head option(s): {sorted(unknown)}")
         if int(config.get("in_dim", 0)) <= 0:
@@ -176,16 +207,26 @@ class MILHead(nn.Module):
         raise NotImplementedError
 
     def patch_module(self) -> nn.Module:
-        """features [N, D] -> tuple of tensors named `patch_output_names` (ONNX-exportable)."""
-        raise NotImplementedError
+        """features [N, D] -> tuple of tensors named `patch_output_names` (ONNX-exportable),
+        the patch scores calibrated (`calibration`)."""
+        patch = self.calibration.get("patch")
+        return self._patches if patch is None else _CalibratedPatches(self._patches, patch)
 
     def aggregator_module(self) -> nn.Module:
-        """pooled [1, P] -> slide_logit [1] (ONNX-exportable)."""
-        raise NotImplementedError
+        """pooled [1, P] -> slide_logit [1] (ONNX-exportable), calibrated (`calibration`)."""
+        slide = self.calibration.get("slide")
+        return self._aggregator if slide is None else _CalibratedLogit(self._aggregator, slide)
+
+    @property
+    def calibration(self) -> dict[str, dict[str, float]]:
+        """The config's Platt maps ("slide", "patch": slope and intercept, training.calibration),
+        each left out while it is the identity: an uncalibrated head's graphs are as before."""
+        return {level: platt for level, platt in self.config.get(CALIBRATION, {}).items()
+                if (float(platt["slope"]), float(platt["intercept"])) != (1.0, 0.0)}
 
     def feature_norm(self) -> _Standardize:
         """The module that standardises input features with the training set's statistics."""
-        return self.patch_module().norm
+        return self._patches.norm
 
     def set_feature_stats(self, mean: Tensor, std: Tensor) -> None:
         """Standardise input features with these per-dimension training-set statistics."""
@@ -279,12 +320,6 @@ class ChowderHead(MILHead):
     def pooling(self) -> dict[str, Any]:
         return {"kind": "extremes", "k": self.k}
 
-    def patch_module(self) -> nn.Module:
-        return self._patches
-
-    def aggregator_module(self) -> nn.Module:
-        return self._aggregator
-
     def pool(self, patch_outputs: tuple[Tensor, ...]) -> Tensor:
         return extremes_pool(patch_outputs[1], self.k)[None]
 
@@ -357,12 +392,6 @@ class AbmilHead(MILHead):
     @property
     def pooling(self) -> dict[str, Any]:
         return {"kind": "attention"}
-
-    def patch_module(self) -> nn.Module:
-        return self._patches
-
-    def aggregator_module(self) -> nn.Module:
-        return self._aggregator
 
     def pool(self, patch_outputs: tuple[Tensor, ...]) -> Tensor:
         return attention_pool(patch_outputs[2], patch_outputs[3])[None]
@@ -445,12 +474,6 @@ class DsmilHead(MILHead):
     @property
     def pooling(self) -> dict[str, Any]:
         return {"kind": "dsmil"}
-
-    def patch_module(self) -> nn.Module:
-        return self._patches
-
-    def aggregator_module(self) -> nn.Module:
-        return self._aggregator
 
     def pool(self, patch_outputs: tuple[Tensor, ...]) -> Tensor:
         _, logits, queries, values = patch_outputs
@@ -545,8 +568,13 @@ class TransMilHead(MILHead):
         tokens = self.layer2(self.ppeg(self.layer1(tokens), side))
         tokens = self.out_norm(tokens)
         patch_logits = self.instance(tokens[0, 1: n + 1]).squeeze(-1)
-        return MILOutput(slide_logit=self.slide(tokens[0, 0]).reshape(()),
-                         patch_logits=patch_logits, patch_scores=torch.sigmoid(patch_logits),
+        slide_logit = self.slide(tokens[0, 0]).reshape(())
+        slide, patch = (self.calibration.get(level, {"slope": 1.0, "intercept": 0.0})
+                        for level in ("slide", "patch"))
+        return MILOutput(slide_logit=slide_logit * slide["slope"] + slide["intercept"],
+                         patch_logits=patch_logits,
+                         patch_scores=torch.sigmoid(patch_logits * patch["slope"]
+                                                    + patch["intercept"]),
                          attention=None)
 
     def loss(self, output: MILOutput, label: float, pos_weight: float = 1.0) -> Tensor:

@@ -1,4 +1,5 @@
-"""The pictures a fit run logs: the validation ROC curve and heatmaps of the top-scored slides."""
+"""The pictures a run logs: the validation ROC curve, heatmaps of the top-scored slides, and
+the reliability diagram `evaluate` logs."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -14,6 +15,29 @@ from training.trainer import predict
 from wsi.discovery import find_slides, slide_name
 
 HEATMAPS = 4
+
+def write_reliability_png(path: Path, levels: dict[str, dict], title: str = "test") -> None:
+    """Observed tumour share against mean probability per bin (training.calibration's
+    `calibration_metrics`), one line per level ("slides", "patches"), with its ECE."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8, label="perfectly calibrated")
+    for name, m in levels.items():
+        if "reliability" in m:
+            r = m["reliability"]
+            ax.plot(r["predicted"], r["observed"], "o-", ms=3,
+                    label=f"{name}: ECE {m['ece']:.3f}, Brier {m['brier']:.3f}")
+    ax.legend(loc="upper left", fontsize=7)
+    ax.set(xlabel="mean predicted probability", ylabel="observed tumour share",
+           xlim=(0, 1), ylim=(0, 1), title=f"reliability ({title})")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
 
 def write_roc_png(path: Path, y: np.ndarray, p: np.ndarray, title: str = "validation") -> None:
     import matplotlib

@@ -22,9 +22,12 @@ def seed_everything(seed: int) -> None:
 
 
 @torch.no_grad()
-def max_patch_logit(head: MILHead, bag: Bag) -> float:
+def bag_logits(head: MILHead, bag: Bag) -> tuple[float, np.ndarray]:
+    """(slide logit, patch logits [N]) of one bag: what calibration fits on, before a sigmoid
+    rounds a saturated logit to 1.0 in float32."""
     head.eval()
-    return float(head(bag.features).patch_logits.max())
+    out = head(bag.features)
+    return float(out.slide_logit), out.patch_logits.numpy().astype(np.float64)
 
 
 @torch.no_grad()
