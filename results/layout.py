@@ -32,10 +32,12 @@ DONE_MARKER = "done.json"
 OUTPUT_SUFFIXES = {"csv": "_patches.csv", "geojson": ".geojson", "heatmap": "_heatmap.png",
                    "spatiopath": "_spatiopath.json", "scores": "_scores.npz"}
 # The columns of the scoring job's summary.csv.
-# The last six say how the slide was read (results.scored.SlideHeader.scale_record).
+# "slide_mpp" to "upsampled" say how the slide was read (results.scored.SlideHeader.scale_record);
+# "decision" and "decision_reason" reconcile label and ROIs (results.decision).
 SUMMARY_COLUMNS = ("slide", "status", "label", "score", "threshold", "tiles", "rois", "seconds",
                    "model", "model_version", "error", "path", "artefact_tiles", "slide_mpp",
-                   "mpp_source", "model_mpp", "scale_factor", "read_level", "upsampled")
+                   "mpp_source", "model_mpp", "scale_factor", "read_level", "upsampled",
+                   "decision", "decision_reason")
 HEATMAP_CMAP = "jet"   # the heatmap PNGs' colour map, and the viewer's
 
 

@@ -156,14 +156,16 @@ def _offset(bounds_offset) -> tuple[int, int]:
 
 def write_geojson(path, coords, scores, tile_size: int, rois: Sequence = (),
                   roi_stats: Sequence[dict] | None = None, mpp: float | None = None,
-                  flags=None, bounds_offset=(0, 0), scale: dict | None = None) -> Path:
+                  flags=None, bounds_offset=(0, 0), scale: dict | None = None,
+                  decision: dict | None = None) -> Path:
     """A FeatureCollection QuPath imports (File > Import objects): one "detection" per tile with
     its `tumor_score` measurement, one "annotation" classified "Tumor" per ROI. A tile flagged
     as an artefact is classified QuPath's "Ignore*" and says which artefact (`artefact`).
 
     `coords` and `rois` are level-0 px; the file is in QuPath's frame, level-0 minus
     `bounds_offset` (the slide's OpenSlide bounds, which QuPath crops to), recorded in the
-    collection's `properties` with `scale` (how the slide was read: SlideHeader.scale_record)."""
+    collection's `properties` with `scale` (how the slide was read: SlideHeader.scale_record)
+    and `decision` (label and ROIs reconciled: results.decision)."""
     coords, scores = check_scores(coords, scores)
     flags = _flags(flags, len(coords))
     if roi_stats is None:
@@ -203,6 +205,8 @@ def write_geojson(path, coords, scores, tile_size: int, rois: Sequence = (),
                                  "which QuPath crops to)", "bounds_offset": {"x": bx, "y": by}}
     if scale is not None:
         frame["scale"] = scale
+    if decision is not None:
+        frame["decision"] = decision
     with atomic_write(path, "w") as f:
         json.dump({"type": "FeatureCollection", "properties": frame, "features": features}, f,
                   separators=(",", ":"))
@@ -252,13 +256,15 @@ def write_spatiopath_json(path, slide_name: str, rois: Sequence, mpp: float,
                           scores=None, roi_stats: Sequence[dict] | None = None,
                           roi_threshold: float | None = None, tile_size: int | None = None,
                           dimensions=None, bounds_offset=(0, 0),
-                          tissue: TissueParams | None = None, scale: dict | None = None) -> Path:
+                          tissue: TissueParams | None = None, scale: dict | None = None,
+                          decision: dict | None = None) -> Path:
     """Tumour ROIs for Spatiopath: polygons as {"x": [...], "y": [...]} arrays in level-0 px
     (exterior closed, first point repeated) plus holes, the pixel size, score statistics, and
     the slide's `bounds_offset` (what to subtract to get QuPath's frame, as in the GeoJSON).
     `tissue`: the tissue-mask settings the slide was scored with (the model's), so that the
     Spatiopath analysis cuts its windows from the same mask. `scale`: how the slide was read
-    (the model's pixel size, the scale factor, the level; SlideHeader.scale_record)."""
+    (the model's pixel size, the scale factor, the level; SlideHeader.scale_record).
+    `decision`: label and ROIs reconciled (results.decision), null when not known."""
     bx, by = _offset(bounds_offset)
     roi_stats = list(roi_stats) if roi_stats is not None else [{} for _ in rois]
     s = np.asarray(scores, np.float64) if scores is not None else np.zeros(0)
@@ -277,6 +283,7 @@ def write_spatiopath_json(path, slide_name: str, rois: Sequence, mpp: float,
         "threshold": roi_threshold,   # the ROI threshold (the key of milroi-spatiopath/1)
         "tissue_params": None if tissue is None else tissue.to_dict(),
         "scale": scale,
+        "decision": decision,
         "score_stats": {"tiles": int(len(s)),
                         "min": float(s.min()) if len(s) else None,
                         "max": float(s.max()) if len(s) else None,
@@ -366,7 +373,8 @@ def write_scored_slide(out_dir, slide, scored: ScoredSlide,
     the bounds. `tissue`: the tissue-mask settings the slide was scored with."""
     return _write_files(out_dir, slide, scored.coords, scored.scores, scored.flags,
                         scored.tile_size, scored.summary.roi_threshold, scored.rois, tissue,
-                        scored.header.scale_record(), mpp=scored.mpp)
+                        scored.header.scale_record(), mpp=scored.mpp,
+                        decision=scored.summary.decision.to_dict())
 
 
 def write_slide_outputs(out_dir, slide, coords, scores, tile_size: int,
@@ -385,7 +393,8 @@ def write_slide_outputs(out_dir, slide, coords, scores, tile_size: int,
 
 def _write_files(out_dir, slide, coords, scores, flags, tile_size: int, roi_threshold: float,
                  rois: Sequence[Roi], tissue: TissueParams | None,
-                 scale: dict | None = None, mpp: float | None = None) -> dict[str, Path]:
+                 scale: dict | None = None, mpp: float | None = None,
+                 decision: dict | None = None) -> dict[str, Path]:
     """Tiles with artefact `flags` are listed (CSV, GeoJSON) but make no ROI and no heatmap
     colour. The GeoJSON is in QuPath's frame for the slide (level-0 minus `slide.bounds_offset`),
     the other files in level-0 px. `mpp`: the pixel size the slide was scored at (default the
@@ -406,11 +415,11 @@ def _write_files(out_dir, slide, coords, scores, flags, tile_size: int, roi_thre
                                     flags),
         "geojson": write_geojson(output_path(out, name, "geojson"), coords, scores, tile_size,
                                  polygons, stats, mpp=mpp, flags=flags, bounds_offset=offset,
-                                 scale=scale),
+                                 scale=scale, decision=decision),
         "heatmap": write_heatmap_png(output_path(out, name, "heatmap"), slide, clean_coords,
                                      clean_scores, tile_size),
         "spatiopath": write_spatiopath_json(output_path(out, name, "spatiopath"), name, polygons,
                                             mpp, clean_scores, stats, roi_threshold,
                                             tile_size, slide.dimensions, bounds_offset=offset,
-                                            tissue=tissue, scale=scale),
+                                            tissue=tissue, scale=scale, decision=decision),
     }

@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
+from results.decision import Decision, decide
+
 
 @dataclass(frozen=True)
 class ModelRef:
@@ -125,6 +127,13 @@ class SlideSummary:
     def polygons(self) -> list:
         return [roi.polygon for roi in self.rois]
 
+    @property
+    def decision(self) -> Decision:
+        """The one decision of label and ROIs (results.decision)."""
+        top = max((roi.max_score for roi in self.rois), default=None)
+        return decide(self.label, float(self.slide_score), self.slide_threshold, len(self.rois),
+                      self.roi_threshold, top)
+
     def to_dict(self) -> dict:
         """JSON-ready: polygons as GeoJSON-like coordinate lists (level-0 px)."""
         out = asdict(self)
@@ -132,6 +141,7 @@ class SlideSummary:
                         "holes": [[list(c) for c in ring.coords] for ring in roi.polygon.interiors],
                         "area_um2": roi.area_um2, "max_score": roi.max_score,
                         "mean_score": roi.mean_score, "tiles": roi.tiles} for roi in self.rois]
+        out["decision"] = self.decision.to_dict()
         return out
 
 
@@ -189,6 +199,10 @@ class ScoredSlide:
     @property
     def label(self) -> str:
         return self.summary.label
+
+    @property
+    def decision(self) -> Decision:
+        return self.summary.decision
 
     @property
     def tile_count(self) -> int:

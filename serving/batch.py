@@ -93,7 +93,8 @@ def score_one(backend: SlideScoringBackend, path: Path, key: str, out_dir: Path)
                    artefact_tiles=s.artefact_count,
                    model=s.model.name, model_version=s.model.version, error="",
                    seconds=round(time.perf_counter() - started, 3),
-                   **scored.header.scale_record())
+                   **scored.header.scale_record(), decision=s.decision.decision,
+                   decision_reason=s.decision.reason)
         write_done_marker(slide_out, row)   # last: marks the slide finished
     except MilroiError as exc:  # SlideError (bad file), ScoringError (server), ...
         row.update(status="failed", error=str(exc), seconds=round(time.perf_counter() - started, 3))

@@ -138,6 +138,7 @@ def event_pb(event) -> pb.ScoreSlideResponse:
             tile_count=event.tile_count, rois=rois, mpp=event.mpp,
             roi_threshold=event.roi_threshold, model=model_ref_pb(event.model),
             artefact_count=event.artefact_count, slide_logit=event.slide_logit,
+            decision=event.decision.decision, decision_reason=event.decision.reason,
             timings=pb.Timings(open_s=t.open_s, tissue_s=t.tissue_s, scoring_s=t.scoring_s,
                                total_s=t.total_s, first_score_s=t.first_score_s,
                                tiles_per_second=t.tiles_per_second)))

@@ -72,6 +72,17 @@ def test_roi_polygons_follow_the_threshold(engine, slide_root):
     above_all = scorer.score_slide(slide_root / "slide.tiff",
                                    roi_threshold=min(0.99, float(scores.max()) * 1.01 + 1e-9))
     assert above_all.rois == []
+    # One decision per slide (results.decision): the same slide label with and without ROIs,
+    # so exactly one of the two agrees with its ROIs and the other says "review", and why.
+    label = summary.label
+    with_rois, without = summary.summary.decision, above_all.summary.decision
+    if label == "tumor":
+        assert with_rois.decision == "tumor" and with_rois.reason == ""
+        assert without.decision == "review" and "tumour slide without an ROI" in without.reason
+    else:
+        assert without.decision == "normal" and without.reason == ""
+        assert with_rois.decision == "review" and "normal slide with ROIs" in with_rois.reason
+        assert f"{len(summary.rois)} ROI(s)" in with_rois.reason
 
 
 def test_slide_without_tissue(engine, slide_root):
@@ -79,6 +90,7 @@ def test_slide_without_tissue(engine, slide_root):
     assert [type(e) for e in events] == [SlideHeader, SlideSummary]
     summary = events[-1]
     assert summary.tile_count == 0 and summary.label == "no_tissue" and np.isnan(summary.slide_score)
+    assert summary.decision.decision == "no_tissue"
 
 
 def test_bad_slides_and_parameters(engine, slide_root):

@@ -63,6 +63,10 @@ def test_score_slide_stream(make_server, reference):
     np.testing.assert_allclose(np.concatenate([c.score for c in chunks]), reference.scores, atol=1e-5)
     assert summary.slide_score == pytest.approx(reference.slide_score, abs=1e-5)
     assert summary.label == reference.label and summary.tile_count == n
+    # the wire states the pipeline's one decision (proto SlideSummary.decision, field 12)
+    assert (summary.decision, summary.decision_reason) == (reference.decision.decision,
+                                                           reference.decision.reason)
+    assert summary.decision in ("tumor", "normal", "review")
     assert summary.mpp == pytest.approx(0.25, rel=1e-3)
     assert header.model.version == summary.model.version == reference.model.version
     assert summary.timings.first_score_s > 0

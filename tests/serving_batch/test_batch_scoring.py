@@ -72,9 +72,19 @@ def test_in_process_writes_every_output_and_a_summary_row_per_slide(in_process_o
             flagged = sum(1 for r in csv.DictReader(f) if r["artefact"])
         assert int(row["artefact_tiles"]) == flagged
         assert read_done_marker(out / key)["score"] == pytest.approx(float(row["score"]), 1e-5)
+        # one decision (results.decision), stated alike in summary.csv, GeoJSON and Spatiopath
+        agree = {("tumor", True): "tumor", ("normal", False): "normal"}
+        assert row["decision"] == agree.get((row["label"], int(row["rois"]) > 0), "review")
+        assert (row["decision_reason"] == "") == (row["decision"] != "review")
+        stated = {"decision": row["decision"], "reason": row["decision_reason"]}
+        geojson = json.loads(next((out / key).glob("*.geojson")).read_text())
+        assert geojson["properties"]["decision"] == stated
+        assert json.loads(next((out / key).glob("*_spatiopath.json")).read_text())[
+            "decision"] == stated
     blank = summary["blank"]  # no tissue: finished, with no score and no tile
     assert (blank["status"], blank["label"], blank["score"], blank["tiles"]) == \
         ("ok", "no_tissue", "", "0")
+    assert blank["decision"] == "no_tissue"
     assert read_done_marker(out / "blank") is not None
     bad = summary["broken"]
     assert bad["status"] == "failed" and "broken.svs" in bad["error"]

@@ -27,7 +27,7 @@ function render() {
     tr.className = r.status === "ok" ? "" : "failed";
     tr.dataset.slide = r.slide;
     const cells = [r.slide, r.status, r.label, r.score === "" ? "" : Number(r.score).toFixed(4),
-                   r.tiles, r.rois, r.seconds, r.model_version, r.error];
+                   r.tiles, r.rois, r.decision || "", r.seconds, r.model_version, r.error];
     cells.forEach((value, i) => {
       const td = document.createElement("td");
       if (i === 0) {
@@ -38,8 +38,12 @@ function render() {
       } else {
         td.textContent = value;
       }
-      if (i === 8) td.className = "error";
-      if (i === 7) td.title = value;
+      if (i === 6 && r.decision_reason) {   // label and ROIs disagree: say how (results.decision)
+        td.title = r.decision_reason;
+        td.className = "review";
+      }
+      if (i === 9) td.className = "error";
+      if (i === 8) td.title = value;
       tr.append(td);
     });
     return tr;

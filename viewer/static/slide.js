@@ -208,6 +208,10 @@ function startLive() {
     drawRois(s.rois);
     const score = s.slide_score === null ? "-" : s.slide_score.toFixed(4);
     $("verdict").textContent = `live: ${s.label}, score ${score}`;
+    if (s.decision && s.decision.decision === "review") {
+      $("verdict").textContent += ` | review: ${s.decision.reason}`;
+      $("verdict").classList.add("review");
+    }
     finish(`done: ${s.label} (score ${score}), ${s.tile_count} tiles, ${s.rois.length} ROI(s), ` +
            `${(s.timings.total_s || 0).toFixed(1)} s`, "summary");
   });
@@ -253,6 +257,10 @@ async function main() {
   $("verdict").textContent = row.status === "ok"
     ? `${row.label}${row.score ? ", score " + Number(row.score).toFixed(4) : ""}, ${row.tiles} tiles`
     : `scoring ${row.status}`;
+  if (row.decision === "review") {   // label and ROIs disagree (results.decision): say so
+    $("verdict").textContent += ` | review: ${row.decision_reason}`;
+    $("verdict").classList.add("review");
+  }
   showMessage([...new Set([row.error, info.slide_error].filter(Boolean))].join(" / "));
   const labels = {csv: "patch scores (CSV)", geojson: "QuPath (GeoJSON)", spatiopath: "Spatiopath JSON"};
   for (const kind of Object.keys(labels).filter(k => k in info.downloads)) {

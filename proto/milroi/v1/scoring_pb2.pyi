@@ -131,7 +131,7 @@ class Timings(_message.Message):
     def __init__(self, open_s: _Optional[float] = ..., tissue_s: _Optional[float] = ..., scoring_s: _Optional[float] = ..., total_s: _Optional[float] = ..., first_score_s: _Optional[float] = ..., tiles_per_second: _Optional[float] = ...) -> None: ...
 
 class SlideSummary(_message.Message):
-    __slots__ = ("slide_score", "label", "threshold", "tile_count", "rois", "mpp", "roi_threshold", "timings", "model", "artefact_count", "slide_logit")
+    __slots__ = ("slide_score", "label", "threshold", "tile_count", "rois", "mpp", "roi_threshold", "timings", "model", "artefact_count", "slide_logit", "decision", "decision_reason")
     SLIDE_SCORE_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +143,8 @@ class SlideSummary(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ARTEFACT_COUNT_FIELD_NUMBER: _ClassVar[int]
     SLIDE_LOGIT_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    DECISION_REASON_FIELD_NUMBER: _ClassVar[int]
     slide_score: float
     label: str
     threshold: float
@@ -154,7 +156,9 @@ class SlideSummary(_message.Message):
     model: ModelRef
     artefact_count: int
     slide_logit: float
-    def __init__(self, slide_score: _Optional[float] = ..., label: _Optional[str] = ..., threshold: _Optional[float] = ..., tile_count: _Optional[int] = ..., rois: _Optional[_Iterable[_Union[Polygon, _Mapping]]] = ..., mpp: _Optional[float] = ..., roi_threshold: _Optional[float] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., artefact_count: _Optional[int] = ..., slide_logit: _Optional[float] = ...) -> None: ...
+    decision: str
+    decision_reason: str
+    def __init__(self, slide_score: _Optional[float] = ..., label: _Optional[str] = ..., threshold: _Optional[float] = ..., tile_count: _Optional[int] = ..., rois: _Optional[_Iterable[_Union[Polygon, _Mapping]]] = ..., mpp: _Optional[float] = ..., roi_threshold: _Optional[float] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., artefact_count: _Optional[int] = ..., slide_logit: _Optional[float] = ..., decision: _Optional[str] = ..., decision_reason: _Optional[str] = ...) -> None: ...
 
 class ScoreTilesRequest(_message.Message):
     __slots__ = ("tiles", "count", "tile_size", "x", "y")
