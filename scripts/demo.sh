@@ -29,6 +29,7 @@ milroi-train features "$OUT/heldout" --out "$OUT/features/heldout" --weights non
 
 step "3/8 MIL training on slide labels, tracked in MLflow ($MLFLOW_TRACKING_URI)"
 milroi-train fit "$OUT/features/train" --labels "$OUT/train/reference.csv" --head "$HEAD" \
+    --annotations "$OUT/train" \
     --folds 4 --seed 0 --experiment milroi-demo | tee "$OUT/fit.log"
 RUN_ID=$(sed -n 's/^run_id=//p' "$OUT/fit.log" | tail -n 1)
 

@@ -305,12 +305,20 @@ def export_run(run_id: str, name: str, *, alias: str | None = None,
                tracking_uri: str | None = None, out_dir: str | os.PathLike | None = None,
                opset: int = DEFAULT_OPSET, parity_slide: str | os.PathLike | None = None,
                int8: bool = False, calibration_slides: list | None = None,
-               fallback_mpp: float | None = None) -> Registered:
-    """Export a fit run to a bundle, log it to the run under `bundle/`, register one version."""
+               fallback_mpp: float | None = None, force: bool = False) -> Registered:
+    """Export a fit run to a bundle, log it to the run under `bundle/`, register one version.
+    A run whose head failed fit's ranking check (training.head_check) is refused unless
+    `force`."""
     from training.backbone import build_backbone
+    from training.head_check import PASSED
 
     tracking_uri = resolve_tracking_uri(tracking_uri)
     run = FitRun.load(run_id, tracking_uri)
+    if run.ranking_check not in (None, PASSED):
+        if not force:
+            raise ExportError(f"run {run_id}: {run.ranking_check}. Its ROIs would point at the "
+                              f"wrong tissue; export it anyway with --force")
+        log.warning("run %s exported with --force: %s", run_id, run.ranking_check)
     client = mlflow_client(tracking_uri)
     head = load_run_head(run_id, tracking_uri)
     backbone = build_backbone(run.weights, layer=run.backbone_layer, seed=run.weights_seed)
@@ -402,6 +410,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="slide whose tissue tiles calibrate the int8 backbone (repeatable; "
                              "default the parity slide, else a synthetic slide)")
     add_fallback_mpp_argument(parser)   # for parity and calibration slides without one
+    parser.add_argument("--force", action="store_true",
+                        help="export a run whose head failed fit's ranking check "
+                             "(ranking_check tag: tumour tiles ranked below normal ones)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -409,7 +420,7 @@ def run(args: argparse.Namespace) -> int:
                             tracking_uri=args.tracking_uri, out_dir=args.out, opset=args.opset,
                             parity_slide=args.parity_slide, int8=args.int8,
                             calibration_slides=args.calibration_slides,
-                            fallback_mpp=args.fallback_mpp)
+                            fallback_mpp=args.fallback_mpp, force=args.force)
     alias = f" @{registered.alias}" if registered.alias else ""
     print(f"{registered.name} version {registered.version}{alias} <- {registered.source}")
     return 0

@@ -19,6 +19,10 @@ Protocol (what the logged metrics mean and which model is exported):
   (`roi_threshold`). A fixed 0.5 drew ROIs on normal slides, whose top patch scores a MIL head
   is never trained to keep under 0.5.
 
+- The head's patch ranking (training.head_check): on the same out-of-fold tiles, the tumour
+  slides' top tiles must rank above the normal slides' tiles (and lesion tiles above the rest
+  with `--annotations`); the run's tag `ranking_check` says whether it held, and `export`
+  refuses a run where it did not unless `--force`.
 - Calibration (training.calibration): Platt maps of the slide logit and of the patch logits are
   fitted on the same out-of-fold (or validation) predictions (patches: the tiles of normal
   slides as negatives; the tiles inside `--annotations` lesion outlines as positives, else each
@@ -61,6 +65,7 @@ from core.errors import ConfigError
 from core.tracking import resolve_tracking_uri
 from training.calibration import Platt, calibration_metrics, fit_platt, patch_calibration_set
 from training.feature_file import Bag, data_fingerprint, load_bags
+from training.head_check import PASSED, ranking_figures, verdict
 from training.heads import CALIBRATION, TRAINABLE_HEAD_KINDS, MILHead, build_head
 from training.labels import read_labels, read_slide_names
 from training.plots import write_heatmaps, write_roc_png
@@ -69,6 +74,7 @@ from training.runs import (
     HEAD_ARTIFACT_PATH,
     HEAD_CONFIG,
     HEAD_STATE,
+    RANKING_TAG,
     fit_run,
     history_metrics,
     log_params,
@@ -148,6 +154,7 @@ class FitResult:
     head: MILHead
     slide_threshold: float
     roi_threshold: float = DEFAULT_ROI_THRESHOLD
+    ranking_check: str = ""   # training.head_check.verdict on the out-of-fold tiles
 
 
 def _split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -235,8 +242,18 @@ def fit(features_dir: str | Path, labels_path: str | Path, options: FitOptions =
             early_stopped = head_from_state(config, final.state)
             preds += [_prediction(early_stopped, b, labels, 0) for b in va]
 
-        calibration = _calibrate(preds, {b.name: b for b in bags}, annotations_dir, seed,
-                                 metrics)
+        by_name = {b.name: b for b in bags}
+        targets = [_annotation_targets(by_name[r["slide"]], annotations_dir) if r["label"]
+                   else None for r in preds]
+        ranking = ranking_figures([r["patch_logits"] for r in preds],
+                                  [r["label"] for r in preds], targets,
+                                  [r["fold"] for r in preds])
+        metrics.update(ranking)
+        ranking_check = verdict(ranking)
+        client.set_tag(run_id, RANKING_TAG, ranking_check)
+        if ranking_check != PASSED:
+            log.warning("%s: export will refuse this run unless --force", ranking_check)
+        calibration = _calibrate(preds, targets, seed, metrics)
         model = head_from_state({**config, CALIBRATION: calibration}, final.state)
         y_pred = np.array([r["label"] for r in preds])
         p_pred = np.array([r["score"] for r in preds])
@@ -271,7 +288,8 @@ def fit(features_dir: str | Path, labels_path: str | Path, options: FitOptions =
                     client.log_artifact(run_id, str(extra))
                 elif extra.name != HEAD_ARTIFACT_PATH:
                     client.log_artifacts(run_id, str(extra), artifact_path=extra.name)
-    return FitResult(run_id, metrics, preds, model, slide_threshold, roi_threshold)
+    return FitResult(run_id, metrics, preds, model, slide_threshold, roi_threshold,
+                     ranking_check)
 
 
 def _prediction(head: MILHead, bag: Bag, labels: dict[str, int], fold) -> dict:
@@ -283,16 +301,15 @@ def _prediction(head: MILHead, bag: Bag, labels: dict[str, int], fold) -> dict:
             "fold": fold}
 
 
-def _calibrate(preds: list[dict], bags: dict[str, Bag], annotations_dir, seed: int,
+def _calibrate(preds: list[dict], targets: list[np.ndarray | None], seed: int,
                metrics: dict[str, float]) -> dict[str, dict]:
     """The Platt maps of the slide and patch logits from the out-of-fold (or validation)
-    predictions (training.calibration); fills in each row's calibrated `score` and
-    `max_patch_score` and adds the calibration figures to `metrics`."""
+    predictions (training.calibration), with each tumour slide's lesion targets (or None);
+    fills in each row's calibrated `score` and `max_patch_score` and adds the calibration
+    figures to `metrics`."""
     y = np.array([r["label"] for r in preds])
     logits = np.array([r["logit"] for r in preds])
     slide = fit_platt(logits, y)
-    targets = [_annotation_targets(bags[r["slide"]], annotations_dir) if r["label"] else None
-               for r in preds]
     x_patch, y_patch = patch_calibration_set([r["patch_logits"] for r in preds], y.tolist(),
                                              targets, seed)
     patch = fit_platt(x_patch, y_patch, balanced=True)
@@ -401,5 +418,6 @@ def run(args: argparse.Namespace) -> int:
         if key in result.metrics:
             print(f"{key}={result.metrics[key]:.4f}")
     print(f"roi_threshold={result.roi_threshold:.6g}")
+    print(f"ranking_check={result.ranking_check}")
     print(f"run_id={result.run_id}")
     return 0

@@ -30,6 +30,7 @@ from training.feature_file import Bag
 HEAD_ARTIFACT_PATH = "head"
 HEAD_STATE, HEAD_CONFIG = "head.pt", "head_config.json"
 FINGERPRINT_TAG = "data_fingerprint"
+RANKING_TAG = "ranking_check"   # training.head_check's verdict: "passed" or what failed
 
 
 def provenance_params(bags: Sequence[Bag]) -> dict[str, Any]:
@@ -76,6 +77,7 @@ class FitRun:
     val_auc: float | None
     fingerprint: str | None
     metrics: dict[str, float]
+    ranking_check: str | None = None   # training.head_check.verdict; None: run from before it
 
     @classmethod
     def load(cls, run_id: str, tracking_uri: str | None = None) -> FitRun:
@@ -117,7 +119,8 @@ class FitRun:
                    int(params["weights_seed"]), tiling, artefacts, tissue,
                    DEFAULT_SLIDE_THRESHOLD if slide_threshold is None else slide_threshold,
                    DEFAULT_ROI_THRESHOLD if roi_threshold is None else roi_threshold,
-                   number("val_auc"), run.data.tags.get(FINGERPRINT_TAG), metrics)
+                   number("val_auc"), run.data.tags.get(FINGERPRINT_TAG), metrics,
+                   run.data.tags.get(RANKING_TAG))
 
 
 def load_run_head(run_id: str, tracking_uri: str | None = None):
