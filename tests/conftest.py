@@ -6,17 +6,19 @@ import os
 import pytest
 from mlflow_testing import running_mlflow_server
 
-# `make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadscope
-# --no-loadscope-reorder`), with each test folder as one scope (FolderScheduling): a folder runs
-# whole on one worker, so its session fixtures (trained bundles, scored folders, MLflow servers)
-# are still built once. A worker takes the next folder when it is free; the folders go out
-# longest first (measured in a full run on the 2-core host) so that no long one starts last.
-# The containers folder leads: it waits minutes on its image builds (pip downloads and layer
-# copies, little CPU) while the other worker computes.
-FOLDERS_LONGEST_FIRST = ["containers", "training_mil", "hardening", "serving_batch", "wsi",
-                         "training_model", "serving", "bench", "architecture", "viewer", "ray",
-                         "spatiopath", "wsi_data", "gpu_decode"]
-
+# `make test` runs the suite on pytest-xdist workers (`-n 3 --dist loadscope
+# --no-loadscope-reorder`, Makefile), with each test folder as one scope (FolderScheduling): a
+# folder runs whole on one worker, so its session fixtures (trained bundles, scored folders,
+# MLflow servers, images) are still built once. A worker takes the next folder when it is free;
+# the folders go out longest first so that no long one starts last. Minutes of worker time per
+# folder in a fresh-clone run on the 2-core host (2026-12-07, two workers): containers 13.1
+# (7.3 of them waiting on the image builds: layer copies and pip, little CPU), training_mil
+# 7.2, hardening 4.9, training_model 3.8, serving 3.4, serving_batch 3.2, ray 3.1, bench 2.7,
+# wsi 1.9, the rest under 1. The containers folder leads; the third worker keeps both cores
+# computing while it waits.
+FOLDERS_LONGEST_FIRST = ["containers", "training_mil", "hardening", "training_model", "serving",
+                         "serving_batch", "ray", "bench", "wsi", "spatiopath", "viewer",
+                         "architecture", "wsi_data", "gpu_decode"]
 
 def _folder(nodeid: str) -> str:
     """The test folder of a node id ("tests/wsi/test_x.py::test_y" -> "wsi")."""
