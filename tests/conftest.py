@@ -6,7 +6,7 @@ import os
 import pytest
 from mlflow_testing import running_mlflow_server
 
-# `make test` runs the suite on pytest-xdist workers (`-n 3 --dist loadscope
+# `make test` runs the suite on pytest-xdist workers (`-n 2 --dist loadscope
 # --no-loadscope-reorder`, Makefile), with each test folder as one scope (FolderScheduling): a
 # folder runs whole on one worker, so its session fixtures (trained bundles, scored folders,
 # MLflow servers, images) are still built once. A worker takes the next folder when it is free;
@@ -14,11 +14,12 @@ from mlflow_testing import running_mlflow_server
 # folder in a fresh-clone run on the 2-core host (2026-12-07, two workers): containers 13.1
 # (7.3 of them waiting on the image builds: layer copies and pip, little CPU), training_mil
 # 7.2, hardening 4.9, training_model 3.8, serving 3.4, serving_batch 3.2, ray 3.1, bench 2.7,
-# wsi 1.9, the rest under 1. The containers folder leads; the third worker keeps both cores
-# computing while it waits.
+# wsi 1.9, the rest under 1. The containers folder leads: its worker waits on the builds while
+# the other computes (a third worker made the run slower: 27.5 against 26.0 min).
 FOLDERS_LONGEST_FIRST = ["containers", "training_mil", "hardening", "training_model", "serving",
                          "serving_batch", "ray", "bench", "wsi", "spatiopath", "viewer",
                          "architecture", "wsi_data", "gpu_decode"]
+
 
 def _folder(nodeid: str) -> str:
     """The test folder of a node id ("tests/wsi/test_x.py::test_y" -> "wsi")."""

@@ -382,8 +382,9 @@ def _log_evaluation(run_id: str, tracking_uri: str, result: dict[str, Any]) -> N
                 "lesion_sensitivity", "patch_precision", "patch_recall"):
         if key in result["roi"] and np.isfinite(result["roi"][key]):
             metrics[f"test_roi_{key}"] = result["roi"][key]
-    for level, m in result["calibration"].items():
-        metrics[f"test_{level[:-1]}_ece"], metrics[f"test_{level[:-1]}_brier"] = m["ece"], m["brier"]
+    for level, m in result["calibration"].items():   # "slides" -> test_slide_ece, ...
+        name = {"slides": "slide", "patches": "patch"}[level]
+        metrics[f"test_{name}_ece"], metrics[f"test_{name}_brier"] = m["ece"], m["brier"]
     for k, v in metrics.items():
         client.log_metric(run_id, k, float(v))
     client.log_dict(run_id, result, "evaluation/evaluation.json")

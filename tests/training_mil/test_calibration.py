@@ -155,6 +155,7 @@ def test_fit_calibrates_on_out_of_fold_predictions(bag_dataset, tmp_path, annota
     assert set(evaluation["calibration"]) == ({"slides", "patches"} if annotated else {"slides"})
     run = mlflow.MlflowClient(uri).get_run(result.run_id)
     assert "test_slide_ece" in run.data.metrics
+    assert ("test_patch_ece" in run.data.metrics) == annotated
     artifacts = {a.path for a in mlflow.MlflowClient(uri).list_artifacts(result.run_id,
                                                                          "evaluation")}
     assert "evaluation/reliability.png" in artifacts
