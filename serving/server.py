@@ -277,10 +277,14 @@ class SlideScoringService(pb_grpc.SlideScoringServicer):
                                                 y=req.y, batch_index=index, model=ref)
                     index += 1
         except Exception as exc:  # noqa: BLE001
-            code = status_of(exc).name
-            await self._fail(method, context, exc)
+            if context.cancelled():   # the client went away: its reads fail, nobody to answer
+                code = None
+            else:
+                code = status_of(exc).name
+                await self._fail(method, context, exc)
         else:
-            code = "OK"
+            # a client that went away can also end the request stream as if it had finished
+            code = None if context.cancelled() else "OK"
         finally:
             if feeder is not None:
                 feeder.cancel()
