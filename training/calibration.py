@@ -89,6 +89,11 @@ def fit_platt(logits: np.ndarray, y: np.ndarray, *, balanced: bool = False) -> P
     return Platt(slope, intercept, n_pos, n_neg)
 
 
+def top_tiles(logits: np.ndarray) -> np.ndarray:
+    """A slide's `TOP_TILES` highest patch logits: where the head says its tumour is."""
+    return np.sort(np.asarray(logits, np.float64))[-TOP_TILES:]
+
+
 def patch_calibration_set(patch_logits: list[np.ndarray], labels: list[int],
                           targets: list[np.ndarray | None], seed: int = 0
                           ) -> tuple[np.ndarray, np.ndarray]:
@@ -106,7 +111,7 @@ def patch_calibration_set(patch_logits: list[np.ndarray], labels: list[int],
             xs.append(logits[keep])
             ys.append(target[keep].astype(int))
         else:
-            top = np.sort(logits)[-TOP_TILES:]
+            top = top_tiles(logits)
             xs.append(top)
             ys.append(np.ones(len(top), int))
     x, y = np.concatenate(xs), np.concatenate(ys)

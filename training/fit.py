@@ -20,7 +20,7 @@ Protocol (what the logged metrics mean and which model is exported):
   is never trained to keep under 0.5.
 
 - The head's patch ranking (training.head_check): on the same out-of-fold tiles, the tumour
-  slides' top tiles must rank above the normal slides' tiles (and lesion tiles above the rest
+  slides' top tiles must rank above the normal slides' top tiles (and lesion tiles above the rest
   with `--annotations`); the run's tag `ranking_check` says whether it held, and `export`
   refuses a run where it did not unless `--force`.
 - Calibration (training.calibration): Platt maps of the slide logit and of the patch logits are

@@ -7,7 +7,7 @@ scores then put tumour tiles below normal ones (patch AUC 0.22 on held-out hard 
 docs/hard_benchmark.md). Its ROIs would point at the wrong tissue, and nothing in the slide AUC
 says so. So `fit` measures, on tiles its fold models never trained on:
 
-- `ranking_top_tile_auc`: the tumour slides' top-scored tiles (`TOP_TILES` each) against the
+- `ranking_top_tile_auc`: the tumour slides' top-scored tiles (`training.calibration.top_tiles`) against the
   normal slides' top-scored tiles, the same selection on both sides (against every normal tile,
   the top of any slide would win by selection alone). By the multiple-instance assumption the
   former are tumour and the latter normal tissue, so a head whose ranking holds puts them above
@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from training.calibration import TOP_TILES
+from training.calibration import top_tiles
 
 MIN_AUC = 0.5
 PASSED = "passed"
@@ -52,11 +52,8 @@ def ranking_figures(patch_logits: Sequence[np.ndarray], labels: Sequence[int],
 
 
 def _fold_figures(patch_logits, labels, targets) -> dict[str, float]:
-    def top(x):
-        return np.sort(np.asarray(x, np.float64))[-TOP_TILES:]
-
-    tumour_top = [top(x) for x, label in zip(patch_logits, labels) if label]
-    normal_top = [top(x) for x, label in zip(patch_logits, labels) if not label]
+    tumour_top = [top_tiles(x) for x, label in zip(patch_logits, labels) if label]
+    normal_top = [top_tiles(x) for x, label in zip(patch_logits, labels) if not label]
     figures: dict[str, float] = {}
     if tumour_top and normal_top:
         figures["ranking_top_tile_auc"] = _auc(np.concatenate(tumour_top),
