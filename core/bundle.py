@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.domain import DOMAIN_ROLE, DomainModel
 from core.errors import BundleError, ConfigError
 from core.tiling import DEFAULT_TILING, ArtefactParams, TilingParams, TissueParams
 
@@ -95,17 +96,21 @@ class BundleManifest:
     versions: dict[str, Any] = field(default_factory=dict)
     parity: dict[str, float] = field(default_factory=dict)
     int8: dict[str, Any] | None = None
+    # What the model was trained on (core.domain): summary here, arrays in files["domain"]
+    domain: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)   # keys this version does not know
 
     # -- the JSON form ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-               if f.name not in ("tiling", "tissue", "artefacts", "extra", "int8")}
+               if f.name not in ("tiling", "tissue", "artefacts", "extra", "int8", "domain")}
         out.update(self.extra)
         out.update(format=BUNDLE_FORMAT, tissue=self.tissue.to_dict(),
                    artefacts=self.artefacts.to_dict(), **self.tiling.to_dict())
         if self.int8 is not None:
             out["int8"] = self.int8
+        if self.domain is not None:
+            out["domain"] = self.domain
         return out
 
     @classmethod
@@ -164,7 +169,17 @@ class BundleManifest:
         int8 = manifest.files.get(INT8_ROLE)
         if int8 is not None and not (bundle_dir / int8).is_file():
             raise BundleError(bundle_dir, f"{INT8_ROLE} graph {int8!r} is missing")
+        domain = manifest.files.get(DOMAIN_ROLE)
+        if (domain is None) != (manifest.domain is None):
+            raise BundleError(bundle_dir, "manifest.json has a domain entry without its file, "
+                                          "or the file without the entry")
+        if domain is not None and not (bundle_dir / domain).is_file():
+            raise BundleError(bundle_dir, f"domain description {domain!r} is missing")
         return manifest
+
+    def domain_model(self, bundle_dir: str | os.PathLike) -> DomainModel | None:
+        """The description of the training data this bundle carries (None: it has none)."""
+        return DomainModel.load(bundle_dir, self.domain, self.files.get(DOMAIN_ROLE))
 
     def write(self, bundle_dir: str | os.PathLike) -> Path:
         path = Path(bundle_dir) / MANIFEST_NAME

@@ -33,11 +33,22 @@ OUTPUT_SUFFIXES = {"csv": "_patches.csv", "geojson": ".geojson", "heatmap": "_he
                    "spatiopath": "_spatiopath.json", "scores": "_scores.npz"}
 # The columns of the scoring job's summary.csv.
 # "slide_mpp" to "upsampled" say how the slide was read (results.scored.SlideHeader.scale_record);
-# "decision" and "decision_reason" reconcile label and ROIs (results.decision).
+# "decision" and "decision_reason" reconcile label and ROIs (results.decision); "in_domain"
+# (1, 0, empty: not known), "domain_score" and "domain_reasons" ("; "-joined) are the slide
+# against the model's training data (core.domain).
 SUMMARY_COLUMNS = ("slide", "status", "label", "score", "threshold", "tiles", "rois", "seconds",
                    "model", "model_version", "error", "path", "artefact_tiles", "slide_mpp",
                    "mpp_source", "model_mpp", "scale_factor", "read_level", "upsampled",
-                   "decision", "decision_reason")
+                   "decision", "decision_reason", "in_domain", "domain_score", "domain_reasons")
+REASON_SEPARATOR = "; "   # between the domain reasons of one summary cell
+
+
+def domain_columns(check) -> dict:
+    """The summary.csv cells of a core.domain.DomainCheck."""
+    return {"in_domain": "" if check.in_domain is None else int(check.in_domain),
+            "domain_score": check.score, "domain_reasons": REASON_SEPARATOR.join(check.reasons)}
+
+
 HEATMAP_CMAP = "jet"   # the heatmap PNGs' colour map, and the viewer's
 
 

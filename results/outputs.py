@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,19 +53,34 @@ def _flags(flags, n: int) -> np.ndarray:
     return flags
 
 
-def write_patch_csv(path, coords, scores, tile_size: int, flags=None) -> Path:
-    """`x,y,size,score,artefact` per tile: x, y the level-0 top-left corner, size the level-0
-    tile side, artefact what wsi.tile_quality flagged ("ink", "background", "blur", joined by
-    "+"; empty for a clean tile). A flagged tile's score is reported but is in no ROI and not
-    in the slide score."""
+def _distance(domain_distance, n: int) -> np.ndarray:
+    if domain_distance is None:
+        return np.full(n, np.nan, np.float32)
+    distance = np.asarray(domain_distance, dtype=np.float32).reshape(-1)
+    if len(distance) != n:
+        raise RequestError(f"{n} tiles but {len(distance)} domain distances")
+    return distance
+
+
+def write_patch_csv(path, coords, scores, tile_size: int, flags=None,
+                    domain_distance=None) -> Path:
+    """`x,y,size,score,artefact,domain_distance,in_domain` per tile: x, y the level-0 top-left
+    corner, size the level-0 tile side, artefact what wsi.tile_quality flagged ("ink",
+    "background", "blur", joined by "+"; empty for a clean tile). A flagged tile's score is
+    reported but is in no ROI and not in the slide score. `domain_distance`: the tile's
+    features against the training tiles (core.domain: 1 at the edge of 99 % of them), and
+    `in_domain` 1 within it, 0 beyond; both empty where the model has no description."""
     coords, scores = check_scores(coords, scores)
     flags = _flags(flags, len(coords))
+    distance = _distance(domain_distance, len(coords))
     table = np.column_stack([coords.astype(np.float64), np.full(len(coords), tile_size), scores])
     buffer = io.StringIO()
-    buffer.write("x,y,size,score,artefact\n")
+    buffer.write("x,y,size,score,artefact,domain_distance,in_domain\n")
     names = {int(v): flag_names(int(v)) for v in np.unique(flags)}
-    for row, flag in zip(table, flags.tolist()):
-        buffer.write(f"{int(row[0])},{int(row[1])},{int(row[2])},{row[3]:.6f},{names[flag]}\n")
+    for row, flag, d in zip(table, flags.tolist(), distance.tolist()):
+        domain = "," if math.isnan(d) else f"{d:.4f},{int(d <= 1.0)}"
+        buffer.write(f"{int(row[0])},{int(row[1])},{int(row[2])},{row[3]:.6f},{names[flag]},"
+                     f"{domain}\n")
     with atomic_write(path, "w") as f:
         f.write(buffer.getvalue())
     return Path(path)
@@ -78,19 +94,23 @@ class TileScores:
     scores: np.ndarray   # float32 [N] (from a folder without the binary file: the CSV's 6 decimals)
     flags: np.ndarray    # uint8 [N] artefact bits (wsi.tile_quality), 0 = clean
     tile_size: int       # level-0 px
+    # float32 [N] distance to the training tiles (core.domain), NaN where not known
+    domain_distance: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.scores)
 
 
-def write_tile_scores(path, coords, scores, tile_size: int, flags=None) -> Path:
-    """The patch CSV's columns as numpy arrays (`coords`, `scores`, `flags`, `tile_size`): the
-    scores as computed, read back without a text round trip."""
+def write_tile_scores(path, coords, scores, tile_size: int, flags=None,
+                      domain_distance=None) -> Path:
+    """The patch CSV's columns as numpy arrays (`coords`, `scores`, `flags`, `tile_size`,
+    `domain_distance`): the scores as computed, read back without a text round trip."""
     coords, _ = check_scores(coords, scores)
     flags = _flags(flags, len(coords))
     with atomic_write(path, "wb") as f:
         np.savez(f, coords=coords, scores=np.asarray(scores, np.float32), flags=flags,
-                 tile_size=np.int64(tile_size))
+                 tile_size=np.int64(tile_size),
+                 domain_distance=_distance(domain_distance, len(coords)))
     return Path(path)
 
 
@@ -123,7 +143,9 @@ def read_tile_scores(path) -> TileScores:
     with np.load(path, allow_pickle=False) as data:
         return TileScores(data["coords"].astype(np.int64, copy=False).reshape(-1, 2),
                           data["scores"].astype(np.float32, copy=False),
-                          data["flags"].astype(np.uint8, copy=False), int(data["tile_size"]))
+                          data["flags"].astype(np.uint8, copy=False), int(data["tile_size"]),
+                          data["domain_distance"].astype(np.float32, copy=False)
+                          if "domain_distance" in data else None)
 
 
 def score_map(coords, scores, tile_size: int, dimensions) -> tuple[np.ndarray, float]:
@@ -157,17 +179,21 @@ def _offset(bounds_offset) -> tuple[int, int]:
 def write_geojson(path, coords, scores, tile_size: int, rois: Sequence = (),
                   roi_stats: Sequence[dict] | None = None, mpp: float | None = None,
                   flags=None, bounds_offset=(0, 0), scale: dict | None = None,
-                  decision: dict | None = None) -> Path:
+                  decision: dict | None = None, domain: dict | None = None,
+                  domain_distance=None) -> Path:
     """A FeatureCollection QuPath imports (File > Import objects): one "detection" per tile with
     its `tumor_score` measurement, one "annotation" classified "Tumor" per ROI. A tile flagged
     as an artefact is classified QuPath's "Ignore*" and says which artefact (`artefact`).
 
     `coords` and `rois` are level-0 px; the file is in QuPath's frame, level-0 minus
     `bounds_offset` (the slide's OpenSlide bounds, which QuPath crops to), recorded in the
-    collection's `properties` with `scale` (how the slide was read: SlideHeader.scale_record)
-    and `decision` (label and ROIs reconciled: results.decision)."""
+    collection's `properties` with `scale` (how the slide was read: SlideHeader.scale_record),
+    `decision` (label and ROIs reconciled: results.decision) and `domain` (the slide against
+    the training data: core.domain.DomainCheck); each tile's `domain_distance` is a
+    measurement beside its score."""
     coords, scores = check_scores(coords, scores)
     flags = _flags(flags, len(coords))
+    distance = _distance(domain_distance, len(coords))
     if roi_stats is None:
         keep = flags == 0
         roi_stats = roi_tile_stats(rois, coords[keep], scores[keep], tile_size)
@@ -178,9 +204,11 @@ def write_geojson(path, coords, scores, tile_size: int, rois: Sequence = (),
         rois = [shapely.transform(roi, lambda xy: xy - (bx, by)) for roi in rois]
     x0, y0 = coords[:, 0].tolist(), coords[:, 1].tolist()
     features = []
-    for x, y, s, flag in zip(x0, y0, scores.tolist(), flags.tolist()):
+    for x, y, s, flag, d in zip(x0, y0, scores.tolist(), flags.tolist(), distance.tolist()):
         x1, y1 = x + tile_size, y + tile_size
         properties = {"objectType": "detection", "measurements": {"tumor_score": s}}
+        if not math.isnan(d):
+            properties["measurements"]["domain_distance"] = round(d, 4)
         if flag:
             properties.update(classification=dict(IGNORE_CLASS), artefact=flag_names(flag))
         features.append({
@@ -207,6 +235,8 @@ def write_geojson(path, coords, scores, tile_size: int, rois: Sequence = (),
         frame["scale"] = scale
     if decision is not None:
         frame["decision"] = decision
+    if domain is not None:
+        frame["domain"] = domain
     with atomic_write(path, "w") as f:
         json.dump({"type": "FeatureCollection", "properties": frame, "features": features}, f,
                   separators=(",", ":"))
@@ -257,14 +287,16 @@ def write_spatiopath_json(path, slide_name: str, rois: Sequence, mpp: float,
                           roi_threshold: float | None = None, tile_size: int | None = None,
                           dimensions=None, bounds_offset=(0, 0),
                           tissue: TissueParams | None = None, scale: dict | None = None,
-                          decision: dict | None = None) -> Path:
+                          decision: dict | None = None, domain: dict | None = None) -> Path:
     """Tumour ROIs for Spatiopath: polygons as {"x": [...], "y": [...]} arrays in level-0 px
     (exterior closed, first point repeated) plus holes, the pixel size, score statistics, and
     the slide's `bounds_offset` (what to subtract to get QuPath's frame, as in the GeoJSON).
     `tissue`: the tissue-mask settings the slide was scored with (the model's), so that the
     Spatiopath analysis cuts its windows from the same mask. `scale`: how the slide was read
     (the model's pixel size, the scale factor, the level; SlideHeader.scale_record).
-    `decision`: label and ROIs reconciled (results.decision), null when not known."""
+    `decision`: label and ROIs reconciled (results.decision), null when not known. `domain`:
+    the slide against the model's training data (core.domain.DomainCheck), null when not known:
+    ROIs of a slide out of domain rest on a model outside what it knows."""
     bx, by = _offset(bounds_offset)
     roi_stats = list(roi_stats) if roi_stats is not None else [{} for _ in rois]
     s = np.asarray(scores, np.float64) if scores is not None else np.zeros(0)
@@ -284,6 +316,7 @@ def write_spatiopath_json(path, slide_name: str, rois: Sequence, mpp: float,
         "tissue_params": None if tissue is None else tissue.to_dict(),
         "scale": scale,
         "decision": decision,
+        "domain": domain,
         "score_stats": {"tiles": int(len(s)),
                         "min": float(s.min()) if len(s) else None,
                         "max": float(s.max()) if len(s) else None,
@@ -374,7 +407,9 @@ def write_scored_slide(out_dir, slide, scored: ScoredSlide,
     return _write_files(out_dir, slide, scored.coords, scored.scores, scored.flags,
                         scored.tile_size, scored.summary.roi_threshold, scored.rois, tissue,
                         scored.header.scale_record(), mpp=scored.mpp,
-                        decision=scored.summary.decision.to_dict())
+                        decision=scored.summary.decision.to_dict(),
+                        domain=scored.summary.domain.to_dict(),
+                        domain_distance=scored.domain_distance)
 
 
 def write_slide_outputs(out_dir, slide, coords, scores, tile_size: int,
@@ -394,7 +429,8 @@ def write_slide_outputs(out_dir, slide, coords, scores, tile_size: int,
 def _write_files(out_dir, slide, coords, scores, flags, tile_size: int, roi_threshold: float,
                  rois: Sequence[Roi], tissue: TissueParams | None,
                  scale: dict | None = None, mpp: float | None = None,
-                 decision: dict | None = None) -> dict[str, Path]:
+                 decision: dict | None = None, domain: dict | None = None,
+                 domain_distance=None) -> dict[str, Path]:
     """Tiles with artefact `flags` are listed (CSV, GeoJSON) but make no ROI and no heatmap
     colour. The GeoJSON is in QuPath's frame for the slide (level-0 minus `slide.bounds_offset`),
     the other files in level-0 px. `mpp`: the pixel size the slide was scored at (default the
@@ -410,16 +446,19 @@ def _write_files(out_dir, slide, coords, scores, flags, tile_size: int, roi_thre
     name = slide.name
     offset = getattr(slide, "bounds_offset", (0, 0))
     return {
-        "csv": write_patch_csv(output_path(out, name, "csv"), coords, scores, tile_size, flags),
+        "csv": write_patch_csv(output_path(out, name, "csv"), coords, scores, tile_size, flags,
+                               domain_distance),
         "scores": write_tile_scores(output_path(out, name, "scores"), coords, scores, tile_size,
-                                    flags),
+                                    flags, domain_distance),
         "geojson": write_geojson(output_path(out, name, "geojson"), coords, scores, tile_size,
                                  polygons, stats, mpp=mpp, flags=flags, bounds_offset=offset,
-                                 scale=scale, decision=decision),
+                                 scale=scale, decision=decision, domain=domain,
+                                 domain_distance=domain_distance),
         "heatmap": write_heatmap_png(output_path(out, name, "heatmap"), slide, clean_coords,
                                      clean_scores, tile_size),
         "spatiopath": write_spatiopath_json(output_path(out, name, "spatiopath"), name, polygons,
                                             mpp, clean_scores, stats, roi_threshold,
                                             tile_size, slide.dimensions, bounds_offset=offset,
-                                            tissue=tissue, scale=scale, decision=decision),
+                                            tissue=tissue, scale=scale, decision=decision,
+                                            domain=domain),
     }

@@ -5,7 +5,8 @@ A score flows as three messages, in this order, and a `ScoredSlide` is the three
     SlideHeader   once, after the tissue mask and the grid: geometry, pixel size, tile count, model
     PatchChunk    many: level-0 (x, y), score and artefact flags of consecutive tiles, grid order
     SlideSummary  once, after the last score: slide score and label, ROIs with their statistics,
-                  thresholds, timings
+                  thresholds, timings, the domain check (core.domain: is the slide like the
+                  training slides?)
 
 The pipeline (`serving.pipeline`) yields the header, the chunks and the summary; the server turns
 them into protobuf and the gRPC client (`serving.client`) turns protobuf back into them. Both
@@ -21,6 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
+from core.domain import UNKNOWN, DomainCheck
 from results.decision import Decision, decide
 
 
@@ -91,6 +93,9 @@ class PatchChunk:
     coords: np.ndarray       # int64 [n, 2] level-0 (x, y) top-left
     scores: np.ndarray       # float32 [n] tumour probability
     flags: np.ndarray        # uint8 [n] artefact bits (wsi.tile_quality), 0 = clean
+    # float32 [n] distance to the training tiles (core.domain: > 1 out of domain); None or NaN
+    # where the model carries no description of its training data
+    domain_distance: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -122,6 +127,7 @@ class SlideSummary:
     timings: Timings
     model: ModelRef
     slide_logit: float = math.nan   # NaN where the server does not send it
+    domain: DomainCheck = UNKNOWN   # the slide against the training data (core.domain)
 
     @property
     def polygons(self) -> list:
@@ -142,6 +148,7 @@ class SlideSummary:
                         "area_um2": roi.area_um2, "max_score": roi.max_score,
                         "mean_score": roi.mean_score, "tiles": roi.tiles} for roi in self.rois]
         out["decision"] = self.decision.to_dict()
+        out["domain"] = self.domain.to_dict()
         return out
 
 
@@ -154,6 +161,14 @@ class ScoredSlide:
     scores: np.ndarray = field(repr=False)   # float32 [N] tumour probability
     flags: np.ndarray = field(repr=False)    # uint8 [N] artefact bits (wsi.tile_quality), 0 = clean
     summary: SlideSummary
+    # float32 [N] each tile's distance to the training tiles (core.domain; > 1: out of domain),
+    # NaN where the model has no description
+    domain_distance: np.ndarray = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.domain_distance is None:
+            object.__setattr__(self, "domain_distance",
+                               np.full(len(self.scores), np.nan, np.float32))
 
     @classmethod
     def from_chunks(cls, header: SlideHeader, chunks: Sequence[PatchChunk],
@@ -162,6 +177,8 @@ class ScoredSlide:
         coords = [c.coords for c in chunks]
         scores = [c.scores for c in chunks]
         flags = [c.flags for c in chunks]
+        distance = [c.domain_distance if c.domain_distance is not None
+                    else np.full(len(c), np.nan, np.float32) for c in chunks]
         return cls(header,
                    np.concatenate(coords).astype(np.int64, copy=False) if len(coords)
                    else np.zeros((0, 2), np.int64),
@@ -169,7 +186,9 @@ class ScoredSlide:
                    else np.zeros(0, np.float32),
                    np.concatenate(flags).astype(np.uint8, copy=False) if len(flags)
                    else np.zeros(0, np.uint8),
-                   summary)
+                   summary,
+                   np.concatenate(distance).astype(np.float32, copy=False) if len(distance)
+                   else np.zeros(0, np.float32))
 
     def with_rois(self, rois: list[Roi]) -> ScoredSlide:
         return replace(self, summary=replace(self.summary, rois=rois))
@@ -203,6 +222,10 @@ class ScoredSlide:
     @property
     def decision(self) -> Decision:
         return self.summary.decision
+
+    @property
+    def domain(self) -> DomainCheck:
+        return self.summary.domain
 
     @property
     def tile_count(self) -> int:

@@ -31,6 +31,7 @@ from core.ray_cluster import RayOptions
 from results.layout import (
     SUMMARY_NAME,
     clear_unfinished,
+    domain_columns,
     read_done_marker,
     remove_stale_summary_temps,
     write_done_marker,
@@ -94,7 +95,7 @@ def score_one(backend: SlideScoringBackend, path: Path, key: str, out_dir: Path)
                    model=s.model.name, model_version=s.model.version, error="",
                    seconds=round(time.perf_counter() - started, 3),
                    **scored.header.scale_record(), decision=s.decision.decision,
-                   decision_reason=s.decision.reason)
+                   decision_reason=s.decision.reason, **domain_columns(s.domain))
         write_done_marker(slide_out, row)   # last: marks the slide finished
     except MilroiError as exc:  # SlideError (bad file), ScoringError (server), ...
         row.update(status="failed", error=str(exc), seconds=round(time.perf_counter() - started, 3))

@@ -77,6 +77,8 @@ class Engine:
                  "%d CPU threads", what, s.backend, s.precision, PROVIDER_NAMES[s.provider],
                  s.providers, self.batch_size, self.threads)
         self.inference = s.inference
+        # What the model was trained on (core.domain); None for a bundle without a description
+        self.domain = self.manifest.domain_model(self.bundle_dir)
         self.batcher = DynamicBatcher(self.inference.infer, self.batch_size, max_wait_s,
                                       name=f"engine of {what}",
                                       mergeable=lambda tiles: not on_device(tiles),
@@ -122,7 +124,8 @@ class Engine:
 
     # -- inference -----------------------------------------------------------------------------
     def infer(self, tiles: np.ndarray) -> dict[str, np.ndarray]:
-        """Run backbone + head now on uint8 tiles [n, s, s, 3] (no batching): output name -> array."""
+        """Run backbone + head now on uint8 tiles [n, s, s, 3] (no batching): output name ->
+        array, the head's outputs and the backbone's `features` [n, D] (for the domain check)."""
         return self.inference.infer(tiles)
 
     def slide_logit(self, pooled: np.ndarray) -> float:

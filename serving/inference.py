@@ -1,4 +1,5 @@
-"""Inference on open sessions: uint8 tiles in, the head's outputs out. No batching, no choice of
+"""Inference on open sessions: uint8 tiles in, the head's outputs (and the backbone's features,
+`FEATURES`, for the domain check of core.domain) out. No batching, no choice of
 backend (serving.sessions made it); one class per place the backbone runs, one `infer` each.
 
 - `CpuInference`: the backbone as the CPU backend chosen for this host runs it (onnxruntime or
@@ -15,6 +16,7 @@ import numpy as np
 from core.errors import RequestError
 
 Outputs = dict[str, np.ndarray]
+FEATURES = "features"   # the backbone's output [n, D], returned beside the head's
 
 
 def on_device(tiles) -> bool:
@@ -37,7 +39,9 @@ class CpuInference:
             raise RequestError("tiles decoded on a GPU reach an engine that runs on the CPU")
         tiles = np.ascontiguousarray(tiles, dtype=np.uint8)
         features = self.features(tiles)
-        return dict(zip(self.head_outputs, self.head.run(self.head_outputs, {"features": features})))
+        outputs = dict(zip(self.head_outputs, self.head.run(self.head_outputs, {"features": features})))
+        outputs[FEATURES] = features
+        return outputs
 
 
 class GpuInference:
@@ -66,4 +70,6 @@ class GpuInference:
         for name in self.head_outputs:
             head.bind_output(name, "cpu")
         self.head.run_with_iobinding(head)
-        return dict(zip(self.head_outputs, (v.numpy() for v in head.get_outputs())))
+        outputs = dict(zip(self.head_outputs, (v.numpy() for v in head.get_outputs())))
+        outputs[FEATURES] = features.numpy()   # [n, D] to the host for the domain check
+        return outputs

@@ -8,7 +8,10 @@ the gRPC server (which converts them to messages) and in process by the batch jo
                  sent as soon as their batch is scored
     SlideSummary once: slide score and label (aggregator.onnx on the streaming pooling state),
                  tumour ROIs (results.rois, level-0 px: computed here, once per slide) with
-                 their area in um^2 and tile statistics, timings
+                 their area in um^2 and tile statistics, timings, and the domain check
+                 (core.domain): each tile's features against the training tiles' (streamed
+                 in the chunks as `domain_distance`), the slide's stain (wsi.stain) and pixel
+                 size against the training slides'
 
 (results.scored holds the header and summary types; `score_slide` assembles all three into one
 `results.scored.ScoredSlide`, the batch job's in-process call.)
@@ -24,8 +27,8 @@ in background threads into a bounded queue while the engine runs, and two batche
 engine at once, so the model never waits for a read it could have had. Memory is bounded
 whatever the slide size: at most `queue_batches + 2` tile batches exist (and the decode-once
 reader's cache, whose peak it computes before reading), and per patch only (x, y, score) is
-kept (for the ROIs); the features never leave the engine and the slide score comes from the
-O(k) or O(H) state of serving.aggregate.
+kept (for the ROIs) with its domain distance; the features leave the engine only as that, and
+the slide score comes from the O(k) or O(H) state of serving.aggregate.
 
 `cancel` (a threading.Event, set by the server when the client cancels or its deadline passes)
 stops the slide within a fraction of a second: the reader is closed (queued reads dropped), the
@@ -45,16 +48,19 @@ from contextlib import nullcontext
 
 import numpy as np
 
+from core.domain import UNKNOWN
 from core.errors import Cancelled, RequestError
 from core.runtime import available_cores
 from results.rois import tumour_rois
 from results.scored import PatchChunk, ScoredSlide, SlideHeader, SlideSummary, Timings
 from serving.aggregate import make_state, slide_score
 from serving.engine import Engine, on_device
+from serving.inference import FEATURES
 from wsi.decode_once import make_tile_reader
 from wsi.grid import tiles_for_slide
 from wsi.scale import ReadScale
 from wsi.slide import Slide, open_slide
+from wsi.stain import StainSample
 from wsi.tile_quality import artefact_flags, measure_tiles
 from wsi.tiles import TileBatch
 
@@ -168,6 +174,11 @@ class SlideScorer:
                 return
             scores = np.empty(n, np.float32)
             flags = np.zeros(n, np.uint8)
+            # The domain check (core.domain): each tile's features against the training tiles',
+            # the stain of a spread-out sample of the clean tiles (wsi.stain).
+            domain = engine.domain
+            distance = np.full(n, np.nan, np.float32)
+            stain = StainSample(n) if domain is not None else None
             state = make_state(engine.pooling)
             scoring_started = time.perf_counter()
             reader = self._tile_reader(slide, grid.coords, scale)
@@ -194,6 +205,8 @@ class SlideScorer:
                         flags[first:first + len(batch.index)] = artefact_flags(
                             measure_tiles(host, self.tissue_params, mpp=scale.read_mpp),
                             self.artefacts)
+                        if stain is not None:
+                            stain.add(first, host, flags[first:first + len(batch.index)] == 0)
                         pending.append((first, future))
                         # The first (small) batch runs alone: queued beside the next one, the
                         # engine's batcher would merge them into one full run.
@@ -207,6 +220,8 @@ class SlideScorer:
                         break
                     count = len(outputs["patch_scores"])
                     scores[start:start + count] = outputs["patch_scores"]
+                    if domain is not None:
+                        distance[start:start + count] = domain.tile_distance(outputs[FEATURES])
                     state.update(select_patches(outputs, flags[start:start + count] == 0))
                     done = start + count
                     if not timings.first_score_s:
@@ -215,7 +230,7 @@ class SlideScorer:
                     while done - emitted >= chunk_size or (done == n and emitted < n):
                         stop = min(emitted + chunk_size, done)
                         yield PatchChunk(emitted, grid.coords[emitted:stop], scores[emitted:stop].copy(),
-                                         flags[emitted:stop].copy())
+                                         flags[emitted:stop].copy(), distance[emitted:stop].copy())
                         emitted = stop
             finally:
                 finished.set()
@@ -238,11 +253,15 @@ class SlideScorer:
                                 NO_TISSUE)
             rois = tumour_rois(grid.coords[clean], scores[clean], tile_size0, roi_threshold,
                                slide.mpp)
+            check = UNKNOWN if domain is None else domain.check(
+                distance[clean], stain.statistics(), slide.mpp, slide.mpp_source)
+            if check.in_domain is False:
+                log.info("%s: out of domain: %s", name, "; ".join(check.reasons))
             timings.total_s = time.perf_counter() - started
             timings.tiles_per_second = n / timings.scoring_s if timings.scoring_s > 0 else 0.0
             yield SlideSummary(name, probability, label, self.slide_threshold, roi_threshold, n,
                                int(np.count_nonzero(flags)), rois, slide.mpp, timings,
-                               engine.model, logit)
+                               engine.model, logit, check)
 
     def _tile_reader(self, slide, coords: np.ndarray, scale: ReadScale):
         """The GPU decode reader when the engine runs on a GPU and the slide's tiles decode there

@@ -48,12 +48,13 @@ from core.bundle import (
     current_keys,
 )
 from core.cli import add_fallback_mpp_argument, add_tracking_uri_argument
+from core.domain import DOMAIN_FILE, DOMAIN_ROLE, DomainModel
 from core.errors import ConfigError, ExportError
 from core.inference_backends import he_like_tiles
 from core.tiling import DEFAULT_TILING, TilingParams, TissueParams
 from core.tracking import mlflow_client, resolve_tracking_uri
 from training.backbone import Backbone
-from training.runs import FitRun, load_run_head
+from training.runs import FitRun, load_run_domain, load_run_head
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +216,8 @@ def build_manifest(backbone: Backbone, head: nn.Module, opset: int,
 def export_bundle(out_dir: str | os.PathLike, backbone: Backbone, head: nn.Module,
                   manifest_extra: dict[str, Any] | None = None, *, opset: int = DEFAULT_OPSET,
                   parity_tiles: np.ndarray | None = None, overwrite: bool = False,
-                  int8_calibration: np.ndarray | None = None) -> Path:
+                  int8_calibration: np.ndarray | None = None,
+                  domain: DomainModel | None = None) -> Path:
     """Write a model bundle folder from in-memory modules; returns its path.
 
     `backbone` from `training.backbone.build_backbone`, `head` a `training.heads.MILHead`.
@@ -227,6 +229,10 @@ def export_bundle(out_dir: str | os.PathLike, backbone: Backbone, head: nn.Modul
     backbone (training.quantize), listed as files["backbone_int8"] with its calibration and its
     feature agreement with fp32 under manifest["int8"]; raises QuantizationError when it
     disagrees (feature cosine < 0.99).
+
+    `domain`: the description of the training data (core.domain, from the fit run), written as
+    files["domain"] with its summary under manifest["domain"]; the scorer checks each slide
+    against it.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -261,6 +267,9 @@ def export_bundle(out_dir: str | os.PathLike, backbone: Backbone, head: nn.Modul
             int8 = add_int8_backbone(staging, int8_calibration)
             manifest = manifest.replace(files={**manifest.files, INT8_ROLE: int8.pop("file")},
                                         int8=int8)
+        if domain is not None:
+            manifest = manifest.replace(files={**manifest.files, DOMAIN_ROLE: DOMAIN_FILE},
+                                        domain=domain.write(staging))
         manifest.write(staging)
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -321,6 +330,10 @@ def export_run(run_id: str, name: str, *, alias: str | None = None,
         log.warning("run %s exported with --force: %s", run_id, run.ranking_check)
     client = mlflow_client(tracking_uri)
     head = load_run_head(run_id, tracking_uri)
+    domain = load_run_domain(run_id, tracking_uri)
+    if domain is None:
+        log.warning("run %s describes no training data (fit before the domain check): its "
+                    "bundle cannot say when a slide is unlike them", run_id)
     backbone = build_backbone(run.weights, layer=run.backbone_layer, seed=run.weights_seed)
     if parity_slide is not None:
         tiles = parity_tiles_from_slide(parity_slide, tiling=run.tiling, fallback_mpp=fallback_mpp)
@@ -347,7 +360,8 @@ def export_run(run_id: str, name: str, *, alias: str | None = None,
     with tempfile.TemporaryDirectory() as tmp:
         bundle = export_bundle(Path(out_dir) if out_dir else Path(tmp) / "bundle", backbone,
                                head, extra, opset=opset, parity_tiles=tiles,
-                               overwrite=out_dir is not None, int8_calibration=int8_tiles)
+                               overwrite=out_dir is not None, int8_calibration=int8_tiles,
+                               domain=domain)
         mv = register_bundle(client, name, run_id, bundle, tags,
                              example=None if tiles is None else tiles[:1])
     if alias:

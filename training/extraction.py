@@ -16,6 +16,7 @@ leaves a truncated .h5, and a rerun skips the slides that are done.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -38,8 +39,9 @@ from core.errors import ConfigError
 from core.inference_backends import DEFAULT_BACKEND, DEFAULT_PRECISION, add_backend_arguments
 from core.tiling import DEFAULT_TILING, ArtefactParams, TilingParams, TissueParams
 from training.backbone import LAYERS, Backbone, build_backbone
-from training.feature_file import FeatureAttrs
+from training.feature_file import STAIN_ATTR, FeatureAttrs
 from training.onnx_backbone import OnnxBackbone
+from wsi.stain import STATISTICS, StainSample
 from wsi.tile_quality import TileQuality, artefact_flags, measure_tiles
 
 log = logging.getLogger(__name__)
@@ -211,10 +213,12 @@ def extract_features(slide_path: str | os.PathLike, out_h5: str | os.PathLike,
                     # h5py refuses a chunk larger than the data: a 0-tile file is not chunked
                     chunks=(min(len(coords), o.batch_size), model.feature_dim) if len(coords)
                     else None)
-                quality = TileQuality.empty(len(coords))
+                quality, stain = TileQuality.empty(len(coords)), None
                 if len(coords):
-                    quality = _fill(features, slide, coords, grid.scale, model, o, device,
-                                    progress, desc=slide.name)
+                    quality, stain = _fill(features, slide, coords, grid.scale, model, o, device,
+                                           progress, desc=slide.name)
+                if stain is not None:
+                    f.attrs[STAIN_ATTR] = json.dumps(dict(zip(STATISTICS, stain.tolist())))
                 flags = artefact_flags(quality, o.artefacts)
                 f.create_dataset("ink_fraction", data=quality.ink)
                 f.create_dataset("background_fraction", data=quality.background)
@@ -252,9 +256,10 @@ def _tile_features(model: Backbone | OnnxBackbone, device: torch.device):
 
 def _fill(features: h5py.Dataset, slide, coords: np.ndarray, scale, model: Backbone | OnnxBackbone,
           options: ExtractionOptions, device: torch.device, progress: bool, desc: str
-          ) -> TileQuality:
+          ) -> tuple[TileQuality, np.ndarray | None]:
     """Stream tile batches through the model into the (preallocated) h5 dataset; the artefact
-    measures of the same tiles come back."""
+    measures of the same tiles and the slide's stain statistics (wsi.stain, on its clean tiles,
+    as the scorer measures a slide) come back."""
     from wsi.decode_once import make_tile_reader
 
     reader = make_tile_reader(slide, coords, tile_size=scale.read_size, level=scale.level,
@@ -262,6 +267,7 @@ def _fill(features: h5py.Dataset, slide, coords: np.ndarray, scale, model: Backb
                               batch_size=options.batch_size)
     tile_features = _tile_features(model, device)
     measures: list[TileQuality] = []
+    stain = StainSample(len(coords))
     try:
         with torch.inference_mode(), tqdm(total=len(coords), desc=desc, unit="tile",
                                           disable=not progress, leave=False) as bar:
@@ -269,10 +275,13 @@ def _fill(features: h5py.Dataset, slide, coords: np.ndarray, scale, model: Backb
                 out = tile_features(batch.tiles)
                 # Batches come in grid order as one contiguous index run: a slice write.
                 features[int(batch.index[0]):int(batch.index[-1]) + 1] = out
-                measures.append(measure_tiles(batch.tiles, options.tissue, mpp=scale.read_mpp))
+                measured = measure_tiles(batch.tiles, options.tissue, mpp=scale.read_mpp)
+                measures.append(measured)
+                stain.add(int(batch.index[0]), batch.tiles,
+                          artefact_flags(measured, options.artefacts) == 0)
                 bar.update(len(out))
     finally:
         reader.close()
-    return TileQuality.concatenate(measures)
+    return TileQuality.concatenate(measures), stain.statistics()
 
 

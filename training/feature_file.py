@@ -4,12 +4,13 @@ FEATURES_DIR/h5_files/<slide>.h5 holds `features` float32 [N, D], `coords` int64
 top-left x, y, grid order) and `tissue_fraction` float32 [N], and the artefact measures of
 wsi.tile_quality: `ink_fraction`, `background_fraction`, `focus` float32 [N] and
 `artefact_flags` uint8 [N] (bits 1 ink, 2 background, 4 blur, under the file's `max_ink`,
-`max_background` and `min_focus` attributes). Flagged tiles are left out of the bags training
-and evaluation read (`load_bag`), as the server leaves them out of the slide score and the
-ROIs. Files written before the measures existed read as having no flagged tile. The slide and extraction facts
-(`FeatureAttrs`) are attributes of the file and of `coords` (where CLAM reads them), under
-CLAM's names (`patch_size`, `patch_level`). `training.extraction` writes them; `fit`, `evaluate`
-and `camelyon16` read them back as `Bag`s.
+`max_background` and `min_focus` attributes), and the slide's stain statistics (wsi.stain, the
+attribute `stain`), which `fit` folds into the model's training stain (core.domain).
+Flagged tiles are left out of the bags training and evaluation read (`load_bag`), as the server
+leaves them out of the slide score and the ROIs. Files written before the measures existed read
+as having no flagged tile. The slide and extraction facts (`FeatureAttrs`) are attributes of the
+file and of `coords` (where CLAM reads them), under CLAM's names (`patch_size`, `patch_level`).
+`training.extraction` writes them; `fit`, `evaluate` and `camelyon16` read them back as `Bag`s.
 """
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ from core.tiling import CAMELYON16_MPP, ArtefactParams, TilingParams, TissuePara
 log = logging.getLogger(__name__)
 
 H5_SUBDIR = "h5_files"
+# The file attribute holding the slide's stain statistics (wsi.stain, JSON name -> value);
+# files written before it have none, and their slides do not count in the training stain.
+STAIN_ATTR = "stain"
 
 
 def feature_path(features_dir: str | os.PathLike, slide_name: str) -> Path:
@@ -103,6 +107,8 @@ class Bag:
     attrs: FeatureAttrs | None = None   # None for bags that come from no slide (MUSK)
     digest: str = ""                    # sha256 of the h5 file
     artefacts: int = 0                  # flagged tiles left out of `features` and `coords`
+    # the slide's stain statistics (wsi.stain.STATISTICS -> value); None: files from before them
+    stain: dict[str, float] | None = None
 
     @property
     def no_tissue(self) -> bool:
@@ -134,8 +140,14 @@ def load_bag(path: str | os.PathLike) -> Bag:
                           f"{len(coords)} tiles")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     keep = flags == 0
+    stain = raw_attrs.pop(STAIN_ATTR, None)
+    try:
+        stain = None if stain is None else {str(k): float(v) for k, v in json.loads(stain).items()}
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"feature file {path}: unreadable {STAIN_ATTR} attribute: {exc}") from None
     return Bag(path.stem, torch.from_numpy(features[keep]), coords[keep],
-               FeatureAttrs.from_h5(raw_attrs, path), digest, artefacts=int((~keep).sum()))
+               FeatureAttrs.from_h5(raw_attrs, path), digest, artefacts=int((~keep).sum()),
+               stain=stain)
 
 
 def load_bags(features_dir: str | os.PathLike, names: Sequence[str],

@@ -64,6 +64,7 @@ from core.cli import add_tracking_uri_argument
 from core.errors import ConfigError
 from core.tracking import resolve_tracking_uri
 from training.calibration import Platt, calibration_metrics, fit_platt, patch_calibration_set
+from training.domain import describe, describe_summary
 from training.feature_file import Bag, data_fingerprint, load_bags
 from training.head_check import PASSED, ranking_figures, verdict
 from training.heads import CALIBRATION, TRAINABLE_HEAD_KINDS, MILHead, build_head
@@ -79,6 +80,7 @@ from training.runs import (
     history_metrics,
     log_params,
     provenance_params,
+    write_run_domain,
 )
 from training.thresholds import choose_roi_threshold, safe_auc, youden_threshold
 from training.trainer import bag_logits, head_from_state, predict, train_head
@@ -276,11 +278,14 @@ def fit(features_dir: str | Path, labels_path: str | Path, options: FitOptions =
                 row.update(score=float(score),
                            max_patch_score=float(patch.probability(row["max_patch_logit"])))
                 preds.append(row)
+        domain = describe(bags, seed)   # what the model knows: the bundle's domain check
+        metrics.update(describe_summary(domain))
         client.log_batch(run_id, metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()
                                           if np.isfinite(v)])
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             _write_artifacts(tmp, model, final.state, preds, y_pred, p_pred, bags, slides_dir)
+            write_run_domain(tmp, domain)
             client.log_artifacts(run_id, str(tmp / HEAD_ARTIFACT_PATH),
                                  artifact_path=HEAD_ARTIFACT_PATH)
             for extra in sorted(tmp.iterdir()):

@@ -22,12 +22,17 @@ from core.bundle import (
     LEGACY_ROI_THRESHOLD_KEY,
     LEGACY_SLIDE_THRESHOLD_KEY,
 )
+from core.domain import DOMAIN_FILE, DomainModel
 from core.errors import ConfigError, RegistryError
 from core.tiling import DEFAULT_TILING, ArtefactParams, TilingParams, TissueParams
 from core.tracking import mlflow_client, resolve_tracking_uri
 from training.feature_file import Bag
 
 HEAD_ARTIFACT_PATH = "head"
+# The description of the training data (core.domain): domain/domain.json (the manifest entry)
+# and domain/domain.npz (the arrays); runs from before it have none.
+DOMAIN_ARTIFACT_PATH = "domain"
+DOMAIN_ENTRY = "domain.json"
 HEAD_STATE, HEAD_CONFIG = "head.pt", "head_config.json"
 FINGERPRINT_TAG = "data_fingerprint"
 RANKING_TAG = "ranking_check"   # training.head_check's verdict: "passed" or what failed
@@ -140,6 +145,27 @@ def load_run_head(run_id: str, tracking_uri: str | None = None):
                                 f"({HEAD_CONFIG} + {HEAD_STATE}) at "
                                 f"{resolve_tracking_uri(tracking_uri)}: {exc}") from None
     return head_from_state(config, state)
+
+
+def write_run_domain(out: Path, model: DomainModel) -> Path:
+    """The domain artifact folder of a fit run, written under `out`."""
+    folder = out / DOMAIN_ARTIFACT_PATH
+    folder.mkdir()
+    entry = model.write(folder)
+    (folder / DOMAIN_ENTRY).write_text(json.dumps(entry, indent=2))
+    return folder
+
+
+def load_run_domain(run_id: str, tracking_uri: str | None = None) -> DomainModel | None:
+    """The description of the training data a fit run logged; None for a run from before."""
+    client = mlflow_client(tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = Path(client.download_artifacts(run_id, DOMAIN_ARTIFACT_PATH, tmp))
+            entry = json.loads((local / DOMAIN_ENTRY).read_text())
+        except Exception:  # noqa: BLE001 - MlflowException, OSError: a run from before
+            return None
+        return DomainModel.load(local, entry, DOMAIN_FILE)
 
 
 def ensure_experiment(tracking_uri: str, name: str) -> str:
