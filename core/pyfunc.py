@@ -7,7 +7,10 @@ runtimes built on MLflow models (KServe's MLflow runtime).
 
 - input: uint8 tiles [n, T, T, 3] (RGB, T = the manifest's tile_size, 224), the tiles of the
   bundle's tile grid at its level, as the server reads them from a slide;
-- output: float32 patch scores [n] (tumour probability of each tile).
+- output: float32 patch scores [n] (tumour probability of each tile); with
+  `params={"domain": True}` a dict of arrays instead: `patch_scores`, `domain_distance` (each
+  tile's distance to the training tiles, core.domain: 1 at the edge of 99 % of them; NaN where
+  the bundle has no description) and `in_domain` (bool, distance <= 1).
 
 The numbers are the milroi server's (serving.engine on the CPU): backbone.onnx then head.onnx in
 onnxruntime with the same session options (core.runtime). Slide scores and ROIs need the whole
@@ -33,18 +36,21 @@ from core.runtime import available_cores, session_options
 
 log = logging.getLogger(__name__)
 
+DOMAIN_PARAM = "domain"             # predict(..., params={"domain": True}): add the domain check
 BATCH_SIZE = 64                     # tiles per onnxruntime run (the server's default batch)
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 
 
 def tile_signature(tile_size: int):
-    """The MLflow signature: uint8 tiles (-1, T, T, 3) -> float32 patch scores (-1,)."""
+    """The MLflow signature: uint8 tiles (-1, T, T, 3) -> float32 patch scores (-1,); the
+    parameter `domain` (default false) adds the domain check of each tile."""
     from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
+    from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
     return ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, tile_size, tile_size, 3))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1,), "patch_scores")]))
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1,), "patch_scores")]),
+        params=ParamSchema([ParamSpec(DOMAIN_PARAM, "boolean", False)]))
 
 
 class BundleModel(PythonModel):
@@ -66,18 +72,25 @@ class BundleModel(PythonModel):
                                              providers=providers)
         self.head = ort.InferenceSession(str(bundle / files["head"]), options,
                                          providers=providers)
+        self.domain = self.manifest.domain_model(bundle)   # None: the bundle has no description
         log.info("milroi bundle %s loaded on %s", self.manifest.name, self.backbone.get_providers())
 
-    def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
+    def predict(self, context, model_input: np.ndarray, params=None):
         size = self.manifest.tiling.tile_size
         tiles = np.asarray(model_input)
         if tiles.dtype != np.uint8 or tiles.ndim != 4 or tiles.shape[1:] != (size, size, 3):
             raise RequestError(f"tiles must be uint8 [n, {size}, {size}, 3], "
                                f"got {tiles.dtype} {list(tiles.shape)}")
-        scores = [np.zeros(0, np.float32)]
+        scores, distances = [np.zeros(0, np.float32)], [np.zeros(0, np.float32)]
         for start in range(0, len(tiles), BATCH_SIZE):
             batch = np.ascontiguousarray(tiles[start:start + BATCH_SIZE])
             features = self.backbone.run(["features"], {"tiles": batch})[0]
             scores.append(self.head.run(["patch_scores"], {"features": features})[0])
-        return np.concatenate(scores).astype(np.float32, copy=False)
+            distances.append(np.full(len(batch), np.nan, np.float32) if self.domain is None
+                             else self.domain.tile_distance(features))
+        scores = np.concatenate(scores).astype(np.float32, copy=False)
+        if not (params or {}).get(DOMAIN_PARAM):
+            return scores
+        distance = np.concatenate(distances)
+        return {"patch_scores": scores, "domain_distance": distance, "in_domain": distance <= 1.0}
 

@@ -37,6 +37,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from shapely.geometry import Polygon
 
+from core.domain import UNKNOWN, DomainCheck
 from core.errors import AuthError, ConfigError, MilroiError, RequestError
 from core.tiling import TissueParams
 from milroi.v1 import scoring_pb2, scoring_pb2_grpc
@@ -114,7 +115,16 @@ def summary_from_proto(s: scoring_pb2.SlideSummary, slide_path: str) -> SlideSum
     logit = s.slide_logit if s.HasField("slide_logit") else _logit(s.slide_score)
     return SlideSummary(slide_path, s.slide_score, s.label, s.threshold, s.roi_threshold,
                         s.tile_count, s.artefact_count, rois, s.mpp, timings,
-                        model_ref_from_proto(s.model), logit)
+                        model_ref_from_proto(s.model), logit, domain_from_proto(s))
+
+
+def domain_from_proto(s: scoring_pb2.SlideSummary) -> DomainCheck:
+    """The domain check of a summary; a server from before it, or a model without a
+    description, leaves in_domain unset: not known."""
+    if not s.HasField("in_domain"):
+        return DomainCheck(None, math.nan, tuple(s.domain_reasons) or UNKNOWN.reasons)
+    return DomainCheck(s.in_domain, s.domain_score if s.HasField("domain_score") else math.nan,
+                       tuple(s.domain_reasons), dict(s.domain_criteria))
 
 
 def _logit(p: float) -> float:
@@ -215,13 +225,17 @@ class SlideScoringStream:
         if p.offset != self._received or len(p.x) != n or len(p.y) != n:
             raise self._error(None, f"malformed chunk at offset {p.offset} (expected offset "
                                     f"{self._received}, {n} scores, {len(p.x)} x, {len(p.y)} y)")
-        if len(p.artefact) not in (0, n):
+        if len(p.artefact) not in (0, n) or len(p.domain_distance) not in (0, n):
             raise self._error(None, f"malformed chunk at offset {p.offset}: {len(p.artefact)} "
-                                    f"artefact flags for {n} scores")
+                                    f"artefact flags and {len(p.domain_distance)} domain "
+                                    f"distances for {n} scores")
         self._received += n
         flags = np.asarray(p.artefact, np.uint8) if len(p.artefact) else np.zeros(n, np.uint8)
         coords = np.column_stack([np.asarray(p.x, np.int64), np.asarray(p.y, np.int64)])
-        return PatchChunk(p.offset, coords.reshape(-1, 2), np.asarray(p.score, np.float32), flags)
+        distance = (np.asarray(p.domain_distance, np.float32) if len(p.domain_distance)
+                    else np.full(n, np.nan, np.float32))
+        return PatchChunk(p.offset, coords.reshape(-1, 2), np.asarray(p.score, np.float32), flags,
+                          distance)
 
     def collect(self, progress: Callable[[int], None] | None = None) -> ScoredSlide:
         """Read the rest of the stream into one `ScoredSlide`; `progress(n)` after each chunk.

@@ -41,6 +41,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from core.cli import add_fallback_mpp_argument, add_tracking_uri_argument
+from core.domain import DomainCheck
 from core.errors import (
     AuthError,
     Busy,
@@ -64,6 +65,7 @@ from serving.engine import (
     PROVIDER_NAMES,
     Engine,
 )
+from serving.inference import FEATURES
 from serving.metrics import ServerMetrics
 from serving.model_source import LoadedModel, ModelSource, ModelSpec
 from serving.options import EngineOptions, add_engine_arguments
@@ -116,7 +118,8 @@ def event_pb(event) -> pb.ScoreSlideResponse:
         return pb.ScoreSlideResponse(patches=pb.PatchScores(
             offset=event.offset, x=event.coords[:, 0].tolist(), y=event.coords[:, 1].tolist(),
             score=event.scores.tolist(),
-            artefact=[] if event.flags is None else event.flags.tolist()))
+            artefact=[] if event.flags is None else event.flags.tolist(),
+            domain_distance=_known(event.domain_distance)))
     if isinstance(event, SlideHeader):
         return pb.ScoreSlideResponse(header=pb.SlideHeader(
             slide_path=event.slide_path, width=event.width, height=event.height,
@@ -139,10 +142,26 @@ def event_pb(event) -> pb.ScoreSlideResponse:
             roi_threshold=event.roi_threshold, model=model_ref_pb(event.model),
             artefact_count=event.artefact_count, slide_logit=event.slide_logit,
             decision=event.decision.decision, decision_reason=event.decision.reason,
+            **domain_fields(event.domain),
             timings=pb.Timings(open_s=t.open_s, tissue_s=t.tissue_s, scoring_s=t.scoring_s,
                                total_s=t.total_s, first_score_s=t.first_score_s,
                                tiles_per_second=t.tiles_per_second)))
     raise TypeError(f"not a slide event: {type(event).__name__}")
+
+
+def _known(distance) -> list[float]:
+    """Per-tile domain distances for the wire: none at all where the model has no description."""
+    if distance is None or not len(distance) or np.isnan(distance).all():
+        return []
+    return distance.tolist()
+
+
+def domain_fields(check: DomainCheck) -> dict:
+    """The SlideSummary fields of a domain check (unset where the model cannot tell)."""
+    if check.in_domain is None:
+        return {"domain_reasons": list(check.reasons)}
+    return {"in_domain": check.in_domain, "domain_score": check.score,
+            "domain_reasons": list(check.reasons), "domain_criteria": check.criteria}
 
 
 def decode_tiles(request: pb.ScoreTilesRequest, tile_size: int) -> np.ndarray:
@@ -273,8 +292,11 @@ class SlideScoringService(pb_grpc.SlideScoringServicer):
                         raise item
                     req, future = item
                     outputs = await future
+                    distance = (engine.domain.tile_distance(outputs[FEATURES])
+                                if engine.domain is not None else None)
                     yield pb.ScoreTilesResponse(score=outputs["patch_scores"].tolist(), x=req.x,
-                                                y=req.y, batch_index=index, model=ref)
+                                                y=req.y, batch_index=index, model=ref,
+                                                domain_distance=_known(distance))
                     index += 1
         except Exception as exc:  # noqa: BLE001
             if context.cancelled():   # the client went away: its reads fail, nobody to answer

@@ -8,8 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def export_test_bundle(folder: Path, name: str) -> Path:
-    """Export the seeded test bundle into `folder` (its manifest's name is `name`)."""
+def export_test_bundle(folder: Path, name: str, domain=None) -> Path:
+    """Export the seeded test bundle into `folder` (its manifest's name is `name`); `domain`: a
+    core.domain.DomainModel of its training data to carry (none by default)."""
     import torch
 
     from training.backbone import build_backbone
@@ -20,4 +21,4 @@ def export_test_bundle(folder: Path, name: str) -> Path:
     backbone = build_backbone("none", layer="layer3", seed=0)
     head = build_head({"kind": "chowder", "in_dim": 1024, "k": 3}).eval()
     return export_bundle(folder, backbone=backbone, head=head,
-                         manifest_extra={"name": name, "slide_threshold": 0.5})
+                         manifest_extra={"name": name, "slide_threshold": 0.5}, domain=domain)

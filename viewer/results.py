@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import threading
 from collections import OrderedDict
 from functools import cached_property
@@ -27,13 +28,19 @@ from wsi.tile_quality import flag_names
 
 def scores_json(table: TileScores) -> bytes:
     """A slide's tile scores as JSON arrays, for the page's hover (scores to 6 decimals, as the
-    patch CSV has them; artefact names as the CSV writes them)."""
+    patch CSV has them; artefact names as the CSV writes them; each tile's `domain_distance`
+    to 3 decimals, null where not known, when the folder has any: core.domain, > 1 out)."""
     names = {int(v): flag_names(int(v)) for v in np.unique(table.flags)}
-    return json.dumps({"tile_size": table.tile_size, "x": table.coords[:, 0].tolist(),
-                       "y": table.coords[:, 1].tolist(),
-                       "score": np.round(table.scores.astype(np.float64), 6).tolist(),
-                       "artefact": [names[int(v)] for v in table.flags]},
-                      separators=(",", ":")).encode()
+    out = {"tile_size": table.tile_size, "x": table.coords[:, 0].tolist(),
+           "y": table.coords[:, 1].tolist(),
+           "score": np.round(table.scores.astype(np.float64), 6).tolist(),
+           "artefact": [names[int(v)] for v in table.flags]}
+    distance = table.domain_distance
+    # Left out when no tile has one (a model without a training description): no array of nulls.
+    if distance is not None and np.isfinite(distance).any():
+        rounded = np.round(distance.astype(np.float64), 3)
+        out["domain_distance"] = [d if math.isfinite(d) else None for d in rounded.tolist()]
+    return json.dumps(out, separators=(",", ":")).encode()
 
 
 class LoadedScores:

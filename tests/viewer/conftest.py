@@ -8,6 +8,9 @@
 - `hostile`: a folder of hostile names and damage (a non-Latin-1 name, a newline, markup, a
   zeroed level-0 tile), scored;
 - `viewer`: `milroi-serve view` on the scores; `live_viewer`: the same with `--server`;
+- `domain_scored`: a copy of the scores with a domain check written in (the test bundle has no
+  description of its training data): the tumour slide out of domain, the blank one in, and
+  per-tile domain distances; `domain_viewer`: `milroi-serve view` on it;
 - `browser`: Debian's chromium (installed by scripts/install_chromium.sh when absent), headless,
   driven by Playwright's Python package with executable_path (no `playwright install`), in a
   fresh user-data-dir; `page` is a new tab per test.
@@ -123,6 +126,33 @@ def _start_viewer(scored: Scored, tmp_path_factory, *extra: str):
         yield Running(url, process)
     finally:
         process.stop()
+
+
+@pytest.fixture(scope="session")
+def domain_scored(scored, tmp_path_factory) -> Scored:
+    """`scored` copied, its summary rows and the tumour slide's tile table given a domain check
+    (editing the copy, not scoring again: scoring is slow)."""
+    import numpy as np
+
+    from results.layout import OUTPUT_SUFFIXES, read_summary, write_summary
+    from results.outputs import read_tile_scores, write_tile_scores
+
+    out = tmp_path_factory.mktemp("domain") / "scores"
+    shutil.copytree(scored.out, out, symlinks=True)
+    checks = {vt.SLIDE: {"in_domain": "0", "domain_score": "3.2",
+                         "domain_reasons": "; ".join(vt.DOMAIN_REASONS)},
+              "blank": {"in_domain": "1", "domain_score": "0.42", "domain_reasons": ""}}
+    write_summary(out, [{**row, **checks.get(row["slide"], {})} for row in read_summary(out)])
+    path = out / vt.SLIDE / f"{vt.SLIDE}{OUTPUT_SUFFIXES['scores']}"
+    table = read_tile_scores(path)
+    write_tile_scores(path, table.coords, table.scores, table.tile_size, table.flags,
+                      np.resize(vt.TILE_DISTANCES, len(table)))
+    return Scored(scored.slides, out)
+
+
+@pytest.fixture(scope="session")
+def domain_viewer(domain_scored, tmp_path_factory) -> Running:
+    yield from _start_viewer(domain_scored, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

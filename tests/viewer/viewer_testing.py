@@ -30,6 +30,11 @@ JAPANESE = "スライド"              # unreadable (broken.svs): its error goes
 NEWLINE = "two\nlines"           # a readable slide whose name holds a newline
 SCRIPTED = "<img src=x onerror=window.pwned=1>"   # unreadable: its name is in the error text
 CORRUPT = "corrupt"              # readable, one level-0 tile's JPEG bytes zeroed
+# The domain check written into a copy of the scores (conftest `domain_scored`): the reasons of
+# the out-of-domain slide (one with markup: shown as text), the tiles' distances in turn.
+DOMAIN_REASONS = ("stain: <img src=x onerror=window.pwned=1> 1.80x the training slides' mean",
+                  "scale: 0.5 um/px, the training slides 0.24-0.26 um/px (limit x1.25 either way)")
+TILE_DISTANCES = (float("nan"), 1.5, 0.25)   # unknown, out, in
 
 
 def ensure_chromium() -> Path:

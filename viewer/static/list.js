@@ -2,6 +2,8 @@
 "use strict";
 let rows = [];
 let sortCol = "slide", sortDir = 1;
+// summary.csv's in_domain (core.domain): "" where the model cannot tell
+const DOMAIN = {"1": "in", "0": "out"};
 
 function slideHref(key) {
   return "/slide/" + key.split("/").map(encodeURIComponent).join("/");
@@ -27,7 +29,8 @@ function render() {
     tr.className = r.status === "ok" ? "" : "failed";
     tr.dataset.slide = r.slide;
     const cells = [r.slide, r.status, r.label, r.score === "" ? "" : Number(r.score).toFixed(4),
-                   r.tiles, r.rois, r.decision || "", r.seconds, r.model_version, r.error];
+                   r.tiles, r.rois, r.decision || "", DOMAIN[r.in_domain] || "", r.seconds,
+                   r.model_version, r.error];
     cells.forEach((value, i) => {
       const td = document.createElement("td");
       if (i === 0) {
@@ -42,8 +45,16 @@ function render() {
         td.title = r.decision_reason;
         td.className = "review";
       }
-      if (i === 9) td.className = "error";
-      if (i === 8) td.title = value;
+      if (i === 7) {   // unlike the training slides: say why (in domain: how close to the edge)
+        td.title = r.in_domain === "1" ? `domain score ${Number(r.domain_score).toFixed(3)}`
+          : r.domain_reasons || "";
+        if (r.in_domain === "0") td.className = "out-of-domain";
+      }
+      if (i === 10) td.className = "error";
+      if (i === 9) {
+        td.title = value;
+        td.className = "version";
+      }
       tr.append(td);
     });
     return tr;

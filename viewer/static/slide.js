@@ -24,6 +24,16 @@ function showMessage(text) {
   $("message").hidden = !text;
 }
 
+// -- the domain check (core.domain): a banner over a slide unlike the training slides
+function showDomain(outOfDomain, reasons) {
+  $("domain-banner").hidden = !outOfDomain;   // in domain, or the model cannot tell: no banner
+  $("domain-reasons").replaceChildren(...(outOfDomain ? reasons : []).map(text => {
+    const li = document.createElement("li");
+    li.textContent = text;
+    return li;
+  }));
+}
+
 // -- the colour map (the server's stops, linearly interpolated) for live tiles
 function hexToRgb(hex) {
   return [1, 3, 5].map(i => parseInt(hex.slice(i, i + 2), 16));
@@ -136,8 +146,10 @@ function hover(position) {
     return;
   }
   const t = state.table, score = t.score[i].toFixed(6);
+  const distance = t.domain_distance ? t.domain_distance[i] : null;   // null: not known
   hoverBox.textContent = `tile x ${t.x[i]}, y ${t.y[i]}: score ${score}` +
-    (t.artefact[i] ? ` (artefact: ${t.artefact[i]}, left out)` : "");
+    (t.artefact[i] ? ` (artefact: ${t.artefact[i]}, left out)` : "") +
+    (distance === null ? "" : `, domain ${distance.toFixed(2)} (${distance > 1 ? "out" : "in"})`);
   Object.assign(hoverBox.dataset, {x: t.x[i], y: t.y[i], score});
 }
 
@@ -212,6 +224,9 @@ function startLive() {
       $("verdict").textContent += ` | review: ${s.decision.reason}`;
       $("verdict").classList.add("review");
     }
+    // The live verdict replaces the stored one: a banner shown from the summary row may go.
+    const domain = s.domain || {};
+    showDomain(domain.in_domain === false, domain.reasons || []);
     finish(`done: ${s.label} (score ${score}), ${s.tile_count} tiles, ${s.rois.length} ROI(s), ` +
            `${(s.timings.total_s || 0).toFixed(1)} s`, "summary");
   });
@@ -261,6 +276,8 @@ async function main() {
     $("verdict").textContent += ` | review: ${row.decision_reason}`;
     $("verdict").classList.add("review");
   }
+  // summary.csv's cells: in_domain "0" out, "1" in, "" unknown; reasons joined by "; "
+  showDomain(row.in_domain === "0", row.domain_reasons ? row.domain_reasons.split("; ") : []);
   showMessage([...new Set([row.error, info.slide_error].filter(Boolean))].join(" / "));
   const labels = {csv: "patch scores (CSV)", geojson: "QuPath (GeoJSON)", spatiopath: "Spatiopath JSON"};
   for (const kind of Object.keys(labels).filter(k => k in info.downloads)) {

@@ -77,18 +77,20 @@ class SlideHeader(_message.Message):
     def __init__(self, slide_path: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., level_count: _Optional[int] = ..., mpp: _Optional[float] = ..., mpp_source: _Optional[str] = ..., tile_size: _Optional[int] = ..., tile_level: _Optional[int] = ..., tile_count: _Optional[int] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., input_px: _Optional[int] = ..., bounds_x: _Optional[int] = ..., bounds_y: _Optional[int] = ..., model_mpp: _Optional[float] = ..., scale_factor: _Optional[float] = ..., upsampled: _Optional[bool] = ...) -> None: ...
 
 class PatchScores(_message.Message):
-    __slots__ = ("offset", "x", "y", "score", "artefact")
+    __slots__ = ("offset", "x", "y", "score", "artefact", "domain_distance")
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     X_FIELD_NUMBER: _ClassVar[int]
     Y_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     ARTEFACT_FIELD_NUMBER: _ClassVar[int]
+    DOMAIN_DISTANCE_FIELD_NUMBER: _ClassVar[int]
     offset: int
     x: _containers.RepeatedScalarFieldContainer[int]
     y: _containers.RepeatedScalarFieldContainer[int]
     score: _containers.RepeatedScalarFieldContainer[float]
     artefact: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, offset: _Optional[int] = ..., x: _Optional[_Iterable[int]] = ..., y: _Optional[_Iterable[int]] = ..., score: _Optional[_Iterable[float]] = ..., artefact: _Optional[_Iterable[int]] = ...) -> None: ...
+    domain_distance: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, offset: _Optional[int] = ..., x: _Optional[_Iterable[int]] = ..., y: _Optional[_Iterable[int]] = ..., score: _Optional[_Iterable[float]] = ..., artefact: _Optional[_Iterable[int]] = ..., domain_distance: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Ring(_message.Message):
     __slots__ = ("x", "y")
@@ -131,7 +133,14 @@ class Timings(_message.Message):
     def __init__(self, open_s: _Optional[float] = ..., tissue_s: _Optional[float] = ..., scoring_s: _Optional[float] = ..., total_s: _Optional[float] = ..., first_score_s: _Optional[float] = ..., tiles_per_second: _Optional[float] = ...) -> None: ...
 
 class SlideSummary(_message.Message):
-    __slots__ = ("slide_score", "label", "threshold", "tile_count", "rois", "mpp", "roi_threshold", "timings", "model", "artefact_count", "slide_logit", "decision", "decision_reason")
+    __slots__ = ("slide_score", "label", "threshold", "tile_count", "rois", "mpp", "roi_threshold", "timings", "model", "artefact_count", "slide_logit", "decision", "decision_reason", "in_domain", "domain_score", "domain_reasons", "domain_criteria")
+    class DomainCriteriaEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     SLIDE_SCORE_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +154,10 @@ class SlideSummary(_message.Message):
     SLIDE_LOGIT_FIELD_NUMBER: _ClassVar[int]
     DECISION_FIELD_NUMBER: _ClassVar[int]
     DECISION_REASON_FIELD_NUMBER: _ClassVar[int]
+    IN_DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    DOMAIN_SCORE_FIELD_NUMBER: _ClassVar[int]
+    DOMAIN_REASONS_FIELD_NUMBER: _ClassVar[int]
+    DOMAIN_CRITERIA_FIELD_NUMBER: _ClassVar[int]
     slide_score: float
     label: str
     threshold: float
@@ -158,7 +171,11 @@ class SlideSummary(_message.Message):
     slide_logit: float
     decision: str
     decision_reason: str
-    def __init__(self, slide_score: _Optional[float] = ..., label: _Optional[str] = ..., threshold: _Optional[float] = ..., tile_count: _Optional[int] = ..., rois: _Optional[_Iterable[_Union[Polygon, _Mapping]]] = ..., mpp: _Optional[float] = ..., roi_threshold: _Optional[float] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., artefact_count: _Optional[int] = ..., slide_logit: _Optional[float] = ..., decision: _Optional[str] = ..., decision_reason: _Optional[str] = ...) -> None: ...
+    in_domain: bool
+    domain_score: float
+    domain_reasons: _containers.RepeatedScalarFieldContainer[str]
+    domain_criteria: _containers.ScalarMap[str, float]
+    def __init__(self, slide_score: _Optional[float] = ..., label: _Optional[str] = ..., threshold: _Optional[float] = ..., tile_count: _Optional[int] = ..., rois: _Optional[_Iterable[_Union[Polygon, _Mapping]]] = ..., mpp: _Optional[float] = ..., roi_threshold: _Optional[float] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., artefact_count: _Optional[int] = ..., slide_logit: _Optional[float] = ..., decision: _Optional[str] = ..., decision_reason: _Optional[str] = ..., in_domain: _Optional[bool] = ..., domain_score: _Optional[float] = ..., domain_reasons: _Optional[_Iterable[str]] = ..., domain_criteria: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class ScoreTilesRequest(_message.Message):
     __slots__ = ("tiles", "count", "tile_size", "x", "y")
@@ -175,18 +192,20 @@ class ScoreTilesRequest(_message.Message):
     def __init__(self, tiles: _Optional[bytes] = ..., count: _Optional[int] = ..., tile_size: _Optional[int] = ..., x: _Optional[_Iterable[int]] = ..., y: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ScoreTilesResponse(_message.Message):
-    __slots__ = ("score", "x", "y", "batch_index", "model")
+    __slots__ = ("score", "x", "y", "batch_index", "model", "domain_distance")
     SCORE_FIELD_NUMBER: _ClassVar[int]
     X_FIELD_NUMBER: _ClassVar[int]
     Y_FIELD_NUMBER: _ClassVar[int]
     BATCH_INDEX_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    DOMAIN_DISTANCE_FIELD_NUMBER: _ClassVar[int]
     score: _containers.RepeatedScalarFieldContainer[float]
     x: _containers.RepeatedScalarFieldContainer[int]
     y: _containers.RepeatedScalarFieldContainer[int]
     batch_index: int
     model: ModelRef
-    def __init__(self, score: _Optional[_Iterable[float]] = ..., x: _Optional[_Iterable[int]] = ..., y: _Optional[_Iterable[int]] = ..., batch_index: _Optional[int] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ...) -> None: ...
+    domain_distance: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, score: _Optional[_Iterable[float]] = ..., x: _Optional[_Iterable[int]] = ..., y: _Optional[_Iterable[int]] = ..., batch_index: _Optional[int] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., domain_distance: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class GetModelRequest(_message.Message):
     __slots__ = ()
