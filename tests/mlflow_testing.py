@@ -70,9 +70,10 @@ def register_bundle(client, name: str, bundle: Path, experiment: str = "tests") 
 
 def log_fit_run(tracking_uri: str, head, val_auc: float | None = None, slide_threshold: float = 0.42,
                 layer: str = "layer3", experiment: str = "milroi-test",
-                roi_threshold: float | None = None) -> str:
-    """A run in the layout `milroi-train fit` logs (params, head/ artifact, val_auc, tag), so
-    that `milroi-train export` can read it; on a sqlite store the artifacts sit beside the db."""
+                roi_threshold: float | None = None, domain=None) -> str:
+    """A run in the layout `milroi-train fit` logs (params, head/ artifact, val_auc, tag, and
+    the domain/ artifact of a core.domain.DomainModel where given), so that `milroi-train
+    export` can read it; on a sqlite store the artifacts sit beside the db."""
     import json
     import tempfile
 
@@ -99,5 +100,10 @@ def log_fit_run(tracking_uri: str, head, val_auc: float | None = None, slide_thr
         torch.save(head.state_dict(), folder / "head.pt")
         (folder / "head_config.json").write_text(json.dumps(head.config))
         client.log_artifacts(run_id, str(folder), artifact_path="head")
+        if domain is not None:
+            from training.runs import DOMAIN_ARTIFACT_PATH, write_run_domain
+
+            client.log_artifacts(run_id, str(write_run_domain(Path(tmp), domain)),
+                                 artifact_path=DOMAIN_ARTIFACT_PATH)
     client.set_terminated(run_id)
     return run_id

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 COMPONENTS = 16        # PCA dimensions of the feature description
 MAX_TILES = 20_000     # tiles the description is fitted on, spread over the slides
+RESIDUAL_FLOOR = 1e-3  # the smallest Q limit, as a share of the median squared tile norm
 
 
 def describe(bags: Sequence[Bag], seed: int = 0) -> DomainModel:
@@ -94,9 +95,13 @@ def _distribution(samples: list[np.ndarray], seed: int) -> TileDistribution:
     else:   # one slide: nothing to hold out
         t2, q = _fit(everything, seed).statistics(everything)
     fitted = _fit(everything, seed)
+    # Where the projection keeps (nearly) every dimension, Q is rounding noise: a residual below
+    # RESIDUAL_FLOOR of a typical tile's spread is never a reason to flag it.
+    spread = float(np.median(((everything - fitted.mean) ** 2).sum(axis=1)))
     return TileDistribution(fitted.mean, fitted.components, fitted.precision, fitted.location,
                             max(float(np.quantile(t2, TILE_QUANTILE)), 1e-9),
-                            max(float(np.quantile(q, TILE_QUANTILE)), 1e-9))
+                            max(float(np.quantile(q, TILE_QUANTILE)), RESIDUAL_FLOOR * spread,
+                                1e-9))
 
 
 def _stain_domain(statistics: list[dict[str, float]]) -> StainDomain:

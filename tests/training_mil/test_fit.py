@@ -12,9 +12,10 @@ import torch
 
 from core.errors import MilroiError
 from training.cli import main as train_main
+from training.feature_file import load_bag
 from training.fit import FitOptions, fit
 from training.labels import read_labels
-from training.runs import load_run_head
+from training.runs import load_run_domain, load_run_head
 
 # early stopping on 3 validation slides is noise: patience = epochs keeps the best of all epochs
 FAST = dict(epochs=25, lr=3e-3, weight_decay=1e-4, patience=25, val_fraction=0.3)
@@ -67,14 +68,21 @@ def test_fit_separates_tumour_bags_and_logs_run(bag_dataset, tmp_path, head):
     epochs = client.get_metric_history(result.run_id, "fold0_train_loss")
     assert len(epochs) >= 2 and [m.step for m in epochs] == list(range(1, len(epochs) + 1))
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
-    assert {"head", "predictions.csv", "roc_curve.png"} <= artifacts
+    assert {"head", "predictions.csv", "roc_curve.png", "domain"} <= artifacts
     assert {a.path for a in client.list_artifacts(result.run_id, "head")} == {
         "head/head.pt", "head/head_config.json"}
+    # the description of its training data (core.domain), for export to put in the bundle:
+    # these files have features and pixel sizes but no stain statistics (written before them)
+    domain = load_run_domain(result.run_id, _uri(tmp_path))
+    assert domain.slides == 20 and domain.tiles == 20 * 36 and domain.stain is None
+    assert domain.mpp_range == (0.243, 0.243) and domain.features.components.shape[1] == 16
+    tumour = load_bag(features_dir / "h5_files" / "tumor_000.h5").features.numpy()
+    assert np.mean(domain.tile_distance(tumour) <= 1) > 0.9   # a training slide: within reach
+    assert np.all(domain.tile_distance(tumour + 10.0) > 1)    # the same tiles shifted: beyond
 
     # the logged head is the returned final model, and it localises the tumour block
     loaded = load_run_head(result.run_id, _uri(tmp_path))
     assert loaded.config == result.head.config
-    from training.feature_file import load_bag
     bag = load_bag(features_dir / "h5_files" / "tumor_000.h5")
     with torch.no_grad():
         scores = loaded(bag.features).patch_scores.numpy()

@@ -32,6 +32,19 @@ def real_tiles() -> np.ndarray:
 
 
 @pytest.fixture(scope="session")
+def real_domain(layer3_backbone, real_tiles):
+    """A description of training data (core.domain) made of the real tiles' layer3 features."""
+    import torch
+
+    from training.domain import describe
+    from training.feature_file import Bag
+
+    with torch.inference_mode():
+        features = layer3_backbone(torch.from_numpy(real_tiles)).float()
+    return describe([Bag("cmu", features, np.zeros((len(features), 2), np.int64))])
+
+
+@pytest.fixture(scope="session")
 def layer3_backbone():
     from training.backbone import build_backbone
 
@@ -79,14 +92,15 @@ def trained_head():
 
 
 @pytest.fixture(scope="session")
-def exported(mlflow_server, trained_head, tmp_path_factory):
+def exported(mlflow_server, trained_head, real_domain, tmp_path_factory):
     """One fit run exported and registered as `milroi-test` on the server, with alias champion
     (val_auc 0.80), parity checked on real tissue tiles; (run id, training.export.Registered)."""
     from mlflow_testing import log_fit_run
 
     from training.export import export_run
 
-    rid = log_fit_run(mlflow_server, trained_head, val_auc=0.80, roi_threshold=0.97)
+    rid = log_fit_run(mlflow_server, trained_head, val_auc=0.80, roi_threshold=0.97,
+                      domain=real_domain)
     out = tmp_path_factory.mktemp("export") / "bundle"
     registered = export_run(rid, "milroi-test", alias="champion", tracking_uri=mlflow_server,
                             out_dir=out, parity_slide=CMU_SMALL)

@@ -64,7 +64,10 @@ PREDICT = textwrap.dedent('''\
     import mlflow.pyfunc
 
     model = mlflow.pyfunc.load_model(sys.argv[1])
-    np.save(sys.argv[3], model.predict(np.load(sys.argv[2])))
+    tiles = np.load(sys.argv[2])
+    np.save(sys.argv[3], model.predict(tiles))
+    domain = model.predict(tiles, params={"domain": True})
+    np.save(sys.argv[3].replace(".npy", "_domain.npy"), domain["domain_distance"])
     print(json.dumps({"pyfunc": sys.modules["core.pyfunc"].__file__,
                       "heavy": sorted(m for m in ("torch", "training") if m in sys.modules)}))
     ''')
@@ -90,11 +93,11 @@ def downloaded(version, mlflow_server, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server_scores(version, mlflow_server, real_tiles):
-    """Patch scores of the milroi server's own path: ModelSource follows the alias, downloads
-    the version, checks its digest and builds the serving Engine (CPU, onnxruntime fp32: what the
-    pyfunc runs; the default `auto` may measure OpenVINO bf16 faster, within the cosine gate but
-    not within these tests' 1e-5)."""
+def server_outputs(version, mlflow_server, real_tiles):
+    """Patch scores and domain distances (core.domain) of the milroi server's own path:
+    ModelSource follows the alias, downloads the version, checks its digest and builds the
+    serving Engine (CPU, onnxruntime fp32: what the pyfunc runs; the default `auto` may measure
+    OpenVINO bf16 faster, within the cosine gate but not within these tests' 1e-5)."""
     from serving.engine import Engine
     from serving.model_source import ModelSource
 
@@ -104,9 +107,21 @@ def server_scores(version, mlflow_server, real_tiles):
     try:
         assert source.refresh() and source.current.ref.version == str(version.version)
         with source.lease() as model:
-            return model.engine.score(real_tiles)["patch_scores"]
+            outputs = model.engine.score(real_tiles)
+            assert model.engine.domain is not None   # the run's description reached the bundle
+            return outputs["patch_scores"], model.engine.domain.tile_distance(outputs["features"])
     finally:
         source.stop()
+
+
+@pytest.fixture(scope="module")
+def server_scores(server_outputs):
+    return server_outputs[0]
+
+
+@pytest.fixture(scope="module")
+def server_distances(server_outputs):
+    return server_outputs[1]
 
 
 def _sha256(path: Path) -> str:
@@ -164,7 +179,8 @@ def test_version_tags_and_description(version):
 
 @pytest.mark.slow
 def test_pyfunc_in_a_serve_only_process_matches_the_server(version, mlflow_server, real_tiles,
-                                                           server_scores, tmp_path):
+                                                           server_scores, server_distances,
+                                                           tmp_path):
     shim = tmp_path / "shim"
     shim.mkdir()
     (shim / "sitecustomize.py").write_text(SERVE_ONLY_SHIM)
@@ -186,6 +202,9 @@ def test_pyfunc_in_a_serve_only_process_matches_the_server(version, mlflow_serve
     scores = np.load(tmp_path / "scores.npy")
     assert scores.dtype == np.float32 and scores.shape == (len(real_tiles),)
     assert np.abs(scores - server_scores).max() <= 1e-5
+    # params={"domain": True}: each tile's distance to the training tiles, as the server has it
+    distance = np.load(tmp_path / "scores_domain.npy")
+    assert np.allclose(distance, server_distances, rtol=1e-3) and np.isfinite(distance).all()
 
 
 @pytest.mark.slow
