@@ -937,7 +937,7 @@ def write_synthetic_cells(path, truth: SyntheticTruth, mode: str = "uniform", ba
 
 def make_dataset(out, n_tumor: int, n_normal: int, size: tuple[int, int] = (4096, 4096),
                  seed: int = 0, hard: bool = False, colour_matched: bool = False,
-                 mpp: float = MPP) -> dict[str, SyntheticTruth]:
+                 mpp: float = MPP, prefix: str = "") -> dict[str, SyntheticTruth]:
     """Camelyon16 layout in `out`: tumor_001.tif + tumor_001.xml, ..., normal_001.tif, ...,
     reference.csv (columns slide,label; label tumor|normal) and synth.csv (how each slide was
     drawn). Returns name -> SyntheticTruth.
@@ -946,7 +946,8 @@ def make_dataset(out, n_tumor: int, n_normal: int, size: tuple[int, int] = (4096
     and blur across its tissue; every other tumour slide (tumor_001, _003, ...) has
     micro-metastases only. `colour_matched` and `mpp` as write_synthetic_slide (`size` is the
     extent in 0.243 um/px pixels); where either is not the default, synth.csv gains the columns
-    colour_matched and mpp (the default dataset's files stay as they were).
+    colour_matched and mpp (the default dataset's files stay as they were). `prefix` goes before
+    every slide name (hard_tumor_001): sets made apart can then share one training folder.
     """
     from core.files import atomic_write
 
@@ -954,8 +955,8 @@ def make_dataset(out, n_tumor: int, n_normal: int, size: tuple[int, int] = (4096
     out.mkdir(parents=True, exist_ok=True)
     width, height = size
     truths: dict[str, SyntheticTruth] = {}
-    jobs = [(f"tumor_{i:03d}", True, i) for i in range(1, n_tumor + 1)]
-    jobs += [(f"normal_{i:03d}", False, 1000 + i) for i in range(1, n_normal + 1)]
+    jobs = [(f"{prefix}tumor_{i:03d}", True, i) for i in range(1, n_tumor + 1)]
+    jobs += [(f"{prefix}normal_{i:03d}", False, 1000 + i) for i in range(1, n_normal + 1)]
     drawn = []
     extra = [int(colour_matched), f"{mpp:g}"] if colour_matched or mpp != MPP else []
     for name, is_tumor, k in jobs:
@@ -1021,13 +1022,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="also write OUT/cells/<slide>.csv: the drawn nuclei (x,y,class), "
                              "immune cells placed uniform, enriched in a 50 um band around "
                              "tumour, or excluded from it (for milroi-serve spatiopath)")
+    parser.add_argument("--prefix", default="",
+                        help="before every slide name (e.g. hard_: hard_tumor_001), so that sets "
+                             "made apart can share one training folder")
 
 
 def run(args) -> int:
     if args.tumor < 0 or args.normal < 0 or args.tumor + args.normal == 0:
         raise ConfigError("synth: --tumor and --normal must be >= 0, and at least one slide")
     truths = make_dataset(args.out, args.tumor, args.normal, args.size, args.seed, hard=args.hard,
-                          colour_matched=args.colour_matched, mpp=args.mpp)
+                          colour_matched=args.colour_matched, mpp=args.mpp, prefix=args.prefix)
     if args.cells:
         for name, truth in truths.items():
             write_synthetic_cells(Path(args.out) / "cells" / f"{name}.csv", truth, args.cells,
