@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 from benchmarks.machine import machine_facts
+from results.layout import SUMMARY_NAME
 
 log = logging.getLogger("bench_domain")
 
@@ -100,11 +101,11 @@ def flag_rates(root: Path, bundle: Path) -> dict:
     out = {}
     for name in ("plain", "hard", "coarse", "nompp"):
         scores = root / f"scores_{name}"
-        if not (scores / "summary.csv").is_file():
+        if not (scores / SUMMARY_NAME).is_file():
             extra = ["--fallback-mpp", FALLBACK_MPP] if name == "nompp" else []
             _cli("serving.cli", "score", str(root / name), "--model", str(bundle), "--out",
                  str(scores), "--backend", "onnxruntime", "--precision", "fp32", *extra)
-        with open(scores / "summary.csv") as f:
+        with open(scores / SUMMARY_NAME) as f:
             rows = [r for r in csv.DictReader(f) if r["status"] == "ok"]
         flagged = [r for r in rows if r["in_domain"] == "0"]
         reasons = {}
