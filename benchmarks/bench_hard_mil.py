@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.machine import machine_facts
+from training.heads import CALIBRATION
 
 log = logging.getLogger("bench_hard_mil")
 
@@ -70,6 +71,10 @@ def rows(median_bag: int) -> dict[str, Row]:
                             "weight 0.3)", {"cluster_b": 8, "cluster_weight": 0.3}),
         Row("d", "dsmil", "DSMIL: max-instance stream + critical-instance attention", {}),
         Row("e", "transmil", "TransMIL (2 layers, PPEG) + max-instance patch classifier", {}),
+        # issue 38: the default head as it ships now, its scores calibrated by fit; scored with
+        # and without the calibration maps (the same weights) to state what they change
+        Row("calibrated", "chowder", "CHOWDER, current defaults, Platt-calibrated by fit "
+                                     "(issue 38)", {}),
     ]}
 
 
@@ -110,7 +115,9 @@ def median_bag_size(features_dir: Path, labels_path: Path) -> int:
 def _summary(result: dict[str, Any]) -> dict[str, Any]:
     """The held-out figures of an evaluation result (training.evaluate)."""
     s, r = result["slide"], result["roi"]
-    return {"slide_auc": s["auc"], "slide_auc_ci": [s["auc_ci_low"], s["auc_ci_high"]],
+    calibration = {f"{level}_{k}": m[k] for level, m in result.get("calibration", {}).items()
+                   for k in ("ece", "brier")}
+    return {**calibration, "slide_auc": s["auc"], "slide_auc_ci": [s["auc_ci_low"], s["auc_ci_high"]],
             "slide_accuracy": s["accuracy"], "patch_auc": result.get("patch_auc"),
             "froc": result.get("froc", {}).get("score"),
             "false_rois_per_normal_slide": r["false_rois_per_normal_slide"],
@@ -133,13 +140,39 @@ def run_row(row: Row, root: Path, tracking_uri: str) -> dict[str, Any]:
     result = evaluate_run(fitted.run_id, root / "feat_heldout", root / "heldout" / "reference.csv",
                           root / "heldout", tracking_uri)
     m = fitted.metrics
-    return {"row": row.name, "head": row.head, "what": row.what,
-            "head_config": fitted.head.config, "run_id": fitted.run_id,
-            "dev": {"cv_auc_mean": m.get("cv_auc_mean"), "cv_auc_std": m.get("cv_auc_std"),
-                    "oof_auc": m.get("val_auc"), "threshold": fitted.slide_threshold,
-                    "roi_threshold": fitted.roi_threshold},
-            "heldout": _summary(result), "fit_s": round(fit_s, 1),
-            "eval_s": round(time.perf_counter() - t0 - fit_s, 1)}
+    out = {"row": row.name, "head": row.head, "what": row.what,
+           "head_config": fitted.head.config, "run_id": fitted.run_id,
+           "dev": {"cv_auc_mean": m.get("cv_auc_mean"), "cv_auc_std": m.get("cv_auc_std"),
+                   "oof_auc": m.get("val_auc"), "threshold": fitted.slide_threshold,
+                   "roi_threshold": fitted.roi_threshold,
+                   **{k: m[k] for k in ("val_slide_ece_uncalibrated", "val_slide_ece",
+                                        "val_patch_ece") if k in m}},
+           "heldout": _summary(result), "fit_s": round(fit_s, 1),
+           "eval_s": round(time.perf_counter() - t0 - fit_s, 1)}
+    if CALIBRATION in fitted.head.config:
+        out["heldout_uncalibrated"] = _summary(_uncalibrated(fitted, root))
+    return out
+
+
+def _uncalibrated(fitted, root: Path) -> dict[str, Any]:
+    """The held-out evaluation of the same head without its calibration maps (same weights,
+    same thresholds): what calibration changes."""
+    import torch
+
+    from training.evaluate import evaluate_scores
+    from training.trainer import head_from_state
+
+    config = {k: v for k, v in fitted.head.config.items() if k != CALIBRATION}
+    head = head_from_state(config, fitted.head.state_dict())
+
+    def score(bag):
+        with torch.no_grad():
+            out = head(bag.features)
+        return torch.sigmoid(out.slide_logit).item(), out.patch_scores.numpy()
+
+    return evaluate_scores(score, root / "feat_heldout", root / "heldout" / "reference.csv",
+                           root / "heldout", threshold=fitted.slide_threshold,
+                           roi_threshold=fitted.roi_threshold)
 
 
 def run_probe(root: Path) -> dict[str, Any]:

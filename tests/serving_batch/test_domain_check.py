@@ -212,10 +212,14 @@ def test_the_verdict_crosses_the_wire(scorer, shifted):
     assert summary_from_proto(old, "x").domain.in_domain is None
 
 
-def test_a_bundle_without_a_description_says_not_known(shifted, tmp_path):
-    from bundle_testing import export_test_bundle
-
-    bundle = export_test_bundle(tmp_path / "plain", "no-domain")
+def test_a_bundle_without_a_description_says_not_known(domain_bundle, shifted, tmp_path):
+    """The same bundle as exported before the domain check: no `domain` entry, no file."""
+    bundle = tmp_path / "plain"
+    shutil.copytree(domain_bundle, bundle)
+    manifest = BundleManifest.read(bundle)
+    (bundle / DOMAIN_FILE).unlink()
+    manifest.replace(files={k: v for k, v in manifest.files.items() if k != "domain"},
+                     domain=None).write(bundle)
     assert BundleManifest.read(bundle).domain is None
     engine = Engine(bundle, backend="onnxruntime", precision="fp32")
     try:
