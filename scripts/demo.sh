@@ -23,10 +23,11 @@ step() { printf '\n==> %s\n' "$*"; }
 step "1/9 synthetic slides: a training set of plain and hard slides (per-slide stains, pen,
       marker, blur), a held-out set (different seeds)"
 [ -f "$OUT/train/reference.csv" ] || milroi-train synth "$OUT/train" --tumor 8 --normal 8 --size "$SIZE" --seed 1
-# The hard training slides are made apart (hard_tumor_001, ...) and join the training folder:
-# the model then knows the stains and artefacts of the hard round, which is in its domain.
+# As many hard training slides as plain ones, made apart (hard_tumor_001, ...), join the
+# training folder: the model then knows the stains and artefacts of the hard round, which is
+# in its domain.
 if ! grep -q '^hard_' "$OUT/train/reference.csv"; then
-    milroi-train synth "$OUT/train_hard" --tumor 4 --normal 4 --size "$SIZE" --seed 4 --hard --prefix hard_
+    milroi-train synth "$OUT/train_hard" --tumor 8 --normal 8 --size "$SIZE" --seed 4 --hard --prefix hard_
     cp "$OUT"/train_hard/hard_* "$OUT/train/"
     tail -n +2 "$OUT/train_hard/reference.csv" >> "$OUT/train/reference.csv"
 fi

@@ -37,6 +37,9 @@ MAX_TILES = 512
 PIXEL_STRIDE = 8
 # Fewer tissue pixels than this give no statistics (a slide of a few tiles, mostly glass).
 MIN_PIXELS = 500
+# Amounts below this (OD units) count as none: deconvolution gives a faded or greyed slide's
+# pixels small or negative amounts of a dye, whose log would swamp the training slides' spread.
+MIN_AMOUNT = 0.01
 
 
 def _hed_from_rgb() -> np.ndarray:
@@ -63,7 +66,7 @@ def stain_statistics(amounts: np.ndarray) -> np.ndarray | None:
     if len(amounts) < MIN_PIXELS:
         return None
     q = np.percentile(np.asarray(amounts, np.float64), PERCENTILES, axis=0)   # [3, 2]
-    return np.log(np.maximum(q.T.reshape(-1), 1e-4))                            # H then E
+    return np.log(np.maximum(q.T.reshape(-1), MIN_AMOUNT))                      # H then E
 
 
 class StainSample:
