@@ -65,10 +65,15 @@ def test_patch_csv_header_and_values(tmp_path):
     scores = np.array([0.125, 0.5, 0.999999])
     path = write_patch_csv(tmp_path / "p.csv", coords, scores, TILE)
     rows = list(csv.reader(path.open()))
-    assert rows[0] == ["x", "y", "size", "score", "artefact"]
+    assert rows[0] == ["x", "y", "size", "score", "artefact", "domain_distance", "in_domain"]
     assert [r[:3] for r in rows[1:]] == [["0", "0", "224"], ["224", "0", "224"], ["448", "672", "224"]]
     np.testing.assert_allclose([float(r[3]) for r in rows[1:]], scores, atol=1e-6)
-    assert [r[4] for r in rows[1:]] == ["", "", ""]
+    assert [r[4:] for r in rows[1:]] == [["", "", ""]] * 3   # no domain description: not known
+    # each tile's distance to the training tiles (core.domain) and its flag: in at <= 1
+    known = write_patch_csv(tmp_path / "d.csv", coords, scores, TILE,
+                            domain_distance=[0.5, 1.0, 2.25])
+    assert [r[5:] for r in list(csv.reader(known.open()))[1:]] == [
+        ["0.5000", "1"], ["1.0000", "1"], ["2.2500", "0"]]
     with pytest.raises(MilroiError, match="3 tile coordinates but 2 scores"):
         write_patch_csv(tmp_path / "q.csv", coords, scores[:2], TILE)
     flagged = write_patch_csv(tmp_path / "f.csv", coords, scores, TILE, flags=[0, 1, 6])
