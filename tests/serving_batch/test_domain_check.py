@@ -26,6 +26,7 @@ import torch
 
 from core.bundle import BundleManifest
 from core.domain import (
+    CRITERIA,
     DOMAIN_FILE,
     MAX_OUT_SHARE,
     UNKNOWN,
@@ -266,3 +267,7 @@ def test_the_rule_on_made_up_figures():
     assert coarse.criteria["scale"] > 1 and coarse.reasons[0].startswith("scale: 0.5 um/px")
     guessed = model.check(np.full(100, 0.5), np.array([0.0]), 0.243, mpp_source="user")
     assert guessed.in_domain is False and guessed.score == 0   # in reach, but its scale a guess
+    # every reason names its criterion first, from the one list of them
+    for check in (many, pale, coarse, guessed):
+        assert all(r.split(":", 1)[0] in CRITERIA for r in check.reasons)
+        assert set(check.criteria) <= set(CRITERIA)
