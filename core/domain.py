@@ -67,14 +67,6 @@ class DomainCheck:
                 "reasons": list(self.reasons),
                 "criteria": {k: round(v, 4) for k, v in self.criteria.items()}}
 
-    @classmethod
-    def from_dict(cls, values: dict | None) -> DomainCheck:
-        if not values:
-            return UNKNOWN
-        score = values.get("domain_score")
-        return cls(values.get("in_domain"), math.nan if score is None else float(score),
-                   tuple(values.get("reasons") or ()), dict(values.get("criteria") or {}))
-
 
 UNKNOWN = DomainCheck(None, math.nan, (NO_DESCRIPTION,))
 
@@ -125,12 +117,15 @@ class StainDomain:
     mean: np.ndarray     # [m] mean over the training slides (log amounts)
     limit: np.ndarray    # [m] largest allowed |difference| (log)
 
-    def ratios(self, statistics: np.ndarray) -> np.ndarray:
-        return np.abs(np.asarray(statistics, np.float64) - self.mean) / self.limit
+    def ratios(self, statistics: dict[str, float]) -> np.ndarray:
+        """|slide - mean| / limit of each described statistic (wsi.stain: name -> value)."""
+        values = np.array([statistics[name] for name in self.names], np.float64)
+        return np.abs(values - self.mean) / self.limit
 
-    def reasons(self, statistics: np.ndarray) -> list[str]:
+    def reasons(self, statistics: dict[str, float]) -> list[str]:
         out = []
-        for name, value, mean, limit in zip(self.names, statistics, self.mean, self.limit):
+        for name, mean, limit in zip(self.names, self.mean, self.limit):
+            value = statistics[name]
             if abs(value - mean) > limit:
                 out.append(f"stain: {name.replace('_p', ' ')}th percentile "
                            f"{math.exp(value - mean):.2f}x the training slides' mean (limit "
@@ -164,10 +159,10 @@ class DomainModel:
             return np.full(len(features), np.nan, np.float32)
         return self.features.distance(features)
 
-    def check(self, tile_distance: np.ndarray, stain: np.ndarray | None = None,
+    def check(self, tile_distance: np.ndarray, stain: dict[str, float] | None = None,
               mpp: float = math.nan, mpp_source: str = "metadata") -> DomainCheck:
         """The verdict on one slide: `tile_distance` of its clean tiles, its stain statistics
-        (wsi.stain; None: not measured), its pixel size and where that came from (wsi.slide:
+        (wsi.stain, name -> value; None: not measured), its pixel size and where that came from (wsi.slide:
         "metadata", "user")."""
         criteria: dict[str, float] = {}
         reasons: list[str] = []
@@ -180,7 +175,7 @@ class DomainModel:
                 reasons.append(f"features: {share:.0%} of the tiles lie beyond "
                                f"{TILE_QUANTILE:.0%} of the training tiles (limit "
                                f"{MAX_OUT_SHARE:.0%})")
-        if self.stain is not None and stain is not None:
+        if self.stain is not None and stain is not None and set(self.stain.names) <= set(stain):
             criteria["stain"] = float(self.stain.ratios(stain).max())
             reasons += self.stain.reasons(stain)
         if self.mpp_range is not None and mpp > 0:

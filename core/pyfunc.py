@@ -81,15 +81,17 @@ class BundleModel(PythonModel):
         if tiles.dtype != np.uint8 or tiles.ndim != 4 or tiles.shape[1:] != (size, size, 3):
             raise RequestError(f"tiles must be uint8 [n, {size}, {size}, 3], "
                                f"got {tiles.dtype} {list(tiles.shape)}")
+        with_domain = bool((params or {}).get(DOMAIN_PARAM))
         scores, distances = [np.zeros(0, np.float32)], [np.zeros(0, np.float32)]
         for start in range(0, len(tiles), BATCH_SIZE):
             batch = np.ascontiguousarray(tiles[start:start + BATCH_SIZE])
             features = self.backbone.run(["features"], {"tiles": batch})[0]
             scores.append(self.head.run(["patch_scores"], {"features": features})[0])
-            distances.append(np.full(len(batch), np.nan, np.float32) if self.domain is None
-                             else self.domain.tile_distance(features))
+            if with_domain:
+                distances.append(np.full(len(batch), np.nan, np.float32) if self.domain is None
+                                 else self.domain.tile_distance(features))
         scores = np.concatenate(scores).astype(np.float32, copy=False)
-        if not (params or {}).get(DOMAIN_PARAM):
+        if not with_domain:
             return scores
         distance = np.concatenate(distances)
         return {"patch_scores": scores, "domain_distance": distance, "in_domain": distance <= 1.0}

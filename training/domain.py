@@ -82,19 +82,19 @@ def _fit(x: np.ndarray, seed: int) -> TileDistribution:
 def _distribution(samples: list[np.ndarray], seed: int) -> TileDistribution:
     """`_fit` on every sample, with its limits measured out of sample (module docstring)."""
     everything = np.concatenate(samples)
+    fitted = _fit(everything, seed)
     if len(samples) >= 2:
         order = np.random.default_rng(seed).permutation(len(samples))
         halves = [order[: len(order) // 2], order[len(order) // 2:]]
         t2, q = [], []
         for fit_on, score_on in (halves, halves[::-1]):
-            fitted = _fit(np.concatenate([samples[i] for i in fit_on]), seed)
-            a, b = fitted.statistics(np.concatenate([samples[i] for i in score_on]))
+            half = _fit(np.concatenate([samples[i] for i in fit_on]), seed)
+            a, b = half.statistics(np.concatenate([samples[i] for i in score_on]))
             t2.append(a)
             q.append(b)
         t2, q = np.concatenate(t2), np.concatenate(q)
     else:   # one slide: nothing to hold out
-        t2, q = _fit(everything, seed).statistics(everything)
-    fitted = _fit(everything, seed)
+        t2, q = fitted.statistics(everything)
     # Where the projection keeps (nearly) every dimension, Q is rounding noise: a residual below
     # RESIDUAL_FLOOR of a typical tile's spread is never a reason to flag it.
     spread = float(np.median(((everything - fitted.mean) ** 2).sum(axis=1)))
@@ -105,7 +105,7 @@ def _distribution(samples: list[np.ndarray], seed: int) -> TileDistribution:
 
 
 def _stain_domain(statistics: list[dict[str, float]]) -> StainDomain:
-    """Mean and limit of each stain statistic the slides share (wsi.stain.STATISTICS)."""
+    """Mean and limit of each stain statistic every slide has (wsi.stain.STATISTICS)."""
     names = tuple(n for n in STATISTICS if all(n in s for s in statistics))
     values = np.array([[s[n] for n in names] for s in statistics], np.float64)
     limit = np.maximum(STAIN_SPREAD_SD * values.std(axis=0), MIN_STAIN_LOG_RATIO)

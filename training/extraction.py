@@ -41,7 +41,7 @@ from core.tiling import DEFAULT_TILING, ArtefactParams, TilingParams, TissuePara
 from training.backbone import LAYERS, Backbone, build_backbone
 from training.feature_file import STAIN_ATTR, FeatureAttrs
 from training.onnx_backbone import OnnxBackbone
-from wsi.stain import STATISTICS, StainSample
+from wsi.stain import StainSample
 from wsi.tile_quality import TileQuality, artefact_flags, measure_tiles
 
 log = logging.getLogger(__name__)
@@ -218,7 +218,7 @@ def extract_features(slide_path: str | os.PathLike, out_h5: str | os.PathLike,
                     quality, stain = _fill(features, slide, coords, grid.scale, model, o, device,
                                            progress, desc=slide.name)
                 if stain is not None:
-                    f.attrs[STAIN_ATTR] = json.dumps(dict(zip(STATISTICS, stain.tolist())))
+                    f.attrs[STAIN_ATTR] = json.dumps(stain)
                 flags = artefact_flags(quality, o.artefacts)
                 f.create_dataset("ink_fraction", data=quality.ink)
                 f.create_dataset("background_fraction", data=quality.background)
@@ -256,7 +256,7 @@ def _tile_features(model: Backbone | OnnxBackbone, device: torch.device):
 
 def _fill(features: h5py.Dataset, slide, coords: np.ndarray, scale, model: Backbone | OnnxBackbone,
           options: ExtractionOptions, device: torch.device, progress: bool, desc: str
-          ) -> tuple[TileQuality, np.ndarray | None]:
+          ) -> tuple[TileQuality, dict[str, float] | None]:
     """Stream tile batches through the model into the (preallocated) h5 dataset; the artefact
     measures of the same tiles and the slide's stain statistics (wsi.stain, on its clean tiles,
     as the scorer measures a slide) come back."""

@@ -61,12 +61,15 @@ def dye_amounts(rgb: np.ndarray) -> np.ndarray:
     return (od @ _hed_from_rgb())[:, :2]
 
 
-def stain_statistics(amounts: np.ndarray) -> np.ndarray | None:
-    """float [6] (STATISTICS) of dye amounts [n, 2]; None with fewer than MIN_PIXELS pixels."""
+def stain_statistics(amounts: np.ndarray) -> dict[str, float] | None:
+    """STATISTICS name -> value of dye amounts [n, 2]; None with fewer than MIN_PIXELS pixels.
+    By name, so that a description and a slide measured by different versions still compare
+    the same statistic."""
     if len(amounts) < MIN_PIXELS:
         return None
     q = np.percentile(np.asarray(amounts, np.float64), PERCENTILES, axis=0)   # [3, 2]
-    return np.log(np.maximum(q.T.reshape(-1), MIN_AMOUNT))                      # H then E
+    values = np.log(np.maximum(q.T.reshape(-1), MIN_AMOUNT))                    # H then E
+    return dict(zip(STATISTICS, values.tolist()))
 
 
 class StainSample:
@@ -88,5 +91,5 @@ class StainSample:
             s = self.stride
             self._parts.append(dye_amounts(np.asarray(tiles)[chosen][:, s // 2::s, s // 2::s]))
 
-    def statistics(self) -> np.ndarray | None:
+    def statistics(self) -> dict[str, float] | None:
         return stain_statistics(np.concatenate(self._parts)) if self._parts else None

@@ -228,7 +228,7 @@ def test_a_bundle_without_a_description_says_not_known(domain_bundle, shifted, t
     finally:
         engine.close()
     assert scored.domain == UNKNOWN and np.isnan(scored.domain_distance).all()
-    assert DomainCheck.from_dict(scored.domain.to_dict()).in_domain is None
+    assert scored.summary.to_dict()["domain"]["in_domain"] is None
 
 
 def test_the_description_survives_the_manifest_and_a_damaged_one_is_refused(domain_bundle,
@@ -239,7 +239,7 @@ def test_the_description_survives_the_manifest_and_a_damaged_one_is_refused(doma
     original = described[0]
     x = np.random.default_rng(0).normal(size=(5, 1024)).astype(np.float32)
     assert np.allclose(loaded.tile_distance(x), original.tile_distance(x), rtol=1e-4)
-    stain = np.array(original.stain.mean)
+    stain = dict(zip(original.stain.names, original.stain.mean))
     assert loaded.check(np.zeros(10), stain, 0.243).in_domain is True
     # the manifest names the file but the file is gone: a clear error, not a silent "in domain"
     broken = tmp_path / "broken"
@@ -256,16 +256,17 @@ def test_the_rule_on_made_up_figures():
     cloud = TileDistribution(np.zeros(2), np.eye(2), np.eye(2), np.zeros(2), 1.0, 1.0)
     stain = StainDomain(("eosin_p50",), np.array([0.0]), np.array([math.log(1.1)]))
     model = DomainModel(cloud, stain, (0.24, 0.25))
-    inside = model.check(np.full(100, 0.5), np.array([0.0]), 0.243)
+    at_mean = {"eosin_p50": 0.0}   # the slide statistic at the training mean
+    inside = model.check(np.full(100, 0.5), at_mean, 0.243)
     assert inside == DomainCheck(True, inside.score, (), inside.criteria) and inside.score == 0
-    many = model.check(np.r_[np.full(70, 0.5), np.full(30, 2.0)], np.array([0.0]), 0.243)
+    many = model.check(np.r_[np.full(70, 0.5), np.full(30, 2.0)], at_mean, 0.243)
     assert not many.in_domain and many.criteria["features"] == pytest.approx(0.3 / MAX_OUT_SHARE)
-    pale = model.check(np.full(100, 0.5), np.array([math.log(0.5)]), 0.243)
+    pale = model.check(np.full(100, 0.5), {"eosin_p50": math.log(0.5)}, 0.243)
     assert pale.reasons == ("stain: eosin 50th percentile 0.50x the training slides' mean "
                             "(limit 0.91x-1.10x)",)
-    coarse = model.check(np.full(100, 0.5), np.array([0.0]), 0.5)
+    coarse = model.check(np.full(100, 0.5), at_mean, 0.5)
     assert coarse.criteria["scale"] > 1 and coarse.reasons[0].startswith("scale: 0.5 um/px")
-    guessed = model.check(np.full(100, 0.5), np.array([0.0]), 0.243, mpp_source="user")
+    guessed = model.check(np.full(100, 0.5), at_mean, 0.243, mpp_source="user")
     assert guessed.in_domain is False and guessed.score == 0   # in reach, but its scale a guess
     # every reason names its criterion first, from the one list of them
     for check in (many, pale, coarse, guessed):
