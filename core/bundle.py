@@ -70,6 +70,9 @@ REQUIRED_KEYS = ("format", "name", "tile_size", "feature_dim", "pooling", "slide
 # Manifests written before the model's input was stated in um/px name a pyramid level instead:
 # level 0 (the only one `features` could make) means target_mpp; any other is refused.
 LEGACY_LEVEL_KEY = "level"
+# Manifests (and feature files, runs) from before the encoder registry (training.encoders) name
+# their ResNet-50 by its stage alone: `backbone_layer` -> the registry name.
+LAYER_ENCODERS = {"pool": "resnet50", "layer3": "resnet50-trunc"}
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,9 @@ class BundleManifest:
     head: str = ""
     head_config: dict[str, Any] = field(default_factory=dict)
     backbone_layer: str = ""
+    # the encoder's registry entry (training.encoders.Encoder.describe: name, architecture,
+    # input, normalisation, output, licence); {} in manifests from before the registry
+    encoder: dict[str, Any] = field(default_factory=dict)
     weights: str = ""
     weights_seed: int | None = None
     fingerprint: str | None = None
@@ -144,6 +150,11 @@ class BundleManifest:
                        extra={k: v for k, v in values.items() if k not in known})
         except (ConfigError, TypeError) as exc:
             raise BundleError(where, f"bad manifest.json: {exc}") from None
+
+    @property
+    def encoder_name(self) -> str:
+        """The encoder's registry name (older manifests: from their ResNet-50 stage)."""
+        return str(self.encoder.get("name") or LAYER_ENCODERS.get(self.backbone_layer, ""))
 
     def replace(self, **changes) -> BundleManifest:
         return dataclasses.replace(self, **changes)

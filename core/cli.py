@@ -78,25 +78,36 @@ def add_tracking_uri_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tracking-uri", default=None, help=tracking_uri_help())
 
 
-def add_tiling_arguments(parser: argparse.ArgumentParser) -> None:
+def add_tiling_arguments(parser: argparse.ArgumentParser, model_states: bool = False) -> None:
     """`--tile-size`, `--mpp`, `--min-tissue`: the model's input and the tile grid
-    (core.tiling.TilingParams; each slide is read at that scale, wsi.scale)."""
+    (core.tiling.TilingParams; each slide is read at that scale, wsi.scale). `model_states`:
+    the tile size and pixel size default to what the model states (`features`: the encoder's
+    input), so both flags default to None here and `tiling_from_args` takes them from it."""
     d = DEFAULT_TILING
-    parser.add_argument("--tile-size", type=int, default=d.tile_size,
-                        help=f"tile side in px at --mpp: the model's input (default {d.tile_size})")
-    parser.add_argument("--mpp", type=float, default=d.target_mpp, dest="target_mpp",
+    size_default = "the encoder's input" if model_states else d.tile_size
+    mpp_default = "the encoder's" if model_states else f"{d.target_mpp}, Camelyon16 at 40x"
+    parser.add_argument("--tile-size", type=int, default=None if model_states else d.tile_size,
+                        help=f"tile side in px at --mpp: the model's input (default "
+                             f"{size_default})")
+    parser.add_argument("--mpp", type=float, default=None if model_states else d.target_mpp,
+                        dest="target_mpp",
                         help=f"pixel size (um/px) the tiles are read and measured at, whatever "
-                             f"the scanner: slides within {MPP_TOLERANCE:.0%} of it are read as "
+                             f"the scanner: slides within {MPP_TOLERANCE * 100:.0f}%% of it are read as "
                              f"they are, others from the nearest finer level and resized "
-                             f"(default {d.target_mpp}, Camelyon16 at 40x)")
+                             f"(default {mpp_default})")
     parser.add_argument("--min-tissue", type=float, default=d.min_tissue,
                         help=f"keep tiles whose tissue fraction is at least this "
                              f"(default {d.min_tissue:g})")
 
 
-def tiling_from_args(args: argparse.Namespace) -> TilingParams:
-    """The TilingParams of `add_tiling_arguments`' flags (ConfigError when out of range)."""
-    return TilingParams(tile_size=args.tile_size, target_mpp=args.target_mpp,
+def tiling_from_args(args: argparse.Namespace, tile_size: int | None = None,
+                     target_mpp: float | None = None) -> TilingParams:
+    """The TilingParams of `add_tiling_arguments`' flags (ConfigError when out of range);
+    `tile_size`, `target_mpp`: what the model states, for flags left at None."""
+    size = args.tile_size if args.tile_size is not None else tile_size
+    mpp = args.target_mpp if args.target_mpp is not None else target_mpp
+    return TilingParams(tile_size=DEFAULT_TILING.tile_size if size is None else size,
+                        target_mpp=DEFAULT_TILING.target_mpp if mpp is None else mpp,
                         min_tissue=args.min_tissue)
 
 

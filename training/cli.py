@@ -6,7 +6,8 @@ from core.cli import dispatch
 COMMANDS = {
     "synth": ("wsi.synth", "write a synthetic Camelyon16-like dataset (pyramidal TIFFs + XML)"),
     "tiles": ("wsi.grid", "tissue mask and tile grid of one slide: CSV + PNGs for a quick look"),
-    "features": ("training.features", "ResNet-50 features of every tissue tile, one h5 per slide"),
+    "features": ("training.features", "encoder features (ResNet-50 by default, --encoder) of "
+                 "every tissue tile, one h5 per slide"),
     "fit": ("training.fit", "train a MIL head on slide labels, tracked in MLflow"),
     "evaluate": ("training.evaluate", "slide AUC, patch AUC and lesion FROC of a trained run"),
     "benchmark-mil": ("training.musk", "MIL heads on MUSK1/MUSK2 against Ilse et al. 2018"),

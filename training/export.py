@@ -91,8 +91,9 @@ def _export(module: nn.Module, example: torch.Tensor, path: Path, input_name: st
 
 
 def export_backbone(backbone: Backbone, path: Path, opset: int = DEFAULT_OPSET) -> None:
-    """backbone.onnx: input "tiles" uint8 [N, 224, 224, 3], output "features", dynamic N."""
-    tiles = torch.zeros((2, TILE_SIZE, TILE_SIZE, 3), dtype=torch.uint8)
+    """backbone.onnx: input "tiles" uint8 [N, T, T, 3] (T the encoder's tile size), output
+    "features", dynamic N."""
+    tiles = torch.zeros((2, backbone.tile_size, backbone.tile_size, 3), dtype=torch.uint8)
     _export(backbone.cpu().eval(), tiles, path, "tiles", ("features",), dynamic_batch=True,
             opset=opset)
 
@@ -133,10 +134,10 @@ def _patch_example_count() -> int:
     return 3
 
 
-def synthetic_parity_tiles(n: int = 8, seed: int = 0) -> np.ndarray:
-    """Smooth, H&E-coloured uint8 tiles [n, 224, 224, 3] for a parity check without a slide
+def synthetic_parity_tiles(n: int = 8, seed: int = 0, size: int = TILE_SIZE) -> np.ndarray:
+    """Smooth, H&E-coloured uint8 tiles [n, size, size, 3] for a parity check without a slide
     (core.inference_backends.he_like_tiles, which the backend choice is timed on too)."""
-    return he_like_tiles(n, TILE_SIZE, seed)
+    return he_like_tiles(n, size, seed)
 
 
 def check_parity(bundle_dir: Path, backbone: Backbone, head: nn.Module,
@@ -198,12 +199,15 @@ def build_manifest(backbone: Backbone, head: nn.Module, opset: int,
                    manifest_extra: dict[str, Any] | None = None) -> BundleManifest:
     """The manifest of docs/INTERFACES.md for these modules (the tiling, tissue and threshold
     defaults are core.tiling's and core.bundle's); `manifest_extra` overrides or adds keys of
-    its JSON form."""
+    its JSON form. The tiling defaults to the encoder's input (its tile size and pixel size)."""
+    spec = backbone.spec
     manifest = BundleManifest(
         name=DEFAULT_BUNDLE_NAME, head=head.kind, head_config=head.config,
         feature_dim=backbone.feature_dim, backbone_layer=backbone.layer,
+        encoder=spec.describe(),
         weights=backbone.weights, weights_seed=backbone.seed, pooling=head.pooling,
-        tiling=DEFAULT_TILING, tissue=TissueParams(), files=dict(FILES),
+        tiling=DEFAULT_TILING.replace(tile_size=spec.tile_size, target_mpp=spec.mpp),
+        tissue=TissueParams(), files=dict(FILES),
         versions={"milroi": _package_version("milroi"), "torch": torch.__version__,
                   "onnx": onnx.__version__, "opset": opset})
     if not manifest_extra:
@@ -244,7 +248,7 @@ def export_bundle(out_dir: str | os.PathLike, backbone: Backbone, head: nn.Modul
                           f"tile batch by tile batch (benchmark-only heads, training.heads)")
     if backbone.feature_dim != head.config["in_dim"]:
         raise ConfigError(f"head expects {head.config['in_dim']}-d features but the backbone "
-                          f"({backbone.layer}) gives {backbone.feature_dim}")
+                          f"({backbone.encoder}) gives {backbone.feature_dim}")
     backbone, head = backbone.cpu().eval(), head.cpu().eval()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -258,13 +262,14 @@ def export_bundle(out_dir: str | os.PathLike, backbone: Backbone, head: nn.Modul
             pooled = head.pool(tuple(head.patch_module()(features)))
         _export(head.aggregator_module(), pooled.clone(), staging / FILES["aggregator"],
                 "pooled", ("slide_logit",), dynamic_batch=False, opset=opset)
-        diffs = check_parity(staging, backbone, head,
-                             synthetic_parity_tiles() if parity_tiles is None else parity_tiles)
+        if parity_tiles is None:
+            parity_tiles = synthetic_parity_tiles(size=backbone.tile_size)
+        diffs = check_parity(staging, backbone, head, parity_tiles)
         manifest = build_manifest(backbone, head, opset, manifest_extra).replace(parity=diffs)
         if int8_calibration is not None:
             from training.quantize import add_int8_backbone
 
-            int8 = add_int8_backbone(staging, int8_calibration)
+            int8 = add_int8_backbone(staging, int8_calibration, method=backbone.spec.int8)
             manifest = manifest.replace(files={**manifest.files, INT8_ROLE: int8.pop("file")},
                                         int8=int8)
         if domain is not None:
@@ -334,7 +339,7 @@ def export_run(run_id: str, name: str, *, alias: str | None = None,
     if domain is None:
         log.warning("run %s describes no training data (fit before the domain check): its "
                     "bundle cannot say when a slide is unlike them", run_id)
-    backbone = build_backbone(run.weights, layer=run.backbone_layer, seed=run.weights_seed)
+    backbone = build_backbone(run.weights, encoder=run.encoder, seed=run.weights_seed)
     if parity_slide is not None:
         tiles = parity_tiles_from_slide(parity_slide, tiling=run.tiling, fallback_mpp=fallback_mpp)
     else:
@@ -350,7 +355,7 @@ def export_run(run_id: str, name: str, *, alias: str | None = None,
                                                        fallback_mpp=fallback_mpp)
         else:
             log.warning("--int8 without --calibration-slide: calibrating on a synthetic slide")
-            int8_tiles = synthetic_calibration_tiles()
+            int8_tiles = synthetic_calibration_tiles(tiling=run.tiling)
     extra = {"name": name, "run_id": run_id, "fingerprint": run.fingerprint,
              "metrics": run.metrics, "slide_threshold": run.slide_threshold,
              "roi_threshold": run.roi_threshold, **run.tiling.to_dict(),
@@ -386,7 +391,8 @@ def register_bundle(client, name: str, run_id: str, bundle: Path,
 
     manifest = BundleManifest.read(bundle)
     digest = bundle_digest(bundle, length=DIGEST_LENGTH)
-    example = synthetic_parity_tiles(1) if example is None else example
+    if example is None:
+        example = synthetic_parity_tiles(1, size=manifest.tiling.tile_size)
     model = log_bundle_model(client, run_id, bundle, example, model_name=name,
                              metadata={DIGEST_TAG: digest})
     try:

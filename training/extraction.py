@@ -1,5 +1,7 @@
-"""ResNet-50 features of the tissue tiles of one slide into its h5 file (the library of
-`milroi-train features`, also run by its Ray actors and by `camelyon16`).
+"""Encoder features (training.encoders; ResNet-50 by default) of the tissue tiles of one slide
+into its h5 file (the library of `milroi-train features`, also run by its Ray actors and by
+`camelyon16`). Each slide is read at the encoder's input scale unless --mpp/--tile-size say
+otherwise; the file records the encoder (attribute `encoder`).
 
 The tiles are the server's: `wsi.grid.tiles_for_slide` (same tissue mask, same grid), read by
 the server's reader (`wsi.decode_once.make_tile_reader`: each stored tile decoded once where the
@@ -39,8 +41,16 @@ from core.errors import ConfigError
 from core.inference_backends import DEFAULT_BACKEND, DEFAULT_PRECISION, add_backend_arguments
 from core.tiling import DEFAULT_TILING, ArtefactParams, TilingParams, TissueParams
 from training.backbone import LAYERS, Backbone, build_backbone
+from training.encoders import (
+    DEFAULT_ENCODER,
+    Encoder,
+    encoder_for_layer,
+    encoder_spec,
+    encoders_help,
+)
 from training.feature_file import STAIN_ATTR, FeatureAttrs
 from training.onnx_backbone import OnnxBackbone
+from training.weights import PRETRAINED
 from wsi.stain import StainSample
 from wsi.tile_quality import TileQuality, artefact_flags, measure_tiles
 
@@ -51,10 +61,10 @@ ENGINES = ("auto", "onnxruntime", "torch")
 
 @dataclass(frozen=True)
 class FeatureModelOptions:
-    """Which ResNet-50 computes the features, and where (`build_feature_model`)."""
+    """Which encoder computes the features, and where (`build_feature_model`)."""
 
-    weights: str = "imagenet"     # imagenet (torch hub cache) | none (seeded) | state_dict path
-    layer: str = "pool"           # pool: 2048-d after layer4; layer3: CLAM's 1024-d
+    weights: str = PRETRAINED     # pretrained (local cache) | none (seeded) | file path
+    encoder: str = DEFAULT_ENCODER   # a training.encoders name, or timm:NAME
     weights_seed: int = 0         # seed of the random init for weights "none"
     device: str = "auto"          # auto | cpu | cuda[:N]
     engine: str = "auto"          # auto = the ONNX graph on the CPU, torch on a GPU
@@ -64,8 +74,19 @@ class FeatureModelOptions:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> FeatureModelOptions:
-        return cls(args.weights, args.layer, args.weights_seed, args.device, args.engine,
-                   args.threads, args.backend, args.precision)
+        return cls(args.weights, encoder_from_args(args), args.weights_seed, args.device,
+                   args.engine, args.threads, args.backend, args.precision)
+
+
+def encoder_from_args(args: argparse.Namespace) -> str:
+    """`--encoder`, or the ResNet-50 entry of the older `--layer` (never both, disagreeing)."""
+    if args.layer is None:
+        return args.encoder or DEFAULT_ENCODER
+    named = encoder_for_layer(args.layer)
+    if args.encoder is not None and args.encoder != named:
+        raise ConfigError(f"--layer {args.layer} is encoder {named}; it contradicts --encoder "
+                          f"{args.encoder} (--layer is the older spelling: drop it)")
+    return named
 
 
 @dataclass(frozen=True)
@@ -87,21 +108,38 @@ class ExtractionOptions:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ExtractionOptions:
-        return cls(tiling_from_args(args), args.batch_size, args.workers, args.limit_tiles,
+        """The flags' options; the tile size and pixel size default to the encoder's input."""
+        spec = encoder_spec(encoder_from_args(args))
+        tiling = tiling_from_args(args, spec.tile_size, spec.mpp)
+        check_tile_size(spec, tiling.tile_size)
+        return cls(tiling, args.batch_size, args.workers, args.limit_tiles,
                    args.fallback_mpp, tissue=tissue_from_args(args))
+
+
+def check_tile_size(spec: Encoder, tile_size: int) -> None:
+    """A ViT takes exactly its stated tile size (its position embeddings are fixed)."""
+    if spec.fixed_tile_size and tile_size != spec.tile_size:
+        raise ConfigError(f"encoder {spec.name} takes {spec.tile_size} px tiles, not "
+                          f"--tile-size {tile_size} (read them at another --mpp instead)")
 
 
 def add_feature_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of FeatureModelOptions and ExtractionOptions (`features`, `camelyon16`)."""
     m, e = FeatureModelOptions(), ExtractionOptions()
+    parser.add_argument("--encoder", default=None, metavar="NAME",
+                        help=f"the feature extractor (default {m.encoder}). {encoders_help()}")
     parser.add_argument("--weights", default=m.weights,
-                        help="imagenet (torch hub cache, no download) | none (random, seeded) | "
-                             f"path to a state_dict (default {m.weights})")
+                        help="pretrained: the encoder's published checkpoint from the local "
+                             "cache, never downloaded (ResNet-50: the torch hub cache, also "
+                             "called imagenet; others: the Hugging Face cache, $HF_HUB_CACHE) | "
+                             "none (random, seeded) | path to a safetensors file or state dict "
+                             f"(default {m.weights})")
     parser.add_argument("--weights-seed", type=int, default=m.weights_seed,
                         help=f"seed of the random init for --weights none (default {m.weights_seed})")
-    parser.add_argument("--layer", choices=sorted(LAYERS), default=m.layer,
-                        help=f"pool: 2048-d after layer4; layer3: CLAM's 1024-d (default {m.layer})")
-    add_tiling_arguments(parser)
+    parser.add_argument("--layer", choices=sorted(LAYERS), default=None,
+                        help="the older spelling of the ResNet-50 encoders: pool = --encoder "
+                             "resnet50, layer3 = --encoder resnet50-trunc")
+    add_tiling_arguments(parser, model_states=True)
     add_tissue_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=e.batch_size,
                         help=f"tiles per batch ({e.batch_size})")
@@ -110,7 +148,7 @@ def add_feature_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=m.device,
                         help=f"auto | cpu | cuda[:N] (default {m.device})")
     parser.add_argument("--engine", choices=ENGINES, default=m.engine,
-                        help="what runs the ResNet-50: auto = the served ONNX graph on the CPU "
+                        help="what runs the encoder: auto = the served ONNX graph on the CPU "
                              "(run by --backend), torch on a GPU; onnxruntime = the ONNX graph "
                              "(default auto)")
     add_backend_arguments(parser)
@@ -130,11 +168,12 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def build_feature_model(weights: str, layer: str, seed: int, device: torch.device,
+def build_feature_model(weights: str, encoder: str, seed: int, device: torch.device,
                         engine: str = "auto", threads: int | None = None,
                         backend: str = DEFAULT_BACKEND, precision: str = DEFAULT_PRECISION,
                         ) -> Backbone | OnnxBackbone:
-    """The ResNet-50 feature extractor for `extract_features`: `auto` is the exported ONNX graph
+    """The feature extractor (`encoder`, training.encoders) for `extract_features`: `auto` is
+    the exported ONNX graph
     on the CPU (run by `backend` at `precision`, chosen as the server chooses them) and torch on
     a GPU. `threads`: the backbone's threads (default: every core this process may use)."""
     if engine not in ENGINES:
@@ -146,7 +185,7 @@ def build_feature_model(weights: str, layer: str, seed: int, device: torch.devic
     if engine == "onnxruntime" and device.type != "cpu":
         raise ConfigError(f"--engine onnxruntime runs on the CPU; for --device {device} use "
                           f"--engine torch")
-    backbone = build_backbone(weights, layer=layer, seed=seed)
+    backbone = build_backbone(weights, encoder=encoder, seed=seed)
     if engine == "onnxruntime":
         return OnnxBackbone(backbone, threads=threads, backend=backend, precision=precision)
     return backbone.to(device)
@@ -155,7 +194,7 @@ def build_feature_model(weights: str, layer: str, seed: int, device: torch.devic
 def feature_model(options: FeatureModelOptions) -> tuple[Backbone | OnnxBackbone, torch.device]:
     """`build_feature_model` for a FeatureModelOptions: (model, the device it runs on)."""
     device = resolve_device(options.device)
-    model = build_feature_model(options.weights, options.layer, options.weights_seed, device,
+    model = build_feature_model(options.weights, options.encoder, options.weights_seed, device,
                                 options.engine, options.threads, options.backend,
                                 options.precision)
     return model, device
@@ -189,6 +228,7 @@ def extract_features(slide_path: str | os.PathLike, out_h5: str | os.PathLike,
     out_h5.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_path(out_h5)
     with open_slide(slide_path, fallback_mpp=o.fallback_mpp) as slide:
+        check_tile_size(model.spec, o.tiling.tile_size)
         _, grid = tiles_for_slide(slide, o.tiling, params=o.tissue)
         log.info("%s: %s", slide.name, grid.scale.describe())
         coords, fraction = grid.coords, grid.tissue_fraction
@@ -199,7 +239,8 @@ def extract_features(slide_path: str | os.PathLike, out_h5: str | os.PathLike,
         attrs = FeatureAttrs(slide=slide.name, level0_width=width, level0_height=height,
                              mpp=slide.mpp, mpp_source=slide.mpp_source, tiling=o.tiling,
                              read_level=grid.scale.level,
-                             backbone_layer=facts["backbone_layer"], weights=facts["weights"],
+                             backbone_layer=facts["backbone_layer"], encoder=facts["encoder"],
+                             weights=facts["weights"],
                              weights_seed=facts["weights_seed"],
                              feature_engine=facts["feature_engine"], artefacts=o.artefacts,
                              tissue=o.tissue).to_h5()

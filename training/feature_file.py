@@ -27,6 +27,7 @@ import h5py
 import numpy as np
 import torch
 
+from core.bundle import LAYER_ENCODERS
 from core.errors import ConfigError
 from core.tiling import CAMELYON16_MPP, ArtefactParams, TilingParams, TissueParams
 
@@ -60,6 +61,11 @@ class FeatureAttrs:
     artefacts: ArtefactParams = ArtefactParams()
     tissue: TissueParams = TissueParams()   # the tissue mask the tiles were chosen with
     read_level: int = 0                     # the pyramid level the tiles were read from
+    encoder: str = ""                       # the registry name (training.encoders)
+
+    def __post_init__(self) -> None:
+        if not self.encoder:   # attributes of a ResNet-50 named by its stage alone
+            object.__setattr__(self, "encoder", LAYER_ENCODERS.get(self.backbone_layer, ""))
 
     def to_h5(self) -> dict[str, Any]:
         """The attributes as written (CLAM's names for the tile size and level)."""
@@ -68,7 +74,7 @@ class FeatureAttrs:
                 "level0_width": self.level0_width, "level0_height": self.level0_height,
                 "mpp": float(self.mpp), "mpp_source": self.mpp_source, "slide": self.slide,
                 "min_tissue": float(self.tiling.min_tissue), "backbone_layer": self.backbone_layer,
-                "weights": self.weights, "weights_seed": self.weights_seed,
+                "encoder": self.encoder, "weights": self.weights, "weights_seed": self.weights_seed,
                 "feature_engine": self.feature_engine, **self.artefacts.to_dict(),
                 "tissue_params": json.dumps(self.tissue.to_dict(), sort_keys=True)}
 
@@ -86,6 +92,9 @@ class FeatureAttrs:
                                            float(values["min_tissue"])),
                        read_level=int(values.get("patch_level", 0)),
                        backbone_layer=str(values["backbone_layer"]), weights=str(values["weights"]),
+                       # files from before the registry: their ResNet-50 by its stage
+                       encoder=str(values.get("encoder")
+                                   or LAYER_ENCODERS.get(str(values["backbone_layer"]), "")),
                        weights_seed=int(values["weights_seed"]),
                        feature_engine=str(values.get("feature_engine", "torch")),
                        artefacts=ArtefactParams.from_dict(

@@ -1,5 +1,6 @@
-"""`milroi-train features SLIDES_DIR --out FEATURES_DIR`: ResNet-50 features of every tissue tile
-of every slide, one h5 file per slide (training.feature_file's CLAM/TRIDENT layout), resumable.
+"""`milroi-train features SLIDES_DIR --out FEATURES_DIR`: encoder features (training.encoders:
+ResNet-50 by default, `--encoder NAME`) of every tissue tile of every slide, one h5 file per slide
+(training.feature_file's CLAM/TRIDENT layout), resumable.
 
 The slides are `wsi.discovery.find_slides`'s; each is extracted by `training.extraction`, here
 or (`--ray`) in Ray actors (`training.ray_features`). A corrupt slide is reported and counted,
@@ -52,7 +53,7 @@ def extract_folder(slides: list[Path], out: Path, model_options: FeatureModelOpt
                    options: ExtractionOptions, progress: bool = True) -> int:
     """Features of `slides` into `out` in this process; the command's exit code."""
     model, device = feature_model(model_options)
-    log.info("%d slides, ResNet-50 %s (%s) in %s on %s", len(slides), model_options.layer,
+    log.info("%d slides, encoder %s (weights %s) in %s on %s", len(slides), model_options.encoder,
              model_options.weights, model.describe()["feature_engine"], device)
     failed, no_tissue = [], []
     done = skipped = 0

@@ -187,6 +187,7 @@ def fit(features_dir: str | Path, labels_path: str | Path, options: FitOptions =
     held_out = {Path(s).stem for s in test_slides}
     names = sorted(n for n in labels if n not in held_out)
     bags = load_bags(features_dir, names, skip_no_tissue=True)
+    provenance = provenance_params(bags)   # refuses files of mixed encoders or tilings
     no_tissue = len(names) - len(bags)
     y = np.array([labels[b.name] for b in bags])
     if min(np.bincount(y, minlength=2)) < max(2, folds):
@@ -201,7 +202,7 @@ def fit(features_dir: str | Path, labels_path: str | Path, options: FitOptions =
 
     with fit_run(tracking_uri, experiment, run_name) as (client, run_id):
         log_params(client, run_id, {
-            **provenance_params(bags), "head": o.head,
+            **provenance, "head": o.head,
             "head_config": json.dumps(config, sort_keys=True), **hyper, "patience": patience,
             "val_fraction": val_fraction, "folds": folds, "seed": seed, "n_slides": len(bags),
             "n_tumor": int(y.sum()), "n_test_slides": len(held_out), "n_no_tissue": no_tissue})

@@ -131,7 +131,7 @@ def model_description(manifest: BundleManifest, digest: str, val_auc: str | None
     int8 = ", with a static int8 backbone (--precision int8)" if manifest.int8 else ""
     return (
         f"milroi tumour ROI model `{manifest.name}`: {manifest.head or 'MIL'} head "
-        f"(pooling {manifest.pooling.get('kind')}) on ResNet-50 {manifest.backbone_layer} "
+        f"(pooling {manifest.pooling.get('kind')}) on {manifest.encoder_name or 'ResNet-50'} "
         f"features ({manifest.feature_dim}-d, weights {manifest.weights}){int8}.\n"
         f"MLflow pyfunc: uint8 RGB tiles [n, {tiling.tile_size}, {tiling.tile_size}, 3] at "
         f"{tiling.target_mpp} um/px -> float32 patch tumour probabilities [n]. "

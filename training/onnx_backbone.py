@@ -45,10 +45,13 @@ class OnnxBackbone:
 
     def __init__(self, backbone: Backbone, threads: int | None = None,
                  backend: str = DEFAULT_BACKEND, precision: str = DEFAULT_PRECISION):
-        from training.export import TILE_SIZE, export_backbone
+        from training.export import export_backbone
 
         self.feature_dim = backbone.feature_dim
         self.layer = backbone.layer
+        self.encoder = backbone.encoder
+        self.spec = backbone.spec
+        self.tile_size = backbone.tile_size
         self._facts = backbone.describe()
         threads = threads or available_cores()
         start = time.perf_counter()
@@ -58,11 +61,11 @@ class OnnxBackbone:
             # The export is checked in onnxruntime fp32; the backend that runs it is then chosen
             # (both read the graph now: the folder can go).
             self.parity = self._check_parity(backbone, OnnxruntimeFeatures(path, threads))
-            choice = choose({"fp32": path}, lambda n: he_like_tiles(n, TILE_SIZE), threads,
-                            backend=backend, precision=precision, what=f"features {self.layer}")
+            choice = choose({"fp32": path}, lambda n: he_like_tiles(n, self.tile_size), threads,
+                            backend=backend, precision=precision, what=f"features {self.encoder}")
         self._run, self.backend, self.precision = choice.features, choice.backend, choice.precision
-        log.info("ResNet-50 %s exported to ONNX in %.1f s (max abs feature difference to torch "
-                 "%.2g); features run on %s %s (CPU)", self.layer, time.perf_counter() - start,
+        log.info("%s exported to ONNX in %.1f s (max abs feature difference to torch "
+                 "%.2g); features run on %s %s (CPU)", self.encoder, time.perf_counter() - start,
                  self.parity, self.backend, self.precision)
 
     def __call__(self, tiles: np.ndarray) -> np.ndarray:
@@ -78,7 +81,7 @@ class OnnxBackbone:
     def _check_parity(backbone: Backbone, exported) -> float:
         from training.export import FEATURE_ATOL, ParityError, synthetic_parity_tiles
 
-        tiles = synthetic_parity_tiles(PARITY_TILES)
+        tiles = synthetic_parity_tiles(PARITY_TILES, size=backbone.tile_size)
         with torch.inference_mode():
             reference = backbone.cpu().eval()(torch.from_numpy(tiles)).numpy()
         diff = float(np.abs(exported(tiles) - reference).max())

@@ -39,6 +39,14 @@ from core.inference_backends import (  # one agreement gate: export and backend 
 from core.tiling import DEFAULT_TILING, TilingParams
 
 INT8_FILE = "backbone_int8.onnx"
+# How a backbone becomes int8 (training.encoders.Encoder.int8 says which):
+# - static: QDQ, activations calibrated by MinMax on tissue tiles (ResNet-50: every op);
+# - dynamic: int8 weights of the MatMuls, activations quantised per batch at run time, the
+#   recipe onnxruntime gives for transformers. Measured on a random-init ViT-Ti/16
+#   (2 cores, AVX-512 VNNI): static QDQ of every op gave feature cosine 0.96 (softmax and
+#   LayerNorm outputs do not fit one uint8 range), static of the MatMuls alone 0.14;
+#   dynamic 0.9997, at 1.4x the fp32 graph's tiles/s.
+METHODS = ("static", "dynamic")
 # Calibration wants tiles that are mostly tissue, more than the grid's own minimum.
 CALIBRATION_MIN_TISSUE = 0.5
 
@@ -99,23 +107,37 @@ def calibration_tiles_from_slides(slides: Iterable[str | os.PathLike], n: int = 
     return np.stack(tiles[:n])
 
 
-def synthetic_calibration_tiles(n: int = 64, seed: int = 0) -> np.ndarray:
+def synthetic_calibration_tiles(n: int = 64, seed: int = 0,
+                                tiling: TilingParams = DEFAULT_TILING) -> np.ndarray:
     """Tissue tiles of a small wsi.synth slide (lymph node with a tumour nest), for when no
-    real slide is at hand: real tissue-mask + grid path, H&E-like textures."""
+    real slide is at hand: real tissue-mask + grid path, H&E-like textures, read at the
+    model's scale (`tiling`: a 0.5 um/px encoder gets a slide twice as large)."""
     from wsi.synth import write_synthetic_slide
 
+    side = int(3072 * max(1.0, tiling.target_mpp / DEFAULT_TILING.target_mpp))
     with tempfile.TemporaryDirectory(prefix="milroi-calib-") as tmp:
         path = Path(tmp) / "calibration.tif"
-        write_synthetic_slide(path, 3072, 3072, seed=seed, tumor=True)
-        return calibration_tiles_from_slides([path], n=n, seed=seed)
+        write_synthetic_slide(path, side, side, seed=seed, tumor=True)
+        return calibration_tiles_from_slides([path], n=n, seed=seed, tiling=tiling)
 
 
 def quantize_backbone(fp32_path: str | os.PathLike, out_path: str | os.PathLike,
                       calibration: np.ndarray, *, per_channel: bool = True,
-                      batch_size: int = 16) -> Path:
-    """backbone.onnx -> static int8 QDQ graph at out_path, calibrated on uint8 tiles."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+                      batch_size: int = 16, method: str = "static") -> Path:
+    """backbone.onnx -> int8 graph at out_path: `static` QDQ calibrated on uint8 tiles (CNNs),
+    or `dynamic` (METHODS: transformers; `calibration` is then only checked for its type)."""
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if method not in METHODS:
+        raise QuantizationError(f"unknown int8 method {method!r}; choose one of "
+                                f"{', '.join(METHODS)}")
 
     calibration = np.asarray(calibration)
     if calibration.dtype != np.uint8 or calibration.ndim != 4 or len(calibration) == 0:
@@ -126,6 +148,10 @@ def quantize_backbone(fp32_path: str | os.PathLike, out_path: str | os.PathLike,
         prepared = Path(tmp) / "prepared.onnx"
         try:
             quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=False)
+            if method == "dynamic":
+                quantize_dynamic(str(prepared), str(out_path), weight_type=QuantType.QInt8,
+                                 per_channel=per_channel, op_types_to_quantize=["MatMul"])
+                return out_path
             quantize_static(
                 str(prepared), str(out_path), _reader_class()(calibration, batch_size),
                 quant_format=QuantFormat.QDQ, per_channel=per_channel,
@@ -153,7 +179,8 @@ def feature_agreement(fp32_path: str | os.PathLike, int8_path: str | os.PathLike
 
 
 def add_int8_backbone(bundle_dir: str | os.PathLike, tiles: np.ndarray, *,
-                      held_out: int = 8, min_cosine: float = MIN_COSINE) -> dict:
+                      held_out: int = 8, min_cosine: float = MIN_COSINE,
+                      method: str = "static") -> dict:
     """Write backbone_int8.onnx into a bundle folder; returns {"file", "calibration", "agreement"}.
 
     The last `held_out` tiles are kept out of calibration and used for the agreement check.
@@ -166,15 +193,18 @@ def add_int8_backbone(bundle_dir: str | os.PathLike, tiles: np.ndarray, *,
                                 f"got {len(tiles)}")
     calibrate, check = tiles[:-held_out], tiles[-held_out:]
     fp32 = bundle_dir / "backbone.onnx"
-    out = quantize_backbone(fp32, bundle_dir / INT8_FILE, calibrate)
+    out = quantize_backbone(fp32, bundle_dir / INT8_FILE, calibrate, method=method)
     agreement = feature_agreement(fp32, out, check)
     if not agreement["cosine_min"] >= min_cosine:  # NaN fails too
         out.unlink(missing_ok=True)
         raise QuantizationError(
             f"int8 backbone of {bundle_dir} disagrees with fp32: feature cosine min "
             f"{agreement['cosine_min']:.4f} < {min_cosine} on {len(check)} held-out tiles")
-    return {"file": INT8_FILE,
-            "calibration": {"tiles": int(len(calibrate)), "method": "minmax",
-                            "format": "QDQ", "per_channel": True,
-                            "activations": "uint8", "weights": "int8"},
+    calibration = {"tiles": int(len(calibrate)), "method": "minmax", "format": "QDQ",
+                   "per_channel": True, "activations": "uint8", "weights": "int8"}
+    if method == "dynamic":
+        calibration = {"tiles": 0, "method": "dynamic", "format": "MatMulInteger",
+                       "per_channel": True, "activations": "uint8, per batch",
+                       "weights": "int8, MatMul only"}
+    return {"file": INT8_FILE, "calibration": calibration,
             "agreement": agreement}

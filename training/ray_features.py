@@ -54,7 +54,7 @@ def extract_on_ray(slides: list[Path], out: Path, model_options: FeatureModelOpt
     owns_ray = connect(ray_options.address)
     try:
         weights = model_options.weights
-        if weights not in ("imagenet", "none") and Path(weights).exists():
+        if weights not in ("imagenet", "pretrained", "none") and Path(weights).exists():
             weights = str(Path(weights).absolute())  # as the other nodes see it
         remote = ray.remote(actor_class).options(
             num_cpus=ray_options.num_cpus, num_gpus=ray_options.num_gpus,

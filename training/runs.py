@@ -19,6 +19,7 @@ from typing import Any
 from core.bundle import (
     DEFAULT_ROI_THRESHOLD,
     DEFAULT_SLIDE_THRESHOLD,
+    LAYER_ENCODERS,
     LEGACY_ROI_THRESHOLD_KEY,
     LEGACY_SLIDE_THRESHOLD_KEY,
 )
@@ -40,11 +41,15 @@ RANKING_TAG = "ranking_check"   # training.head_check's verdict: "passed" or wha
 
 def provenance_params(bags: Sequence[Bag]) -> dict[str, Any]:
     """The run params of the feature extraction settings (the same for every bag, else the
-    features do not mix): what `export` needs to rebuild the backbone and the tile grid."""
+    features do not mix: one head is trained on one encoder's features): what `export` needs to
+    rebuild the backbone and the tile grid, and the encoder's licence."""
+    from training.encoders import encoder_spec
+
     rows = []
     for bag in bags:
         a = bag.attrs
-        rows.append({"backbone_layer": a.backbone_layer, "weights": a.weights,
+        rows.append({"encoder": a.encoder, "backbone_layer": a.backbone_layer,
+                     "weights": a.weights,
                      "weights_seed": a.weights_seed, "tile_size": a.tiling.tile_size,
                      "target_mpp": a.tiling.target_mpp, "min_tissue": a.tiling.min_tissue,
                      "artefacts": json.dumps(a.artefacts.to_dict(), sort_keys=True),
@@ -59,8 +64,13 @@ def provenance_params(bags: Sequence[Bag]) -> dict[str, Any]:
                                 for v, names in groups.items())
             scale = " (tiles at different pixel sizes mean different features)" \
                 if key in ("target_mpp", "tile_size") else ""
+            if key == "encoder":
+                scale = " (one head learns one encoder's features: extract them all again " \
+                        "with one --encoder)"
             raise ConfigError(f"feature files disagree on {key}{scale}: {listing}")
         params[key] = values.pop()
+    spec = encoder_spec(params["encoder"])
+    params["encoder_licence"] = f"{spec.licence}{', gated' if spec.gated else ''}"
     params["feature_dim"] = int(bags[0].features.shape[1])
     params["n_artefact_tiles"] = sum(bag.artefacts for bag in bags)
     return params
@@ -71,7 +81,7 @@ class FitRun:
     """A fit run as export and evaluate need it."""
 
     run_id: str
-    backbone_layer: str
+    encoder: str              # training.encoders name
     weights: str
     weights_seed: int
     tiling: TilingParams
@@ -120,7 +130,9 @@ class FitRun:
         # runs from before the param: their features used the default mask
         tissue = TissueParams.from_dict(json.loads(params["tissue"])) if "tissue" in params \
             else TissueParams()
-        return cls(run_id, params["backbone_layer"], params["weights"],
+        # runs from before the encoder registry name their ResNet-50 by its stage
+        encoder = params.get("encoder") or LAYER_ENCODERS[params["backbone_layer"]]
+        return cls(run_id, encoder, params["weights"],
                    int(params["weights_seed"]), tiling, artefacts, tissue,
                    DEFAULT_SLIDE_THRESHOLD if slide_threshold is None else slide_threshold,
                    DEFAULT_ROI_THRESHOLD if roi_threshold is None else roi_threshold,

@@ -54,7 +54,7 @@ def described(tmp_path_factory):
     from training.feature_file import load_bags
 
     root = tmp_path_factory.mktemp("domain_train")
-    model = build_feature_model("none", "layer3", 0, torch.device("cpu"), "torch")
+    model = build_feature_model("none", "resnet50-trunc", 0, torch.device("cpu"), "torch")
     for name, (seed, tumour) in TRAIN_SEEDS.items():
         write_synthetic_slide(root / f"{name}.tif", *SIZE, seed=seed, tumor=tumour)
         extract_features(root / f"{name}.tif", root / "features" / "h5_files" / f"{name}.h5",

@@ -70,7 +70,7 @@ def test_bad_weights_files(tmp_path):
     torch.save({"w": torch.zeros(3)}, other)
     with pytest.raises(MilroiError, match="not a ResNet-50 state_dict"):
         build_backbone(str(other))
-    with pytest.raises(MilroiError, match="unknown backbone layer"):
+    with pytest.raises(MilroiError, match="unknown ResNet-50 layer"):
         build_backbone("none", layer="layer9")
 
 

@@ -123,16 +123,16 @@ def test_features_run_on_the_measured_backend(tmp_path, synthetic_slide, layer3_
 def test_build_feature_model_engines(layer3_backbone):
     from training.extraction import build_feature_model
 
-    model = build_feature_model("none", "layer3", 0, torch.device("cpu"), "torch")
+    model = build_feature_model("none", "resnet50-trunc", 0, torch.device("cpu"), "torch")
     assert model.describe()["feature_engine"] == "torch"
     for a, b in zip(model.state_dict().values(), layer3_backbone.state_dict().values()):
         assert torch.equal(a, b)  # the same seeded network whichever engine runs it
     with pytest.raises(MilroiError, match="unknown feature engine 'tensorrt'"):
-        build_feature_model("none", "layer3", 0, torch.device("cpu"), "tensorrt")
+        build_feature_model("none", "resnet50-trunc", 0, torch.device("cpu"), "tensorrt")
     with pytest.raises(MilroiError, match="--threads must be at least 1"):
-        build_feature_model("none", "layer3", 0, torch.device("cpu"), "onnxruntime", threads=0)
+        build_feature_model("none", "resnet50-trunc", 0, torch.device("cpu"), "onnxruntime", threads=0)
     with pytest.raises(MilroiError, match="onnxruntime runs on the CPU"):
-        build_feature_model("none", "layer3", 0, torch.device("cuda"), "onnxruntime")
+        build_feature_model("none", "resnet50-trunc", 0, torch.device("cuda"), "onnxruntime")
 
 
 class _Exploding(torch.nn.Module):
@@ -141,7 +141,7 @@ class _Exploding(torch.nn.Module):
     def __init__(self, backbone):
         super().__init__()
         self.backbone, self.calls = backbone, 0
-        self.feature_dim = backbone.feature_dim
+        self.feature_dim, self.spec = backbone.feature_dim, backbone.spec
         self.describe = backbone.describe
 
     def forward(self, x):

@@ -172,7 +172,7 @@ def test_version_tags_and_description(version):
     assert tags["head"] == "chowder" and float(tags["val_auc"]) == pytest.approx(0.80)
     assert tags["fingerprint"] == "f" * 64 and len(tags[DIGEST_TAG]) == 64
     text = version.description
-    for fact in ("chowder", "layer3", "uint8", "patch", "f" * 64, "0.8000", tags[DIGEST_TAG],
+    for fact in ("chowder", "resnet50-trunc", "uint8", "patch", "f" * 64, "0.8000", tags[DIGEST_TAG],
                  "artifacts/bundle"):
         assert fact in text, (fact, text)
 
