@@ -30,6 +30,8 @@ MANIFEST_NAME = "manifest.json"
 # The three graphs every bundle has (role -> file name); `backbone_int8` is optional.
 GRAPH_FILES = {"backbone": "backbone.onnx", "head": "head.onnx", "aggregator": "aggregator.onnx"}
 INT8_ROLE = "backbone_int8"
+# The fp32 backbone's weights beside its graph (ONNX external data), for encoders over 1 GB
+BACKBONE_DATA_ROLE = "backbone_data"
 POOLING_KINDS = ("extremes", "attention")
 # Where a registered version's bundle sits in what its source downloads to: inside the MLflow
 # pyfunc model that `milroi-train export` logs (core.pyfunc: the artifact `bundle`), or, for
@@ -177,9 +179,10 @@ class BundleManifest:
             name = manifest.files.get(role)
             if not name or not (bundle_dir / name).is_file():
                 raise BundleError(bundle_dir, f"{role} graph {name!r} is missing")
-        int8 = manifest.files.get(INT8_ROLE)
-        if int8 is not None and not (bundle_dir / int8).is_file():
-            raise BundleError(bundle_dir, f"{INT8_ROLE} graph {int8!r} is missing")
+        for role in (INT8_ROLE, BACKBONE_DATA_ROLE):
+            name = manifest.files.get(role)
+            if name is not None and not (bundle_dir / name).is_file():
+                raise BundleError(bundle_dir, f"{role} file {name!r} is missing")
         domain = manifest.files.get(DOMAIN_ROLE)
         if (domain is None) != (manifest.domain is None):
             raise BundleError(bundle_dir, "manifest.json has a domain entry without its file, "

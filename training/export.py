@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from core.bundle import (
+    BACKBONE_DATA_ROLE,
     DIGEST_LENGTH,
     DIGEST_TAG,
     GRAPH_FILES,
@@ -61,6 +62,9 @@ log = logging.getLogger(__name__)
 FILES = GRAPH_FILES   # the bundle's graphs, role -> file name (core.bundle)
 DEFAULT_OPSET = 18
 TILE_SIZE = DEFAULT_TILING.tile_size   # the backbone's input: the tile grid's tiles
+# Backbones with more weight bytes than this keep them in backbone.onnx.data (files role
+# BACKBONE_DATA_ROLE): protobuf's 2 GB limit, with room for the graph itself.
+EXTERNAL_DATA_BYTES = 1 << 30
 # Parity tolerances between torch and onnxruntime (float32, CPU): probabilities to 1e-5;
 # features and the unbounded outputs (logits, attention, embeddings, tens in size) to 1e-4.
 FEATURE_ATOL = 1e-4
@@ -77,7 +81,8 @@ class ParityError(ExportError):
 
 
 def _export(module: nn.Module, example: torch.Tensor, path: Path, input_name: str,
-            output_names: tuple[str, ...], dynamic_batch: bool, opset: int) -> None:
+            output_names: tuple[str, ...], dynamic_batch: bool, opset: int,
+            external_data: bool = False) -> None:
     dynamic_shapes = {input_name: {0: torch.export.Dim("batch")}} if dynamic_batch else None
     # dynamo's translation steps print progress on stdout and its graph passes log every
     # rewrite at INFO; keep the command output clean.
@@ -85,17 +90,26 @@ def _export(module: nn.Module, example: torch.Tensor, path: Path, input_name: st
         program = torch.onnx.export(
             module.eval(), (example,), input_names=[input_name], output_names=list(output_names),
             dynamic_shapes=dynamic_shapes, opset_version=opset, dynamo=True, verbose=False)
-    # One self-contained file per graph (ResNet-50 is ~95 MB, far below protobuf's 2 GB limit).
-    program.save(str(path), external_data=False)
+    # One self-contained file per graph where it fits (ResNet-50 is ~95 MB); the weights of
+    # the large encoders go to PATH.data beside it (protobuf cannot hold 2 GB).
+    program.save(str(path), external_data=external_data)
     onnx.checker.check_model(str(path), full_check=True)
 
 
-def export_backbone(backbone: Backbone, path: Path, opset: int = DEFAULT_OPSET) -> None:
+def export_backbone(backbone: Backbone, path: Path, opset: int = DEFAULT_OPSET) -> Path | None:
     """backbone.onnx: input "tiles" uint8 [N, T, T, 3] (T the encoder's tile size), output
-    "features", dynamic N."""
+    "features", dynamic N. Returns the external weights file (`path`.data) of a backbone whose
+    weights exceed EXTERNAL_DATA_BYTES (ViT-H and ViT-g encoders), else None."""
     tiles = torch.zeros((2, backbone.tile_size, backbone.tile_size, 3), dtype=torch.uint8)
+    large = weight_bytes(backbone) > EXTERNAL_DATA_BYTES
     _export(backbone.cpu().eval(), tiles, path, "tiles", ("features",), dynamic_batch=True,
-            opset=opset)
+            opset=opset, external_data=large)
+    data = path.with_name(path.name + ".data")
+    return data if large and data.is_file() else None
+
+
+def weight_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
 
 EXPORTER_LOGGERS = ("onnx_ir", "onnxscript")
@@ -254,7 +268,7 @@ def export_bundle(out_dir: str | os.PathLike, backbone: Backbone, head: nn.Modul
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the bundle is meant to be shared
     try:
-        export_backbone(backbone, staging / FILES["backbone"], opset=opset)
+        weights_file = export_backbone(backbone, staging / FILES["backbone"], opset=opset)
         features = torch.randn(_patch_example_count(), backbone.feature_dim)
         _export(head.patch_module(), features, staging / FILES["head"], "features",
                 tuple(head.patch_output_names), dynamic_batch=True, opset=opset)
@@ -266,6 +280,9 @@ def export_bundle(out_dir: str | os.PathLike, backbone: Backbone, head: nn.Modul
             parity_tiles = synthetic_parity_tiles(size=backbone.tile_size)
         diffs = check_parity(staging, backbone, head, parity_tiles)
         manifest = build_manifest(backbone, head, opset, manifest_extra).replace(parity=diffs)
+        if weights_file is not None:
+            manifest = manifest.replace(files={**manifest.files,
+                                               BACKBONE_DATA_ROLE: weights_file.name})
         if int8_calibration is not None:
             from training.quantize import add_int8_backbone
 

@@ -173,6 +173,11 @@ def load_bags(features_dir: str | os.PathLike, names: Sequence[str],
         bags = [b for b in bags if not b.no_tissue]
     dims = {b.features.shape[1] for b in bags}
     if len(dims) > 1:
+        encoders = {b.attrs.encoder for b in bags if b.attrs is not None}
+        if len(encoders) > 1:   # name the files of each encoder (training.runs)
+            from training.runs import provenance_params
+
+            provenance_params(bags)
         raise ConfigError(f"feature files in {features_dir} have different dimensions {sorted(dims)}")
     return bags
 

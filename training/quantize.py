@@ -147,7 +147,11 @@ def quantize_backbone(fp32_path: str | os.PathLike, out_path: str | os.PathLike,
     with tempfile.TemporaryDirectory(prefix="milroi-quant-") as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         try:
-            quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=False)
+            # An fp32 graph with its weights beside it (ONNX external data: encoders over
+            # 1 GB) is prepared the same way; its int8 graph (a quarter of the bytes) is one file.
+            large = Path(f"{fp32_path}.data").is_file()
+            quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=large,
+                              save_as_external_data=large)
             if method == "dynamic":
                 quantize_dynamic(str(prepared), str(out_path), weight_type=QuantType.QInt8,
                                  per_channel=per_channel, op_types_to_quantize=["MatMul"])

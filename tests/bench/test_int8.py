@@ -119,7 +119,7 @@ def test_int8_without_int8_graph_is_a_clear_error(int8_bundle, tmp_path):
     (plain / INT8_FILE).unlink()
     manifest["files"]["backbone_int8"] = INT8_FILE
     (plain / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(BundleError, match="backbone_int8 graph 'backbone_int8.onnx' is missing"):
+    with pytest.raises(BundleError, match="backbone_int8 file 'backbone_int8.onnx' is missing"):
         Engine(plain, provider="cpu", precision="fp32")
 
 
