@@ -32,6 +32,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.bench_encoders
 
 clean:
 	rm -rf $(VENV) demo_out

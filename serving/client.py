@@ -37,6 +37,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from shapely.geometry import Polygon
 
+from core.bundle import LAYER_ENCODERS
 from core.domain import UNKNOWN, DomainCheck
 from core.errors import AuthError, ConfigError, MilroiError, RequestError
 from core.tiling import TissueParams
@@ -150,6 +151,14 @@ class ServedModel:
         manifest)."""
         values = self.manifest.get("tissue")
         return TissueParams.from_dict(values) if isinstance(values, dict) else None
+
+    @property
+    def encoder(self) -> str:
+        """The encoder's registry name (training.encoders) from the served manifest; "" from a
+        server that does not send it."""
+        encoder = self.manifest.get("encoder") or {}
+        return str(encoder.get("name") or
+                   LAYER_ENCODERS.get(self.manifest.get("backbone_layer", ""), ""))
 
     @classmethod
     def from_proto(cls, m: scoring_pb2.ModelInfo) -> ServedModel:
@@ -609,6 +618,7 @@ def _run_model(client: ScoringClient, args) -> int:
     print(f"run        {m.run_id or '-'}")
     print(f"head       {model.head}, {model.feature_dim}-d features, tile {model.input_px} px "
           f"at {model.input_mpp:g} um/px")
+    print(f"encoder    {model.encoder or '-'}")
     print(f"thresholds slide {model.slide_threshold:g}, ROI {model.roi_threshold:g}")
     print(f"provider   {model.provider} (of {', '.join(model.providers)})")
     return 0

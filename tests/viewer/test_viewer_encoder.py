@@ -103,6 +103,11 @@ def test_served_scored_and_viewed_with_no_encoder_specific_code(vit, tmp_path, p
                          "--port", str(port), "--provider", "cpu", "--grace", "1"], log)
     try:
         wait_serving(f"127.0.0.1:{port}", server.proc, log)
+        from serving.client import ScoringClient
+
+        with ScoringClient(f"127.0.0.1:{port}") as client:   # what it serves, from the manifest
+            served = client.get_model()
+        assert (served.encoder, served.feature_dim, served.input_mpp) == (ENCODER, 192, MPP)
         remote, local = tmp_path / "remote", tmp_path / "int8"
         assert serve_main(["score", str(vit.slides), "--server", f"127.0.0.1:{port}",
                            "--out", str(remote), "--no-progress"]) == 0
