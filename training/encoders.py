@@ -30,6 +30,9 @@ HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
 HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
 # The foundation models were trained on 20x tiles; 0.5 um/px is the pixel size they state.
 MPP_20X = 0.5
+# Their input: the 224 px crop they were pretrained on (a fact of those models, not milroi's
+# default tile; the ResNet-50 entries take milroi's, core.tiling).
+VIT_INPUT_PX = 224
 TIMM_PREFIX = "timm:"
 
 # How a network's output becomes one vector per tile (training.backbone.Backbone.forward):
@@ -53,7 +56,7 @@ class Encoder:
     pooling: str                   # a POOLINGS key
     licence: str
     gated: bool                    # the weights need an accepted licence on the Hugging Face Hub
-    tile_size: int = 224
+    tile_size: int = VIT_INPUT_PX
     mpp: float = MPP_20X
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
@@ -105,46 +108,48 @@ RESNET_PAGE = "https://pytorch.org/vision/stable/models/generated/torchvision.mo
 
 ENCODERS: dict[str, Encoder] = {e.name: e for e in (
     Encoder("resnet50", "ResNet-50, ImageNet (torchvision), whole trunk", "torchvision:resnet50",
-            2048, "avgpool", "BSD-3-Clause (torchvision)", False, mpp=DEFAULT_TILING.target_mpp,
+            2048, "avgpool", "BSD-3-Clause (torchvision)", False,
+            tile_size=DEFAULT_TILING.tile_size, mpp=DEFAULT_TILING.target_mpp,
             checkpoints=(), page=RESNET_PAGE, layer="pool"),
     Encoder("resnet50-trunc", "ResNet-50, ImageNet (torchvision), truncated after layer3 (CLAM)",
             "torchvision:resnet50", 1024, "avgpool", "BSD-3-Clause (torchvision)", False,
-            mpp=DEFAULT_TILING.target_mpp, checkpoints=(), page=RESNET_PAGE, layer="layer3"),
+            tile_size=DEFAULT_TILING.tile_size, mpp=DEFAULT_TILING.target_mpp, checkpoints=(),
+            page=RESNET_PAGE, layer="layer3"),
     Encoder("uni", "UNI (ViT-L/16, Mahmood lab)", "vit_large_patch16_224", 1024, "cls",
             CC_BY_NC_ND, True,
-            timm_kwargs={"img_size": 224, "patch_size": 16, "init_values": 1e-5},
+            timm_kwargs={"img_size": VIT_INPUT_PX, "patch_size": 16, "init_values": 1e-5},
             hf_repo="MahmoodLab/UNI", page="https://huggingface.co/MahmoodLab/UNI"),
     Encoder("uni2-h", "UNI2-h (ViT-H/14, 8 registers, Mahmood lab)", "vit_giant_patch14_224",
             1536, "cls", CC_BY_NC_ND, True,
-            timm_kwargs={"img_size": 224, "patch_size": 14, "depth": 24, "num_heads": 24,
+            timm_kwargs={"img_size": VIT_INPUT_PX, "patch_size": 14, "depth": 24, "num_heads": 24,
                          "init_values": 1e-5, "embed_dim": 1536, "mlp_ratio": 2.66667 * 2,
                          "no_embed_class": True, "reg_tokens": 8, "swiglu": True},
             hf_repo="MahmoodLab/UNI2-h", page="https://huggingface.co/MahmoodLab/UNI2-h"),
     Encoder("virchow2", "Virchow2 (ViT-H/14, 4 registers, Paige)", "vit_huge_patch14_224", 2560,
             "cls+mean", CC_BY_NC_ND, True,
-            timm_kwargs={"img_size": 224, "init_values": 1e-5, "reg_tokens": 4,
+            timm_kwargs={"img_size": VIT_INPUT_PX, "init_values": 1e-5, "reg_tokens": 4,
                          "mlp_ratio": 5.3375, "global_pool": "", "swiglu": True},
             hf_repo="paige-ai/Virchow2", page="https://huggingface.co/paige-ai/Virchow2"),
     Encoder("h-optimus-0", "H-optimus-0 (ViT-g/14, 4 registers, Bioptimus)",
             "vit_giant_patch14_reg4_dinov2", 1536, "cls", "Apache-2.0", True,
             mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD,
-            timm_kwargs={"img_size": 224, "init_values": 1e-5, "global_pool": "token"},
+            timm_kwargs={"img_size": VIT_INPUT_PX, "init_values": 1e-5, "global_pool": "token"},
             hf_repo="bioptimus/H-optimus-0", page="https://huggingface.co/bioptimus/H-optimus-0"),
     Encoder("h-optimus-1", "H-optimus-1 (ViT-g/14, 4 registers, Bioptimus)",
             "vit_giant_patch14_reg4_dinov2", 1536, "cls",
             "H-optimus-1 licence (non-commercial)", True, mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD,
-            timm_kwargs={"img_size": 224, "init_values": 1e-5, "global_pool": "token"},
+            timm_kwargs={"img_size": VIT_INPUT_PX, "init_values": 1e-5, "global_pool": "token"},
             hf_repo="bioptimus/H-optimus-1", page="https://huggingface.co/bioptimus/H-optimus-1"),
     # Owkin publishes Phikon-v2 in the transformers Dinov2 layout; training.weights maps its
     # keys onto timm's ViT-L/16 (the same network).
     Encoder("phikon-v2", "Phikon-v2 (ViT-L/16, DINOv2, Owkin)", "vit_large_patch16_224", 1024,
             "cls", "Owkin non-commercial licence", True,
-            timm_kwargs={"img_size": 224, "patch_size": 16, "init_values": 1e-5},
+            timm_kwargs={"img_size": VIT_INPUT_PX, "patch_size": 16, "init_values": 1e-5},
             hf_repo="owkin/phikon-v2", page="https://huggingface.co/owkin/phikon-v2"),
     Encoder("gigapath", "Prov-GigaPath tile encoder (ViT-g/16, Providence / Microsoft)",
             "vit_giant_patch14_dinov2", 1536, "cls", "Prov-GigaPath licence (non-commercial)",
             True,
-            timm_kwargs={"img_size": 224, "patch_size": 16, "embed_dim": 1536, "depth": 40,
+            timm_kwargs={"img_size": VIT_INPUT_PX, "patch_size": 16, "embed_dim": 1536, "depth": 40,
                          "num_heads": 24, "mlp_ratio": 5.33334, "init_values": 1e-5},
             hf_repo="prov-gigapath/prov-gigapath",
             page="https://huggingface.co/prov-gigapath/prov-gigapath"),
@@ -191,7 +196,7 @@ def _timm_encoder(model: str) -> Encoder:
     with torch.device("meta"):
         net = timm.create_model(model, pretrained=False, num_classes=0)
     cfg = net.pretrained_cfg
-    _, height, width = cfg.get("input_size", (3, 224, 224))
+    _, height, width = cfg.get("input_size", (3, VIT_INPUT_PX, VIT_INPUT_PX))
     if height != width:
         raise ConfigError(f"timm model {model} takes {height}x{width} px input; milroi's tiles "
                           f"are square")

@@ -173,13 +173,27 @@ def load_bags(features_dir: str | os.PathLike, names: Sequence[str],
         bags = [b for b in bags if not b.no_tissue]
     dims = {b.features.shape[1] for b in bags}
     if len(dims) > 1:
-        encoders = {b.attrs.encoder for b in bags if b.attrs is not None}
-        if len(encoders) > 1:   # name the files of each encoder (training.runs)
-            from training.runs import provenance_params
-
-            provenance_params(bags)
+        encoders = [(b.name, b.attrs.encoder) for b in bags if b.attrs is not None]
+        if len({e for _, e in encoders}) > 1:
+            raise ConfigError(f"feature files disagree on encoder{MIXED_ENCODERS}: "
+                              f"{group_listing(encoders)}")
         raise ConfigError(f"feature files in {features_dir} have different dimensions {sorted(dims)}")
     return bags
+
+
+# Why files of two encoders never train one head (load_bags, training.runs.provenance_params)
+MIXED_ENCODERS = (" (one head learns one encoder's features: extract them all again with one "
+                  "--encoder)")
+
+
+def group_listing(named_values: Sequence[tuple[str, str]]) -> str:
+    """`value: name, name; value: ...` for (name, value) pairs, five names per value at most:
+    which files to extract again when they disagree."""
+    groups: dict[str, list[str]] = {}
+    for name, value in named_values:
+        groups.setdefault(str(value), []).append(name)
+    return "; ".join(f"{v}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+                     for v, names in sorted(groups.items()))
 
 
 def data_fingerprint(bags: Sequence[Bag], labels: dict[str, int]) -> str:

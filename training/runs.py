@@ -27,7 +27,7 @@ from core.domain import DOMAIN_FILE, DomainModel
 from core.errors import ConfigError, RegistryError
 from core.tiling import DEFAULT_TILING, ArtefactParams, TilingParams, TissueParams
 from core.tracking import mlflow_client, resolve_tracking_uri
-from training.feature_file import Bag
+from training.feature_file import MIXED_ENCODERS, Bag, group_listing
 
 HEAD_ARTIFACT_PATH = "head"
 # The description of the training data (core.domain): domain/domain.json (the manifest entry)
@@ -58,16 +58,12 @@ def provenance_params(bags: Sequence[Bag]) -> dict[str, Any]:
     for key in rows[0]:
         values = {str(row[key]) for row in rows}
         if len(values) > 1:   # name the files of each value: the user must re-extract some
-            groups = {v: [bag.name for bag, row in zip(bags, rows) if str(row[key]) == v]
-                      for v in sorted(values)}
-            listing = "; ".join(f"{v}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
-                                for v, names in groups.items())
-            scale = " (tiles at different pixel sizes mean different features)" \
+            listing = group_listing([(bag.name, row[key]) for bag, row in zip(bags, rows)])
+            why = " (tiles at different pixel sizes mean different features)" \
                 if key in ("target_mpp", "tile_size") else ""
             if key == "encoder":
-                scale = " (one head learns one encoder's features: extract them all again " \
-                        "with one --encoder)"
-            raise ConfigError(f"feature files disagree on {key}{scale}: {listing}")
+                why = MIXED_ENCODERS
+            raise ConfigError(f"feature files disagree on {key}{why}: {listing}")
         params[key] = values.pop()
     spec = encoder_spec(params["encoder"])
     params["encoder_licence"] = f"{spec.licence}{', gated' if spec.gated else ''}"
