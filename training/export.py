@@ -99,7 +99,7 @@ def _export(module: nn.Module, example: torch.Tensor, path: Path, input_name: st
 def export_backbone(backbone: Backbone, path: Path, opset: int = DEFAULT_OPSET) -> Path | None:
     """backbone.onnx: input "tiles" uint8 [N, T, T, 3] (T the encoder's tile size), output
     "features", dynamic N. Returns the external weights file (`path`.data) of a backbone whose
-    weights exceed EXTERNAL_DATA_BYTES (ViT-H and ViT-g encoders), else None."""
+    weights exceed EXTERNAL_DATA_BYTES (the ViT-L, ViT-H and ViT-g encoders), else None."""
     tiles = torch.zeros((2, backbone.tile_size, backbone.tile_size, 3), dtype=torch.uint8)
     large = weight_bytes(backbone) > EXTERNAL_DATA_BYTES
     _export(backbone.cpu().eval(), tiles, path, "tiles", ("features",), dynamic_batch=True,

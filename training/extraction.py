@@ -173,9 +173,9 @@ def build_feature_model(weights: str, encoder: str, seed: int, device: torch.dev
                         backend: str = DEFAULT_BACKEND, precision: str = DEFAULT_PRECISION,
                         ) -> Backbone | OnnxBackbone:
     """The feature extractor (`encoder`, training.encoders) for `extract_features`: `auto` is
-    the exported ONNX graph
-    on the CPU (run by `backend` at `precision`, chosen as the server chooses them) and torch on
-    a GPU. `threads`: the backbone's threads (default: every core this process may use)."""
+    the exported ONNX graph on the CPU (run by `backend` at `precision`, chosen as the server
+    chooses them) and torch on a GPU. `threads`: the backbone's threads (default: every core
+    this process may use)."""
     if engine not in ENGINES:
         raise ConfigError(f"unknown feature engine {engine!r}; choose one of {', '.join(ENGINES)}")
     if threads is not None and threads < 1:
