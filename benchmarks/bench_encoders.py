@@ -56,7 +56,20 @@ def _mb(path: Path) -> float:
     return round(path.stat().st_size / 2**20, 1) if path.is_file() else 0.0
 
 
-def bench_encoder(name: str, tmp: Path, batch_size: int, batches: int, repeats: int) -> dict:
+def write_slides(folder: Path) -> tuple[Path, Path]:
+    """The calibration slide and the scored slide every encoder reads (wsi.synth, 0.243 um/px)."""
+    from core.tiling import CAMELYON16_MPP
+    from wsi.synth import write_synthetic_slide
+
+    side = int(SLIDE_SIDE_UM / CAMELYON16_MPP)
+    calibration_slide, scored_slide = folder / "calibration.tif", folder / "scored.tif"
+    write_synthetic_slide(calibration_slide, side, side, seed=21, tumor=True)
+    write_synthetic_slide(scored_slide, side, side, seed=22, tumor=True)
+    return calibration_slide, scored_slide
+
+
+def bench_encoder(name: str, tmp: Path, slides: tuple[Path, Path], batch_size: int,
+                  batches: int, repeats: int) -> dict:
     import torch
 
     from serving.engine import Engine
@@ -65,15 +78,11 @@ def bench_encoder(name: str, tmp: Path, batch_size: int, batches: int, repeats: 
     from training.export import export_bundle
     from training.heads import build_head
     from training.quantize import calibration_tiles_from_slides
-    from wsi.synth import write_synthetic_slide
 
     backbone = build_backbone("none", encoder=name, seed=0)
     spec = backbone.spec
-    tiling = _tiling(spec)
-    side = int(SLIDE_SIDE_UM / 0.243)   # the synthetic slides are 0.243 um/px
-    calibration_slide, scored_slide = tmp / f"{_safe(name)}-cal.tif", tmp / f"{_safe(name)}.tif"
-    write_synthetic_slide(calibration_slide, side, side, seed=21, tumor=True)
-    write_synthetic_slide(scored_slide, side, side, seed=22, tumor=True)
+    tiling = spec.tiling
+    calibration_slide, scored_slide = slides
     calibration = calibration_tiles_from_slides([calibration_slide], n=40, tiling=tiling)
     sample = calibration_tiles_from_slides([scored_slide], n=batch_size, tiling=tiling)
     head = build_head({"kind": "chowder", "in_dim": spec.feature_dim}).eval()
@@ -112,13 +121,6 @@ def bench_encoder(name: str, tmp: Path, batch_size: int, batches: int, repeats: 
     finally:
         engine.close()
     return row
-
-
-def _tiling(spec):
-    """The tiling the exported bundle states for `spec` (its tile size and pixel size)."""
-    from core.tiling import DEFAULT_TILING
-
-    return DEFAULT_TILING.replace(tile_size=spec.tile_size, target_mpp=spec.mpp)
 
 
 def _safe(name: str) -> str:
@@ -173,11 +175,12 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="milroi-encoders-") as tmp:
         # `auto` is measured afresh in this run, not taken from an earlier run's cache
         os.environ["MILROI_CACHE_DIR"] = str(Path(tmp) / "cache")
+        slides = write_slides(Path(tmp))
         for name in names:
             print(f"[encoders] {name}", flush=True)
             row_dir = Path(tmp) / _safe(name)
             row_dir.mkdir()
-            result["encoders"].append(bench_encoder(name, row_dir, args.batch_size,
+            result["encoders"].append(bench_encoder(name, row_dir, slides, args.batch_size,
                                                     args.batches, args.repeats))
     for name, architecture in ARCHITECTURES.items():
         if name not in names:

@@ -156,7 +156,7 @@ class BundleManifest:
     @property
     def encoder_name(self) -> str:
         """The encoder's registry name (older manifests: from their ResNet-50 stage)."""
-        return str(self.encoder.get("name") or LAYER_ENCODERS.get(self.backbone_layer, ""))
+        return encoder_name(self.encoder, self.backbone_layer)
 
     def replace(self, **changes) -> BundleManifest:
         return dataclasses.replace(self, **changes)
@@ -199,6 +199,12 @@ class BundleManifest:
         path = Path(bundle_dir) / MANIFEST_NAME
         path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
         return path
+
+
+def encoder_name(encoder: dict[str, Any], backbone_layer: str) -> str:
+    """The registry name in a manifest's `encoder` entry, else (manifests from before the
+    registry) the ResNet-50 entry of its `backbone_layer`; "" when neither says."""
+    return str(encoder.get("name") or LAYER_ENCODERS.get(backbone_layer, ""))
 
 
 def bundle_digest(bundle_dir: str | os.PathLike, length: int = 12) -> str:

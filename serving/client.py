@@ -37,7 +37,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from shapely.geometry import Polygon
 
-from core.bundle import LAYER_ENCODERS
+from core.bundle import encoder_name
 from core.domain import UNKNOWN, DomainCheck
 from core.errors import AuthError, ConfigError, MilroiError, RequestError
 from core.tiling import TissueParams
@@ -156,9 +156,8 @@ class ServedModel:
     def encoder(self) -> str:
         """The encoder's registry name (training.encoders) from the served manifest; "" from a
         server that does not send it."""
-        encoder = self.manifest.get("encoder") or {}
-        return str(encoder.get("name") or
-                   LAYER_ENCODERS.get(self.manifest.get("backbone_layer", ""), ""))
+        return encoder_name(self.manifest.get("encoder") or {},
+                            str(self.manifest.get("backbone_layer", "")))
 
     @classmethod
     def from_proto(cls, m: scoring_pb2.ModelInfo) -> ServedModel:

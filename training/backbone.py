@@ -43,10 +43,7 @@ from training.weights import (
     read_state_dict,
 )
 
-__all__ = ["Backbone", "build_backbone", "IMAGENET_MEAN", "IMAGENET_STD", "LAYERS"]
-
-# ResNet-50 stages by their old name (`--layer`), kept for the runs and files that use them
-LAYERS = {"pool": 2048, "layer3": 1024}
+__all__ = ["Backbone", "build_backbone", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 
 class Backbone(nn.Module):

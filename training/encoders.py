@@ -21,7 +21,7 @@ from typing import Any
 
 from core.bundle import LAYER_ENCODERS
 from core.errors import ConfigError
-from core.tiling import DEFAULT_TILING
+from core.tiling import DEFAULT_TILING, TilingParams
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -80,6 +80,11 @@ class Encoder:
     def fixed_tile_size(self) -> bool:
         """A ViT's position embeddings fix its input size; a CNN pools any size."""
         return self.pooling != "avgpool"
+
+    @property
+    def tiling(self) -> TilingParams:
+        """milroi's tiling at this encoder's input (its tile size and pixel size)."""
+        return DEFAULT_TILING.replace(tile_size=self.tile_size, target_mpp=self.mpp)
 
     def describe(self) -> dict[str, Any]:
         """The facts a run, a feature file and a manifest record (JSON-ready)."""

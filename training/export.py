@@ -220,7 +220,7 @@ def build_manifest(backbone: Backbone, head: nn.Module, opset: int,
         feature_dim=backbone.feature_dim, backbone_layer=backbone.layer,
         encoder=spec.describe(),
         weights=backbone.weights, weights_seed=backbone.seed, pooling=head.pooling,
-        tiling=DEFAULT_TILING.replace(tile_size=spec.tile_size, target_mpp=spec.mpp),
+        tiling=spec.tiling,
         tissue=TissueParams(), files=dict(FILES),
         versions={"milroi": _package_version("milroi"), "torch": torch.__version__,
                   "onnx": onnx.__version__, "opset": opset})

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from core.bundle import LAYER_ENCODERS
 from core.cli import (
     add_fallback_mpp_argument,
     add_tiling_arguments,
@@ -40,7 +41,7 @@ from core.cli import (
 from core.errors import ConfigError
 from core.inference_backends import DEFAULT_BACKEND, DEFAULT_PRECISION, add_backend_arguments
 from core.tiling import DEFAULT_TILING, ArtefactParams, TilingParams, TissueParams
-from training.backbone import LAYERS, Backbone, build_backbone
+from training.backbone import Backbone, build_backbone
 from training.encoders import (
     DEFAULT_ENCODER,
     Encoder,
@@ -136,7 +137,7 @@ def add_feature_arguments(parser: argparse.ArgumentParser) -> None:
                              f"(default {m.weights})")
     parser.add_argument("--weights-seed", type=int, default=m.weights_seed,
                         help=f"seed of the random init for --weights none (default {m.weights_seed})")
-    parser.add_argument("--layer", choices=sorted(LAYERS), default=None,
+    parser.add_argument("--layer", choices=sorted(LAYER_ENCODERS), default=None,
                         help="the older spelling of the ResNet-50 encoders: pool = --encoder "
                              "resnet50, layer3 = --encoder resnet50-trunc")
     add_tiling_arguments(parser, model_states=True)

@@ -92,9 +92,8 @@ class FeatureAttrs:
                                            float(values["min_tissue"])),
                        read_level=int(values.get("patch_level", 0)),
                        backbone_layer=str(values["backbone_layer"]), weights=str(values["weights"]),
-                       # files from before the registry: their ResNet-50 by its stage
-                       encoder=str(values.get("encoder")
-                                   or LAYER_ENCODERS.get(str(values["backbone_layer"]), "")),
+                       # files from before the registry: __post_init__ names their ResNet-50
+                       encoder=str(values.get("encoder", "")),
                        weights_seed=int(values["weights_seed"]),
                        feature_engine=str(values.get("feature_engine", "torch")),
                        artefacts=ArtefactParams.from_dict(

@@ -27,6 +27,7 @@ from core.domain import DOMAIN_FILE, DomainModel
 from core.errors import ConfigError, RegistryError
 from core.tiling import DEFAULT_TILING, ArtefactParams, TilingParams, TissueParams
 from core.tracking import mlflow_client, resolve_tracking_uri
+from training.encoders import encoder_spec
 from training.feature_file import MIXED_ENCODERS, Bag, group_listing
 
 HEAD_ARTIFACT_PATH = "head"
@@ -43,8 +44,6 @@ def provenance_params(bags: Sequence[Bag]) -> dict[str, Any]:
     """The run params of the feature extraction settings (the same for every bag, else the
     features do not mix: one head is trained on one encoder's features): what `export` needs to
     rebuild the backbone and the tile grid, and the encoder's licence."""
-    from training.encoders import encoder_spec
-
     rows = []
     for bag in bags:
         a = bag.attrs
